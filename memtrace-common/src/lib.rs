@@ -1,0 +1,309 @@
+//! The plain data both sides of memtrace agree on: BPF map keys and values,
+//! the per-target configuration userspace writes for the kernel side, the
+//! probe cookie that tells one BPF program which allocator function fired, and
+//! the loss counters. Everything here is `#[repr(C)]`, `Copy` and `no_std`;
+//! behaviour lives in `memtrace-ebpf` (kernel) and `memtrace` (userspace).
+#![no_std]
+
+/// What an allocator function does, as far as accounting is concerned.
+/// Stored in [`ProbeCookie::op`].
+pub mod op {
+    /// Returns a new block of `size` bytes (times `count` when a count
+    /// argument is given): malloc, calloc, memalign, PyObject_Malloc, ...
+    pub const ALLOC: u8 = 0;
+    /// Resizes the block at `ptr` to `size` (times `count`) bytes.
+    pub const REALLOC: u8 = 1;
+    /// posix_memalign: returns 0 and stores the block through `ptr`.
+    pub const POSIX_MEMALIGN: u8 = 2;
+    /// Releases the block at `ptr`.
+    pub const FREE: u8 = 3;
+    /// mmap: an allocation only when anonymous (flags in argument 3).
+    pub const MMAP: u8 = 4;
+    /// munmap(ptr, size).
+    pub const MUNMAP: u8 = 5;
+}
+
+/// Which allocator layer a probed function belongs to. A site's layer says
+/// whose accounting its numbers follow (tracemalloc counts the Python layer).
+pub mod layer {
+    pub const LIBC: u8 = 0;
+    pub const PYMALLOC: u8 = 1;
+    pub const MMAP: u8 = 2;
+    pub const COUNT: usize = 3;
+}
+
+/// Marks an argument slot the function does not have.
+pub const NO_ARG: u8 = 0xff;
+
+/// The BPF cookie of every allocator probe. One entry program, one return
+/// program and one free program serve all allocator functions: the verifier
+/// rejects reading `ctx.arg(i)` with a run-time `i`, so the programs read all
+/// six argument registers and pick the ones this cookie names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeCookie {
+    pub op: u8,
+    pub layer: u8,
+    pub size_arg: u8,
+    pub count_arg: u8,
+    pub ptr_arg: u8,
+    /// Index of the function in userspace's probe plan; lets a return probe
+    /// recognise the call its entry probe started.
+    pub function: u8,
+}
+
+impl ProbeCookie {
+    pub const fn to_u64(self) -> u64 {
+        (self.op as u64)
+            | (self.layer as u64) << 8
+            | (self.size_arg as u64) << 16
+            | (self.count_arg as u64) << 24
+            | (self.ptr_arg as u64) << 32
+            | (self.function as u64) << 40
+    }
+
+    pub const fn from_u64(v: u64) -> Self {
+        Self {
+            op: v as u8,
+            layer: (v >> 8) as u8,
+            size_arg: (v >> 16) as u8,
+            count_arg: (v >> 24) as u8,
+            ptr_arg: (v >> 32) as u8,
+            function: (v >> 40) as u8,
+        }
+    }
+}
+
+/// An allocator call in progress on one thread, between its entry and return
+/// probes. Only the outermost allocator call of a thread is pending: calls
+/// made from inside it (PyObject_Malloc falling through to malloc, realloc
+/// calling malloc) are not allocations of their own.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PendingCall {
+    pub size: u64,
+    /// The block being resized (realloc) or where the result is stored
+    /// (posix_memalign).
+    pub ptr: u64,
+    pub cookie: u64,
+    /// Calls of the same function nested inside this one whose returns must
+    /// not complete it.
+    pub same_function_depth: u64,
+    /// realloc forgets the old block at entry (once the call is under way
+    /// another thread may be handed the same address); when the call fails
+    /// the block is still live and this record is put back.
+    pub replaced: AllocInfo,
+    pub has_replaced: u64,
+}
+
+/// A live allocation: (process, address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AllocKey {
+    pub pid: u32,
+    pub _pad: u32,
+    pub addr: u64,
+}
+
+/// Where an allocation was made. `caller` is the return address into the
+/// code that called the allocator, always present; the stack ids are 0 when
+/// that kind of stack was not collected or could not be.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SiteKey {
+    pub pid: u32,
+    pub layer: u32,
+    pub caller: u64,
+    /// Key into NATIVE_STACKS, 0 if none.
+    pub native_stack: u64,
+    /// Key into PYTHON_STACKS, 0 if none.
+    pub python_stack: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AllocInfo {
+    pub size: u64,
+    pub timestamp_ns: u64,
+    pub site: SiteKey,
+}
+
+/// Per-site totals, updated with atomic adds by every CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SiteStats {
+    /// Allocated since attach and not yet freed.
+    pub outstanding_bytes: u64,
+    pub outstanding_count: u64,
+    /// Allocated since attach, freed or not.
+    pub total_bytes: u64,
+    pub total_count: u64,
+}
+
+/// Deepest native stack kept per site.
+pub const MAX_NATIVE_FRAMES: usize = 32;
+/// Deepest Python stack kept per site (`--frames` is capped here).
+pub const MAX_PYTHON_FRAMES: usize = 32;
+
+/// User-space return addresses, innermost (the allocator's caller) first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct NativeStack {
+    pub len: u64,
+    pub frames: [u64; MAX_NATIVE_FRAMES],
+}
+
+/// One Python frame as the kernel sees it: no strings, only what userspace
+/// needs to find the source line later.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PythonFrame {
+    /// Address of the code object in the target.
+    pub code: u64,
+    /// The frame's instruction position as the interpreter stores it
+    /// (byte or code-unit index, or a pointer into the bytecode; the
+    /// interpreter layout says which).
+    pub instr: u64,
+    /// Fields of the code object folded together, so a freed code object
+    /// whose address is reused by another function gives another stack.
+    pub code_tag: u64,
+}
+
+/// Folds a code object's first line number and the addresses of its name
+/// and file name into one word. Computed by the kernel at each allocation
+/// and by userspace before trusting a cached resolution of that address.
+pub const fn code_tag(firstlineno: u32, name: u64, filename: u64) -> u64 {
+    (firstlineno as u64) ^ name.rotate_left(20) ^ filename.rotate_left(42)
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PythonStack {
+    pub len: u32,
+    /// Non-zero when the walk stopped at the frame limit with frames left.
+    pub truncated: u32,
+    pub frames: [PythonFrame; MAX_PYTHON_FRAMES],
+}
+
+/// How to find and walk the Python frames of one interpreter, as offsets.
+/// Userspace fills it from the interpreter's version table or its
+/// `_Py_DebugOffsets`; the kernel follows it without knowing versions.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PythonWalk {
+    /// Address of `_PyRuntime` in the target.
+    pub runtime: u64,
+    /// Pointer chain from `runtime` to the thread state of the thread that
+    /// holds the GIL: `p = *(p + chain[i])` for each step.
+    pub tstate_chain: [u64; 3],
+    pub tstate_chain_len: u64,
+    /// Offset of `thread_id` (pthread_self of its thread) in the thread state.
+    pub tstate_thread_id: u64,
+    /// Pointer chain from the thread state to its innermost frame.
+    pub frame_chain: [u64; 2],
+    pub frame_chain_len: u64,
+    pub frame_code: u64,
+    pub frame_previous: u64,
+    pub frame_instr: u64,
+    /// Mask applied to the 8 bytes read at `frame_instr` (an `int` field
+    /// needs the low 32 bits).
+    pub frame_instr_mask: u64,
+    /// Offset of the frame's owner byte, or `NO_OFFSET`.
+    pub frame_owner: u64,
+    /// Owner value of frames that belong to the C stack (entry shims), which
+    /// are skipped.
+    pub frame_owner_cstack: u64,
+    /// Offsets of the code object fields folded into [`PythonFrame::code_tag`]
+    /// (first line number, name and file name), read as 8 bytes each.
+    pub code_tag_fields: [u64; 3],
+}
+
+pub const NO_OFFSET: u64 = u64::MAX;
+
+/// What userspace asks of the kernel side for one traced process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TargetConfig {
+    /// Allocations outside [min_size, max_size] are not tracked.
+    pub min_size: u64,
+    pub max_size: u64,
+    /// Native frames per site: 1 keeps only the caller.
+    pub native_frames: u32,
+    /// Python frames per site: 0 when the target is not a supported CPython.
+    pub python_frames: u32,
+    pub python: PythonWalk,
+}
+
+/// Kernel-wide facts userspace learns from BTF before loading.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelConfig {
+    /// Offset of `thread.fsbase` in `struct task_struct`: on x86-64 the
+    /// user-space thread pointer, which is what pthread_self() returns.
+    pub task_fsbase: u64,
+}
+
+/// Indexes into the COUNTERS per-CPU array. Everything the kernel side
+/// could not account is counted here and shown in every report.
+pub mod counter {
+    /// Allocations not tracked because ALLOCS was full.
+    pub const ALLOC_MAP_FULL: u32 = 0;
+    /// Allocations not tracked because SITES was full.
+    pub const SITE_MAP_FULL: u32 = 1;
+    /// Stacks not kept because a stack map was full (site keeps its caller).
+    pub const STACK_MAP_FULL: u32 = 2;
+    /// bpf_get_stack failures (site keeps its caller).
+    pub const STACK_FAILED: u32 = 3;
+    /// Frees of addresses not allocated since attach.
+    pub const UNKNOWN_FREE: u32 = 4;
+    /// Allocator calls that returned NULL: not allocations.
+    pub const FAILED_ALLOC: u32 = 5;
+    /// Reads of the target's memory that faulted during a Python walk.
+    pub const PYTHON_READ_FAULT: u32 = 6;
+    /// Python stacks cut at the frame limit.
+    pub const PYTHON_TRUNCATED: u32 = 7;
+    /// An address allocated twice without a free seen in between; the first
+    /// allocation is treated as freed.
+    pub const MISSED_FREE: u32 = 8;
+    /// Allocations by a thread that was not running Python code (no GIL):
+    /// attributed to native frames only. Not a loss.
+    pub const NO_PYTHON_THREAD: u32 = 9;
+    /// Allocations seen, and frees matched, by layer: for coverage figures.
+    pub const ALLOCS_SEEN: u32 = 10;
+    pub const FREES_MATCHED: u32 = ALLOCS_SEEN + super::layer::COUNT as u32;
+    pub const COUNT: u32 = FREES_MATCHED + super::layer::COUNT as u32;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type here is #[repr(C)], Copy, made of integers only, and
+    // has no padding the kernel could leave uninitialised.
+    unsafe impl aya::Pod for super::PendingCall {}
+    unsafe impl aya::Pod for super::AllocKey {}
+    unsafe impl aya::Pod for super::SiteKey {}
+    unsafe impl aya::Pod for super::AllocInfo {}
+    unsafe impl aya::Pod for super::SiteStats {}
+    unsafe impl aya::Pod for super::NativeStack {}
+    unsafe impl aya::Pod for super::PythonFrame {}
+    unsafe impl aya::Pod for super::PythonStack {}
+    unsafe impl aya::Pod for super::PythonWalk {}
+    unsafe impl aya::Pod for super::TargetConfig {}
+    unsafe impl aya::Pod for super::KernelConfig {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookie_round_trips() {
+        let c = ProbeCookie {
+            op: op::REALLOC,
+            layer: layer::PYMALLOC,
+            size_arg: 2,
+            count_arg: NO_ARG,
+            ptr_arg: 1,
+            function: 17,
+        };
+        assert_eq!(ProbeCookie::from_u64(c.to_u64()), c);
+    }
+}

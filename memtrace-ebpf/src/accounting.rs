@@ -1,0 +1,105 @@
+//! The bookkeeping every probe ends in: an allocation becomes an ALLOCS
+//! record and adds to its site's totals; a free removes the record and
+//! subtracts from the same site. Nothing here knows which allocator fired.
+
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
+use memtrace_common::{AllocInfo, AllocKey, SiteKey, SiteStats, counter};
+
+use crate::maps::{ALLOCS, SITES, atomic_add, count};
+
+const EEXIST: i32 = 17;
+
+/// Records a successful allocation of `size` bytes at `addr`, made at `site`.
+pub fn record_alloc(addr: u64, size: u64, site: SiteKey) {
+    let key = AllocKey { pid: site.pid, _pad: 0, addr };
+    // SAFETY: the value is copied out before the map can change it.
+    if let Some(old) = unsafe { ALLOCS.get(&key) }.copied() {
+        // The block was released by a path no probe sees (or before a probe
+        // was attached); it cannot be live twice.
+        count(counter::MISSED_FREE);
+        site_sub(&old.site, old.size);
+    }
+    if !site_add(&site, size) {
+        return;
+    }
+    let info = AllocInfo { size, timestamp_ns: unsafe { bpf_ktime_get_ns() }, site };
+    if ALLOCS.insert(&key, &info, 0).is_err() {
+        // Untracked blocks must not stay outstanding: their frees would
+        // never be matched and they would look like leaks.
+        count(counter::ALLOC_MAP_FULL);
+        site_sub(&site, size);
+        return;
+    }
+    count(counter::ALLOCS_SEEN + site.layer);
+}
+
+/// Forgets the allocation at `addr`, returning its record if it was known.
+pub fn record_free(pid: u32, addr: u64) -> Option<AllocInfo> {
+    let key = AllocKey { pid, _pad: 0, addr };
+    // SAFETY: the value is copied out before the map can change it.
+    let info = unsafe { ALLOCS.get(&key) }.copied()?;
+    let _ = ALLOCS.remove(&key);
+    site_sub(&info.site, info.size);
+    count(counter::FREES_MATCHED + info.site.layer);
+    Some(info)
+}
+
+/// Puts back the record `record_free` took for `addr`: a realloc that
+/// failed leaves its block where it was.
+pub fn restore(addr: u64, info: &AllocInfo) {
+    let key = AllocKey { pid: info.site.pid, _pad: 0, addr };
+    if let Some(stats) = SITES.get_ptr_mut(&info.site) {
+        if ALLOCS.insert(&key, info, 0).is_ok() {
+            add_to(stats, info.size, 1, false);
+        } else {
+            count(counter::ALLOC_MAP_FULL);
+        }
+    }
+}
+
+/// Adds one allocation to a site; false if the site could not be stored.
+fn site_add(site: &SiteKey, size: u64) -> bool {
+    if let Some(stats) = SITES.get_ptr_mut(site) {
+        add_to(stats, size, 1, true);
+        return true;
+    }
+    let fresh = SiteStats {
+        outstanding_bytes: size,
+        outstanding_count: 1,
+        total_bytes: size,
+        total_count: 1,
+    };
+    match SITES.insert(site, &fresh, BPF_NOEXIST as u64) {
+        Ok(()) => true,
+        // Another CPU created it between our lookup and insert.
+        Err(e) if e == -EEXIST => match SITES.get_ptr_mut(site) {
+            Some(stats) => {
+                add_to(stats, size, 1, true);
+                true
+            }
+            None => false,
+        },
+        Err(_) => {
+            count(counter::SITE_MAP_FULL);
+            false
+        }
+    }
+}
+
+fn site_sub(site: &SiteKey, size: u64) {
+    if let Some(stats) = SITES.get_ptr_mut(site) {
+        add_to(stats, size.wrapping_neg(), 1u64.wrapping_neg(), false);
+    }
+}
+
+fn add_to(stats: *mut SiteStats, bytes: u64, blocks: u64, to_totals: bool) {
+    // SAFETY: `stats` points into a SITES value, alive for this program run.
+    unsafe {
+        atomic_add(&raw mut (*stats).outstanding_bytes, bytes);
+        atomic_add(&raw mut (*stats).outstanding_count, blocks);
+        if to_totals {
+            atomic_add(&raw mut (*stats).total_bytes, bytes);
+            atomic_add(&raw mut (*stats).total_count, blocks);
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! memtrace's kernel side: three programs serve every allocator function.
+//! `alloc_entry` notes the request of the outermost allocator call on a
+//! thread, `alloc_return` turns a successful one into a tracked allocation at
+//! a site (caller, native stack, Python stack), and `free_entry` releases
+//! tracked blocks. Each attach point's cookie says what the function is (see
+//! `memtrace_common::ProbeCookie`); only processes listed in TARGETS count.
+#![no_std]
+#![no_main]
+// For atomic_xadd: see maps::atomic_add.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
+
+mod accounting;
+mod maps;
+mod python;
+mod stacks;
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_get_attach_cookie},
+    macros::{uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext},
+};
+use memtrace_common::{NO_ARG, PendingCall, ProbeCookie, SiteKey, counter, layer, op};
+
+use crate::{
+    accounting::{record_alloc, record_free, restore},
+    maps::{ACTIVE, LAST_UPPER_FREE, TARGETS, count},
+    python::python_stack,
+    stacks::native_stack,
+};
+
+const MAP_ANONYMOUS: u64 = 0x20;
+/// mmap reports errors as -errno, i.e. the last page of the address space.
+const MMAP_ERROR_FLOOR: u64 = -4096i64 as u64;
+
+/// The six integer argument registers, read once with fixed indices.
+struct Args([u64; 6]);
+
+impl Args {
+    fn read(ctx: &ProbeContext) -> Self {
+        // Volatile: otherwise LLVM sinks the loads into `get`'s match and
+        // computes a pointer into the context, which the verifier rejects
+        // ("dereference of modified ctx ptr").
+        // SAFETY: the context is the kernel's pt_regs for this probe.
+        let r = |field: *const u64| unsafe { core::ptr::read_volatile(field) };
+        let regs = ctx.regs;
+        // SAFETY: field projections of the context pointer, not reads.
+        unsafe {
+            Self([
+                r(&raw const (*regs).rdi),
+                r(&raw const (*regs).rsi),
+                r(&raw const (*regs).rdx),
+                r(&raw const (*regs).rcx),
+                r(&raw const (*regs).r8),
+                r(&raw const (*regs).r9),
+            ])
+        }
+    }
+
+    /// A match, not an index: the verifier rejects stack reads at a
+    /// variable offset.
+    fn get(&self, index: u8) -> u64 {
+        let [a0, a1, a2, a3, a4, a5] = self.0;
+        match index {
+            0 => a0,
+            1 => a1,
+            2 => a2,
+            3 => a3,
+            4 => a4,
+            5 => a5,
+            _ => 0,
+        }
+    }
+}
+
+/// `a * b`, or u64::MAX on overflow (an overflowing calloc fails anyway).
+/// Built from 32-bit halves: LLVM turns every overflow check it recognises
+/// into a 128-bit multiply, which BPF does not have.
+fn saturating_mul(a: u64, b: u64) -> u64 {
+    let (big, small) = if a > b { (a, b) } else { (b, a) };
+    if small >> 32 != 0 {
+        return u64::MAX;
+    }
+    let high = (big >> 32) * small;
+    if high >> 32 != 0 {
+        return u64::MAX;
+    }
+    let low = (big & 0xffff_ffff) * small;
+    match (high << 32).checked_add(low) {
+        Some(product) => product,
+        None => u64::MAX,
+    }
+}
+
+/// (tgid, tid) of the current thread when its process is traced.
+fn traced_thread() -> Option<(u32, u32)> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid = (pid_tgid >> 32) as u32;
+    // SAFETY: only checks presence; the value is not kept.
+    unsafe { TARGETS.get(&pid) }?;
+    Some((pid, pid_tgid as u32))
+}
+
+fn cookie<C: EbpfContext>(ctx: &C) -> (u64, ProbeCookie) {
+    // SAFETY: plain helper call on the program's own context.
+    let raw = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    (raw, ProbeCookie::from_u64(raw))
+}
+
+#[uprobe]
+pub fn alloc_entry(ctx: ProbeContext) -> u32 {
+    let Some((pid, tid)) = traced_thread() else { return 0 };
+    let (raw, cookie) = cookie(&ctx);
+    if let Some(outer) = ACTIVE.get_ptr_mut(&tid) {
+        // An allocator called from inside another one: the outer call is the
+        // allocation. Only a nested call of the same function must be
+        // remembered, so that its return does not complete the outer one.
+        // SAFETY: `outer` points into this thread's ACTIVE entry.
+        unsafe {
+            if ProbeCookie::from_u64((*outer).cookie).function == cookie.function {
+                (*outer).same_function_depth += 1;
+            }
+        }
+        return 0;
+    }
+    let args = Args::read(&ctx);
+    let mut size = args.get(cookie.size_arg);
+    if cookie.count_arg != NO_ARG {
+        size = saturating_mul(size, args.get(cookie.count_arg));
+    }
+    let mut call = PendingCall { size, cookie: raw, ..PendingCall::default() };
+    match cookie.op {
+        op::MMAP if args.get(3) & MAP_ANONYMOUS == 0 => return 0,
+        op::POSIX_MEMALIGN => call.ptr = args.get(cookie.ptr_arg),
+        op::REALLOC => {
+            call.ptr = args.get(cookie.ptr_arg);
+            if call.ptr != 0 {
+                match record_free(pid, call.ptr) {
+                    Some(old) => {
+                        call.replaced = old;
+                        call.has_replaced = 1;
+                    }
+                    None => count(counter::UNKNOWN_FREE),
+                }
+            }
+        }
+        _ => {}
+    }
+    let _ = ACTIVE.insert(&tid, &call, 0);
+    0
+}
+
+#[uretprobe]
+pub fn alloc_return(ctx: RetProbeContext) -> u32 {
+    let Some((pid, tid)) = traced_thread() else { return 0 };
+    let (_, cookie) = cookie(&ctx);
+    let Some(pending) = ACTIVE.get_ptr_mut(&tid) else { return 0 };
+    // SAFETY: `pending` points into this thread's ACTIVE entry; copied out
+    // before it is removed.
+    let call = unsafe { *pending };
+    if ProbeCookie::from_u64(call.cookie).function != cookie.function {
+        return 0; // a nested call of another function returning
+    }
+    if call.same_function_depth > 0 {
+        unsafe { (*pending).same_function_depth -= 1 };
+        return 0;
+    }
+    let _ = ACTIVE.remove(&tid);
+
+    let ret: u64 = ctx.ret();
+    let addr = match cookie.op {
+        // SAFETY: reads the pointer posix_memalign stored in the caller's
+        // variable; a fault reads as "no block".
+        op::POSIX_MEMALIGN if ret as u32 == 0 => unsafe { bpf_probe_read_user(call.ptr as *const u64) }.unwrap_or(0),
+        op::POSIX_MEMALIGN => 0,
+        op::MMAP if ret >= MMAP_ERROR_FLOOR => 0,
+        _ => ret,
+    };
+    if addr == 0 {
+        if cookie.op == op::REALLOC && call.size == 0 {
+            return 0; // realloc(p, 0) freed p; that was recorded at entry
+        }
+        count(counter::FAILED_ALLOC);
+        if call.has_replaced != 0 {
+            restore(call.ptr, &call.replaced);
+        }
+        return 0;
+    }
+    // SAFETY: copied out of the map at once.
+    let Some(target) = (unsafe { TARGETS.get(&pid) }).copied() else { return 0 };
+    if call.size < target.min_size || call.size > target.max_size {
+        return 0;
+    }
+    // At a return probe the kernel has put the real return address back in
+    // the instruction pointer: it is the allocator's caller.
+    // SAFETY: the context is the kernel's pt_regs for this probe.
+    let caller = unsafe { (*ctx.regs).rip };
+    let site = SiteKey {
+        pid,
+        layer: cookie.layer as u32,
+        caller,
+        native_stack: if target.native_frames > 1 { native_stack(&ctx, target.native_frames) } else { 0 },
+        python_stack: if target.python_frames > 0 { python_stack(&target.python, target.python_frames) } else { 0 },
+    };
+    record_alloc(addr, call.size, site);
+    0
+}
+
+#[uprobe]
+pub fn free_entry(ctx: ProbeContext) -> u32 {
+    let Some((pid, tid)) = traced_thread() else { return 0 };
+    // SAFETY: only checks presence.
+    if unsafe { ACTIVE.get(&tid) }.is_some() {
+        return 0; // released by an allocator call in progress (realloc)
+    }
+    let (_, cookie) = cookie(&ctx);
+    let addr = Args::read(&ctx).get(cookie.ptr_arg);
+    if addr == 0 {
+        return 0;
+    }
+    let known = record_free(pid, addr).is_some();
+    let Some(last_upper) = LAST_UPPER_FREE.get_ptr_mut(0) else { return 0 };
+    // SAFETY: per-CPU slot of LAST_UPPER_FREE, see its doc.
+    let follows_upper_free = unsafe { *last_upper } == addr;
+    if cookie.layer == layer::PYMALLOC {
+        unsafe { *last_upper = addr };
+    }
+    // munmap also releases file mappings, which were never allocations.
+    if !known && cookie.op != op::MUNMAP && !(cookie.layer == layer::LIBC && follows_upper_free) {
+        count(counter::UNKNOWN_FREE);
+    }
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+/// bpf_get_stack and bpf_probe_read_kernel are GPL-only helpers.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

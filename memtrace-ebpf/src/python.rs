@@ -1,0 +1,162 @@
+//! The CPython frame walk. Finds the thread state of the thread holding the
+//! GIL, checks that it is the current thread, and follows its frame chain,
+//! keeping per frame only the code object address, the instruction position
+//! and a tag of the code object's identity; strings are read by userspace
+//! later. Every offset comes from the target's `PythonWalk`: this file knows
+//! no interpreter versions.
+
+use aya_ebpf::helpers::{
+    bpf_probe_read_kernel, bpf_probe_read_user,
+    generated::{bpf_get_current_task, bpf_loop},
+};
+use memtrace_common::{
+    KernelConfig, MAX_PYTHON_FRAMES, NO_OFFSET, PythonFrame, PythonStack, PythonWalk, code_tag,
+    counter,
+};
+
+use crate::{
+    maps::{PYTHON_STACKS, WALK_SCRATCH, count},
+    stacks::{intern, mix},
+};
+
+/// Filled in by userspace at load time from the kernel's BTF.
+#[unsafe(no_mangle)]
+static KERNEL_CONFIG: KernelConfig = KernelConfig { task_fsbase: 0 };
+
+fn read<T: Copy>(addr: u64) -> Result<T, ()> {
+    // SAFETY: bpf_probe_read_user copies from the target's address space and
+    // fails cleanly on an unmapped or paged-out address.
+    unsafe { bpf_probe_read_user(addr as *const T) }.map_err(|_| count(counter::PYTHON_READ_FAULT))
+}
+
+/// The user-space thread pointer of the current thread: what
+/// `pthread_self()` returns, and what CPython stores as `thread_id`.
+fn current_thread_pointer() -> u64 {
+    // SAFETY: volatile so the compiler does not fold the placeholder value;
+    // userspace rewrites it before loading.
+    let offset = unsafe { core::ptr::read_volatile(&KERNEL_CONFIG.task_fsbase) };
+    let task = unsafe { bpf_get_current_task() };
+    // SAFETY: reads kernel memory of the current task at an offset taken
+    // from BTF; a bad offset yields an error, not a fault.
+    unsafe { bpf_probe_read_kernel((task + offset) as *const u64) }.unwrap_or(0)
+}
+
+/// Follows `p = *(p + offsets[i])` for the first `len` offsets.
+fn follow(mut p: u64, offsets: &[u64], len: u64) -> Result<u64, ()> {
+    for (i, offset) in offsets.iter().enumerate() {
+        if i as u64 >= len || p == 0 {
+            break;
+        }
+        p = read::<u64>(p + offset)?;
+    }
+    Ok(p)
+}
+
+/// The walk between `bpf_loop` steps. It lives in a per-CPU map value, not
+/// on the BPF stack: a PythonStack does not fit in 512 bytes, and a map
+/// value is reachable from the step callback without pointer juggling.
+#[repr(C)]
+pub struct WalkState {
+    walk: PythonWalk,
+    frame: u64,
+    max_frames: u64,
+    hash: u64,
+    stack: PythonStack,
+}
+
+/// Walks the current thread's Python frames, innermost first, up to
+/// `max_frames`, and returns the id of the stack in PYTHON_STACKS; 0 when the
+/// thread is not running Python code (no GIL, a C thread, start-up) or the
+/// walk found nothing.
+pub fn python_stack(walk: &PythonWalk, max_frames: u32) -> u64 {
+    let Ok(tstate) = follow(walk.runtime, &walk.tstate_chain, walk.tstate_chain_len) else {
+        return 0;
+    };
+    if tstate == 0 {
+        count(counter::NO_PYTHON_THREAD);
+        return 0;
+    }
+    // The GIL holder is some thread; it is ours only if its thread id is our
+    // thread pointer. Otherwise another thread's frames would be blamed.
+    match read::<u64>(tstate + walk.tstate_thread_id) {
+        Ok(id) if id == current_thread_pointer() => {}
+        _ => {
+            count(counter::NO_PYTHON_THREAD);
+            return 0;
+        }
+    }
+    let Ok(frame) = follow(tstate, &walk.frame_chain, walk.frame_chain_len) else {
+        return 0;
+    };
+    let Some(state) = WALK_SCRATCH.get_ptr_mut(0) else { return 0 };
+    // SAFETY: per-CPU scratch, alive as long as the map (see native_stack).
+    let state = unsafe { &mut *state };
+    state.walk = *walk;
+    state.frame = frame;
+    state.max_frames = (max_frames as u64).min(MAX_PYTHON_FRAMES as u64);
+    state.hash = 0;
+    state.stack.len = 0;
+    state.stack.truncated = 0;
+    // The frame loop runs under bpf_loop so that the verifier checks one step
+    // instead of every path through MAX_PYTHON_FRAMES unrolled iterations,
+    // which exceeds its 1M-instruction budget. Twice the frame limit leaves
+    // room for skipped C-stack shim frames between the kept ones.
+    // SAFETY: walk_step has the callback signature bpf_loop expects.
+    unsafe {
+        bpf_loop(
+            2 * MAX_PYTHON_FRAMES as u32,
+            walk_step as *mut core::ffi::c_void,
+            core::ptr::null_mut(),
+            0,
+        )
+    };
+    if state.stack.len == 0 {
+        return 0;
+    }
+    intern(&PYTHON_STACKS, mix(state.hash, state.stack.truncated as u64), &state.stack)
+}
+
+/// One frame of the walk. Returns 0 to go on, 1 to stop.
+extern "C" fn walk_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
+    let Some(state) = WALK_SCRATCH.get_ptr_mut(0) else { return 1 };
+    // SAFETY: per-CPU scratch set up by python_stack on this CPU.
+    let state = unsafe { &mut *state };
+    let frame = state.frame;
+    if frame == 0 {
+        return 1;
+    }
+    let len = state.stack.len as usize;
+    if len as u64 >= state.max_frames {
+        state.stack.truncated = 1;
+        count(counter::PYTHON_TRUNCATED);
+        return 1;
+    }
+    let walk = &state.walk;
+    let Ok(next) = read::<u64>(frame + walk.frame_previous) else { return 1 };
+    state.frame = next;
+    if walk.frame_owner != NO_OFFSET {
+        match read::<u8>(frame + walk.frame_owner) {
+            Ok(owner) if owner as u64 == walk.frame_owner_cstack => return 0,
+            Ok(_) => {}
+            Err(()) => return 1,
+        }
+    }
+    let Some(f) = read_frame(walk, frame) else { return 1 };
+    let Some(slot) = state.stack.frames.get_mut(len) else { return 1 };
+    *slot = f;
+    state.stack.len += 1;
+    state.hash = mix(mix(mix(state.hash, f.code), f.instr), f.code_tag);
+    0
+}
+
+fn read_frame(walk: &PythonWalk, frame: u64) -> Option<PythonFrame> {
+    let code = read::<u64>(frame + walk.frame_code).ok()?;
+    let instr = read::<u64>(frame + walk.frame_instr).ok()? & walk.frame_instr_mask;
+    let [line, name, file] = walk.code_tag_fields;
+    let tag = code_tag(
+        read::<u32>(code + line).ok()?,
+        read::<u64>(code + name).ok()?,
+        read::<u64>(code + file).ok()?,
+    );
+    Some(PythonFrame { code, instr, code_tag: tag })
+}

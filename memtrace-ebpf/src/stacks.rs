@@ -1,0 +1,71 @@
+//! Stacks are stored once, by content hash, in NATIVE_STACKS and
+//! PYTHON_STACKS; a site refers to them by that hash. Unlike a BPF stack-trace
+//! map, whose ids are hash buckets that silently collide (bcc memleak loses
+//! stacks that way), a 64-bit content hash only fails when the map is full,
+//! and that failure is counted.
+
+use aya_ebpf::{
+    EbpfContext, bindings::BPF_F_USER_STACK, bindings::BPF_NOEXIST, helpers::generated::bpf_get_stack,
+};
+use memtrace_common::{MAX_NATIVE_FRAMES, counter};
+
+use crate::maps::{NATIVE_SCRATCH, NATIVE_STACKS, count};
+
+const EEXIST: i32 = 17;
+
+/// Mixes one word into a running hash (a multiply-xorshift step: cheap in
+/// BPF and good enough to make collisions among a few thousand stacks
+/// practically impossible).
+pub fn mix(hash: u64, word: u64) -> u64 {
+    let h = (hash ^ word).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h ^ (h >> 29)
+}
+
+/// Stores `value` under `hash` unless an equal stack is already there.
+/// Returns the id to put in a site key, or 0 when the map is full.
+pub fn intern<V>(map: &aya_ebpf::maps::HashMap<u64, V>, hash: u64, value: &V) -> u64 {
+    // 0 means "no stack" in a SiteKey.
+    let id = if hash == 0 { 1 } else { hash };
+    match map.insert(&id, value, BPF_NOEXIST as u64) {
+        Ok(()) => id,
+        Err(e) if e == -EEXIST => id,
+        Err(_) => {
+            count(counter::STACK_MAP_FULL);
+            0
+        }
+    }
+}
+
+/// The user stack of the current thread, up to `depth` frames, innermost
+/// (the allocator's caller) first, as an id into NATIVE_STACKS.
+pub fn native_stack<C: EbpfContext>(ctx: &C, depth: u32) -> u64 {
+    let Some(scratch) = NATIVE_SCRATCH.get_ptr_mut(0) else { return 0 };
+    // SAFETY: the per-CPU scratch value lives as long as the map; no other
+    // program uses it while this one runs on this CPU (programs do not nest
+    // on a CPU for uprobes, and a preempting one would only garble a hash).
+    let scratch = unsafe { &mut *scratch };
+    // Bounded for the verifier: 1..=MAX_NATIVE_FRAMES frames.
+    let depth = (depth as usize).clamp(1, MAX_NATIVE_FRAMES);
+    let bytes = unsafe {
+        bpf_get_stack(
+            ctx.as_ptr(),
+            scratch.frames.as_mut_ptr().cast(),
+            (depth * 8) as u32,
+            BPF_F_USER_STACK as u64,
+        )
+    };
+    if bytes <= 0 {
+        count(counter::STACK_FAILED);
+        return 0;
+    }
+    let len = (bytes as usize / 8).min(MAX_NATIVE_FRAMES);
+    scratch.len = len as u64;
+    let mut hash = 0u64;
+    for i in 0..MAX_NATIVE_FRAMES {
+        if i >= len {
+            break;
+        }
+        hash = mix(hash, scratch.frames[i]);
+    }
+    intern(&NATIVE_STACKS, hash, scratch)
+}
