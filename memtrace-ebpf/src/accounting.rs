@@ -63,12 +63,7 @@ fn site_add(site: &SiteKey, size: u64) -> bool {
         add_to(stats, size, 1, true);
         return true;
     }
-    let fresh = SiteStats {
-        outstanding_bytes: size,
-        outstanding_count: 1,
-        total_bytes: size,
-        total_count: 1,
-    };
+    let fresh = SiteStats { outstanding_bytes: size, outstanding_count: 1, total_bytes: size, total_count: 1 };
     match SITES.insert(site, &fresh, BPF_NOEXIST as u64) {
         Ok(()) => true,
         // Another CPU created it between our lookup and insert.

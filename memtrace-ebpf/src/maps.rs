@@ -7,8 +7,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use memtrace_common::{
-    AllocInfo, AllocKey, NativeStack, PendingCall, PythonStack, SiteKey, SiteStats, TargetConfig,
-    counter,
+    AllocInfo, AllocKey, NativeStack, PendingCall, PythonStack, SiteKey, SiteStats, TargetConfig, counter,
 };
 
 use crate::python::WalkState;
@@ -72,7 +71,5 @@ pub fn atomic_add(slot: *mut u64, delta: u64) {
     // fetch_add; the intrinsic lowers to BPF's native atomic add.
     // SAFETY: `slot` points into a map value the kernel keeps alive for the
     // duration of the program.
-    unsafe {
-        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(slot, delta)
-    };
+    unsafe { core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(slot, delta) };
 }

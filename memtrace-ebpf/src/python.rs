@@ -10,8 +10,7 @@ use aya_ebpf::helpers::{
     generated::{bpf_get_current_task, bpf_loop},
 };
 use memtrace_common::{
-    KernelConfig, MAX_PYTHON_FRAMES, NO_OFFSET, PythonFrame, PythonStack, PythonWalk, code_tag,
-    counter,
+    KernelConfig, MAX_PYTHON_FRAMES, NO_OFFSET, PythonFrame, PythonStack, PythonWalk, code_tag, counter,
 };
 
 use crate::{
@@ -102,14 +101,7 @@ pub fn python_stack(walk: &PythonWalk, max_frames: u32) -> u64 {
     // which exceeds its 1M-instruction budget. Twice the frame limit leaves
     // room for skipped C-stack shim frames between the kept ones.
     // SAFETY: walk_step has the callback signature bpf_loop expects.
-    unsafe {
-        bpf_loop(
-            2 * MAX_PYTHON_FRAMES as u32,
-            walk_step as *mut core::ffi::c_void,
-            core::ptr::null_mut(),
-            0,
-        )
-    };
+    unsafe { bpf_loop(2 * MAX_PYTHON_FRAMES as u32, walk_step as *mut core::ffi::c_void, core::ptr::null_mut(), 0) };
     if state.stack.len == 0 {
         return 0;
     }
@@ -153,10 +145,6 @@ fn read_frame(walk: &PythonWalk, frame: u64) -> Option<PythonFrame> {
     let code = read::<u64>(frame + walk.frame_code).ok()?;
     let instr = read::<u64>(frame + walk.frame_instr).ok()? & walk.frame_instr_mask;
     let [line, name, file] = walk.code_tag_fields;
-    let tag = code_tag(
-        read::<u32>(code + line).ok()?,
-        read::<u64>(code + name).ok()?,
-        read::<u64>(code + file).ok()?,
-    );
+    let tag = code_tag(read::<u32>(code + line).ok()?, read::<u64>(code + name).ok()?, read::<u64>(code + file).ok()?);
     Some(PythonFrame { code, instr, code_tag: tag })
 }

@@ -4,9 +4,7 @@
 //! stacks that way), a 64-bit content hash only fails when the map is full,
 //! and that failure is counted.
 
-use aya_ebpf::{
-    EbpfContext, bindings::BPF_F_USER_STACK, bindings::BPF_NOEXIST, helpers::generated::bpf_get_stack,
-};
+use aya_ebpf::{EbpfContext, bindings::BPF_F_USER_STACK, bindings::BPF_NOEXIST, helpers::generated::bpf_get_stack};
 use memtrace_common::{MAX_NATIVE_FRAMES, counter};
 
 use crate::maps::{NATIVE_SCRATCH, NATIVE_STACKS, count};
@@ -47,12 +45,7 @@ pub fn native_stack<C: EbpfContext>(ctx: &C, depth: u32) -> u64 {
     // Bounded for the verifier: 1..=MAX_NATIVE_FRAMES frames.
     let depth = (depth as usize).clamp(1, MAX_NATIVE_FRAMES);
     let bytes = unsafe {
-        bpf_get_stack(
-            ctx.as_ptr(),
-            scratch.frames.as_mut_ptr().cast(),
-            (depth * 8) as u32,
-            BPF_F_USER_STACK as u64,
-        )
+        bpf_get_stack(ctx.as_ptr(), scratch.frames.as_mut_ptr().cast(), (depth * 8) as u32, BPF_F_USER_STACK as u64)
     };
     if bytes <= 0 {
         count(counter::STACK_FAILED);
