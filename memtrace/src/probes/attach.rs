@@ -1,0 +1,73 @@
+//! Loads the kernel side, attaches a probe plan to one process, and tells
+//! the kernel side which process to count and how. Dropping the `Tracer`
+//! detaches everything; so does the kernel if memtrace dies, since every
+//! probe lives only as long as its file descriptor.
+
+use std::num::NonZeroU32;
+
+use anyhow::{Context as _, Result, anyhow};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData},
+    programs::{
+        UProbe,
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
+    },
+};
+use memtrace_common::{KernelConfig, TargetConfig};
+
+use super::plan::{AttachPoint, Program};
+
+pub struct Tracer {
+    pub(crate) ebpf: Ebpf,
+}
+
+impl Tracer {
+    /// Loads and verifies the BPF programs. `max_allocs` sizes the map of
+    /// live allocations.
+    pub fn load(kernel: KernelConfig, max_allocs: u32) -> Result<Self> {
+        let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memtrace"));
+        let mut ebpf = EbpfLoader::new()
+            .override_global("KERNEL_CONFIG", &kernel, true)
+            .map_max_entries("ALLOCS", max_allocs)
+            .load(object)
+            .context("cannot load memtrace's eBPF programs")?;
+        for program in [Program::AllocEntry, Program::AllocReturn, Program::Free] {
+            let name = program.name();
+            let probe: &mut UProbe =
+                ebpf.program_mut(name).ok_or_else(|| anyhow!("eBPF object lacks program {name}"))?.try_into()?;
+            probe.load().with_context(|| format!("the kernel rejected eBPF program {name}"))?;
+        }
+        Ok(Self { ebpf })
+    }
+
+    /// Attaches every point, scoped to `pid`: the kernel plants breakpoints
+    /// only in that process, so others sharing its libc are not slowed.
+    pub fn attach(&mut self, pid: u32, points: &[AttachPoint]) -> Result<()> {
+        let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or_else(|| anyhow!("pid 0 is not a process"))?);
+        for point in points {
+            let probe: &mut UProbe = self
+                .ebpf
+                .program_mut(point.program.name())
+                .ok_or_else(|| anyhow!("eBPF object lacks program {}", point.program.name()))?
+                .try_into()?;
+            let at = UProbeAttachPoint {
+                location: UProbeAttachLocation::AbsoluteOffset(point.file_offset),
+                cookie: Some(point.cookie),
+            };
+            probe
+                .attach(at, &point.host_path, scope)
+                .with_context(|| format!("cannot attach to {} in {}", point.symbol, point.binary))?;
+        }
+        Ok(())
+    }
+
+    /// Starts (or changes) counting for `pid`. Called after attaching, so
+    /// that counting starts with every probe in place.
+    pub fn set_target(&mut self, pid: u32, config: &TargetConfig) -> Result<()> {
+        let mut targets: HashMap<&mut MapData, u32, TargetConfig> =
+            HashMap::try_from(self.ebpf.map_mut("TARGETS").ok_or_else(|| anyhow!("eBPF object lacks map TARGETS"))?)?;
+        targets.insert(pid, config, 0).context("cannot configure the kernel side")?;
+        Ok(())
+    }
+}

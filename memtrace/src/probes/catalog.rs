@@ -1,0 +1,82 @@
+//! The allocator functions memtrace knows, as data: for each, what it does
+//! and where its arguments are. The kernel programs read this through each
+//! probe's cookie; adding an allocator is one row here.
+
+use memtrace_common::{NO_ARG, ProbeCookie, layer, op};
+
+#[derive(Clone, Copy, Debug)]
+pub struct AllocatorFn {
+    pub symbol: &'static str,
+    pub op: u8,
+    pub layer: u8,
+    pub size_arg: u8,
+    pub count_arg: u8,
+    pub ptr_arg: u8,
+}
+
+impl AllocatorFn {
+    /// Entry-only functions release memory; the rest also need a return
+    /// probe to learn the block's address.
+    pub fn is_release(&self) -> bool {
+        matches!(self.op, op::FREE | op::MUNMAP)
+    }
+
+    pub fn cookie(&self, function: u8) -> ProbeCookie {
+        ProbeCookie {
+            op: self.op,
+            layer: self.layer,
+            size_arg: self.size_arg,
+            count_arg: self.count_arg,
+            ptr_arg: self.ptr_arg,
+            function,
+        }
+    }
+}
+
+const fn f(symbol: &'static str, op: u8, layer: u8, size_arg: u8, count_arg: u8, ptr_arg: u8) -> AllocatorFn {
+    AllocatorFn { symbol, op, layer, size_arg, count_arg, ptr_arg }
+}
+
+const N: u8 = NO_ARG;
+use layer::{LIBC, MMAP, PYMALLOC};
+use op::{ALLOC, FREE, MMAP as MAP, MUNMAP, POSIX_MEMALIGN, REALLOC};
+
+/// C library allocator entry points. aligned_alloc and memalign share an
+/// address in glibc; the planner attaches each address once.
+pub const LIBC_FUNCTIONS: &[AllocatorFn] = &[
+    f("malloc", ALLOC, LIBC, 0, N, N),
+    f("calloc", ALLOC, LIBC, 1, 0, N),
+    f("realloc", REALLOC, LIBC, 1, N, 0),
+    f("reallocarray", REALLOC, LIBC, 2, 1, 0),
+    f("posix_memalign", POSIX_MEMALIGN, LIBC, 2, N, 0),
+    f("aligned_alloc", ALLOC, LIBC, 1, N, N),
+    f("memalign", ALLOC, LIBC, 1, N, N),
+    f("valloc", ALLOC, LIBC, 0, N, N),
+    f("pvalloc", ALLOC, LIBC, 0, N, N),
+    f("free", FREE, LIBC, N, N, 0),
+    f("mmap", MAP, MMAP, 1, N, N),
+    f("munmap", MUNMAP, MMAP, N, N, 0),
+];
+
+/// CPython's allocator when the interpreter keeps its internal symbols
+/// (pyenv builds): every PyObject_* and PyMem_* call reaches these, through
+/// the allocator's function-pointer table, with a context first argument.
+pub const PYMALLOC_INTERNAL: &[AllocatorFn] = &[
+    f("_PyObject_Malloc", ALLOC, PYMALLOC, 1, N, N),
+    f("_PyObject_Calloc", ALLOC, PYMALLOC, 2, 1, N),
+    f("_PyObject_Realloc", REALLOC, PYMALLOC, 2, N, 1),
+    f("_PyObject_Free", FREE, PYMALLOC, N, N, 1),
+];
+
+/// CPython's public allocator API, for stripped interpreters that only
+/// export these. The object and "mem" domains are separate entry points.
+pub const PYMALLOC_EXPORTED: &[AllocatorFn] = &[
+    f("PyObject_Malloc", ALLOC, PYMALLOC, 0, N, N),
+    f("PyObject_Calloc", ALLOC, PYMALLOC, 1, 0, N),
+    f("PyObject_Realloc", REALLOC, PYMALLOC, 1, N, 0),
+    f("PyObject_Free", FREE, PYMALLOC, N, N, 0),
+    f("PyMem_Malloc", ALLOC, PYMALLOC, 0, N, N),
+    f("PyMem_Calloc", ALLOC, PYMALLOC, 1, 0, N),
+    f("PyMem_Realloc", REALLOC, PYMALLOC, 1, N, 0),
+    f("PyMem_Free", FREE, PYMALLOC, N, N, 0),
+];

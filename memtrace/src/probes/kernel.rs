@@ -1,0 +1,183 @@
+//! What the running kernel and our own privileges allow, checked before
+//! anything is loaded so that each shortfall is one sentence, and the one
+//! kernel fact the BPF side needs from BTF: where a task keeps its user-space
+//! thread pointer (`task_struct.thread.fsbase`).
+
+use std::fs;
+
+use anyhow::{Context as _, Result, anyhow, bail};
+
+const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
+const UPROBE_PMU: &str = "/sys/bus/event_source/devices/uprobe/type";
+
+/// Capability bits (include/uapi/linux/capability.h).
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+const CAP_SYS_PTRACE: u32 = 19;
+
+/// Fails unless this process may load BPF programs, open uprobes and read
+/// other processes' memory.
+pub fn check_privileges() -> Result<()> {
+    let status = fs::read_to_string("/proc/self/status").context("cannot read /proc/self/status")?;
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |cap: u32| effective & (1 << cap) != 0;
+    let can_trace = has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON));
+    if !can_trace || !has(CAP_SYS_PTRACE) {
+        bail!(
+            "insufficient privileges: memtrace needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE) to load eBPF programs and read the target's memory; try sudo"
+        );
+    }
+    Ok(())
+}
+
+/// Fails unless the kernel has BTF and the uprobe event source.
+pub fn check_kernel() -> Result<()> {
+    if fs::metadata(BTF_PATH).is_err() {
+        bail!(
+            "this kernel has no BTF ({BTF_PATH} is missing); memtrace needs a kernel built with CONFIG_DEBUG_INFO_BTF"
+        );
+    }
+    if fs::metadata(UPROBE_PMU).is_err() {
+        bail!("this kernel has no uprobe support ({UPROBE_PMU} is missing); memtrace needs CONFIG_UPROBE_EVENTS");
+    }
+    Ok(())
+}
+
+/// Offset of `thread.fsbase` in `struct task_struct`, from the kernel's BTF.
+pub fn task_fsbase_offset() -> Result<u64> {
+    let data = fs::read(BTF_PATH).with_context(|| format!("cannot read {BTF_PATH}"))?;
+    let btf = Btf::parse(&data).ok_or_else(|| anyhow!("cannot parse {BTF_PATH}"))?;
+    let task = btf.struct_named("task_struct").ok_or_else(|| anyhow!("BTF has no struct task_struct"))?;
+    let (thread_offset, thread_type) =
+        btf.member(task, "thread").ok_or_else(|| anyhow!("BTF: task_struct has no member thread"))?;
+    let (fsbase_offset, _) =
+        btf.member(thread_type, "fsbase").ok_or_else(|| anyhow!("BTF: thread_struct has no member fsbase"))?;
+    Ok(thread_offset + fsbase_offset)
+}
+
+/// Just enough of the BTF format (Documentation/bpf/btf.rst) to find struct
+/// members: type records are walked once and indexed by id.
+struct Btf<'a> {
+    types: Vec<&'a [u8]>,
+    strings: &'a [u8],
+}
+
+const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_VOLATILE: u32 = 9;
+const KIND_CONST: u32 = 10;
+const KIND_RESTRICT: u32 = 11;
+const KIND_TYPE_TAG: u32 = 18;
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+impl<'a> Btf<'a> {
+    fn parse(data: &'a [u8]) -> Option<Self> {
+        if data.get(0..2)? != [0x9f, 0xeb] {
+            return None;
+        }
+        let header_len = u32_at(data, 4)? as usize;
+        let (type_off, type_len) = (u32_at(data, 8)? as usize, u32_at(data, 12)? as usize);
+        let (str_off, str_len) = (u32_at(data, 16)? as usize, u32_at(data, 20)? as usize);
+        let type_section = data.get(header_len + type_off..header_len + type_off + type_len)?;
+        let strings = data.get(header_len + str_off..header_len + str_off + str_len)?;
+        // Type ids start at 1; id 0 is void.
+        let mut types = vec![&type_section[..0]];
+        let mut at = 0;
+        while at < type_section.len() {
+            let info = u32_at(type_section, at + 4)?;
+            let (kind, vlen) = ((info >> 24) & 0x1f, (info & 0xffff) as usize);
+            let extra = match kind {
+                1 | 14 | 17 => 4,     // int, var, decl_tag
+                3 => 12,              // array
+                4 | 5 => 12 * vlen,   // struct, union members
+                6 | 13 => 8 * vlen,   // enum, func_proto params
+                15 | 19 => 12 * vlen, // datasec, enum64
+                _ => 0,
+            };
+            let end = at + 12 + extra;
+            types.push(type_section.get(at..end)?);
+            at = end;
+        }
+        Some(Self { types, strings })
+    }
+
+    fn name(&self, offset: u32) -> &[u8] {
+        let rest = self.strings.get(offset as usize..).unwrap_or_default();
+        &rest[..rest.iter().position(|&b| b == 0).unwrap_or(rest.len())]
+    }
+
+    fn kind(record: &[u8]) -> u32 {
+        u32_at(record, 4).map_or(0, |info| (info >> 24) & 0x1f)
+    }
+
+    fn struct_named(&self, name: &str) -> Option<u32> {
+        (1..self.types.len() as u32).find(|&id| {
+            let t = self.types[id as usize];
+            Self::kind(t) == KIND_STRUCT && self.name(u32_at(t, 0).unwrap_or(0)) == name.as_bytes()
+        })
+    }
+
+    /// Skips typedefs and qualifiers to the type they name.
+    fn resolve(&self, mut id: u32) -> u32 {
+        for _ in 0..32 {
+            let Some(t) = self.types.get(id as usize) else { break };
+            match Self::kind(t) {
+                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
+                    id = u32_at(t, 8).unwrap_or(0)
+                }
+                _ => break,
+            }
+        }
+        id
+    }
+
+    /// (byte offset, type id) of member `name` of struct/union `id`,
+    /// looking through anonymous members.
+    fn member(&self, id: u32, name: &str) -> Option<(u64, u32)> {
+        let t = *self.types.get(self.resolve(id) as usize)?;
+        let kind = Self::kind(t);
+        if kind != KIND_STRUCT && kind != KIND_UNION {
+            return None;
+        }
+        let kind_flag = u32_at(t, 4)? >> 31 != 0;
+        let vlen = (u32_at(t, 4)? & 0xffff) as usize;
+        for i in 0..vlen {
+            let m = 12 + 12 * i;
+            let (name_off, member_type, raw_offset) = (u32_at(t, m)?, u32_at(t, m + 4)?, u32_at(t, m + 8)?);
+            // With kind_flag the top 8 bits hold a bitfield size.
+            let bits = if kind_flag { raw_offset & 0x00ff_ffff } else { raw_offset };
+            let offset = u64::from(bits / 8);
+            let member_name = self.name(name_off);
+            if member_name == name.as_bytes() {
+                return Some((offset, member_type));
+            }
+            if member_name.is_empty()
+                && let Some((inner, inner_type)) = self.member(member_type, name)
+            {
+                return Some((offset + inner, inner_type));
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_fsbase_in_this_kernels_btf() {
+        let offset = task_fsbase_offset().unwrap();
+        // task_struct is several KiB; thread comes near its end.
+        assert!(offset > 1000 && offset < 16384, "implausible offset {offset}");
+    }
+}

@@ -1,0 +1,110 @@
+//! Reads what memtrace needs from an ELF file on disk: symbol addresses and
+//! sizes (from .symtab when present, else .dynsym), the bytes of a function
+//! (to choose where a probe goes), and the mapping from virtual addresses to
+//! file offsets (uprobes are attached by file offset).
+
+use std::{collections::HashMap, path::Path};
+
+use anyhow::{Context as _, Result, anyhow};
+use object::{Object as _, ObjectSection as _, ObjectSegment as _, ObjectSymbol as _, SymbolKind};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Symbol {
+    pub vaddr: u64,
+    pub size: u64,
+}
+
+pub struct ElfFile {
+    data: Vec<u8>,
+    symbols: HashMap<String, Symbol>,
+    /// (vaddr, memory size, file offset, file size) of each PT_LOAD segment.
+    segments: Vec<(u64, u64, u64, u64)>,
+}
+
+impl ElfFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let data = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let file = object::File::parse(&*data).with_context(|| format!("{} is not an ELF file", path.display()))?;
+        let mut symbols = HashMap::new();
+        // .symtab first: it has the local symbols (the internal allocator
+        // functions) that .dynsym lacks; entries already seen win.
+        for symbol in file.symbols().chain(file.dynamic_symbols()) {
+            if !matches!(symbol.kind(), SymbolKind::Text | SymbolKind::Data | SymbolKind::Tls) || symbol.is_undefined()
+            {
+                continue;
+            }
+            let Ok(name) = symbol.name() else { continue };
+            // Versioned names (malloc@@GLIBC_2.2.5) answer to their base name.
+            let name = name.split('@').next().unwrap_or(name);
+            symbols.entry(name.to_owned()).or_insert(Symbol { vaddr: symbol.address(), size: symbol.size() });
+        }
+        let segments = file
+            .segments()
+            .map(|s| {
+                let (offset, file_size) = s.file_range();
+                (s.address(), s.size(), offset, file_size)
+            })
+            .collect();
+        Ok(Self { data, symbols, segments })
+    }
+
+    pub fn symbol(&self, name: &str) -> Option<Symbol> {
+        self.symbols.get(name).copied()
+    }
+
+    /// The file offset holding the byte at `vaddr`.
+    pub fn file_offset(&self, vaddr: u64) -> Option<u64> {
+        self.segments
+            .iter()
+            .find(|&&(start, _, _, file_size)| vaddr >= start && vaddr < start + file_size)
+            .map(|&(start, _, offset, _)| vaddr - start + offset)
+    }
+
+    /// The bytes of `symbol` as stored in the file.
+    pub fn symbol_bytes(&self, symbol: Symbol) -> Result<&[u8]> {
+        let offset =
+            self.file_offset(symbol.vaddr).ok_or_else(|| anyhow!("address {:#x} is not in the file", symbol.vaddr))?;
+        let start = usize::try_from(offset)?;
+        let end = start.saturating_add(usize::try_from(symbol.size.max(1))?).min(self.data.len());
+        self.data.get(start..end).ok_or_else(|| anyhow!("symbol at {:#x} lies past the end of the file", symbol.vaddr))
+    }
+
+    /// The bytes of every section whose name is in `names` (for scanning
+    /// read-only data).
+    pub fn sections(&self, names: &[&str]) -> Vec<&[u8]> {
+        let Ok(file) = object::File::parse(&*self.data) else { return Vec::new() };
+        file.sections()
+            .filter(|s| s.name().is_ok_and(|n| names.contains(&n)))
+            .filter_map(|s| s.file_range())
+            .filter_map(|(offset, size)| self.data.get(offset as usize..(offset + size) as usize))
+            .collect()
+    }
+
+    /// The virtual address of section `name`, if the file has it.
+    pub fn section_address(&self, name: &str) -> Option<u64> {
+        let file = object::File::parse(&*self.data).ok()?;
+        file.section_by_name(name).map(|s| s.address())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_libc_allocator_symbols_and_their_offsets() {
+        let libc = ElfFile::open(Path::new("/lib/x86_64-linux-gnu/libc.so.6")).unwrap();
+        let malloc = libc.symbol("malloc").expect("libc has malloc");
+        assert!(malloc.size > 0);
+        // libc's text is mapped at its file offset.
+        assert_eq!(libc.file_offset(malloc.vaddr), Some(malloc.vaddr));
+        assert!(!libc.symbol_bytes(malloc).unwrap().is_empty());
+    }
+
+    #[test]
+    fn prefers_symtab_locals_over_nothing() {
+        let lib = ElfFile::open(Path::new("/root/.pyenv/versions/3.12.1/lib/libpython3.12.so.1.0")).unwrap();
+        assert!(lib.symbol("_PyObject_Malloc").is_some(), "pyenv builds keep local symbols");
+        assert!(lib.symbol("_PyRuntime").is_some());
+    }
+}

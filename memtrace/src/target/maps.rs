@@ -1,0 +1,110 @@
+//! A process's memory map as read from /proc/PID/maps: which file is mapped
+//! where. Probe planning uses it to find the target's own libc and
+//! interpreter; symbolization uses a copy taken while the target was alive to
+//! turn addresses into (file, offset) even after it exits.
+
+use std::{fs, path::PathBuf};
+
+use anyhow::{Context as _, Result};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    /// Offset in the file of `start`.
+    pub file_offset: u64,
+    pub executable: bool,
+    pub inode: u64,
+    /// Path as the target sees it (inside its mount namespace); empty for
+    /// anonymous memory.
+    pub path: String,
+}
+
+/// The file-backed mappings of one process, sorted by address.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryMap {
+    pub mappings: Vec<Mapping>,
+}
+
+impl MemoryMap {
+    pub fn read(pid: u32) -> Result<Self> {
+        let text =
+            fs::read_to_string(format!("/proc/{pid}/maps")).with_context(|| format!("cannot read /proc/{pid}/maps"))?;
+        Ok(Self::parse(&text))
+    }
+
+    pub fn parse(text: &str) -> Self {
+        let mut mappings: Vec<Mapping> = text.lines().filter_map(parse_line).collect();
+        mappings.sort_by_key(|m| m.start);
+        Self { mappings }
+    }
+
+    /// The mapping containing `addr`.
+    pub fn find(&self, addr: u64) -> Option<&Mapping> {
+        let i = self.mappings.partition_point(|m| m.start <= addr);
+        self.mappings[..i].last().filter(|m| addr < m.end)
+    }
+
+    /// Distinct files with executable code, in address order.
+    pub fn executable_files(&self) -> Vec<&str> {
+        let mut seen = Vec::new();
+        for m in &self.mappings {
+            if m.executable && m.path.starts_with('/') && !seen.contains(&m.path.as_str()) {
+                seen.push(m.path.as_str());
+            }
+        }
+        seen
+    }
+}
+
+fn parse_line(line: &str) -> Option<Mapping> {
+    // start-end perms offset dev inode [path]
+    let mut fields = line.splitn(6, ' ');
+    let (start, end) = fields.next()?.split_once('-')?;
+    let perms = fields.next()?;
+    let offset = fields.next()?;
+    let _dev = fields.next()?;
+    let inode = fields.next()?;
+    let path = fields.next().unwrap_or("").trim_start();
+    Some(Mapping {
+        start: u64::from_str_radix(start, 16).ok()?,
+        end: u64::from_str_radix(end, 16).ok()?,
+        file_offset: u64::from_str_radix(offset, 16).ok()?,
+        executable: perms.as_bytes().get(2) == Some(&b'x'),
+        inode: inode.parse().ok()?,
+        path: if inode == "0" { String::new() } else { path.trim_end_matches(" (deleted)").to_owned() },
+    })
+}
+
+/// A path inside the target's mount namespace, reachable from ours through
+/// /proc/PID/root (which also works for processes in containers).
+pub fn host_path(pid: u32, path: &str) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/root{path}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "\
+55d0c0a00000-55d0c0a01000 r--p 00000000 fe:01 1234 /usr/bin/prog
+55d0c0a01000-55d0c0a02000 r-xp 00001000 fe:01 1234 /usr/bin/prog
+55d0c1000000-55d0c1021000 rw-p 00000000 00:00 0 [heap]
+7f0000000000-7f0000028000 r--p 00000000 fe:01 99 /usr/lib/x86_64-linux-gnu/libc.so.6
+7f0000028000-7f000019d000 r-xp 00028000 fe:01 99 /usr/lib/x86_64-linux-gnu/libc.so.6
+7f00001a0000-7f00001a1000 r-xp 00000000 fe:01 77 /tmp/gone.so (deleted)
+7ffc00000000-7ffc00021000 rw-p 00000000 00:00 0                          [stack]
+";
+
+    #[test]
+    fn parses_files_and_anonymous_memory() {
+        let map = MemoryMap::parse(SAMPLE);
+        assert_eq!(map.mappings.len(), 7);
+        assert_eq!(map.executable_files(), ["/usr/bin/prog", "/usr/lib/x86_64-linux-gnu/libc.so.6", "/tmp/gone.so"]);
+        let heap = map.find(0x55d0c1000010).unwrap();
+        assert_eq!(heap.path, "");
+        let libc = map.find(0x7f0000028010).unwrap();
+        assert_eq!((libc.file_offset, libc.inode), (0x28000, 99));
+        assert!(map.find(0x7f00001a1000).is_none());
+    }
+}
