@@ -1,0 +1,145 @@
+//! Turns the kernel's Python frames (code object address, instruction
+//! position, code tag) into file names and line numbers by reading code
+//! objects from the live target. A code object is read once and cached under
+//! its address *and* tag; before the first read the tag is checked against
+//! the object now at that address, so a freed code object whose memory was
+//! reused by another function is never reported under the wrong name.
+
+use std::collections::HashMap;
+
+use memtrace_common::{PythonStack, code_tag};
+
+use super::{
+    layouts::{InstrKind, Layout, UNICODE_ASCII, UNICODE_COMPACT, UNICODE_KIND_MASK, UNICODE_KIND_SHIFT},
+    linetable::{self, LineTableFormat},
+    version::Version,
+};
+use crate::{snapshot::Frame, target::memory::ProcessMemory};
+
+/// Bounds on what is read from the target, which could hold garbage.
+const MAX_STRING: usize = 4096;
+const MAX_LINETABLE: usize = 1 << 20;
+
+struct Code {
+    filename: String,
+    firstlineno: i32,
+    linetable: Vec<u8>,
+}
+
+pub struct CodeResolver {
+    memory: ProcessMemory,
+    layout: Layout,
+    format: Option<LineTableFormat>,
+    /// By (address, tag); None when the object could not be read or had
+    /// changed by the time it was.
+    codes: HashMap<(u64, u64), Option<Code>>,
+}
+
+/// Shown for a frame whose code object was gone before it could be read.
+pub const UNREADABLE_CODE: &str = "<code object freed before it could be read>";
+
+impl CodeResolver {
+    pub fn new(memory: ProcessMemory, layout: Layout, version: Version) -> Self {
+        Self {
+            memory,
+            layout,
+            format: LineTableFormat::for_version(version.major, version.minor),
+            codes: HashMap::new(),
+        }
+    }
+
+    /// The stack's frames, innermost first.
+    pub fn frames(&mut self, stack: &PythonStack) -> Vec<Frame> {
+        let len = (stack.len as usize).min(stack.frames.len());
+        stack.frames[..len]
+            .iter()
+            .map(|f| {
+                let byte_offset = self.byte_offset(f.code, f.instr);
+                let format = self.format;
+                match self.code(f.code, f.code_tag) {
+                    Some(code) => Frame {
+                        filename: code.filename.clone(),
+                        lineno: format
+                            .and_then(|fmt| {
+                                linetable::line_for_offset(fmt, code.firstlineno, &code.linetable, byte_offset)
+                            })
+                            .map_or(0, |l| l.max(0) as u32),
+                    },
+                    None => Frame { filename: UNREADABLE_CODE.to_owned(), lineno: 0 },
+                }
+            })
+            .collect()
+    }
+
+    /// Byte offset in the bytecode of the instruction a frame is at.
+    fn byte_offset(&self, code: u64, instr: u64) -> u32 {
+        let bytecode = code + self.layout.code_bytecode;
+        match self.layout.instr_kind {
+            // f_lasti is -1 before the first instruction.
+            InstrKind::LastiBytes => (instr as u32 as i32).max(0) as u32,
+            InstrKind::LastiCodeUnits => (instr as u32 as i32).max(0) as u32 * 2,
+            // prev_instr starts one code unit before the bytecode.
+            InstrKind::PrevInstrPointer | InstrKind::InstrPointer => instr.saturating_sub(bytecode) as u32,
+        }
+    }
+
+    fn code(&mut self, address: u64, tag: u64) -> Option<&Code> {
+        if !self.codes.contains_key(&(address, tag)) {
+            let code = self.read_code(address, tag);
+            self.codes.insert((address, tag), code);
+        }
+        self.codes.get(&(address, tag))?.as_ref()
+    }
+
+    fn read_code(&self, address: u64, tag: u64) -> Option<Code> {
+        let l = &self.layout;
+        let m = &self.memory;
+        let firstlineno = m.read_u32(address + l.code_firstlineno).ok()?;
+        let name = m.read_u64(address + l.code_name).ok()?;
+        let filename = m.read_u64(address + l.code_filename).ok()?;
+        if code_tag(firstlineno, name, filename) != tag {
+            return None;
+        }
+        let table = m.read_u64(address + l.code_linetable).ok()?;
+        Some(Code {
+            filename: self.read_str(filename)?,
+            firstlineno: firstlineno as i32,
+            linetable: self.read_bytes(table)?,
+        })
+    }
+
+    /// A `bytes` object's contents.
+    fn read_bytes(&self, object: u64) -> Option<Vec<u8>> {
+        let len = self.memory.read_u64(object + self.layout.bytes_size).ok()? as usize;
+        if len > MAX_LINETABLE {
+            return None;
+        }
+        self.memory.read_vec(object + self.layout.bytes_data, len).ok()
+    }
+
+    /// A compact `str` object's text (code object strings always are).
+    fn read_str(&self, object: u64) -> Option<String> {
+        let l = &self.layout;
+        let len = self.memory.read_u64(object + l.unicode_length).ok()? as usize;
+        let state = self.memory.read_u32(object + l.unicode_state).ok()?;
+        let kind = (state >> UNICODE_KIND_SHIFT) & UNICODE_KIND_MASK;
+        let (compact, ascii) = (state & UNICODE_COMPACT != 0, state & UNICODE_ASCII != 0);
+        if !compact || len > MAX_STRING || !matches!(kind, 1 | 2 | 4) {
+            return None;
+        }
+        let data = if ascii { l.unicode_ascii_data } else { l.unicode_compact_data };
+        let raw = self.memory.read_vec(object + data, len * kind as usize).ok()?;
+        Some(match kind {
+            1 => raw.iter().map(|&b| b as char).collect(),
+            2 => char::decode_utf16(raw.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])))
+                .map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER))
+                .collect(),
+            _ => raw
+                .chunks_exact(4)
+                .map(|c| {
+                    char::from_u32(u32::from_le_bytes([c[0], c[1], c[2], c[3]])).unwrap_or(char::REPLACEMENT_CHARACTER)
+                })
+                .collect(),
+        })
+    }
+}

@@ -1,0 +1,332 @@
+//! Where CPython 3.8 to 3.13 keep what memtrace reads: the path from
+//! `_PyRuntime` to the thread state holding the GIL and on to its innermost
+//! frame (walked by the BPF program), and the fields of code, bytes and str
+//! objects (read by userspace to name a frame's file, function and line).
+//! One table per minor version, as plain data, for x86-64 Linux builds: the
+//! pthread mutexes and condition variables inside `_PyRuntime` make its
+//! offsets differ on other targets. The numbers are the DWARF of
+//! 3.8.18/3.9.18/3.10.13/3.11.7/3.12.1/3.13.0, which tests/tests/python_layouts.rs
+//! checks against gdb and against live interpreters.
+
+/// How a frame records its current instruction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InstrKind {
+    /// `int f_lasti`: byte offset of the last instruction (3.8, 3.9).
+    LastiBytes,
+    /// `int f_lasti`: code-unit index of the last instruction (3.10).
+    LastiCodeUnits,
+    /// `prev_instr`: pointer to the last executed code unit (3.11, 3.12).
+    PrevInstrPointer,
+    /// `instr_ptr`: pointer to the current code unit (3.13+).
+    InstrPointer,
+}
+
+impl InstrKind {
+    /// Mask for the 8 bytes the kernel reads at `frame_instr`: an `int`
+    /// field shares its word with whatever follows it.
+    pub const fn mask(self) -> u64 {
+        match self {
+            InstrKind::LastiBytes | InstrKind::LastiCodeUnits => 0xffff_ffff,
+            InstrKind::PrevInstrPointer | InstrKind::InstrPointer => u64::MAX,
+        }
+    }
+}
+
+/// A chain of at most `N` pointer hops, `p = *(p + step)` each, held the
+/// way the kernel side takes it (a fixed array and a length) so that a
+/// chain built at run time from `_Py_DebugOffsets` needs no allocation.
+/// It reads as the slice of its steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chain<const N: usize> {
+    steps: [u64; N],
+    len: usize,
+}
+
+impl<const N: usize> Chain<N> {
+    /// Fails to compile (in a `const`) or panics when `steps` is longer than `N`.
+    pub const fn new(steps: &[u64]) -> Self {
+        assert!(steps.len() <= N, "pointer chain longer than the kernel side follows");
+        let mut padded = [0; N];
+        let mut i = 0;
+        while i < steps.len() {
+            padded[i] = steps[i];
+            i += 1;
+        }
+        Chain { steps: padded, len: steps.len() }
+    }
+}
+
+impl<const N: usize> std::ops::Deref for Chain<N> {
+    type Target = [u64];
+
+    fn deref(&self) -> &[u64] {
+        &self.steps[..self.len]
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub version: (u8, u8),
+    /// From `&_PyRuntime` to the thread state of the thread holding the GIL.
+    /// 3.8-3.11: `_PyRuntime.gilstate.tstate_current` (one step). 3.12/3.13:
+    /// the main interpreter's GIL's `last_holder` (`_PyRuntime.interpreters.main`
+    /// -> `interp->ceval.gil` (a pointer) -> `gil->last_holder`); unlike
+    /// `tstate_current` it is not cleared when the GIL is released.
+    pub tstate_chain: Chain<3>,
+    /// Offset of `thread_id` (pthread_self() of the owning thread) in PyThreadState.
+    pub tstate_thread_id: u64,
+    /// From the thread state to its innermost frame: `tstate->frame` (<=3.10),
+    /// `tstate->cframe->current_frame` (3.11, 3.12), `tstate->current_frame` (3.13).
+    pub frame_chain: Chain<2>,
+    /// `f_code` (<=3.12) or `f_executable` (3.13).
+    pub frame_code: u64,
+    /// `f_back` (<=3.10) or `previous`.
+    pub frame_previous: u64,
+    /// `f_lasti`, `prev_instr` or `instr_ptr`, as `instr_kind` says.
+    pub frame_instr: u64,
+    pub instr_kind: InstrKind,
+    /// (offset of the `owner` byte, value meaning FRAME_OWNED_BY_CSTACK) when
+    /// the version has C-stack shim frames (3.12+), which are not Python code.
+    pub frame_owner_cstack: Option<(u64, u8)>,
+    pub code_filename: u64,
+    pub code_name: u64,
+    /// `co_qualname`, 3.11+.
+    pub code_qualname: Option<u64>,
+    /// An `int`.
+    pub code_firstlineno: u64,
+    /// `co_lnotab` (3.8, 3.9) or `co_linetable` (3.10's PEP 626 format,
+    /// 3.11+'s location table): the version says how to decode it.
+    pub code_linetable: u64,
+    /// Where the bytecode starts: for <=3.10 the offset of the `co_code`
+    /// bytes-object pointer; for 3.11+ the offset of the inline
+    /// `co_code_adaptive` array in the code object.
+    pub code_bytecode: u64,
+    /// PyBytesObject `ob_size`.
+    pub bytes_size: u64,
+    /// PyBytesObject `ob_sval`.
+    pub bytes_data: u64,
+    /// PyASCIIObject `length`, in code points.
+    pub unicode_length: u64,
+    /// PyASCIIObject `state`, a 32-bit bitfield: see [`UNICODE_KIND_SHIFT`].
+    pub unicode_state: u64,
+    /// sizeof(PyASCIIObject): where compact ASCII data starts.
+    pub unicode_ascii_data: u64,
+    /// sizeof(PyCompactUnicodeObject): where compact non-ASCII data starts.
+    pub unicode_compact_data: u64,
+}
+
+// `PyASCIIObject.state` bits, at the same places in 3.8-3.13 (interned:2,
+// kind:3, compact:1, ascii:1, then ready or statically_allocated).
+/// `(state >> UNICODE_KIND_SHIFT) & UNICODE_KIND_MASK` is the bytes per code point (1, 2 or 4).
+pub const UNICODE_KIND_SHIFT: u32 = 2;
+pub const UNICODE_KIND_MASK: u32 = 0b111;
+/// Set when the characters follow the object header.
+pub const UNICODE_COMPACT: u32 = 1 << 5;
+/// Set when they are ASCII, and so start at `unicode_ascii_data`.
+pub const UNICODE_ASCII: u32 = 1 << 6;
+
+pub static PY38: Layout = Layout {
+    version: (3, 8),
+    tstate_chain: Chain::new(&[1368]),
+    tstate_thread_id: 176,
+    frame_chain: Chain::new(&[24]),
+    frame_code: 32,
+    frame_previous: 24,
+    frame_instr: 104,
+    instr_kind: InstrKind::LastiBytes,
+    frame_owner_cstack: None,
+    code_filename: 104,
+    code_name: 112,
+    code_qualname: None,
+    code_firstlineno: 40,
+    code_linetable: 120,
+    code_bytecode: 48,
+    bytes_size: 16,
+    bytes_data: 32,
+    unicode_length: 16,
+    unicode_state: 32,
+    unicode_ascii_data: 48,
+    unicode_compact_data: 72,
+};
+
+/// 3.9 moved the GC state out of `_PyRuntime`, hence the shorter first step.
+pub static PY39: Layout = Layout {
+    version: (3, 9),
+    tstate_chain: Chain::new(&[568]),
+    tstate_thread_id: 176,
+    frame_chain: Chain::new(&[24]),
+    frame_code: 32,
+    frame_previous: 24,
+    frame_instr: 104,
+    instr_kind: InstrKind::LastiBytes,
+    frame_owner_cstack: None,
+    code_filename: 104,
+    code_name: 112,
+    code_qualname: None,
+    code_firstlineno: 40,
+    code_linetable: 120,
+    code_bytecode: 48,
+    bytes_size: 16,
+    bytes_data: 32,
+    unicode_length: 16,
+    unicode_state: 32,
+    unicode_ascii_data: 48,
+    unicode_compact_data: 72,
+};
+
+pub static PY310: Layout = Layout {
+    version: (3, 10),
+    tstate_chain: Chain::new(&[568]),
+    tstate_thread_id: 176,
+    frame_chain: Chain::new(&[24]),
+    frame_code: 32,
+    frame_previous: 24,
+    frame_instr: 96,
+    instr_kind: InstrKind::LastiCodeUnits,
+    frame_owner_cstack: None,
+    code_filename: 104,
+    code_name: 112,
+    code_qualname: None,
+    code_firstlineno: 40,
+    code_linetable: 120,
+    code_bytecode: 48,
+    bytes_size: 16,
+    bytes_data: 32,
+    unicode_length: 16,
+    unicode_state: 32,
+    unicode_ascii_data: 48,
+    unicode_compact_data: 72,
+};
+
+pub static PY311: Layout = Layout {
+    version: (3, 11),
+    tstate_chain: Chain::new(&[576]),
+    tstate_thread_id: 152,
+    frame_chain: Chain::new(&[56, 8]),
+    frame_code: 32,
+    frame_previous: 48,
+    frame_instr: 56,
+    instr_kind: InstrKind::PrevInstrPointer,
+    frame_owner_cstack: None,
+    code_filename: 112,
+    code_name: 120,
+    code_qualname: Some(128),
+    code_firstlineno: 72,
+    code_linetable: 136,
+    code_bytecode: 184,
+    bytes_size: 16,
+    bytes_data: 32,
+    unicode_length: 16,
+    unicode_state: 32,
+    unicode_ascii_data: 48,
+    unicode_compact_data: 72,
+};
+
+/// 3.12 keeps the current thread state in a thread-local, not in
+/// `_PyRuntime`, so the GIL's last holder stands in for it; str lost `wstr`.
+pub static PY312: Layout = Layout {
+    version: (3, 12),
+    tstate_chain: Chain::new(&[48, 384, 8]),
+    tstate_thread_id: 136,
+    frame_chain: Chain::new(&[56, 0]),
+    frame_code: 0,
+    frame_previous: 8,
+    frame_instr: 56,
+    instr_kind: InstrKind::PrevInstrPointer,
+    frame_owner_cstack: Some((70, 3)),
+    code_filename: 112,
+    code_name: 120,
+    code_qualname: Some(128),
+    code_firstlineno: 68,
+    code_linetable: 136,
+    code_bytecode: 192,
+    bytes_size: 16,
+    bytes_data: 32,
+    unicode_length: 16,
+    unicode_state: 32,
+    unicode_ascii_data: 40,
+    unicode_compact_data: 56,
+};
+
+/// Also what `debug_offsets::parse` falls back on for what 3.13's
+/// `_Py_DebugOffsets` does not say.
+pub static PY313: Layout = Layout {
+    version: (3, 13),
+    tstate_chain: Chain::new(&[640, 16, 8]),
+    tstate_thread_id: 152,
+    frame_chain: Chain::new(&[72]),
+    frame_code: 0,
+    frame_previous: 8,
+    frame_instr: 56,
+    instr_kind: InstrKind::InstrPointer,
+    frame_owner_cstack: Some((70, 3)),
+    code_filename: 112,
+    code_name: 120,
+    code_qualname: Some(128),
+    code_firstlineno: 68,
+    code_linetable: 136,
+    code_bytecode: 200,
+    bytes_size: 16,
+    bytes_data: 32,
+    unicode_length: 16,
+    unicode_state: 32,
+    unicode_ascii_data: 40,
+    unicode_compact_data: 56,
+};
+
+static LAYOUTS: [&Layout; 6] = [&PY38, &PY39, &PY310, &PY311, &PY312, &PY313];
+
+/// The table for CPython `major.minor`, or None when there is none for it
+/// on this target.
+pub fn layout_for(major: u8, minor: u8) -> Option<&'static Layout> {
+    if !cfg!(target_arch = "x86_64") {
+        return None;
+    }
+    LAYOUTS.iter().copied().find(|layout| layout.version == (major, minor))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_supported_version_has_one_table() {
+        for minor in 8..=13 {
+            assert_eq!(layout_for(3, minor).map(|layout| layout.version), Some((3, minor)));
+        }
+        for (major, minor) in [(2, 7), (3, 6), (3, 7), (3, 14), (4, 0)] {
+            assert!(layout_for(major, minor).is_none(), "{major}.{minor}");
+        }
+    }
+
+    #[test]
+    fn chains_read_as_their_steps() {
+        let chain = Chain::<3>::new(&[48, 384]);
+        assert_eq!(*chain, [48, 384]);
+        assert_eq!(chain, Chain::new(&[48, 384]));
+        assert_ne!(chain, Chain::new(&[48, 384, 0]));
+        assert_eq!(*PY311.frame_chain, [56, 8]);
+    }
+
+    #[test]
+    #[should_panic(expected = "longer than the kernel side follows")]
+    fn chains_refuse_too_many_steps() {
+        Chain::<2>::new(&[1, 2, 3]);
+    }
+
+    #[test]
+    fn int_instruction_fields_are_masked() {
+        for layout in LAYOUTS {
+            let int_field = layout.version <= (3, 10);
+            assert_eq!(layout.instr_kind.mask() == 0xffff_ffff, int_field, "{:?}", layout.version);
+        }
+    }
+
+    #[test]
+    fn shim_frames_exactly_from_312() {
+        for layout in LAYOUTS {
+            assert_eq!(layout.frame_owner_cstack.is_some(), layout.version >= (3, 12), "{:?}", layout.version);
+            assert_eq!(layout.code_qualname.is_some(), layout.version >= (3, 11), "{:?}", layout.version);
+        }
+    }
+}
