@@ -1,9 +1,60 @@
-fn main() {
-    let obj = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memtrace"));
-    let mut ebpf = aya::EbpfLoader::new().load(obj).unwrap();
-    for (name, p) in ebpf.programs_mut() {
-        let p: &mut aya::programs::UProbe = p.try_into().unwrap();
-        p.load().unwrap_or_else(|e| panic!("{name}: {e:?}"));
-        println!("{name} loaded");
+//! memtrace: finds what grows, and where, in a running process, from
+//! outside. The pipeline runs one way: discovery (target, python) -> probe
+//! plan (probes) -> kernel maps (collect) -> snapshots (symbolize, snapshot)
+//! -> reports (report); `session` drives it. This file only turns the
+//! outcome into an exit status and one-line errors.
+
+mod cli;
+mod collect;
+mod probes;
+mod python;
+mod report;
+mod session;
+mod snapshot;
+mod symbolize;
+mod target;
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+/// Exit statuses besides 0 (stopped by a signal, --count or --duration).
+const EXIT_ERROR: u8 = 1;
+const EXIT_TARGET_EXITED: u8 = 3;
+const EXIT_MAPS_FULL: u8 = 4;
+
+fn main() -> ExitCode {
+    let options = cli::Options::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(&anyhow::Error::from(e)),
+    };
+    match runtime.block_on(session::run(options)) {
+        Ok(outcome) => {
+            if outcome.untracked > 0 {
+                eprintln!(
+                    "memtrace: {} allocations were not tracked because a map was full; the reports above undercount them (raise --max-allocs)",
+                    outcome.untracked
+                );
+                return ExitCode::from(EXIT_MAPS_FULL);
+            }
+            match outcome.end {
+                session::End::TargetExited => {
+                    eprintln!(
+                        "memtrace: pid {} exited; the final report above covers its whole life since attach",
+                        outcome.pid
+                    );
+                    ExitCode::from(EXIT_TARGET_EXITED)
+                }
+                session::End::Interrupted | session::End::Limit => ExitCode::SUCCESS,
+            }
+        }
+        Err(e) => fail(&e),
     }
+}
+
+/// One line: the error and its causes, as a sentence a user can act on.
+fn fail(error: &anyhow::Error) -> ExitCode {
+    eprintln!("memtrace: {error:#}");
+    ExitCode::from(EXIT_ERROR)
 }

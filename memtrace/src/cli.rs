@@ -1,0 +1,85 @@
+//! Command-line options. Names follow bcc memleak and tracemalloc where they
+//! have one (`--top`, `--older-than`, `--group-by lineno`).
+
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::snapshot::GroupBy;
+
+/// Finds what grows, and where, in a running process: traces its libc and
+/// CPython allocator calls with eBPF, without restarting or modifying it, and
+/// prints tracemalloc-style reports of what is still allocated since attach.
+#[derive(Parser, Debug)]
+#[command(name = "memtrace", version)]
+pub struct Options {
+    /// Process to trace.
+    #[arg(long, short = 'p', value_name = "PID")]
+    pub pid: u32,
+
+    /// Seconds between reports.
+    #[arg(long, short = 'i', value_name = "SECS", default_value_t = 5.0, value_parser = positive_seconds)]
+    pub interval: f64,
+
+    /// Stop after this many reports (the last one is the final report).
+    #[arg(long, short = 'c', value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub count: Option<u32>,
+
+    /// Stop after this many seconds.
+    #[arg(long, short = 'd', value_name = "SECS", value_parser = positive_seconds)]
+    pub duration: Option<f64>,
+
+    /// Groups shown per report.
+    #[arg(long, short = 'T', value_name = "N", default_value_t = 10)]
+    pub top: usize,
+
+    /// Ignore allocations smaller than this many bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
+    pub min_size: u64,
+
+    /// Ignore allocations larger than this many bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = u64::MAX, hide_default_value = true)]
+    pub max_size: u64,
+
+    /// Count only blocks that have been outstanding for at least this many
+    /// milliseconds (hides short-lived churn).
+    #[arg(long, short = 'o', value_name = "MS")]
+    pub older_than: Option<u64>,
+
+    /// How allocations are grouped: by line of the innermost frame, by its
+    /// file, or by whole traceback (printed like tracemalloc's
+    /// Traceback.format()).
+    #[arg(long, value_enum, default_value_t = GroupBy::Lineno)]
+    pub group_by: GroupBy,
+
+    /// Python frames kept per allocation (1 is the cheapest); native frames
+    /// kept per allocation when there are no Python frames.
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=32))]
+    pub frames: u32,
+
+    /// Live allocations memtrace can track at once; allocations beyond it
+    /// are counted as lost (alloc-map-full) in every report.
+    #[arg(long, value_name = "N", default_value_t = 1 << 20, value_parser = clap::value_parser!(u32).range(1024..))]
+    pub max_allocs: u32,
+
+    /// Print the probe placements chosen and other diagnostics to stderr.
+    #[arg(long, short = 'v')]
+    pub verbose: bool,
+}
+
+impl Options {
+    pub fn interval(&self) -> Duration {
+        Duration::from_secs_f64(self.interval)
+    }
+
+    pub fn duration(&self) -> Option<Duration> {
+        self.duration.map(Duration::from_secs_f64)
+    }
+}
+
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("`{s}` is not a positive number of seconds")),
+    }
+}

@@ -1,0 +1,89 @@
+//! Reads the kernel side's maps into plain values: per-site totals, the
+//! loss counters, stacks by id, and (for --older-than) live allocations by
+//! age. Everything downstream works on these values, not on maps.
+
+use std::collections::HashMap as StdHashMap;
+
+use anyhow::{Context as _, Result, anyhow};
+use aya::maps::{HashMap, MapData, PerCpuArray};
+use memtrace_common::{AllocInfo, AllocKey, NativeStack, PythonStack, SiteKey, SiteStats, counter};
+
+use crate::probes::attach::Tracer;
+
+/// The kernel side's counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters(pub [u64; counter::COUNT as usize]);
+
+impl Counters {
+    pub fn get(&self, index: u32) -> u64 {
+        self.0[index as usize]
+    }
+}
+
+fn map<'a>(tracer: &'a Tracer, name: &str) -> Result<&'a aya::maps::Map> {
+    tracer.ebpf.map(name).ok_or_else(|| anyhow!("eBPF object lacks map {name}"))
+}
+
+/// Per-site totals of `pid`.
+pub fn sites(tracer: &Tracer, pid: u32) -> Result<Vec<(SiteKey, SiteStats)>> {
+    let sites: HashMap<&MapData, SiteKey, SiteStats> = HashMap::try_from(map(tracer, "SITES")?)?;
+    let mut out = Vec::new();
+    for entry in sites.iter() {
+        // An entry deleted while we iterate is simply absent.
+        let Ok((key, stats)) = entry else { continue };
+        if key.pid == pid {
+            out.push((key, stats));
+        }
+    }
+    Ok(out)
+}
+
+pub fn counters(tracer: &Tracer) -> Result<Counters> {
+    let array: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map(tracer, "COUNTERS")?)?;
+    let mut out = Counters::default();
+    for (i, slot) in out.0.iter_mut().enumerate() {
+        let per_cpu = array.get(&(i as u32), 0).context("cannot read counters")?;
+        *slot = per_cpu.iter().sum();
+    }
+    Ok(out)
+}
+
+pub fn native_stack(tracer: &Tracer, id: u64) -> Option<NativeStack> {
+    let stacks: HashMap<&MapData, u64, NativeStack> = HashMap::try_from(map(tracer, "NATIVE_STACKS").ok()?).ok()?;
+    stacks.get(&id, 0).ok()
+}
+
+pub fn python_stack(tracer: &Tracer, id: u64) -> Option<PythonStack> {
+    let stacks: HashMap<&MapData, u64, PythonStack> = HashMap::try_from(map(tracer, "PYTHON_STACKS").ok()?).ok()?;
+    stacks.get(&id, 0).ok()
+}
+
+/// Ids of every Python stack stored so far.
+pub fn python_stack_ids(tracer: &Tracer) -> Result<Vec<u64>> {
+    let stacks: HashMap<&MapData, u64, PythonStack> = HashMap::try_from(map(tracer, "PYTHON_STACKS")?)?;
+    Ok(stacks.keys().filter_map(Result::ok).collect())
+}
+
+/// Outstanding (bytes, count) per site of `pid`'s live allocations made
+/// before `before_ns` (CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns).
+pub fn outstanding_older_than(tracer: &Tracer, pid: u32, before_ns: u64) -> Result<StdHashMap<SiteKey, (u64, u64)>> {
+    let allocs: HashMap<&MapData, AllocKey, AllocInfo> = HashMap::try_from(map(tracer, "ALLOCS")?)?;
+    let mut out: StdHashMap<SiteKey, (u64, u64)> = StdHashMap::new();
+    for entry in allocs.iter() {
+        let Ok((key, info)) = entry else { continue };
+        if key.pid == pid && info.timestamp_ns < before_ns {
+            let slot = out.entry(info.site).or_default();
+            slot.0 += info.size;
+            slot.1 += 1;
+        }
+    }
+    Ok(out)
+}
+
+/// Now on CLOCK_MONOTONIC, in nanoseconds.
+pub fn monotonic_now_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec, which `ts` is.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -1,0 +1,262 @@
+//! One tracing session, end to end: validate the target, plan and attach
+//! the probes, then every interval read the kernel maps into a snapshot and
+//! print its difference from the previous one, until a signal, a limit or the
+//! target's exit; then a final report, and detach (dropping the tracer).
+
+use std::{
+    io::Write as _,
+    os::fd::{FromRawFd as _, OwnedFd},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context as _, Result, bail};
+use memtrace_common::{KernelConfig, SiteStats, TargetConfig, counter};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+    time::{MissedTickBehavior, interval, sleep_until},
+};
+
+use crate::{
+    cli::Options,
+    collect,
+    probes::{
+        attach::Tracer,
+        kernel,
+        plan::{self, ProbedBinary},
+    },
+    python::{self, Detection},
+    report::text::{Header, SourceFiles, TextReport},
+    snapshot::{GroupBy, Snapshot, Stat},
+    symbolize::Symbolizer,
+    target::{Target, elf::ElfFile, maps::host_path},
+};
+
+/// How often new Python stacks are resolved: soon enough that the code
+/// objects they name are still alive.
+const RESOLVE_EVERY: Duration = Duration::from_millis(100);
+
+/// Why the session ended.
+pub enum End {
+    Interrupted,
+    TargetExited,
+    Limit,
+}
+
+pub struct Outcome {
+    pub pid: u32,
+    pub end: End,
+    /// Allocations the kernel side could not track (a map was full).
+    pub untracked: u64,
+}
+
+pub async fn run(options: Options) -> Result<Outcome> {
+    kernel::check_privileges()?;
+    kernel::check_kernel()?;
+    let pid = options.pid;
+    let target = Target::open(pid)?;
+    let python = python::detect(&target)?;
+    let libc_path = plan::find_libc(&target)?;
+    let libc_elf = ElfFile::open(&host_path(pid, libc_path))?;
+    let mut notes = Vec::new();
+    let interpreter = match &python {
+        Detection::Supported(interpreter) => Some(interpreter),
+        Detection::Unsupported(reason) => {
+            eprintln!("memtrace: {reason}; reporting native frames only");
+            notes.push(format!("{reason}; native frames only"));
+            None
+        }
+        Detection::NotPython => None,
+    };
+    let points = plan::plan(
+        pid,
+        ProbedBinary { path: libc_path, elf: &libc_elf },
+        interpreter.map(|i| ProbedBinary { path: &i.path, elf: &i.elf }),
+    )?;
+    if options.verbose {
+        for p in points.iter().filter(|p| p.program != plan::Program::AllocEntry) {
+            eprintln!(
+                "memtrace: probe {} {}+{:#x} in {} ({}): {}",
+                p.program.name(),
+                p.symbol,
+                p.placement.offset,
+                p.binary,
+                if p.placement.emulated { "emulated" } else { "single-stepped" },
+                p.placement.reason
+            );
+        }
+    }
+
+    let kernel_config = KernelConfig { task_fsbase: kernel::task_fsbase_offset()? };
+    let mut tracer = Tracer::load(kernel_config, options.max_allocs)?;
+    let exited = open_pidfd(pid)?;
+    if let Err(e) = tracer.attach(pid, &points) {
+        if !Target::is_alive(pid) {
+            bail!("pid {pid} ({}) exited before tracing started", target.comm);
+        }
+        return Err(e);
+    }
+    let wants_stacks = options.group_by == GroupBy::Traceback;
+    let config = TargetConfig {
+        min_size: options.min_size,
+        max_size: options.max_size,
+        native_frames: if interpreter.is_none() && wants_stacks { options.frames } else { 1 },
+        python_frames: if interpreter.is_some() { options.frames } else { 0 },
+        python: interpreter.map(|i| i.walk()).unwrap_or_default(),
+    };
+    tracer.set_target(pid, &config)?;
+    eprintln!(
+        "memtrace: tracing pid {pid} ({}){}: {} probes; a report every {} s; Ctrl-C to stop",
+        target.comm,
+        interpreter.map(|i| format!(", CPython {}", i.version)).unwrap_or_default(),
+        points.len(),
+        options.interval
+    );
+
+    let mut session = Session {
+        symbolizer: Symbolizer::new(&target, interpreter.map(|i| i.code_resolver(pid))),
+        target,
+        source: SourceFiles::new(pid),
+        options: &options,
+        previous: Snapshot::default(),
+        sequence: 0,
+        notes,
+    };
+    let end = session.run_loop(&tracer, exited).await?;
+    let counters = collect::counters(&tracer)?;
+    let untracked = counters.get(counter::ALLOC_MAP_FULL) + counters.get(counter::SITE_MAP_FULL);
+    Ok(Outcome { pid, end, untracked })
+}
+
+struct Session<'a> {
+    options: &'a Options,
+    target: Target,
+    symbolizer: Symbolizer,
+    source: SourceFiles,
+    previous: Snapshot,
+    sequence: u32,
+    notes: Vec<String>,
+}
+
+impl Session<'_> {
+    async fn run_loop(&mut self, tracer: &Tracer, exited: AsyncFd<OwnedFd>) -> Result<End> {
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let start = Instant::now();
+        let deadline = self.options.duration().map(|d| start + d);
+        let mut reports = interval(self.options.interval());
+        reports.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        reports.tick().await; // the first tick is immediate
+        let mut resolve = interval(RESOLVE_EVERY);
+        resolve.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        let end = loop {
+            let until_deadline = async {
+                match deadline {
+                    Some(at) => sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = reports.tick() => {
+                    // The last report allowed by --count is the final one.
+                    if self.options.count.is_some_and(|n| self.sequence + 1 >= n) {
+                        break End::Limit;
+                    }
+                    self.report(tracer, false)?;
+                }
+                _ = resolve.tick() => self.symbolizer.refresh(tracer),
+                _ = sigint.recv() => break End::Interrupted,
+                _ = sigterm.recv() => break End::Interrupted,
+                _ = exited.readable() => break End::TargetExited,
+                _ = until_deadline => break End::Limit,
+            }
+        };
+        self.report(tracer, true)?;
+        Ok(end)
+    }
+
+    fn report(&mut self, tracer: &Tracer, is_final: bool) -> Result<()> {
+        self.sequence += 1;
+        self.symbolizer.refresh(tracer);
+        let pid = self.target.pid;
+        let sites = collect::sites(tracer, pid)?;
+        let counters = collect::counters(tracer)?;
+        let older = match self.options.older_than {
+            Some(ms) => Some(collect::outstanding_older_than(
+                tracer,
+                pid,
+                collect::monotonic_now_ns().saturating_sub(ms * 1_000_000),
+            )?),
+            None => None,
+        };
+        let mut allocated = Stat::default();
+        let mut entries = Vec::new();
+        for (site, stats) in &sites {
+            allocated.size += stats.total_bytes;
+            allocated.count += stats.total_count;
+            let outstanding = match &older {
+                Some(older) => older.get(site).map_or(Stat::default(), |&(size, count)| Stat { size, count }),
+                None => outstanding(stats),
+            };
+            if outstanding.count > 0 {
+                entries.push((self.symbolizer.traceback(tracer, site), outstanding));
+            }
+        }
+        let current = Snapshot::group(entries.iter().map(|(t, s)| (t, *s)), self.options.group_by);
+        let report = TextReport {
+            header: Header {
+                time: SystemTime::now(),
+                pid,
+                comm: &self.target.comm,
+                sequence: self.sequence,
+                is_final,
+                allocated,
+                counters: counter_fields(&counters),
+                notes: &self.notes,
+            },
+            current: &current,
+            previous: &self.previous,
+            group_by: self.options.group_by,
+            top: self.options.top,
+        };
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        report.write(&mut out, &mut |file, line| self.source.line(file, line)).context("cannot write the report")?;
+        out.flush()?;
+        self.previous = current;
+        Ok(())
+    }
+}
+
+fn outstanding(stats: &SiteStats) -> Stat {
+    Stat { size: stats.outstanding_bytes, count: stats.outstanding_count }
+}
+
+/// Every counter a report shows, with names a user can read.
+fn counter_fields(c: &collect::Counters) -> Vec<(&'static str, u64)> {
+    vec![
+        ("lost:alloc-map-full", c.get(counter::ALLOC_MAP_FULL)),
+        ("lost:site-map-full", c.get(counter::SITE_MAP_FULL)),
+        ("lost:stack-map-full", c.get(counter::STACK_MAP_FULL)),
+        ("lost:stack-failed", c.get(counter::STACK_FAILED)),
+        ("lost:python-read-faults", c.get(counter::PYTHON_READ_FAULT)),
+        ("python-stacks-truncated", c.get(counter::PYTHON_TRUNCATED)),
+        ("unknown-frees", c.get(counter::UNKNOWN_FREE)),
+        ("missed-frees", c.get(counter::MISSED_FREE)),
+        ("failed-allocs", c.get(counter::FAILED_ALLOC)),
+    ]
+}
+
+/// A descriptor that becomes readable when `pid` exits.
+fn open_pidfd(pid: u32) -> Result<AsyncFd<OwnedFd>> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        bail!("pid {pid} exited before tracing started");
+    }
+    // SAFETY: the descriptor was just created and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: register requires that the descriptor stays open while
+    // registered; the AsyncFd owns it and closes it only on drop.
+    Ok(unsafe { AsyncFd::register(fd) }.map_err(|e| anyhow::anyhow!("cannot watch pid {pid}: {e}"))?)
+}

@@ -1,0 +1,195 @@
+//! Snapshots and their differences, with tracemalloc's semantics: a
+//! snapshot maps a grouping key (a traceback cut to what the grouping keeps)
+//! to the size and count of outstanding blocks; `compare_to` pairs two
+//! snapshots and sorts like `tracemalloc.Snapshot.compare_to`. Plain values,
+//! no eBPF: report writers read these.
+
+use std::{cmp::Ordering, collections::HashMap};
+
+/// One frame of a traceback as reports print it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frame {
+    /// Source file, or for native code without line information the
+    /// symbol and module (`malloc+0x1c (libc.so.6)`).
+    pub filename: String,
+    /// 0 when unknown.
+    pub lineno: u32,
+}
+
+impl std::fmt::Display for Frame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.filename, self.lineno)
+    }
+}
+
+/// Frames from the innermost (where the allocation happened) outwards.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Traceback(pub Vec<Frame>);
+
+impl Traceback {
+    /// Frames from the oldest call to the allocation, the order in which
+    /// tracemalloc prints and compares them.
+    pub fn oldest_first(&self) -> impl Iterator<Item = &Frame> {
+        self.0.iter().rev()
+    }
+}
+
+impl std::fmt::Display for Traceback {
+    /// tracemalloc prints a traceback as its oldest frame.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.last() {
+            Some(frame) => frame.fmt(f),
+            None => f.write_str("<unknown>:0"),
+        }
+    }
+}
+
+impl Ord for Traceback {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.oldest_first().cmp(other.oldest_first())
+    }
+}
+
+impl PartialOrd for Traceback {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// What a snapshot groups by (tracemalloc's `key_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GroupBy {
+    /// The innermost frame's file and line.
+    Lineno,
+    /// The innermost frame's file.
+    Filename,
+    /// The whole traceback.
+    Traceback,
+}
+
+impl GroupBy {
+    pub fn key(self, traceback: &Traceback) -> Traceback {
+        let innermost = traceback.0.first().cloned();
+        match self {
+            GroupBy::Lineno => Traceback(innermost.into_iter().collect()),
+            GroupBy::Filename => {
+                Traceback(innermost.map(|f| Frame { filename: f.filename, lineno: 0 }).into_iter().collect())
+            }
+            GroupBy::Traceback => traceback.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stat {
+    pub size: u64,
+    pub count: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub stats: HashMap<Traceback, Stat>,
+}
+
+impl Snapshot {
+    /// Groups (traceback, size, count) entries by `group_by`.
+    pub fn group<'a>(entries: impl IntoIterator<Item = (&'a Traceback, Stat)>, group_by: GroupBy) -> Self {
+        let mut stats: HashMap<Traceback, Stat> = HashMap::new();
+        for (traceback, stat) in entries {
+            let slot = stats.entry(group_by.key(traceback)).or_default();
+            slot.size += stat.size;
+            slot.count += stat.count;
+        }
+        Self { stats }
+    }
+
+    pub fn total(&self) -> Stat {
+        self.stats.values().fold(Stat::default(), |a, s| Stat { size: a.size + s.size, count: a.count + s.count })
+    }
+
+    /// Differences from `old`, biggest change first (tracemalloc's
+    /// `Snapshot.compare_to`): groups only in `old` appear with size 0.
+    pub fn compare_to(&self, old: &Snapshot) -> Vec<StatDiff> {
+        let mut diffs: Vec<StatDiff> = self
+            .stats
+            .iter()
+            .map(|(traceback, new)| {
+                let before = old.stats.get(traceback).copied().unwrap_or_default();
+                StatDiff::new(traceback.clone(), *new, before)
+            })
+            .chain(
+                old.stats
+                    .iter()
+                    .filter(|(traceback, _)| !self.stats.contains_key(*traceback))
+                    .map(|(traceback, before)| StatDiff::new(traceback.clone(), Stat::default(), *before)),
+            )
+            .collect();
+        diffs.sort_by(|a, b| b.sort_key().cmp(&a.sort_key()));
+        diffs
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatDiff {
+    pub traceback: Traceback,
+    pub size: u64,
+    pub size_diff: i64,
+    pub count: u64,
+    pub count_diff: i64,
+}
+
+impl StatDiff {
+    fn new(traceback: Traceback, new: Stat, old: Stat) -> Self {
+        Self {
+            traceback,
+            size: new.size,
+            size_diff: new.size as i64 - old.size as i64,
+            count: new.count,
+            count_diff: new.count as i64 - old.count as i64,
+        }
+    }
+
+    /// tracemalloc's `StatisticDiff._sort_key`.
+    fn sort_key(&self) -> (u64, u64, u64, u64, &Traceback) {
+        (self.size_diff.unsigned_abs(), self.size, self.count_diff.unsigned_abs(), self.count, &self.traceback)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tb(frames: &[(&str, u32)]) -> Traceback {
+        Traceback(frames.iter().map(|&(f, l)| Frame { filename: f.into(), lineno: l }).collect())
+    }
+
+    #[test]
+    fn groups_like_tracemalloc() {
+        let a = tb(&[("x.py", 4), ("x.py", 8)]);
+        let b = tb(&[("x.py", 4), ("x.py", 9)]);
+        let c = tb(&[("y.py", 1)]);
+        let entries =
+            [(&a, Stat { size: 10, count: 1 }), (&b, Stat { size: 5, count: 1 }), (&c, Stat { size: 1, count: 1 })];
+        let by_line = Snapshot::group(entries, GroupBy::Lineno);
+        assert_eq!(by_line.stats[&tb(&[("x.py", 4)])], Stat { size: 15, count: 2 });
+        let by_file = Snapshot::group(entries, GroupBy::Filename);
+        assert_eq!(by_file.stats[&tb(&[("x.py", 0)])], Stat { size: 15, count: 2 });
+        let by_tb = Snapshot::group(entries, GroupBy::Traceback);
+        assert_eq!(by_tb.stats.len(), 3);
+        // Printed as the oldest frame, as tracemalloc does.
+        assert_eq!(a.to_string(), "x.py:8");
+    }
+
+    #[test]
+    fn compare_to_sorts_by_absolute_change_and_keeps_vanished_groups() {
+        let old = Snapshot::group([(&tb(&[("a", 1)]), Stat { size: 100, count: 2 })], GroupBy::Lineno);
+        let new = Snapshot::group(
+            [(&tb(&[("b", 1)]), Stat { size: 50, count: 1 }), (&tb(&[("c", 1)]), Stat { size: 70, count: 1 })],
+            GroupBy::Lineno,
+        );
+        let diffs = new.compare_to(&old);
+        let order: Vec<String> = diffs.iter().map(|d| d.traceback.to_string()).collect();
+        assert_eq!(order, ["a:1", "c:1", "b:1"]);
+        assert_eq!((diffs[0].size, diffs[0].size_diff, diffs[0].count_diff), (0, -100, -2));
+    }
+}
