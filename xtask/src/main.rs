@@ -1,1 +1,186 @@
-fn main() {}
+//! memtrace's developer entry points, so that a fresh machine needs nothing
+//! but `cargo`:
+//!
+//!   cargo xtask run [-- MEMTRACE ARGS]   set up, build, and trace a process
+//!                                        (the bundled leaking example when
+//!                                        no --pid is given)
+//!   cargo xtask test                     set up, build, run every test
+//!   cargo xtask setup                    only install the toolchain pieces
+//!
+//! Setup is idempotent and fast once done: the nightly toolchain's rust-src
+//! (the eBPF crate builds `core` itself) and bpf-linker built against the
+//! nightly rustc's own libLLVM (no system LLVM here is new enough), installed
+//! under target/tools.
+
+use std::{
+    env,
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitCode, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let (command, rest) = match args.split_first() {
+        Some((c, rest)) => (c.as_str(), rest),
+        None => ("help", &[][..]),
+    };
+    let result = match command {
+        "setup" => setup().map(|_| ()),
+        "build" => build().map(|_| ()),
+        "run" => run(rest),
+        "test" => test(rest),
+        _ => {
+            eprintln!("usage: cargo xtask <setup|build|run|test> [args]");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn tools_dir() -> PathBuf {
+    workspace_root().join("target/tools")
+}
+
+/// PATH with our tools first, for every cargo we start.
+fn path_with_tools() -> OsString {
+    let mut paths = vec![tools_dir().join("bin")];
+    paths.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
+    env::join_paths(paths).expect("PATH entries are valid")
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root()).env("PATH", path_with_tools());
+    cmd
+}
+
+fn check(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("cannot start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Installs what the eBPF build needs, unless already there.
+fn setup() -> Result<()> {
+    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))
+        .context("the nightly toolchain is needed to build the eBPF side (rustup toolchain install nightly)")?;
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("xtask: installing rust-src for nightly");
+        check(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    let linker = tools_dir().join("bin/bpf-linker");
+    let works = Command::new(&linker)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION));
+    if !works {
+        install_bpf_linker()?;
+    }
+    Ok(())
+}
+
+/// bpf-linker must use the LLVM of the rustc that compiles the eBPF crate;
+/// nightly ships its own libLLVM, so link against exactly that.
+fn install_bpf_linker() -> Result<()> {
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let lib_dir = Path::new(sysroot.trim()).join("lib");
+    let llvm = std::fs::read_dir(&lib_dir)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .find_map(|n| {
+            n.strip_prefix("lib")
+                .and_then(|n| n.strip_suffix(".so"))
+                .filter(|n| n.starts_with("LLVM-"))
+                .map(str::to_owned)
+        })
+        .with_context(|| format!("no libLLVM-*.so in {}", lib_dir.display()))?;
+    let major = llvm.trim_start_matches("LLVM-").split('-').next().unwrap_or_default().to_owned();
+    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against nightly's {llvm} (about a minute, once)");
+    let rustflags = format!("-L {dir} -C link-arg=-l{llvm} -C link-arg=-Wl,-rpath,{dir}", dir = lib_dir.display());
+    check(
+        Command::new("cargo")
+            .args(["+nightly", "install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION, "--root"])
+            .arg(tools_dir())
+            .args(["--no-default-features", "--features"])
+            .arg(format!("llvm-{major},no-llvm-linking"))
+            .env("RUSTFLAGS", rustflags),
+    )
+}
+
+/// Builds memtrace (release) and returns the binary's path.
+pub fn build() -> Result<PathBuf> {
+    setup()?;
+    check(cargo().args(["build", "--release", "--package", "memtrace"]))?;
+    Ok(workspace_root().join("target/release/memtrace"))
+}
+
+/// The interpreter the bundled example runs on: pyenv's 3.12 when present.
+pub fn example_python() -> PathBuf {
+    let pyenv = PathBuf::from(env::var("PYENV_ROOT").unwrap_or_else(|_| "/root/.pyenv".into()));
+    let preferred = pyenv.join("versions/3.12.1/bin/python");
+    if preferred.exists() { preferred } else { PathBuf::from("python3") }
+}
+
+fn run(args: &[String]) -> Result<()> {
+    let memtrace = build()?;
+    let args: Vec<String> = args.iter().filter(|a| *a != "--").cloned().collect();
+    if args
+        .iter()
+        .any(|a| a == "--pid" || a == "-p" || a.starts_with("--pid=") || a == "--help" || a == "-h" || a == "--version")
+    {
+        return check(Command::new(&memtrace).args(&args));
+    }
+    let example = workspace_root().join("examples/waste_memory.py");
+    let python = example_python();
+    eprintln!("xtask: no --pid given: tracing the bundled example {} on {}", example.display(), python.display());
+    let mut child = Command::new(&python).arg(&example).stdout(Stdio::null()).spawn()?;
+    // Let the interpreter start before attaching: memtrace traces a
+    // process that is already running.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut cmd = Command::new(&memtrace);
+    cmd.arg("--pid").arg(child.id().to_string());
+    if !args.iter().any(|a| a.starts_with("--interval") || a == "-i") {
+        cmd.args(["--interval", "2"]);
+    }
+    if !args.iter().any(|a| a.starts_with("--count") || a == "-c" || a.starts_with("--duration") || a == "-d") {
+        cmd.args(["--count", "3"]);
+    }
+    let result = check(cmd.args(&args));
+    stop(&mut child);
+    result
+}
+
+fn stop(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn test(args: &[String]) -> Result<()> {
+    let memtrace = build()?;
+    check(cargo().args(["test", "--release", "--workspace"]).args(args).env("MEMTRACE_BIN", &memtrace))
+}
