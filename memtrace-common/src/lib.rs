@@ -17,10 +17,14 @@ pub mod op {
     pub const POSIX_MEMALIGN: u8 = 2;
     /// Releases the block at `ptr`.
     pub const FREE: u8 = 3;
-    /// mmap: an allocation only when anonymous (flags in argument 3).
+    /// mmap: an allocation only when anonymous (flags in argument 3) and
+    /// accessible (protection in argument 2).
     pub const MMAP: u8 = 4;
     /// munmap(ptr, size).
     pub const MUNMAP: u8 = 5;
+    /// CPython's `_Py_NewReference(ptr)`: an object is (re)born at `ptr`,
+    /// possibly in a block taken from a free list rather than an allocator.
+    pub const NEW_REFERENCE: u8 = 6;
 }
 
 /// Which allocator layer a probed function belongs to. A site's layer says
@@ -73,13 +77,19 @@ impl ProbeCookie {
     }
 }
 
-/// An allocator call in progress on one thread, between its entry and return
-/// probes. Only the outermost allocator call of a thread is pending: calls
-/// made from inside it (PyObject_Malloc falling through to malloc, realloc
-/// calling malloc) are not allocations of their own.
+/// The outermost allocator call of one thread: in progress between its
+/// entry and return probes, then done. Calls made from inside one in
+/// progress (PyObject_Malloc falling through to malloc, realloc calling
+/// malloc) are not allocations of their own.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PendingCall {
+    /// Non-zero once the call has returned.
+    pub done: u64,
+    /// The block a done call returned, until an object is born in it: an
+    /// object initialised in the block its thread just allocated is new,
+    /// not reused from a free list.
+    pub block: u64,
     pub size: u64,
     /// The block being resized (realloc) or where the result is stored
     /// (posix_memalign).
@@ -198,6 +208,11 @@ pub struct PythonWalk {
     pub tstate_chain_len: u64,
     /// Offset of `thread_id` (pthread_self of its thread) in the thread state.
     pub tstate_thread_id: u64,
+    /// Pointer chain from `runtime` to the first thread state of the main
+    /// interpreter, and the offset of a thread state's `next`: how to find a
+    /// thread that does not hold the GIL (in a C call that released it).
+    pub threads_chain: [u64; 2],
+    pub tstate_next: u64,
     /// Pointer chain from the thread state to its innermost frame.
     pub frame_chain: [u64; 2],
     pub frame_chain_len: u64,
@@ -215,6 +230,12 @@ pub struct PythonWalk {
     /// Offsets of the code object fields folded into [`PythonFrame::code_tag`]
     /// (first line number, name and file name), read as 8 bytes each.
     pub code_tag_fields: [u64; 3],
+    /// To find an object's memory block from its address: `tp_flags` in its
+    /// type, the size of the GC header before GC objects, and the type flags
+    /// that put two more words before it.
+    pub type_flags: u64,
+    pub gc_head_size: u64,
+    pub preheader_flags: u64,
 }
 
 pub const NO_OFFSET: u64 = u64::MAX;

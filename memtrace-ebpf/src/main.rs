@@ -24,13 +24,14 @@ use aya_ebpf::{
 use memtrace_common::{NO_ARG, PendingCall, ProbeCookie, SiteKey, counter, layer, op};
 
 use crate::{
-    accounting::{record_alloc, record_free, restore},
+    accounting::{is_tracked, move_block, record_alloc, record_free, restore},
     maps::{ACTIVE, LAST_UPPER_FREE, TARGETS, count},
     python::python_stack,
     stacks::native_stack,
 };
 
 const MAP_ANONYMOUS: u64 = 0x20;
+const PROT_NONE: u64 = 0;
 /// mmap reports errors as -errno, i.e. the last page of the address space.
 const MMAP_ERROR_FLOOR: u64 = -4096i64 as u64;
 
@@ -113,16 +114,17 @@ pub fn alloc_entry(ctx: ProbeContext) -> u32 {
     let Some((pid, tid)) = traced_thread() else { return 0 };
     let (raw, cookie) = cookie(&ctx);
     if let Some(outer) = ACTIVE.get_ptr_mut(&tid) {
-        // An allocator called from inside another one: the outer call is the
-        // allocation. Only a nested call of the same function must be
-        // remembered, so that its return does not complete the outer one.
         // SAFETY: `outer` points into this thread's ACTIVE entry.
-        unsafe {
-            if ProbeCookie::from_u64((*outer).cookie).function == cookie.function {
-                (*outer).same_function_depth += 1;
+        let outer = unsafe { &mut *outer };
+        if outer.done == 0 {
+            // An allocator called from inside another one: the outer call is
+            // the allocation. Only a nested call of the same function must
+            // be remembered, so that its return does not complete the outer.
+            if ProbeCookie::from_u64(outer.cookie).function == cookie.function {
+                outer.same_function_depth += 1;
             }
+            return 0;
         }
-        return 0;
     }
     let args = Args::read(&ctx);
     let mut size = args.get(cookie.size_arg);
@@ -131,7 +133,10 @@ pub fn alloc_entry(ctx: ProbeContext) -> u32 {
     }
     let mut call = PendingCall { size, cookie: raw, ..PendingCall::default() };
     match cookie.op {
-        op::MMAP if args.get(3) & MAP_ANONYMOUS == 0 => return 0,
+        // File mappings are not allocations, nor are PROT_NONE reservations
+        // of address space (glibc reserves 64 MiB per thread arena that
+        // way, even from free(), and uncovers it bit by bit as it is used).
+        op::MMAP if args.get(3) & MAP_ANONYMOUS == 0 || args.get(2) == PROT_NONE => return 0,
         op::POSIX_MEMALIGN => call.ptr = args.get(cookie.ptr_arg),
         op::REALLOC => {
             call.ptr = args.get(cookie.ptr_arg);
@@ -156,17 +161,19 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
     let Some((pid, tid)) = traced_thread() else { return 0 };
     let (_, cookie) = cookie(&ctx);
     let Some(pending) = ACTIVE.get_ptr_mut(&tid) else { return 0 };
-    // SAFETY: `pending` points into this thread's ACTIVE entry; copied out
-    // before it is removed.
-    let call = unsafe { *pending };
-    if ProbeCookie::from_u64(call.cookie).function != cookie.function {
+    // SAFETY: `pending` points into this thread's ACTIVE entry, which only
+    // this thread's probes touch.
+    let pending = unsafe { &mut *pending };
+    if pending.done != 0 || ProbeCookie::from_u64(pending.cookie).function != cookie.function {
         return 0; // a nested call of another function returning
     }
-    if call.same_function_depth > 0 {
-        unsafe { (*pending).same_function_depth -= 1 };
+    if pending.same_function_depth > 0 {
+        pending.same_function_depth -= 1;
         return 0;
     }
-    let _ = ACTIVE.remove(&tid);
+    pending.done = 1;
+    pending.block = 0;
+    let call = *pending;
 
     let ret: u64 = ctx.ret();
     let addr = match cookie.op {
@@ -203,15 +210,17 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
         native_stack: if target.native_frames > 1 { native_stack(&ctx, target.native_frames) } else { 0 },
         python_stack: if target.python_frames > 0 { python_stack(&target.python, target.python_frames) } else { 0 },
     };
-    record_alloc(addr, call.size, site);
+    if record_alloc(addr, call.size, site) {
+        pending.block = addr;
+    }
     0
 }
 
 #[uprobe]
 pub fn free_entry(ctx: ProbeContext) -> u32 {
     let Some((pid, tid)) = traced_thread() else { return 0 };
-    // SAFETY: only checks presence.
-    if unsafe { ACTIVE.get(&tid) }.is_some() {
+    // SAFETY: the value is read at once.
+    if unsafe { ACTIVE.get(&tid) }.is_some_and(|call| call.done == 0) {
         return 0; // released by an allocator call in progress (realloc)
     }
     let (_, cookie) = cookie(&ctx);
@@ -229,6 +238,38 @@ pub fn free_entry(ctx: ProbeContext) -> u32 {
     // munmap also releases file mappings, which were never allocations.
     if !known && cookie.op != op::MUNMAP && !(cookie.layer == layer::LIBC && follows_upper_free) {
         count(counter::UNKNOWN_FREE);
+    }
+    0
+}
+
+/// `_Py_NewReference(op)`: an object is born at `op`. When its block is not
+/// the one its thread just allocated, the object was taken from one of
+/// CPython's free lists, and, as tracemalloc does, its block now belongs to
+/// the code creating the object rather than to whoever allocated it first.
+#[uprobe]
+pub fn new_reference(ctx: ProbeContext) -> u32 {
+    let Some((pid, tid)) = traced_thread() else { return 0 };
+    // SAFETY: copied out of the map at once.
+    let Some(target) = (unsafe { TARGETS.get(&pid) }).copied() else { return 0 };
+    if target.python_frames == 0 {
+        return 0;
+    }
+    let object = Args::read(&ctx).get(0);
+    let Some(block) = python::object_block(&target.python, object) else { return 0 };
+    if let Some(last) = ACTIVE.get_ptr_mut(&tid) {
+        // SAFETY: this thread's own ACTIVE entry.
+        let last = unsafe { &mut *last };
+        if last.done != 0 && last.block == block {
+            last.block = 0; // the first object born in a new block: fresh
+            return 0;
+        }
+    }
+    if !is_tracked(pid, block) {
+        return 0; // allocated before attach, or never seen: nothing to move
+    }
+    let stack = python_stack(&target.python, target.python_frames);
+    if stack != 0 {
+        move_block(pid, block, stack);
     }
     0
 }

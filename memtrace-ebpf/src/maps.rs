@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use memtrace_common::{
     AllocInfo, AllocKey, NativeStack, PendingCall, PythonStack, SiteKey, SiteStats, TargetConfig, counter,
@@ -37,6 +37,11 @@ pub static NATIVE_STACKS: HashMap<u64, NativeStack> = HashMap::with_max_entries(
 /// Python stacks by content hash (ids in `SiteKey::python_stack`).
 #[map]
 pub static PYTHON_STACKS: HashMap<u64, PythonStack> = HashMap::with_max_entries(1 << 14, 0);
+
+/// Ids of Python stacks as they are first stored, so that userspace
+/// resolves them while their code objects are alive.
+#[map]
+pub static NEW_PYTHON_STACKS: RingBuf = RingBuf::with_byte_size(1 << 16, 0);
 
 /// Loss and coverage counters, see `memtrace_common::counter`.
 #[map]

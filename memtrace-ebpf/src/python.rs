@@ -14,7 +14,7 @@ use memtrace_common::{
 };
 
 use crate::{
-    maps::{PYTHON_STACKS, WALK_SCRATCH, count},
+    maps::{NEW_PYTHON_STACKS, PYTHON_STACKS, WALK_SCRATCH, count},
     stacks::{intern, mix},
 };
 
@@ -51,6 +51,61 @@ fn follow(mut p: u64, offsets: &[u64], len: u64) -> Result<u64, ()> {
     Ok(p)
 }
 
+/// Threads searched for one that does not hold the GIL.
+const MAX_THREADS: u32 = 128;
+
+/// The current thread's thread state, 0 if it runs no Python. Usually it
+/// holds the GIL (one read finds it); a thread in a C call that released
+/// the GIL (ctypes, I/O) is found along the interpreter's thread list. A
+/// thread is matched by its thread id, which is its thread pointer: any
+/// other thread's frames would be the wrong ones to blame.
+fn current_tstate(walk: &PythonWalk) -> u64 {
+    let me = current_thread_pointer();
+    if let Ok(holder) = follow(walk.runtime, &walk.tstate_chain, walk.tstate_chain_len)
+        && holder != 0
+        && read::<u64>(holder + walk.tstate_thread_id) == Ok(me)
+    {
+        return holder;
+    }
+    let Ok(first) = follow(walk.runtime, &walk.threads_chain, walk.threads_chain.len() as u64) else { return 0 };
+    let mut search =
+        ThreadSearch { next: first, me, found: 0, thread_id: walk.tstate_thread_id, tstate_next: walk.tstate_next };
+    // SAFETY: find_thread_step has the callback signature bpf_loop expects,
+    // and `search` outlives the call.
+    unsafe {
+        bpf_loop(MAX_THREADS, find_thread_step as *mut core::ffi::c_void, (&raw mut search).cast(), 0);
+    }
+    search.found
+}
+
+#[repr(C)]
+struct ThreadSearch {
+    next: u64,
+    me: u64,
+    found: u64,
+    thread_id: u64,
+    tstate_next: u64,
+}
+
+/// One thread state of the list. Returns 0 to go on, 1 to stop.
+extern "C" fn find_thread_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the ThreadSearch current_tstate gave it.
+    let search = unsafe { &mut *ctx.cast::<ThreadSearch>() };
+    if search.next == 0 {
+        return 1;
+    }
+    match read::<u64>(search.next + search.thread_id) {
+        Ok(id) if id == search.me => {
+            search.found = search.next;
+            return 1;
+        }
+        Ok(_) => {}
+        Err(()) => return 1,
+    }
+    search.next = read::<u64>(search.next + search.tstate_next).unwrap_or(0);
+    0
+}
+
 /// The walk between `bpf_loop` steps. It lives in a per-CPU map value, not
 /// on the BPF stack: a PythonStack does not fit in 512 bytes, and a map
 /// value is reachable from the step callback without pointer juggling.
@@ -68,21 +123,10 @@ pub struct WalkState {
 /// thread is not running Python code (no GIL, a C thread, start-up) or the
 /// walk found nothing.
 pub fn python_stack(walk: &PythonWalk, max_frames: u32) -> u64 {
-    let Ok(tstate) = follow(walk.runtime, &walk.tstate_chain, walk.tstate_chain_len) else {
-        return 0;
-    };
+    let tstate = current_tstate(walk);
     if tstate == 0 {
         count(counter::NO_PYTHON_THREAD);
         return 0;
-    }
-    // The GIL holder is some thread; it is ours only if its thread id is our
-    // thread pointer. Otherwise another thread's frames would be blamed.
-    match read::<u64>(tstate + walk.tstate_thread_id) {
-        Ok(id) if id == current_thread_pointer() => {}
-        _ => {
-            count(counter::NO_PYTHON_THREAD);
-            return 0;
-        }
     }
     let Ok(frame) = follow(tstate, &walk.frame_chain, walk.frame_chain_len) else {
         return 0;
@@ -105,7 +149,14 @@ pub fn python_stack(walk: &PythonWalk, max_frames: u32) -> u64 {
     if state.stack.len == 0 {
         return 0;
     }
-    intern(&PYTHON_STACKS, mix(state.hash, state.stack.truncated as u64), &state.stack)
+    let interned = intern(&PYTHON_STACKS, mix(state.hash, state.stack.truncated as u64), &state.stack);
+    if interned.new {
+        // Userspace must read the stack's code objects before they can be
+        // freed (a module body's code dies as soon as it has run). If the
+        // ring is full, its periodic sweep finds the stack a little later.
+        let _ = NEW_PYTHON_STACKS.output::<u64>(interned.id, 0);
+    }
+    interned.id
 }
 
 /// One frame of the walk. Returns 0 to go on, 1 to stop.
@@ -139,6 +190,26 @@ extern "C" fn walk_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
     state.stack.len += 1;
     state.hash = mix(mix(mix(state.hash, f.code), f.instr), f.code_tag);
     0
+}
+
+/// Unchanged since CPython 2.2.
+const PY_TPFLAGS_HAVE_GC: u64 = 1 << 14;
+
+/// The memory block holding the object at `object`: GC objects, and 3.11+
+/// objects with managed dicts or weakrefs, are preceded by headers inside
+/// their block (`_PyType_PreHeaderSize`).
+pub fn object_block(walk: &PythonWalk, object: u64) -> Option<u64> {
+    // ob_type follows ob_refcnt.
+    let type_object = read::<u64>(object + 8).ok()?;
+    let flags = read::<u64>(type_object + walk.type_flags).ok()?;
+    let mut before = 0;
+    if flags & PY_TPFLAGS_HAVE_GC != 0 {
+        before += walk.gc_head_size;
+    }
+    if flags & walk.preheader_flags != 0 {
+        before += 16;
+    }
+    Some(object - before)
 }
 
 fn read_frame(walk: &PythonWalk, frame: u64) -> Option<PythonFrame> {

@@ -19,17 +19,23 @@ pub fn mix(hash: u64, word: u64) -> u64 {
     h ^ (h >> 29)
 }
 
+/// A stack id for a site key, and whether the stack is new to its map.
+pub struct Interned {
+    pub id: u64,
+    pub new: bool,
+}
+
 /// Stores `value` under `hash` unless an equal stack is already there.
-/// Returns the id to put in a site key, or 0 when the map is full.
-pub fn intern<V>(map: &aya_ebpf::maps::HashMap<u64, V>, hash: u64, value: &V) -> u64 {
+/// The id is 0 when the map is full.
+pub fn intern<V>(map: &aya_ebpf::maps::HashMap<u64, V>, hash: u64, value: &V) -> Interned {
     // 0 means "no stack" in a SiteKey.
     let id = if hash == 0 { 1 } else { hash };
     match map.insert(&id, value, BPF_NOEXIST as u64) {
-        Ok(()) => id,
-        Err(e) if e == -EEXIST => id,
+        Ok(()) => Interned { id, new: true },
+        Err(e) if e == -EEXIST => Interned { id, new: false },
         Err(_) => {
             count(counter::STACK_MAP_FULL);
-            0
+            Interned { id: 0, new: false }
         }
     }
 }
@@ -60,5 +66,5 @@ pub fn native_stack<C: EbpfContext>(ctx: &C, depth: u32) -> u64 {
         }
         hash = mix(hash, scratch.frames[i]);
     }
-    intern(&NATIVE_STACKS, hash, scratch)
+    intern(&NATIVE_STACKS, hash, scratch).id
 }

@@ -5,7 +5,7 @@
 use std::collections::HashMap as StdHashMap;
 
 use anyhow::{Context as _, Result, anyhow};
-use aya::maps::{HashMap, MapData, PerCpuArray};
+use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
 use memtrace_common::{AllocInfo, AllocKey, NativeStack, PythonStack, SiteKey, SiteStats, counter};
 
 use crate::probes::attach::Tracer;
@@ -56,6 +56,25 @@ pub fn native_stack(tracer: &Tracer, id: u64) -> Option<NativeStack> {
 pub fn python_stack(tracer: &Tracer, id: u64) -> Option<PythonStack> {
     let stacks: HashMap<&MapData, u64, PythonStack> = HashMap::try_from(map(tracer, "PYTHON_STACKS").ok()?).ok()?;
     stacks.get(&id, 0).ok()
+}
+
+/// The ring of Python stack ids as the kernel first stores them. Taken out
+/// of the tracer, so that the session can wait on it.
+pub fn new_python_stacks(tracer: &mut Tracer) -> Result<RingBuf<MapData>> {
+    let ring =
+        tracer.ebpf.take_map("NEW_PYTHON_STACKS").ok_or_else(|| anyhow!("eBPF object lacks map NEW_PYTHON_STACKS"))?;
+    Ok(RingBuf::try_from(ring)?)
+}
+
+/// Drains `ring`, returning the stack ids it held.
+pub fn drain_stack_ids(ring: &mut RingBuf<MapData>) -> Vec<u64> {
+    let mut ids = Vec::new();
+    while let Some(item) = ring.next() {
+        if let Ok(bytes) = <[u8; 8]>::try_from(&*item) {
+            ids.push(u64::from_ne_bytes(bytes));
+        }
+    }
+    ids
 }
 
 /// Ids of every Python stack stored so far.

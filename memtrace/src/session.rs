@@ -5,11 +5,12 @@
 
 use std::{
     io::Write as _,
-    os::fd::{FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd, FromRawFd as _, OwnedFd},
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, Result, bail};
+use aya::maps::{MapData, RingBuf};
 use memtrace_common::{KernelConfig, SiteStats, TargetConfig, counter};
 use tokio::{
     io::unix::AsyncFd,
@@ -32,9 +33,9 @@ use crate::{
     target::{Target, elf::ElfFile, maps::host_path},
 };
 
-/// How often new Python stacks are resolved: soon enough that the code
-/// objects they name are still alive.
-const RESOLVE_EVERY: Duration = Duration::from_millis(100);
+/// How often the memory map is refreshed and Python stacks the kernel could
+/// not announce (its ring was full) are resolved.
+const SWEEP_EVERY: Duration = Duration::from_millis(500);
 
 /// Why the session ended.
 pub enum End {
@@ -122,7 +123,8 @@ pub async fn run(options: Options) -> Result<Outcome> {
         sequence: 0,
         notes,
     };
-    let end = session.run_loop(&tracer, exited).await?;
+    let new_stacks = watch(collect::new_python_stacks(&mut tracer)?, "the kernel's stack ring")?;
+    let end = session.run_loop(&tracer, exited, new_stacks).await?;
     let counters = collect::counters(&tracer)?;
     let untracked = counters.get(counter::ALLOC_MAP_FULL) + counters.get(counter::SITE_MAP_FULL);
     Ok(Outcome { pid, end, untracked })
@@ -139,7 +141,12 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
-    async fn run_loop(&mut self, tracer: &Tracer, exited: AsyncFd<OwnedFd>) -> Result<End> {
+    async fn run_loop(
+        &mut self,
+        tracer: &Tracer,
+        exited: AsyncFd<OwnedFd>,
+        mut new_stacks: AsyncFd<RingBuf<MapData>>,
+    ) -> Result<End> {
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
         let start = Instant::now();
@@ -147,8 +154,8 @@ impl Session<'_> {
         let mut reports = interval(self.options.interval());
         reports.set_missed_tick_behavior(MissedTickBehavior::Delay);
         reports.tick().await; // the first tick is immediate
-        let mut resolve = interval(RESOLVE_EVERY);
-        resolve.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        let mut sweep = interval(SWEEP_EVERY);
+        sweep.set_missed_tick_behavior(MissedTickBehavior::Skip);
         let end = loop {
             let until_deadline = async {
                 match deadline {
@@ -164,7 +171,14 @@ impl Session<'_> {
                     }
                     self.report(tracer, false)?;
                 }
-                _ = resolve.tick() => self.symbolizer.refresh(tracer),
+                ready = new_stacks.readable_mut() => {
+                    let mut guard = ready?;
+                    for id in collect::drain_stack_ids(guard.get_inner_mut()) {
+                        self.symbolizer.resolve_python_stack(tracer, id);
+                    }
+                    guard.clear_ready();
+                }
+                _ = sweep.tick() => self.symbolizer.refresh(tracer),
                 _ = sigint.recv() => break End::Interrupted,
                 _ = sigterm.recv() => break End::Interrupted,
                 _ = exited.readable() => break End::TargetExited,
@@ -255,8 +269,12 @@ fn open_pidfd(pid: u32) -> Result<AsyncFd<OwnedFd>> {
         bail!("pid {pid} exited before tracing started");
     }
     // SAFETY: the descriptor was just created and is owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    // SAFETY: register requires that the descriptor stays open while
-    // registered; the AsyncFd owns it and closes it only on drop.
-    Ok(unsafe { AsyncFd::register(fd) }.map_err(|e| anyhow::anyhow!("cannot watch pid {pid}: {e}"))?)
+    watch(unsafe { OwnedFd::from_raw_fd(fd as i32) }, &format!("pid {pid}"))
+}
+
+/// Registers a descriptor-owning value with the runtime.
+fn watch<T: AsRawFd>(inner: T, what: &str) -> Result<AsyncFd<T>> {
+    // SAFETY: register needs the descriptor to stay open while registered;
+    // `inner` owns it and the AsyncFd owns `inner` until it is dropped.
+    unsafe { AsyncFd::register(inner) }.map_err(|e| anyhow::anyhow!("cannot watch {what}: {e}"))
 }

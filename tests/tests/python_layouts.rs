@@ -35,6 +35,19 @@ fn libpython(build: &str, minor: u8) -> PathBuf {
     path
 }
 
+/// The value of a `#define NAME (1 << N)` in the pyenv build's object.h.
+fn header_define(minor: u8, name: &str) -> u64 {
+    let (build, _) = BUILDS.iter().find(|(_, m)| *m == minor).expect("a build of every minor");
+    let path = Path::new(PYENV).join(build).join(format!("include/python3.{minor}/object.h"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let line = text
+        .lines()
+        .find(|l| l.split_whitespace().take(2).eq(["#define", name]))
+        .unwrap_or_else(|| panic!("{name} is not defined in {}", path.display()));
+    let shift = line.split("<<").nth(1).and_then(|r| r.trim().trim_end_matches(')').trim().parse::<u32>().ok());
+    1 << shift.unwrap_or_else(|| panic!("cannot read {line:?}"))
+}
+
 fn table(minor: u8) -> &'static Layout {
     layout_for(3, minor).unwrap_or_else(|| panic!("no table for 3.{minor}"))
 }
@@ -108,6 +121,11 @@ fn dwarf_checks(layout: &Layout) -> Vec<(String, u64, String)> {
         }
     }
     check("tstate_thread_id", layout.tstate_thread_id, offset("PyThreadState", "thread_id"));
+    let threads_head = if minor <= 10 { "tstate_head" } else { "threads.head" };
+    assert_eq!(layout.threads_chain.len(), 2, "3.{minor} threads_chain: number of steps");
+    check("threads_chain", layout.threads_chain[0], offset("_PyRuntimeState", "interpreters.head"));
+    check("threads_chain", layout.threads_chain[1], offset("PyInterpreterState", threads_head));
+    check("tstate_next", layout.tstate_next, offset("PyThreadState", "next"));
     check("tstate_thread_id size (unsigned long)", 8, size("PyThreadState", "thread_id"));
 
     let (frame, code, previous, instr) = match minor {
@@ -141,6 +159,21 @@ fn dwarf_checks(layout: &Layout) -> Vec<(String, u64, String)> {
     check("code_linetable", layout.code_linetable, offset("PyCodeObject", linetable));
     let bytecode = if minor <= 10 { "co_code" } else { "co_code_adaptive" };
     check("code_bytecode", layout.code_bytecode, offset("PyCodeObject", bytecode));
+
+    match layout.code_firsttraceable {
+        Some(first) => check("code_firsttraceable", first, offset("PyCodeObject", "_co_firsttraceable")),
+        None => assert!(minor <= 10, "3.{minor} has _co_firsttraceable"),
+    }
+    check("type_flags", layout.type_flags, offset("PyTypeObject", "tp_flags"));
+    check("gc_head_size", layout.gc_head_size, "sizeof(PyGC_Head)".into());
+    // Flags are #defines, absent from DWARF: their values come from the
+    // build's own object.h, and gdb just echoes them.
+    let preheader = match minor {
+        ..=10 => 0,
+        11 => header_define(minor, "Py_TPFLAGS_MANAGED_DICT"),
+        _ => header_define(minor, "Py_TPFLAGS_MANAGED_DICT") | header_define(minor, "Py_TPFLAGS_MANAGED_WEAKREF"),
+    };
+    check("preheader_flags", layout.preheader_flags, preheader.to_string());
 
     check("bytes_size", layout.bytes_size, offset("PyBytesObject", "ob_base.ob_size"));
     check("bytes_data", layout.bytes_data, offset("PyBytesObject", "ob_sval"));

@@ -32,7 +32,7 @@ impl Tracer {
             .map_max_entries("ALLOCS", max_allocs)
             .load(object)
             .context("cannot load memtrace's eBPF programs")?;
-        for program in [Program::AllocEntry, Program::AllocReturn, Program::Free] {
+        for program in Program::ALL {
             let name = program.name();
             let probe: &mut UProbe =
                 ebpf.program_mut(name).ok_or_else(|| anyhow!("eBPF object lacks program {name}"))?.try_into()?;

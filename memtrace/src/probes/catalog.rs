@@ -15,10 +15,10 @@ pub struct AllocatorFn {
 }
 
 impl AllocatorFn {
-    /// Entry-only functions release memory; the rest also need a return
-    /// probe to learn the block's address.
-    pub fn is_release(&self) -> bool {
-        matches!(self.op, op::FREE | op::MUNMAP)
+    /// Functions whose work is known at entry (releases, object births);
+    /// allocators also need a return probe to learn the block's address.
+    pub fn entry_only(&self) -> bool {
+        matches!(self.op, op::FREE | op::MUNMAP | op::NEW_REFERENCE)
     }
 
     pub fn cookie(&self, function: u8) -> ProbeCookie {
@@ -39,7 +39,7 @@ const fn f(symbol: &'static str, op: u8, layer: u8, size_arg: u8, count_arg: u8,
 
 const N: u8 = NO_ARG;
 use layer::{LIBC, MMAP, PYMALLOC};
-use op::{ALLOC, FREE, MMAP as MAP, MUNMAP, POSIX_MEMALIGN, REALLOC};
+use op::{ALLOC, FREE, MMAP as MAP, MUNMAP, NEW_REFERENCE, POSIX_MEMALIGN, REALLOC};
 
 /// C library allocator entry points. aligned_alloc and memalign share an
 /// address in glibc; the planner attaches each address once.
@@ -80,3 +80,7 @@ pub const PYMALLOC_EXPORTED: &[AllocatorFn] = &[
     f("PyMem_Realloc", REALLOC, PYMALLOC, 1, N, 0),
     f("PyMem_Free", FREE, PYMALLOC, N, N, 0),
 ];
+
+/// Where CPython 3.9+ initialises every new object, including ones taken
+/// from a free list instead of an allocator (3.8 inlines it).
+pub const PYTHON_OBJECTS: &[AllocatorFn] = &[f("_Py_NewReference", NEW_REFERENCE, PYMALLOC, N, N, 0)];

@@ -7,8 +7,10 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 
+use memtrace_common::op;
+
 use super::{
-    catalog::{AllocatorFn, LIBC_FUNCTIONS, PYMALLOC_EXPORTED, PYMALLOC_INTERNAL},
+    catalog::{AllocatorFn, LIBC_FUNCTIONS, PYMALLOC_EXPORTED, PYMALLOC_INTERNAL, PYTHON_OBJECTS},
     placement::{self, ArgReg, Placement},
 };
 use crate::target::{Target, elf::ElfFile, maps::host_path};
@@ -18,15 +20,28 @@ pub enum Program {
     AllocEntry,
     AllocReturn,
     Free,
+    NewReference,
 }
 
 impl Program {
+    pub const ALL: [Program; 4] = [Program::AllocEntry, Program::AllocReturn, Program::Free, Program::NewReference];
+
     /// The BPF program's name in the object file.
     pub fn name(self) -> &'static str {
         match self {
             Program::AllocEntry => "alloc_entry",
             Program::AllocReturn => "alloc_return",
             Program::Free => "free_entry",
+            Program::NewReference => "new_reference",
+        }
+    }
+
+    /// The programs a function needs, return probes first.
+    fn for_function(function: &AllocatorFn) -> &'static [Program] {
+        match function.op {
+            op::NEW_REFERENCE => &[Program::NewReference],
+            _ if function.entry_only() => &[Program::Free],
+            _ => &[Program::AllocReturn, Program::AllocEntry],
         }
     }
 }
@@ -74,7 +89,7 @@ pub fn plan(pid: u32, libc: ProbedBinary, interpreter: Option<ProbedBinary>) -> 
     if let Some(python) = &interpreter {
         let internal = PYMALLOC_INTERNAL.iter().all(|f| python.elf.symbol(f.symbol).is_some());
         let set = if internal { PYMALLOC_INTERNAL } else { PYMALLOC_EXPORTED };
-        functions.extend(set.iter().map(|f| (python, *f)));
+        functions.extend(set.iter().chain(PYTHON_OBJECTS).map(|f| (python, *f)));
     }
     let mut points = Vec::new();
     let mut seen = Vec::new();
@@ -87,16 +102,16 @@ pub fn plan(pid: u32, libc: ProbedBinary, interpreter: Option<ProbedBinary>) -> 
         seen.push((binary.path, symbol.vaddr));
         let index = u8::try_from(seen.len() - 1)?;
         let code = binary.elf.symbol_bytes(symbol)?;
-        let placement = if function.is_release() {
+        let placement = if function.entry_only() {
             let pointer = ArgReg::nth(function.ptr_arg);
-            placement::entry_only(code, pointer.as_slice(), pointer)
+            // Releasing NULL is a no-op, so a probe may skip that path.
+            let null_is_noop = if function.op == op::NEW_REFERENCE { None } else { pointer };
+            placement::entry_only(code, pointer.as_slice(), null_is_noop)
         } else {
             placement::at_entry(code)
         };
         let Some(file_offset) = binary.elf.file_offset(symbol.vaddr + placement.offset) else { continue };
-        let programs: &[Program] =
-            if function.is_release() { &[Program::Free] } else { &[Program::AllocReturn, Program::AllocEntry] };
-        for &program in programs {
+        for &program in Program::for_function(&function) {
             points.push(AttachPoint {
                 program,
                 binary: binary.path.to_owned(),

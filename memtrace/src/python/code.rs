@@ -24,6 +24,9 @@ struct Code {
     filename: String,
     firstlineno: i32,
     linetable: Vec<u8>,
+    /// Byte offset of the first instruction after the frame's set-up
+    /// (RESUME), 0 when the version has no such notion.
+    first_traceable: i64,
 }
 
 pub struct CodeResolver {
@@ -48,38 +51,40 @@ impl CodeResolver {
         }
     }
 
-    /// The stack's frames, innermost first.
+    /// The stack's frames, innermost first. Frames still being set up
+    /// (before their RESUME) are left out, as CPython's own tracebacks and
+    /// tracemalloc leave them out: an allocation there is their caller's.
     pub fn frames(&mut self, stack: &PythonStack) -> Vec<Frame> {
         let len = (stack.len as usize).min(stack.frames.len());
-        stack.frames[..len]
-            .iter()
-            .map(|f| {
-                let byte_offset = self.byte_offset(f.code, f.instr);
-                let format = self.format;
-                match self.code(f.code, f.code_tag) {
-                    Some(code) => Frame {
-                        filename: code.filename.clone(),
-                        lineno: format
-                            .and_then(|fmt| {
-                                linetable::line_for_offset(fmt, code.firstlineno, &code.linetable, byte_offset)
-                            })
-                            .map_or(0, |l| l.max(0) as u32),
-                    },
-                    None => Frame { filename: UNREADABLE_CODE.to_owned(), lineno: 0 },
-                }
-            })
-            .collect()
+        let format = self.format;
+        let mut frames = Vec::with_capacity(len);
+        for f in &stack.frames[..len] {
+            let offset = self.byte_offset(f.code, f.instr);
+            let frame = match self.code(f.code, f.code_tag) {
+                Some(code) if offset < code.first_traceable => continue,
+                Some(code) => Frame {
+                    filename: code.filename.clone(),
+                    lineno: format
+                        .and_then(|fmt| {
+                            linetable::line_for_offset(fmt, code.firstlineno, &code.linetable, offset.max(0) as u32)
+                        })
+                        .map_or(0, |l| l.max(0) as u32),
+                },
+                None => Frame { filename: UNREADABLE_CODE.to_owned(), lineno: 0 },
+            };
+            frames.push(frame);
+        }
+        frames
     }
 
-    /// Byte offset in the bytecode of the instruction a frame is at.
-    fn byte_offset(&self, code: u64, instr: u64) -> u32 {
+    /// Byte offset in the bytecode of the instruction a frame is at;
+    /// negative before the first one.
+    fn byte_offset(&self, code: u64, instr: u64) -> i64 {
         let bytecode = code + self.layout.code_bytecode;
         match self.layout.instr_kind {
-            // f_lasti is -1 before the first instruction.
-            InstrKind::LastiBytes => (instr as u32 as i32).max(0) as u32,
-            InstrKind::LastiCodeUnits => (instr as u32 as i32).max(0) as u32 * 2,
-            // prev_instr starts one code unit before the bytecode.
-            InstrKind::PrevInstrPointer | InstrKind::InstrPointer => instr.saturating_sub(bytecode) as u32,
+            InstrKind::LastiBytes => i64::from(instr as u32 as i32),
+            InstrKind::LastiCodeUnits => i64::from(instr as u32 as i32) * 2,
+            InstrKind::PrevInstrPointer | InstrKind::InstrPointer => instr.wrapping_sub(bytecode) as i64,
         }
     }
 
@@ -101,10 +106,15 @@ impl CodeResolver {
             return None;
         }
         let table = m.read_u64(address + l.code_linetable).ok()?;
+        let first_traceable = match l.code_firsttraceable {
+            Some(offset) => i64::from(m.read_u32(address + offset).ok()? as i32) * 2,
+            None => 0,
+        };
         Some(Code {
             filename: self.read_str(filename)?,
             firstlineno: firstlineno as i32,
             linetable: self.read_bytes(table)?,
+            first_traceable,
         })
     }
 

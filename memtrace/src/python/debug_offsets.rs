@@ -21,9 +21,11 @@ pub const LEN: usize = 584;
 const VERSION: usize = 8;
 const FREE_THREADED: usize = 16;
 const RUNTIME_INTERPRETERS_HEAD: usize = 40;
+const INTERP_THREADS_HEAD: usize = 72;
 const INTERP_CEVAL_GIL: usize = 112;
 const INTERP_GIL_RUNTIME_STATE: usize = 120;
 const INTERP_GIL_RUNTIME_STATE_HOLDER: usize = 144;
+const TSTATE_NEXT: usize = 168;
 const TSTATE_CURRENT_FRAME: usize = 184;
 const TSTATE_THREAD_ID: usize = 192;
 const FRAME_PREVIOUS: usize = 232;
@@ -116,6 +118,8 @@ pub fn parse(bytes: &[u8]) -> Result<Layout, Error> {
         version,
         tstate_chain: Chain::new(&[main, at(INTERP_CEVAL_GIL), holder_in_gil]),
         tstate_thread_id: at(TSTATE_THREAD_ID),
+        threads_chain: Chain::new(&[at(RUNTIME_INTERPRETERS_HEAD), at(INTERP_THREADS_HEAD)]),
+        tstate_next: at(TSTATE_NEXT),
         frame_chain: Chain::new(&[at(TSTATE_CURRENT_FRAME)]),
         frame_code: at(FRAME_EXECUTABLE),
         frame_previous: at(FRAME_PREVIOUS),
@@ -134,6 +138,10 @@ pub fn parse(bytes: &[u8]) -> Result<Layout, Error> {
         unicode_state: at(UNICODE_STATE),
         unicode_ascii_data: at(UNICODE_ASCIIOBJECT_SIZE),
         unicode_compact_data: compact_data,
+        code_firsttraceable: PY313.code_firsttraceable,
+        type_flags: PY313.type_flags,
+        gc_head_size: PY313.gc_head_size,
+        preheader_flags: PY313.preheader_flags,
     })
 }
 
@@ -150,9 +158,11 @@ mod tests {
         for (offset, value) in [
             (VERSION, 0x030d_00f0),
             (RUNTIME_INTERPRETERS_HEAD, main - MAIN_AFTER_HEAD),
+            (INTERP_THREADS_HEAD, PY313.threads_chain[1]),
             (INTERP_CEVAL_GIL, ceval_gil),
             (INTERP_GIL_RUNTIME_STATE, gil),
             (INTERP_GIL_RUNTIME_STATE_HOLDER, gil + holder),
+            (TSTATE_NEXT, PY313.tstate_next),
             (TSTATE_CURRENT_FRAME, PY313.frame_chain[0]),
             (TSTATE_THREAD_ID, PY313.tstate_thread_id),
             (FRAME_PREVIOUS, PY313.frame_previous),

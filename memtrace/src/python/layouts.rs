@@ -75,6 +75,12 @@ pub struct Layout {
     pub tstate_chain: Chain<3>,
     /// Offset of `thread_id` (pthread_self() of the owning thread) in PyThreadState.
     pub tstate_thread_id: u64,
+    /// From `&_PyRuntime` to the main interpreter's first thread state:
+    /// `interpreters.head`, then `tstate_head` (<=3.10) or `threads.head`.
+    /// The threads not holding the GIL are found along this list.
+    pub threads_chain: Chain<2>,
+    /// PyThreadState `next`.
+    pub tstate_next: u64,
     /// From the thread state to its innermost frame: `tstate->frame` (<=3.10),
     /// `tstate->cframe->current_frame` (3.11, 3.12), `tstate->current_frame` (3.13).
     pub frame_chain: Chain<2>,
@@ -113,6 +119,17 @@ pub struct Layout {
     pub unicode_ascii_data: u64,
     /// sizeof(PyCompactUnicodeObject): where compact non-ASCII data starts.
     pub unicode_compact_data: u64,
+    /// `_co_firsttraceable` (3.11+), an `int`: the code unit of RESUME.
+    /// A frame before it is still being set up (CPython's "incomplete"
+    /// frames), and tracemalloc blames its caller instead.
+    pub code_firsttraceable: Option<u64>,
+    /// PyTypeObject `tp_flags`.
+    pub type_flags: u64,
+    /// sizeof(PyGC_Head): what precedes a GC object in its memory block.
+    pub gc_head_size: u64,
+    /// Type flags whose objects carry two more words before them (managed
+    /// dict and weakref slots, 3.11+), as `_PyType_PreHeaderSize` counts.
+    pub preheader_flags: u64,
 }
 
 // `PyASCIIObject.state` bits, at the same places in 3.8-3.13 (interned:2,
@@ -125,10 +142,16 @@ pub const UNICODE_COMPACT: u32 = 1 << 5;
 /// Set when they are ASCII, and so start at `unicode_ascii_data`.
 pub const UNICODE_ASCII: u32 = 1 << 6;
 
+/// Py_TPFLAGS_MANAGED_DICT (3.11+) and Py_TPFLAGS_MANAGED_WEAKREF (3.12+).
+const MANAGED_DICT: u64 = 1 << 4;
+const MANAGED_WEAKREF: u64 = 1 << 3;
+
 pub static PY38: Layout = Layout {
     version: (3, 8),
     tstate_chain: Chain::new(&[1368]),
     tstate_thread_id: 176,
+    threads_chain: Chain::new(&[32, 8]),
+    tstate_next: 8,
     frame_chain: Chain::new(&[24]),
     frame_code: 32,
     frame_previous: 24,
@@ -147,6 +170,10 @@ pub static PY38: Layout = Layout {
     unicode_state: 32,
     unicode_ascii_data: 48,
     unicode_compact_data: 72,
+    code_firsttraceable: None,
+    type_flags: 168,
+    gc_head_size: 16,
+    preheader_flags: 0,
 };
 
 /// 3.9 moved the GC state out of `_PyRuntime`, hence the shorter first step.
@@ -154,6 +181,8 @@ pub static PY39: Layout = Layout {
     version: (3, 9),
     tstate_chain: Chain::new(&[568]),
     tstate_thread_id: 176,
+    threads_chain: Chain::new(&[32, 8]),
+    tstate_next: 8,
     frame_chain: Chain::new(&[24]),
     frame_code: 32,
     frame_previous: 24,
@@ -172,12 +201,18 @@ pub static PY39: Layout = Layout {
     unicode_state: 32,
     unicode_ascii_data: 48,
     unicode_compact_data: 72,
+    code_firsttraceable: None,
+    type_flags: 168,
+    gc_head_size: 16,
+    preheader_flags: 0,
 };
 
 pub static PY310: Layout = Layout {
     version: (3, 10),
     tstate_chain: Chain::new(&[568]),
     tstate_thread_id: 176,
+    threads_chain: Chain::new(&[32, 8]),
+    tstate_next: 8,
     frame_chain: Chain::new(&[24]),
     frame_code: 32,
     frame_previous: 24,
@@ -196,12 +231,18 @@ pub static PY310: Layout = Layout {
     unicode_state: 32,
     unicode_ascii_data: 48,
     unicode_compact_data: 72,
+    code_firsttraceable: None,
+    type_flags: 168,
+    gc_head_size: 16,
+    preheader_flags: 0,
 };
 
 pub static PY311: Layout = Layout {
     version: (3, 11),
     tstate_chain: Chain::new(&[576]),
     tstate_thread_id: 152,
+    threads_chain: Chain::new(&[40, 16]),
+    tstate_next: 8,
     frame_chain: Chain::new(&[56, 8]),
     frame_code: 32,
     frame_previous: 48,
@@ -220,6 +261,10 @@ pub static PY311: Layout = Layout {
     unicode_state: 32,
     unicode_ascii_data: 48,
     unicode_compact_data: 72,
+    code_firsttraceable: Some(168),
+    type_flags: 168,
+    gc_head_size: 16,
+    preheader_flags: MANAGED_DICT,
 };
 
 /// 3.12 keeps the current thread state in a thread-local, not in
@@ -228,6 +273,8 @@ pub static PY312: Layout = Layout {
     version: (3, 12),
     tstate_chain: Chain::new(&[48, 384, 8]),
     tstate_thread_id: 136,
+    threads_chain: Chain::new(&[40, 72]),
+    tstate_next: 8,
     frame_chain: Chain::new(&[56, 0]),
     frame_code: 0,
     frame_previous: 8,
@@ -246,6 +293,10 @@ pub static PY312: Layout = Layout {
     unicode_state: 32,
     unicode_ascii_data: 40,
     unicode_compact_data: 56,
+    code_firsttraceable: Some(176),
+    type_flags: 168,
+    gc_head_size: 16,
+    preheader_flags: MANAGED_DICT | MANAGED_WEAKREF,
 };
 
 /// Also what `debug_offsets::parse` falls back on for what 3.13's
@@ -254,6 +305,8 @@ pub static PY313: Layout = Layout {
     version: (3, 13),
     tstate_chain: Chain::new(&[640, 16, 8]),
     tstate_thread_id: 152,
+    threads_chain: Chain::new(&[632, 7344]),
+    tstate_next: 8,
     frame_chain: Chain::new(&[72]),
     frame_code: 0,
     frame_previous: 8,
@@ -272,6 +325,10 @@ pub static PY313: Layout = Layout {
     unicode_state: 32,
     unicode_ascii_data: 40,
     unicode_compact_data: 56,
+    code_firsttraceable: Some(184),
+    type_flags: 168,
+    gc_head_size: 16,
+    preheader_flags: MANAGED_DICT | MANAGED_WEAKREF,
 };
 
 static LAYOUTS: [&Layout; 6] = [&PY38, &PY39, &PY310, &PY311, &PY312, &PY313];

@@ -91,16 +91,18 @@ fn version_of(elf: &ElfFile) -> Option<Version> {
 }
 
 /// Where `_PyRuntime` is in the target: its symbol (or the `.PyRuntime`
-/// section of stripped builds), moved by the binary's load address.
+/// section of stripped builds) moved by the binary's load bias. It may lie
+/// in .bss, which has no file offset, so the bias comes from any mapping of
+/// the file.
 fn runtime_address(target: &Target, path: &str, elf: &ElfFile) -> Option<u64> {
     let vaddr = elf.symbol("_PyRuntime").map(|s| s.vaddr).or_else(|| elf.section_address(".PyRuntime"))?;
-    let offset = elf.file_offset(vaddr)?;
-    let mapping = target
+    let bias = target
         .map
         .mappings
         .iter()
-        .find(|m| m.path == path && offset >= m.file_offset && offset < m.file_offset + (m.end - m.start))?;
-    Some(mapping.start + offset - mapping.file_offset)
+        .filter(|m| m.path == path)
+        .find_map(|m| Some(m.start.wrapping_sub(elf.vaddr_of_offset(m.file_offset)?)))?;
+    Some(vaddr.wrapping_add(bias))
 }
 
 impl Interpreter {
@@ -111,6 +113,7 @@ impl Interpreter {
             runtime: self.runtime,
             tstate_chain_len: l.tstate_chain.len() as u64,
             tstate_thread_id: l.tstate_thread_id,
+            tstate_next: l.tstate_next,
             frame_chain_len: l.frame_chain.len() as u64,
             frame_code: l.frame_code,
             frame_previous: l.frame_previous,
@@ -119,9 +122,13 @@ impl Interpreter {
             frame_owner: l.frame_owner_cstack.map_or(NO_OFFSET, |(offset, _)| offset),
             frame_owner_cstack: l.frame_owner_cstack.map_or(0, |(_, value)| value as u64),
             code_tag_fields: [l.code_firstlineno, l.code_name, l.code_filename],
+            type_flags: l.type_flags,
+            gc_head_size: l.gc_head_size,
+            preheader_flags: l.preheader_flags,
             ..PythonWalk::default()
         };
         walk.tstate_chain[..l.tstate_chain.len()].copy_from_slice(&l.tstate_chain);
+        walk.threads_chain.copy_from_slice(&l.threads_chain);
         walk.frame_chain[..l.frame_chain.len()].copy_from_slice(&l.frame_chain);
         walk
     }

@@ -42,8 +42,8 @@ impl Symbolizer {
     }
 
     /// Catches up with the live process: a fresh memory map (for libraries
-    /// loaded since) and every new Python stack resolved now, before its
-    /// code objects can be freed. Does nothing once the target is gone.
+    /// loaded since) and any Python stack not resolved yet. Does nothing once
+    /// the target is gone.
     pub fn refresh(&mut self, tracer: &Tracer) {
         if !Target::is_alive(self.pid) {
             return;
@@ -51,16 +51,23 @@ impl Symbolizer {
         if let Ok(map) = MemoryMap::read(self.pid) {
             self.map = map;
         }
+        if self.python.is_some()
+            && let Ok(ids) = collect::python_stack_ids(tracer)
+        {
+            for id in ids {
+                self.resolve_python_stack(tracer, id);
+            }
+        }
+    }
+
+    /// Reads the code objects of Python stack `id` from the target, once.
+    pub fn resolve_python_stack(&mut self, tracer: &Tracer, id: u64) {
         let Some(resolver) = &mut self.python else { return };
-        let Ok(ids) = collect::python_stack_ids(tracer) else { return };
-        for id in ids {
-            if self.python_stacks.contains_key(&id) {
-                continue;
-            }
-            if let Some(stack) = collect::python_stack(tracer, id) {
-                let frames = resolver.frames(&stack);
-                self.python_stacks.insert(id, frames);
-            }
+        if self.python_stacks.contains_key(&id) {
+            return;
+        }
+        if let Some(stack) = collect::python_stack(tracer, id) {
+            self.python_stacks.insert(id, resolver.frames(&stack));
         }
     }
 

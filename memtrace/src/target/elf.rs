@@ -60,6 +60,14 @@ impl ElfFile {
             .map(|&(start, _, offset, _)| vaddr - start + offset)
     }
 
+    /// The virtual address of the byte at file offset `offset`.
+    pub fn vaddr_of_offset(&self, offset: u64) -> Option<u64> {
+        self.segments
+            .iter()
+            .find(|&&(_, _, start, file_size)| offset >= start && offset < start + file_size)
+            .map(|&(vaddr, _, start, _)| offset - start + vaddr)
+    }
+
     /// The bytes of `symbol` as stored in the file.
     pub fn symbol_bytes(&self, symbol: Symbol) -> Result<&[u8]> {
         let offset =
@@ -96,8 +104,8 @@ mod tests {
         let libc = ElfFile::open(Path::new("/lib/x86_64-linux-gnu/libc.so.6")).unwrap();
         let malloc = libc.symbol("malloc").expect("libc has malloc");
         assert!(malloc.size > 0);
-        // libc's text is mapped at its file offset.
-        assert_eq!(libc.file_offset(malloc.vaddr), Some(malloc.vaddr));
+        let offset = libc.file_offset(malloc.vaddr).unwrap();
+        assert_eq!(libc.vaddr_of_offset(offset), Some(malloc.vaddr));
         assert!(!libc.symbol_bytes(malloc).unwrap().is_empty());
     }
 
