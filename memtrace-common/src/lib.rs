@@ -176,6 +176,14 @@ pub struct PythonFrame {
     /// Fields of the code object folded together, so a freed code object
     /// whose address is reused by another function gives another stack.
     pub code_tag: u64,
+    /// [`PythonFrame::ENTRY`] or 0.
+    pub flags: u64,
+}
+
+impl PythonFrame {
+    /// The first frame a C-level call of the eval loop ran: where native
+    /// frames go between Python frames in a mixed stack.
+    pub const ENTRY: u64 = 1;
 }
 
 /// Folds a code object's first line number and the addresses of its name
@@ -225,8 +233,12 @@ pub struct PythonWalk {
     /// Offset of the frame's owner byte, or `NO_OFFSET`.
     pub frame_owner: u64,
     /// Owner value of frames that belong to the C stack (entry shims), which
-    /// are skipped.
+    /// are skipped; the Python frame before one is an entry frame.
     pub frame_owner_cstack: u64,
+    /// Offset of the frame's `is_entry` flag byte, or `NO_OFFSET`.
+    pub frame_is_entry: u64,
+    /// Non-zero when every frame is run by its own C call of the eval loop.
+    pub every_frame_is_entry: u64,
     /// Offsets of the code object fields folded into [`PythonFrame::code_tag`]
     /// (first line number, name and file name), read as 8 bytes each.
     pub code_tag_fields: [u64; 3],
@@ -251,7 +263,34 @@ pub struct TargetConfig {
     pub native_frames: u32,
     /// Python frames per site: 0 when the target is not a supported CPython.
     pub python_frames: u32,
+    /// Non-zero to send each new site's registers and stack bytes to
+    /// userspace, which unwinds them (`--native`).
+    pub copy_stacks: u32,
+    pub _pad: u32,
     pub python: PythonWalk,
+}
+
+/// Stack bytes copied per new site for userspace unwinding, in chunks that
+/// stop at the first unreadable one (the top of the stack).
+pub const STACK_COPY_CHUNK: usize = 512;
+pub const STACK_COPY_CHUNKS: usize = 32;
+
+/// A new site's registers at the allocator's return, and the stack above
+/// them: enough for userspace to unwind through code without frame
+/// pointers using the binaries' own unwind tables.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SiteStackCopy {
+    pub site: SiteKey,
+    /// rip, rsp, rbp, rbx, r12, r13, r14, r15: the caller's, since the
+    /// callee has returned and restored them.
+    pub regs: [u64; 8],
+    /// Non-zero when rip is a return address (a return probe), zero when
+    /// it is the probed instruction itself.
+    pub rip_is_return: u64,
+    /// Bytes of `stack` that were read, from rsp up.
+    pub len: u64,
+    pub stack: [u8; STACK_COPY_CHUNK * STACK_COPY_CHUNKS],
 }
 
 /// Kernel-wide facts userspace learns from BTF before loading.
@@ -288,8 +327,11 @@ pub mod counter {
     /// Allocations by a thread that was not running Python code (no GIL):
     /// attributed to native frames only. Not a loss.
     pub const NO_PYTHON_THREAD: u32 = 9;
+    /// New sites whose stack could not be sent to userspace for unwinding
+    /// (its ring was full): they show fewer native frames.
+    pub const STACK_COPY_LOST: u32 = 10;
     /// Allocations seen, and frees matched, by layer: for coverage figures.
-    pub const ALLOCS_SEEN: u32 = 10;
+    pub const ALLOCS_SEEN: u32 = 11;
     pub const FREES_MATCHED: u32 = ALLOCS_SEEN + super::layer::COUNT as u32;
     pub const COUNT: u32 = FREES_MATCHED + super::layer::COUNT as u32;
 }
@@ -309,6 +351,7 @@ mod pod {
     unsafe impl aya::Pod for super::PythonWalk {}
     unsafe impl aya::Pod for super::TargetConfig {}
     unsafe impl aya::Pod for super::KernelConfig {}
+    unsafe impl aya::Pod for super::SiteStackCopy {}
 }
 
 #[cfg(test)]

@@ -9,9 +9,17 @@ use crate::maps::{ALLOCS, SITES, atomic_add, count};
 
 const EEXIST: i32 = 17;
 
+/// What became of an allocation.
+#[derive(PartialEq, Eq)]
+pub enum Recorded {
+    Untracked,
+    AtKnownSite,
+    AtNewSite,
+}
+
 /// Records a successful allocation of `size` bytes at `addr`, made at
-/// `site`; false when it could not be tracked.
-pub fn record_alloc(addr: u64, size: u64, site: SiteKey) -> bool {
+/// `site`.
+pub fn record_alloc(addr: u64, size: u64, site: SiteKey) -> Recorded {
     let key = AllocKey { pid: site.pid, _pad: 0, addr };
     // SAFETY: the value is copied out before the map can change it.
     if let Some(old) = unsafe { ALLOCS.get(&key) }.copied() {
@@ -20,8 +28,9 @@ pub fn record_alloc(addr: u64, size: u64, site: SiteKey) -> bool {
         count(counter::MISSED_FREE);
         site_sub(&old.site, old.size);
     }
-    if !site_add(&site, size, true) {
-        return false;
+    let added = site_add(&site, size, true);
+    if added == Recorded::Untracked {
+        return added;
     }
     let info = AllocInfo { size, timestamp_ns: unsafe { bpf_ktime_get_ns() }, site };
     if ALLOCS.insert(&key, &info, 0).is_err() {
@@ -29,10 +38,10 @@ pub fn record_alloc(addr: u64, size: u64, site: SiteKey) -> bool {
         // never be matched and they would look like leaks.
         count(counter::ALLOC_MAP_FULL);
         site_sub(&site, size);
-        return false;
+        return Recorded::Untracked;
     }
     count(counter::ALLOCS_SEEN + site.layer);
-    true
+    added
 }
 
 pub fn is_tracked(pid: u32, addr: u64) -> bool {
@@ -42,20 +51,24 @@ pub fn is_tracked(pid: u32, addr: u64) -> bool {
 
 /// Hands the live block at `addr` to the site with Python stack
 /// `python_stack` (same caller and native stack): its outstanding bytes
-/// follow it, its allocation stays counted where it was made.
-pub fn move_block(pid: u32, addr: u64, python_stack: u64) {
-    let Some(info) = ALLOCS.get_ptr_mut(&AllocKey { pid, _pad: 0, addr }) else { return };
+/// follow it, its allocation stays counted where it was made. Returns the
+/// site when it is a new one.
+pub fn move_block(pid: u32, addr: u64, python_stack: u64) -> Option<SiteKey> {
+    let info = ALLOCS.get_ptr_mut(&AllocKey { pid, _pad: 0, addr })?;
     // SAFETY: `info` points into the block's ALLOCS value.
     let info = unsafe { &mut *info };
     let old = info.site;
     if old.python_stack == python_stack {
-        return;
+        return None;
     }
     let new = SiteKey { python_stack, ..old };
-    if site_add(&new, info.size, false) {
-        site_sub(&old, info.size);
-        info.site = new;
+    let added = site_add(&new, info.size, false);
+    if added == Recorded::Untracked {
+        return None;
     }
+    site_sub(&old, info.size);
+    info.site = new;
+    (added == Recorded::AtNewSite).then_some(new)
 }
 
 /// Forgets the allocation at `addr`, returning its record if it was known.
@@ -83,28 +96,27 @@ pub fn restore(addr: u64, info: &AllocInfo) {
 }
 
 /// Adds one block to a site's outstanding totals, and to its allocated
-/// totals when `allocated` (not when the block merely moves there); false if
-/// the site could not be stored.
-fn site_add(site: &SiteKey, size: u64, allocated: bool) -> bool {
+/// totals when `allocated` (not when the block merely moves there).
+fn site_add(site: &SiteKey, size: u64, allocated: bool) -> Recorded {
     if let Some(stats) = SITES.get_ptr_mut(site) {
         add_to(stats, size, 1, allocated);
-        return true;
+        return Recorded::AtKnownSite;
     }
     let (total_bytes, total_count) = if allocated { (size, 1) } else { (0, 0) };
     let fresh = SiteStats { outstanding_bytes: size, outstanding_count: 1, total_bytes, total_count };
     match SITES.insert(site, &fresh, BPF_NOEXIST as u64) {
-        Ok(()) => true,
+        Ok(()) => Recorded::AtNewSite,
         // Another CPU created it between our lookup and insert.
         Err(e) if e == -EEXIST => match SITES.get_ptr_mut(site) {
             Some(stats) => {
                 add_to(stats, size, 1, allocated);
-                true
+                Recorded::AtKnownSite
             }
-            None => false,
+            None => Recorded::Untracked,
         },
         Err(_) => {
             count(counter::SITE_MAP_FULL);
-            false
+            Recorded::Untracked
         }
     }
 }

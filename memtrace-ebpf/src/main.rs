@@ -24,10 +24,10 @@ use aya_ebpf::{
 use memtrace_common::{NO_ARG, PendingCall, ProbeCookie, SiteKey, counter, layer, op};
 
 use crate::{
-    accounting::{is_tracked, move_block, record_alloc, record_free, restore},
+    accounting::{Recorded, is_tracked, move_block, record_alloc, record_free, restore},
     maps::{ACTIVE, LAST_UPPER_FREE, TARGETS, count},
     python::python_stack,
-    stacks::native_stack,
+    stacks::{copy_stack, native_stack},
 };
 
 const MAP_ANONYMOUS: u64 = 0x20;
@@ -173,30 +173,32 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
     }
     pending.done = 1;
     pending.block = 0;
-    let call = *pending;
+    // Fields are read in place: copies of these map values would overflow
+    // the 512-byte BPF stack.
+    let (size, ptr) = (pending.size, pending.ptr);
 
     let ret: u64 = ctx.ret();
     let addr = match cookie.op {
         // SAFETY: reads the pointer posix_memalign stored in the caller's
         // variable; a fault reads as "no block".
-        op::POSIX_MEMALIGN if ret as u32 == 0 => unsafe { bpf_probe_read_user(call.ptr as *const u64) }.unwrap_or(0),
+        op::POSIX_MEMALIGN if ret as u32 == 0 => unsafe { bpf_probe_read_user(ptr as *const u64) }.unwrap_or(0),
         op::POSIX_MEMALIGN => 0,
         op::MMAP if ret >= MMAP_ERROR_FLOOR => 0,
         _ => ret,
     };
     if addr == 0 {
-        if cookie.op == op::REALLOC && call.size == 0 {
+        if cookie.op == op::REALLOC && size == 0 {
             return 0; // realloc(p, 0) freed p; that was recorded at entry
         }
         count(counter::FAILED_ALLOC);
-        if call.has_replaced != 0 {
-            restore(call.ptr, &call.replaced);
+        if pending.has_replaced != 0 {
+            restore(ptr, &pending.replaced);
         }
         return 0;
     }
-    // SAFETY: copied out of the map at once.
-    let Some(target) = (unsafe { TARGETS.get(&pid) }).copied() else { return 0 };
-    if call.size < target.min_size || call.size > target.max_size {
+    // SAFETY: the map value outlives this program run.
+    let Some(target) = (unsafe { TARGETS.get(&pid) }) else { return 0 };
+    if size < target.min_size || size > target.max_size {
         return 0;
     }
     // At a return probe the kernel has put the real return address back in
@@ -210,9 +212,12 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
         native_stack: if target.native_frames > 1 { native_stack(&ctx, target.native_frames) } else { 0 },
         python_stack: if target.python_frames > 0 { python_stack(&target.python, target.python_frames) } else { 0 },
     };
-    if record_alloc(addr, call.size, site) {
-        pending.block = addr;
+    match record_alloc(addr, size, site) {
+        Recorded::Untracked => return 0,
+        Recorded::AtNewSite if target.copy_stacks != 0 => copy_stack(ctx.regs, true, &site),
+        _ => {}
     }
+    pending.block = addr;
     0
 }
 
@@ -249,8 +254,8 @@ pub fn free_entry(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn new_reference(ctx: ProbeContext) -> u32 {
     let Some((pid, tid)) = traced_thread() else { return 0 };
-    // SAFETY: copied out of the map at once.
-    let Some(target) = (unsafe { TARGETS.get(&pid) }).copied() else { return 0 };
+    // SAFETY: the map value outlives this program run.
+    let Some(target) = (unsafe { TARGETS.get(&pid) }) else { return 0 };
     if target.python_frames == 0 {
         return 0;
     }
@@ -268,8 +273,11 @@ pub fn new_reference(ctx: ProbeContext) -> u32 {
         return 0; // allocated before attach, or never seen: nothing to move
     }
     let stack = python_stack(&target.python, target.python_frames);
-    if stack != 0 {
-        move_block(pid, block, stack);
+    if stack != 0
+        && let Some(site) = move_block(pid, block, stack)
+        && target.copy_stacks != 0
+    {
+        copy_stack(ctx.regs, false, &site);
     }
     0
 }

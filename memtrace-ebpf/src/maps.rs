@@ -43,6 +43,10 @@ pub static PYTHON_STACKS: HashMap<u64, PythonStack> = HashMap::with_max_entries(
 #[map]
 pub static NEW_PYTHON_STACKS: RingBuf = RingBuf::with_byte_size(1 << 16, 0);
 
+/// Each new site's registers and stack bytes, with `--native`.
+#[map]
+pub static SITE_STACKS: RingBuf = RingBuf::with_byte_size(1 << 21, 0);
+
 /// Loss and coverage counters, see `memtrace_common::counter`.
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);

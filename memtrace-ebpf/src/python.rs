@@ -114,7 +114,6 @@ pub struct WalkState {
     walk: PythonWalk,
     frame: u64,
     max_frames: u64,
-    hash: u64,
     stack: PythonStack,
 }
 
@@ -137,7 +136,6 @@ pub fn python_stack(walk: &PythonWalk, max_frames: u32) -> u64 {
     state.walk = *walk;
     state.frame = frame;
     state.max_frames = (max_frames as u64).min(MAX_PYTHON_FRAMES as u64);
-    state.hash = 0;
     state.stack.len = 0;
     state.stack.truncated = 0;
     // The frame loop runs under bpf_loop so that the verifier checks one step
@@ -146,10 +144,20 @@ pub fn python_stack(walk: &PythonWalk, max_frames: u32) -> u64 {
     // room for skipped C-stack shim frames between the kept ones.
     // SAFETY: walk_step has the callback signature bpf_loop expects.
     unsafe { bpf_loop(2 * MAX_PYTHON_FRAMES as u32, walk_step as *mut core::ffi::c_void, core::ptr::null_mut(), 0) };
-    if state.stack.len == 0 {
+    let len = state.stack.len as usize;
+    if len == 0 {
         return 0;
     }
-    let interned = intern(&PYTHON_STACKS, mix(state.hash, state.stack.truncated as u64), &state.stack);
+    // Hashed once complete: a shim frame marks the frame before it.
+    let mut hash = state.stack.truncated as u64;
+    for i in 0..MAX_PYTHON_FRAMES {
+        if i >= len {
+            break;
+        }
+        let f = &state.stack.frames[i];
+        hash = mix(mix(mix(mix(hash, f.code), f.instr), f.code_tag), f.flags);
+    }
+    let interned = intern(&PYTHON_STACKS, hash, &state.stack);
     if interned.new {
         // Userspace must read the stack's code objects before they can be
         // freed (a module body's code dies as soon as it has run). If the
@@ -179,16 +187,32 @@ extern "C" fn walk_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
     state.frame = next;
     if walk.frame_owner != NO_OFFSET {
         match read::<u8>(frame + walk.frame_owner) {
-            Ok(owner) if owner as u64 == walk.frame_owner_cstack => return 0,
+            Ok(owner) if owner as u64 == walk.frame_owner_cstack => {
+                // The eval loop pushed this shim when C code called it: the
+                // Python frame just kept was the first that call ran.
+                if len > 0 {
+                    // Masked as well as checked: LLVM rebuilds the address
+                    // from `len`, and the verifier must see a bounded index.
+                    let previous = (len - 1) & (MAX_PYTHON_FRAMES - 1);
+                    if let Some(previous) = state.stack.frames.get_mut(previous) {
+                        previous.flags |= PythonFrame::ENTRY;
+                    }
+                }
+                return 0;
+            }
             Ok(_) => {}
             Err(()) => return 1,
         }
     }
-    let Some(f) = read_frame(walk, frame) else { return 1 };
+    let Some(mut f) = read_frame(walk, frame) else { return 1 };
+    let entry = walk.every_frame_is_entry != 0
+        || (walk.frame_is_entry != NO_OFFSET && read::<u8>(frame + walk.frame_is_entry).is_ok_and(|e| e != 0));
+    if entry {
+        f.flags = PythonFrame::ENTRY;
+    }
     let Some(slot) = state.stack.frames.get_mut(len) else { return 1 };
     *slot = f;
     state.stack.len += 1;
-    state.hash = mix(mix(mix(state.hash, f.code), f.instr), f.code_tag);
     0
 }
 
@@ -217,5 +241,5 @@ fn read_frame(walk: &PythonWalk, frame: u64) -> Option<PythonFrame> {
     let instr = read::<u64>(frame + walk.frame_instr).ok()? & walk.frame_instr_mask;
     let [line, name, file] = walk.code_tag_fields;
     let tag = code_tag(read::<u32>(code + line).ok()?, read::<u64>(code + name).ok()?, read::<u64>(code + file).ok()?);
-    Some(PythonFrame { code, instr, code_tag: tag })
+    Some(PythonFrame { code, instr, code_tag: tag, flags: 0 })
 }

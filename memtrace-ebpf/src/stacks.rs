@@ -4,10 +4,14 @@
 //! stacks that way), a 64-bit content hash only fails when the map is full,
 //! and that failure is counted.
 
-use aya_ebpf::{EbpfContext, bindings::BPF_F_USER_STACK, bindings::BPF_NOEXIST, helpers::generated::bpf_get_stack};
-use memtrace_common::{MAX_NATIVE_FRAMES, counter};
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_F_USER_STACK, BPF_NOEXIST, pt_regs},
+    helpers::{bpf_probe_read_user_buf, generated::bpf_get_stack},
+};
+use memtrace_common::{MAX_NATIVE_FRAMES, STACK_COPY_CHUNK, STACK_COPY_CHUNKS, SiteKey, SiteStackCopy, counter};
 
-use crate::maps::{NATIVE_SCRATCH, NATIVE_STACKS, count};
+use crate::maps::{NATIVE_SCRATCH, NATIVE_STACKS, SITE_STACKS, count};
 
 const EEXIST: i32 = 17;
 
@@ -67,4 +71,34 @@ pub fn native_stack<C: EbpfContext>(ctx: &C, depth: u32) -> u64 {
         hash = mix(hash, scratch.frames[i]);
     }
     intern(&NATIVE_STACKS, hash, scratch).id
+}
+
+/// Sends a probe's registers and the stack above them to userspace for
+/// unwinding. Read in chunks, stopping at the first one that faults: past
+/// the top of the stack, or paged out.
+pub fn copy_stack(regs: *const pt_regs, rip_is_return: bool, site: &SiteKey) {
+    let Some(mut entry) = SITE_STACKS.reserve::<SiteStackCopy>(0) else {
+        count(counter::STACK_COPY_LOST);
+        return;
+    };
+    let out = entry.as_mut_ptr();
+    // SAFETY: `out` is ring buffer memory reserved for one SiteStackCopy,
+    // written field by field before it is submitted; `regs` is the kernel's
+    // pt_regs for this probe.
+    unsafe {
+        let regs = &*regs;
+        (*out).site = *site;
+        (*out).regs = [regs.rip, regs.rsp, regs.rbp, regs.rbx, regs.r12, regs.r13, regs.r14, regs.r15];
+        (*out).rip_is_return = rip_is_return as u64;
+        let mut len = 0;
+        for i in 0..STACK_COPY_CHUNKS {
+            let Some(chunk) = (*out).stack.get_mut(i * STACK_COPY_CHUNK..(i + 1) * STACK_COPY_CHUNK) else { break };
+            if bpf_probe_read_user_buf((regs.rsp as usize + i * STACK_COPY_CHUNK) as *const u8, chunk).is_err() {
+                break;
+            }
+            len += STACK_COPY_CHUNK;
+        }
+        (*out).len = len as u64;
+    }
+    entry.submit(0);
 }

@@ -57,6 +57,12 @@ pub struct Options {
     #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=32))]
     pub frames: u32,
 
+    /// Show native frames too: the C code between and beneath the Python
+    /// frames (extension functions, libc), unwound with the binaries' own
+    /// unwind tables, like memray --native. Best with --group-by traceback.
+    #[arg(long)]
+    pub native: bool,
+
     /// Live allocations memtrace can track at once; allocations beyond it
     /// are counted as lost (alloc-map-full) in every report.
     #[arg(long, value_name = "N", default_value_t = 1 << 20, value_parser = clap::value_parser!(u32).range(1024..))]

@@ -6,7 +6,7 @@ use std::collections::HashMap as StdHashMap;
 
 use anyhow::{Context as _, Result, anyhow};
 use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
-use memtrace_common::{AllocInfo, AllocKey, NativeStack, PythonStack, SiteKey, SiteStats, counter};
+use memtrace_common::{AllocInfo, AllocKey, NativeStack, PythonStack, SiteKey, SiteStackCopy, SiteStats, counter};
 
 use crate::probes::attach::Tracer;
 
@@ -75,6 +75,25 @@ pub fn drain_stack_ids(ring: &mut RingBuf<MapData>) -> Vec<u64> {
         }
     }
     ids
+}
+
+/// The ring of new sites' stack copies (`--native`), taken out of the
+/// tracer so that the session can wait on it.
+pub fn site_stacks(tracer: &mut Tracer) -> Result<RingBuf<MapData>> {
+    let ring = tracer.ebpf.take_map("SITE_STACKS").ok_or_else(|| anyhow!("eBPF object lacks map SITE_STACKS"))?;
+    Ok(RingBuf::try_from(ring)?)
+}
+
+/// Drains `ring`, passing each stack copy to `each`.
+pub fn drain_stack_copies(ring: &mut RingBuf<MapData>, mut each: impl FnMut(&SiteStackCopy)) {
+    while let Some(item) = ring.next() {
+        if item.len() == size_of::<SiteStackCopy>() {
+            // SAFETY: the kernel wrote a whole SiteStackCopy (plain data) in
+            // this record; it may be unaligned in the ring.
+            let copy = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<SiteStackCopy>()) };
+            each(&copy);
+        }
+    }
 }
 
 /// Ids of every Python stack stored so far.

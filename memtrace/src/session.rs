@@ -89,7 +89,7 @@ pub async fn run(options: Options) -> Result<Outcome> {
     }
 
     let kernel_config = KernelConfig { task_fsbase: kernel::task_fsbase_offset()? };
-    let mut tracer = Tracer::load(kernel_config, options.max_allocs)?;
+    let mut tracer = Tracer::load(kernel_config, options.max_allocs, options.verbose)?;
     let exited = open_pidfd(pid)?;
     if let Err(e) = tracer.attach(pid, &points) {
         if !Target::is_alive(pid) {
@@ -101,8 +101,12 @@ pub async fn run(options: Options) -> Result<Outcome> {
     let config = TargetConfig {
         min_size: options.min_size,
         max_size: options.max_size,
-        native_frames: if interpreter.is_none() && wants_stacks { options.frames } else { 1 },
+        // --native unwinds each site's stack copy; without it, a native
+        // target's traceback comes from the kernel's frame-pointer walk.
+        native_frames: if interpreter.is_none() && wants_stacks && !options.native { options.frames } else { 1 },
         python_frames: if interpreter.is_some() { options.frames } else { 0 },
+        copy_stacks: u32::from(options.native),
+        _pad: 0,
         python: interpreter.map(|i| i.walk()).unwrap_or_default(),
     };
     tracer.set_target(pid, &config)?;
@@ -115,7 +119,7 @@ pub async fn run(options: Options) -> Result<Outcome> {
     );
 
     let mut session = Session {
-        symbolizer: Symbolizer::new(&target, interpreter.map(|i| i.code_resolver(pid))),
+        symbolizer: Symbolizer::new(&target, interpreter.map(|i| i.code_resolver(pid)), options.native),
         target,
         source: SourceFiles::new(pid),
         options: &options,
@@ -123,11 +127,23 @@ pub async fn run(options: Options) -> Result<Outcome> {
         sequence: 0,
         notes,
     };
-    let new_stacks = watch(collect::new_python_stacks(&mut tracer)?, "the kernel's stack ring")?;
-    let end = session.run_loop(&tracer, exited, new_stacks).await?;
+    let rings = Rings {
+        new_stacks: watch(collect::new_python_stacks(&mut tracer)?, "the kernel's stack ring")?,
+        site_stacks: watch(collect::site_stacks(&mut tracer)?, "the kernel's stack copy ring")?,
+    };
+    let end = session.run_loop(&tracer, exited, rings).await?;
     let counters = collect::counters(&tracer)?;
     let untracked = counters.get(counter::ALLOC_MAP_FULL) + counters.get(counter::SITE_MAP_FULL);
     Ok(Outcome { pid, end, untracked })
+}
+
+/// The kernel's announcements, drained as they come so that what they name
+/// is read while the target still has it.
+struct Rings {
+    /// Ids of new Python stacks.
+    new_stacks: AsyncFd<RingBuf<MapData>>,
+    /// Stack copies of new sites (`--native`).
+    site_stacks: AsyncFd<RingBuf<MapData>>,
 }
 
 struct Session<'a> {
@@ -141,12 +157,7 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
-    async fn run_loop(
-        &mut self,
-        tracer: &Tracer,
-        exited: AsyncFd<OwnedFd>,
-        mut new_stacks: AsyncFd<RingBuf<MapData>>,
-    ) -> Result<End> {
+    async fn run_loop(&mut self, tracer: &Tracer, exited: AsyncFd<OwnedFd>, mut rings: Rings) -> Result<End> {
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
         let start = Instant::now();
@@ -171,11 +182,16 @@ impl Session<'_> {
                     }
                     self.report(tracer, false)?;
                 }
-                ready = new_stacks.readable_mut() => {
+                ready = rings.new_stacks.readable_mut() => {
                     let mut guard = ready?;
                     for id in collect::drain_stack_ids(guard.get_inner_mut()) {
                         self.symbolizer.resolve_python_stack(tracer, id);
                     }
+                    guard.clear_ready();
+                }
+                ready = rings.site_stacks.readable_mut() => {
+                    let mut guard = ready?;
+                    collect::drain_stack_copies(guard.get_inner_mut(), |copy| self.symbolizer.unwind_site(copy));
                     guard.clear_ready();
                 }
                 _ = sweep.tick() => self.symbolizer.refresh(tracer),
@@ -254,6 +270,7 @@ fn counter_fields(c: &collect::Counters) -> Vec<(&'static str, u64)> {
         ("lost:stack-map-full", c.get(counter::STACK_MAP_FULL)),
         ("lost:stack-failed", c.get(counter::STACK_FAILED)),
         ("lost:python-read-faults", c.get(counter::PYTHON_READ_FAULT)),
+        ("lost:native-stack-copies", c.get(counter::STACK_COPY_LOST)),
         ("python-stacks-truncated", c.get(counter::PYTHON_TRUNCATED)),
         ("unknown-frees", c.get(counter::UNKNOWN_FREE)),
         ("missed-frees", c.get(counter::MISSED_FREE)),

@@ -18,7 +18,7 @@ use std::{
     process::Command,
 };
 
-use layouts::{Layout, layout_for};
+use layouts::{EvalEntry, Layout, layout_for};
 
 const PYENV: &str = "/root/.pyenv/versions";
 /// Each supported minor version with the pyenv build whose DWARF the table was taken from.
@@ -147,6 +147,11 @@ fn dwarf_checks(layout: &Layout) -> Vec<(String, u64, String)> {
         None => assert!(minor <= 11, "3.{minor} has shim frames"),
     }
 
+    match (minor, layout.eval_entry) {
+        (..=10, EvalEntry::EveryFrame) | (12.., EvalEntry::BeforeShim) => {}
+        (11, EvalEntry::Flag(is_entry)) => check("eval_entry", is_entry, offset(frame, "is_entry")),
+        (_, rule) => panic!("3.{minor} cannot use {rule:?}"),
+    }
     check("code_filename", layout.code_filename, offset("PyCodeObject", "co_filename"));
     check("code_name", layout.code_name, offset("PyCodeObject", "co_name"));
     match layout.code_qualname {

@@ -5,12 +5,12 @@
 
 use std::num::NonZeroU32;
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData},
     programs::{
-        UProbe,
+        ProgramError, UProbe,
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
     },
 };
@@ -24,8 +24,9 @@ pub struct Tracer {
 
 impl Tracer {
     /// Loads and verifies the BPF programs. `max_allocs` sizes the map of
-    /// live allocations.
-    pub fn load(kernel: KernelConfig, max_allocs: u32) -> Result<Self> {
+    /// live allocations. A program the verifier rejects is one line; its
+    /// log, pages long, is printed only when `verbose`.
+    pub fn load(kernel: KernelConfig, max_allocs: u32, verbose: bool) -> Result<Self> {
         let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memtrace"));
         let mut ebpf = EbpfLoader::new()
             .override_global("KERNEL_CONFIG", &kernel, true)
@@ -36,7 +37,16 @@ impl Tracer {
             let name = program.name();
             let probe: &mut UProbe =
                 ebpf.program_mut(name).ok_or_else(|| anyhow!("eBPF object lacks program {name}"))?.try_into()?;
-            probe.load().with_context(|| format!("the kernel rejected eBPF program {name}"))?;
+            match probe.load() {
+                Ok(()) => {}
+                Err(ProgramError::LoadError { io_error, verifier_log }) => {
+                    if verbose {
+                        eprintln!("memtrace: verifier log of {name}:\n{verifier_log}");
+                    }
+                    bail!("the kernel rejected eBPF program {name}: {io_error} (--verbose prints the verifier log)");
+                }
+                Err(e) => return Err(e).with_context(|| format!("cannot load eBPF program {name}")),
+            }
         }
         Ok(Self { ebpf })
     }

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use memtrace_common::{PythonStack, code_tag};
+use memtrace_common::{PythonFrame, PythonStack, code_tag};
 
 use super::{
     layouts::{InstrKind, Layout, UNICODE_ASCII, UNICODE_COMPACT, UNICODE_KIND_MASK, UNICODE_KIND_SHIFT},
@@ -38,6 +38,15 @@ pub struct CodeResolver {
     codes: HashMap<(u64, u64), Option<Code>>,
 }
 
+/// A resolved Python frame: None for one still being set up (before its
+/// RESUME), which CPython's own tracebacks and tracemalloc leave out; and
+/// whether it is the first frame its C call of the eval loop ran.
+#[derive(Clone, Debug)]
+pub struct ResolvedFrame {
+    pub frame: Option<Frame>,
+    pub entry: bool,
+}
+
 /// Shown for a frame whose code object was gone before it could be read.
 pub const UNREADABLE_CODE: &str = "<code object freed before it could be read>";
 
@@ -51,28 +60,27 @@ impl CodeResolver {
         }
     }
 
-    /// The stack's frames, innermost first. Frames still being set up
-    /// (before their RESUME) are left out, as CPython's own tracebacks and
-    /// tracemalloc leave them out: an allocation there is their caller's.
-    pub fn frames(&mut self, stack: &PythonStack) -> Vec<Frame> {
+    /// The stack's frames, innermost first.
+    pub fn frames(&mut self, stack: &PythonStack) -> Vec<ResolvedFrame> {
         let len = (stack.len as usize).min(stack.frames.len());
         let format = self.format;
         let mut frames = Vec::with_capacity(len);
         for f in &stack.frames[..len] {
             let offset = self.byte_offset(f.code, f.instr);
+            let entry = f.flags & PythonFrame::ENTRY != 0;
             let frame = match self.code(f.code, f.code_tag) {
-                Some(code) if offset < code.first_traceable => continue,
-                Some(code) => Frame {
+                Some(code) if offset < code.first_traceable => None,
+                Some(code) => Some(Frame {
                     filename: code.filename.clone(),
                     lineno: format
                         .and_then(|fmt| {
                             linetable::line_for_offset(fmt, code.firstlineno, &code.linetable, offset.max(0) as u32)
                         })
                         .map_or(0, |l| l.max(0) as u32),
-                },
-                None => Frame { filename: UNREADABLE_CODE.to_owned(), lineno: 0 },
+                }),
+                None => Some(Frame { filename: UNREADABLE_CODE.to_owned(), lineno: 0 }),
             };
-            frames.push(frame);
+            frames.push(ResolvedFrame { frame, entry });
         }
         frames
     }

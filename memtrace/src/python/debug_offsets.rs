@@ -126,6 +126,7 @@ pub fn parse(bytes: &[u8]) -> Result<Layout, Error> {
         frame_instr: at(FRAME_INSTR_PTR),
         instr_kind: PY313.instr_kind,
         frame_owner_cstack: PY313.frame_owner_cstack.map(|(_, cstack)| (at(FRAME_OWNER), cstack)),
+        eval_entry: PY313.eval_entry,
         code_filename: at(CODE_FILENAME),
         code_name: at(CODE_NAME),
         code_qualname: Some(at(CODE_QUALNAME)),

@@ -64,6 +64,18 @@ impl<const N: usize> std::ops::Deref for Chain<N> {
     }
 }
 
+/// Which Python frames one C-level call of the eval loop runs: where
+/// native frames go between Python frames in a mixed (`--native`) stack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EvalEntry {
+    /// Each frame has its own C call (<=3.10).
+    EveryFrame,
+    /// The `is_entry` byte at this offset marks a call's first frame (3.11).
+    Flag(u64),
+    /// A call's first frame is the one before a C-stack shim frame (3.12+).
+    BeforeShim,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout {
     pub version: (u8, u8),
@@ -94,6 +106,7 @@ pub struct Layout {
     /// (offset of the `owner` byte, value meaning FRAME_OWNED_BY_CSTACK) when
     /// the version has C-stack shim frames (3.12+), which are not Python code.
     pub frame_owner_cstack: Option<(u64, u8)>,
+    pub eval_entry: EvalEntry,
     pub code_filename: u64,
     pub code_name: u64,
     /// `co_qualname`, 3.11+.
@@ -158,6 +171,7 @@ pub static PY38: Layout = Layout {
     frame_instr: 104,
     instr_kind: InstrKind::LastiBytes,
     frame_owner_cstack: None,
+    eval_entry: EvalEntry::EveryFrame,
     code_filename: 104,
     code_name: 112,
     code_qualname: None,
@@ -189,6 +203,7 @@ pub static PY39: Layout = Layout {
     frame_instr: 104,
     instr_kind: InstrKind::LastiBytes,
     frame_owner_cstack: None,
+    eval_entry: EvalEntry::EveryFrame,
     code_filename: 104,
     code_name: 112,
     code_qualname: None,
@@ -219,6 +234,7 @@ pub static PY310: Layout = Layout {
     frame_instr: 96,
     instr_kind: InstrKind::LastiCodeUnits,
     frame_owner_cstack: None,
+    eval_entry: EvalEntry::EveryFrame,
     code_filename: 104,
     code_name: 112,
     code_qualname: None,
@@ -249,6 +265,7 @@ pub static PY311: Layout = Layout {
     frame_instr: 56,
     instr_kind: InstrKind::PrevInstrPointer,
     frame_owner_cstack: None,
+    eval_entry: EvalEntry::Flag(68),
     code_filename: 112,
     code_name: 120,
     code_qualname: Some(128),
@@ -281,6 +298,7 @@ pub static PY312: Layout = Layout {
     frame_instr: 56,
     instr_kind: InstrKind::PrevInstrPointer,
     frame_owner_cstack: Some((70, 3)),
+    eval_entry: EvalEntry::BeforeShim,
     code_filename: 112,
     code_name: 120,
     code_qualname: Some(128),
@@ -313,6 +331,7 @@ pub static PY313: Layout = Layout {
     frame_instr: 56,
     instr_kind: InstrKind::InstrPointer,
     frame_owner_cstack: Some((70, 3)),
+    eval_entry: EvalEntry::BeforeShim,
     code_filename: 112,
     code_name: 120,
     code_qualname: Some(128),

@@ -13,7 +13,10 @@ pub mod version;
 use anyhow::Result;
 use memtrace_common::{NO_OFFSET, PythonWalk};
 
-use self::{layouts::Layout, version::Version};
+use self::{
+    layouts::{EvalEntry, Layout},
+    version::Version,
+};
 use crate::target::{Target, elf::ElfFile, maps::host_path, memory::ProcessMemory};
 
 pub struct Interpreter {
@@ -121,6 +124,11 @@ impl Interpreter {
             frame_instr_mask: l.instr_kind.mask(),
             frame_owner: l.frame_owner_cstack.map_or(NO_OFFSET, |(offset, _)| offset),
             frame_owner_cstack: l.frame_owner_cstack.map_or(0, |(_, value)| value as u64),
+            frame_is_entry: match l.eval_entry {
+                EvalEntry::Flag(offset) => offset,
+                EvalEntry::EveryFrame | EvalEntry::BeforeShim => NO_OFFSET,
+            },
+            every_frame_is_entry: u64::from(l.eval_entry == EvalEntry::EveryFrame),
             code_tag_fields: [l.code_firstlineno, l.code_name, l.code_filename],
             type_flags: l.type_flags,
             gc_head_size: l.gc_head_size,

@@ -1,42 +1,60 @@
 //! Turns kernel site keys into tracebacks a report can print: Python frames
-//! when the allocation was made by Python code, native frames otherwise.
-//! Native frames resolve from files and a saved memory map, so they work
-//! after the target exits; Python frames must be read from the live
-//! process, so `refresh` resolves new Python stacks as soon as they appear.
+//! when the allocation was made by Python code, native frames otherwise, and
+//! with `--native` both, merged the way the stack really nests. Native frames
+//! resolve from files and a saved memory map, so they work after the target
+//! exits; Python frames and stack copies must be read while the process
+//! lives, so they are resolved as soon as the kernel announces them.
 
 pub mod native;
+pub mod unwind;
 
 use std::collections::HashMap;
 
-use memtrace_common::SiteKey;
+use memtrace_common::{SiteKey, SiteStackCopy};
 
-use self::native::NativeSymbolizer;
+use self::{native::NativeSymbolizer, unwind::Unwinder};
 use crate::{
     collect,
     probes::attach::Tracer,
-    python::code::CodeResolver,
+    python::code::{CodeResolver, ResolvedFrame},
     snapshot::{Frame, Traceback},
-    target::{Target, maps::MemoryMap},
+    target::{
+        Target,
+        maps::{MemoryMap, root_prefix},
+    },
 };
+
+/// The C function that runs Python frames: in a mixed stack each of its
+/// native frames stands for the Python frames it was running.
+const EVAL_LOOP: &str = "_PyEval_EvalFrameDefault";
 
 pub struct Symbolizer {
     pid: u32,
     map: MemoryMap,
     native: NativeSymbolizer,
+    unwinder: Unwinder,
     python: Option<CodeResolver>,
+    /// Mixed Python and native stacks (`--native`).
+    mixed: bool,
     /// Python stacks resolved while their code objects were alive.
-    python_stacks: HashMap<u64, Vec<Frame>>,
+    python_stacks: HashMap<u64, Vec<ResolvedFrame>>,
+    /// Return addresses unwound from each site's stack copy (`--native`).
+    unwound: HashMap<SiteKey, Vec<u64>>,
     tracebacks: HashMap<SiteKey, Traceback>,
 }
 
 impl Symbolizer {
-    pub fn new(target: &Target, python: Option<CodeResolver>) -> Self {
+    pub fn new(target: &Target, python: Option<CodeResolver>, mixed: bool) -> Self {
+        let root = root_prefix(target.pid);
         Self {
             pid: target.pid,
             map: target.map.clone(),
-            native: NativeSymbolizer::new(target.pid),
+            native: NativeSymbolizer::new(root.clone()),
+            unwinder: Unwinder::new(root),
             python,
+            mixed,
             python_stacks: HashMap::new(),
+            unwound: HashMap::new(),
             tracebacks: HashMap::new(),
         }
     }
@@ -71,15 +89,28 @@ impl Symbolizer {
         }
     }
 
+    /// Unwinds a new site's stack copy, while its libraries are mapped.
+    pub fn unwind_site(&mut self, copy: &SiteStackCopy) {
+        let pcs = self.unwinder.unwind(&self.map, copy);
+        self.unwound.insert(copy.site, pcs);
+    }
+
     pub fn traceback(&mut self, tracer: &Tracer, site: &SiteKey) -> Traceback {
         if let Some(traceback) = self.tracebacks.get(site) {
             return traceback.clone();
         }
-        let python = (site.python_stack != 0).then(|| self.python_stacks.get(&site.python_stack)).flatten();
+        let python = (site.python_stack != 0).then(|| self.python_stacks.get(&site.python_stack).cloned()).flatten();
         let resolved = site.python_stack == 0 || python.is_some();
+        let native = self.native_pcs(tracer, site);
         let frames = match python {
-            Some(frames) if !frames.is_empty() => frames.clone(),
-            _ => self.native_frames(tracer, site),
+            Some(python) if python.iter().any(|f| f.frame.is_some()) => {
+                if self.mixed {
+                    self.merge(&python, &native)
+                } else {
+                    python.into_iter().filter_map(|f| f.frame).collect()
+                }
+            }
+            _ => native.iter().map(|&pc| self.native.frame(&self.map, pc).frame).collect(),
         };
         let traceback = Traceback(frames);
         // A Python stack not resolved yet may still be: keep asking.
@@ -89,13 +120,43 @@ impl Symbolizer {
         traceback
     }
 
-    fn native_frames(&mut self, tracer: &Tracer, site: &SiteKey) -> Vec<Frame> {
-        let stack = (site.native_stack != 0).then(|| collect::native_stack(tracer, site.native_stack)).flatten();
-        let mut addrs = vec![site.caller];
-        if let Some(stack) = stack {
-            // The stack starts at the caller too.
-            addrs.extend(stack.frames.iter().take(stack.len as usize).skip(1));
+    /// The site's native return addresses, innermost first: unwound from
+    /// its stack copy when there is one, else the caller and whatever the
+    /// kernel's frame-pointer walk found.
+    fn native_pcs(&self, tracer: &Tracer, site: &SiteKey) -> Vec<u64> {
+        if let Some(pcs) = self.unwound.get(site) {
+            return pcs.clone();
         }
-        addrs.iter().map(|&addr| self.native.frame(&self.map, addr)).collect()
+        let mut pcs = vec![site.caller];
+        if let Some(stack) =
+            (site.native_stack != 0).then(|| collect::native_stack(tracer, site.native_stack)).flatten()
+        {
+            // The kernel's stack starts at the caller too.
+            pcs.extend(stack.frames.iter().take(stack.len as usize).skip(1));
+        }
+        pcs
+    }
+
+    /// Native frames with each eval-loop frame replaced by the Python
+    /// frames it was running: up to and including the next entry frame.
+    fn merge(&mut self, python: &[ResolvedFrame], native: &[u64]) -> Vec<Frame> {
+        let mut python = python.iter();
+        let mut frames = Vec::new();
+        for &pc in native {
+            let resolved = self.native.frame(&self.map, pc);
+            if resolved.function.as_deref().is_some_and(|f| f.starts_with(EVAL_LOOP)) {
+                for f in python.by_ref() {
+                    frames.extend(f.frame.clone());
+                    if f.entry {
+                        break;
+                    }
+                }
+            } else {
+                frames.push(resolved.frame);
+            }
+        }
+        // Frames the unwinding did not reach still belong to the stack.
+        frames.extend(python.filter_map(|f| f.frame.clone()));
+        frames
     }
 }

@@ -14,32 +14,41 @@ use crate::{snapshot::Frame, target::maps::MemoryMap};
 
 pub struct NativeSymbolizer {
     symbolizer: Symbolizer,
-    /// Where each of the target's files is reachable from here.
+    /// Prefix that makes the target's paths reachable from here.
     root: Option<String>,
-    cache: HashMap<(String, u64), Frame>,
+    cache: HashMap<(String, u64), NativeFrame>,
+}
+
+/// A native frame as reports print it, and the function it is in.
+#[derive(Clone)]
+pub struct NativeFrame {
+    pub frame: Frame,
+    pub function: Option<String>,
+}
+
+impl NativeFrame {
+    fn unnamed(filename: String) -> Self {
+        Self { frame: Frame { filename, lineno: 0 }, function: None }
+    }
 }
 
 impl NativeSymbolizer {
-    pub fn new(pid: u32) -> Self {
-        // A process in our own mount namespace sees files where we do, and
-        // plain paths keep working after it exits; others only through
-        // /proc/PID/root.
-        let same_root = std::fs::read_link(format!("/proc/{pid}/root")).is_ok_and(|p| p == std::path::Path::new("/"));
+    pub fn new(root: Option<String>) -> Self {
         Self {
             symbolizer: Symbolizer::builder().enable_code_info(true).enable_inlined_fns(false).build(),
-            root: (!same_root).then(|| format!("/proc/{pid}/root")),
+            root,
             cache: HashMap::new(),
         }
     }
 
     /// The frame of return address `addr` (the call before it is what
     /// allocated, so its line is the one to show).
-    pub fn frame(&mut self, map: &MemoryMap, addr: u64) -> Frame {
+    pub fn frame(&mut self, map: &MemoryMap, addr: u64) -> NativeFrame {
         let Some(mapping) = map.find(addr) else {
-            return Frame { filename: format!("[unknown] {addr:#x}"), lineno: 0 };
+            return NativeFrame::unnamed(format!("[unknown] {addr:#x}"));
         };
         if mapping.path.is_empty() {
-            return Frame { filename: format!("[anonymous] {addr:#x}"), lineno: 0 };
+            return NativeFrame::unnamed(format!("[anonymous] {addr:#x}"));
         }
         let offset = addr.saturating_sub(1) - mapping.start + mapping.file_offset;
         let key = (mapping.path.clone(), offset);
@@ -51,7 +60,7 @@ impl NativeSymbolizer {
         frame
     }
 
-    fn resolve(&self, path: &str, offset: u64) -> Frame {
+    fn resolve(&self, path: &str, offset: u64) -> NativeFrame {
         let module = path.rsplit('/').next().unwrap_or(path);
         let host: PathBuf = match &self.root {
             Some(root) => format!("{root}{path}").into(),
@@ -60,9 +69,9 @@ impl NativeSymbolizer {
         let source = Source::Elf(Elf::new(host));
         let symbol = match self.symbolizer.symbolize_single(&source, Input::FileOffset(offset)) {
             Ok(Symbolized::Sym(sym)) => sym,
-            _ => return Frame { filename: format!("{module}+{offset:#x}"), lineno: 0 },
+            _ => return NativeFrame::unnamed(format!("{module}+{offset:#x}")),
         };
-        match &symbol.code_info {
+        let frame = match &symbol.code_info {
             Some(info) if info.line.is_some() => {
                 let file = match &info.dir {
                     Some(dir) => dir.join(&info.file).to_string_lossy().into_owned(),
@@ -72,6 +81,7 @@ impl NativeSymbolizer {
             }
             // +1: the offset was moved back into the call instruction.
             _ => Frame { filename: format!("{}+{:#x} ({module})", symbol.name, symbol.offset + 1), lineno: 0 },
-        }
+        };
+        NativeFrame { frame, function: Some(symbol.name.into_owned()) }
     }
 }

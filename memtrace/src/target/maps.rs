@@ -82,6 +82,14 @@ pub fn host_path(pid: u32, path: &str) -> PathBuf {
     PathBuf::from(format!("/proc/{pid}/root{path}"))
 }
 
+/// What to put before the target's paths to reach its files from here
+/// after attach: nothing when it sees our filesystem (plain paths keep
+/// working after it exits), else /proc/PID/root.
+pub fn root_prefix(pid: u32) -> Option<String> {
+    let same_root = std::fs::read_link(format!("/proc/{pid}/root")).is_ok_and(|p| p == std::path::Path::new("/"));
+    (!same_root).then(|| format!("/proc/{pid}/root"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
