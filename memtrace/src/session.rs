@@ -241,7 +241,8 @@ impl Session<'_> {
                 sequence: self.sequence,
                 is_final,
                 allocated,
-                counters: counter_fields(&counters),
+                losses: losses(&counters),
+                other: other_counters(&counters),
                 notes: &self.notes,
             },
             current: &current,
@@ -262,16 +263,23 @@ fn outstanding(stats: &SiteStats) -> Stat {
     Stat { size: stats.outstanding_bytes, count: stats.outstanding_count }
 }
 
-/// Every counter a report shows, with names a user can read.
-fn counter_fields(c: &collect::Counters) -> Vec<(&'static str, u64)> {
+/// Every loss counter a report shows, with names a user can read: what the
+/// kernel side could not account.
+fn losses(c: &collect::Counters) -> Vec<(&'static str, u64)> {
     vec![
-        ("lost:alloc-map-full", c.get(counter::ALLOC_MAP_FULL)),
-        ("lost:site-map-full", c.get(counter::SITE_MAP_FULL)),
-        ("lost:stack-map-full", c.get(counter::STACK_MAP_FULL)),
-        ("lost:stack-failed", c.get(counter::STACK_FAILED)),
-        ("lost:python-read-faults", c.get(counter::PYTHON_READ_FAULT)),
-        ("lost:native-stack-copies", c.get(counter::STACK_COPY_LOST)),
-        ("python-stacks-truncated", c.get(counter::PYTHON_TRUNCATED)),
+        ("alloc-map-full", c.get(counter::ALLOC_MAP_FULL)),
+        ("site-map-full", c.get(counter::SITE_MAP_FULL)),
+        ("stack-map-full", c.get(counter::STACK_MAP_FULL)),
+        ("stack-reads", c.get(counter::STACK_FAILED)),
+        ("python-reads", c.get(counter::PYTHON_READ_FAULT)),
+        ("native-copies", c.get(counter::STACK_COPY_LOST)),
+    ]
+}
+
+/// Counters that are not losses but say how to read the report.
+fn other_counters(c: &collect::Counters) -> Vec<(&'static str, u64)> {
+    vec![
+        ("truncated-python-stacks", c.get(counter::PYTHON_TRUNCATED)),
         ("unknown-frees", c.get(counter::UNKNOWN_FREE)),
         ("missed-frees", c.get(counter::MISSED_FREE)),
         ("failed-allocs", c.get(counter::FAILED_ALLOC)),

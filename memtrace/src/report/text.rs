@@ -17,8 +17,11 @@ pub struct Header<'a> {
     pub is_final: bool,
     /// Allocated since attach, freed or not.
     pub allocated: Stat,
-    /// (name, value) of every loss and not-counted counter, in print order.
-    pub counters: Vec<(&'static str, u64)>,
+    /// (name, value) of every loss counter, in print order.
+    pub losses: Vec<(&'static str, u64)>,
+    /// (name, value) of counters that are not losses (frees of blocks
+    /// allocated before attach, allocator calls that failed, ...).
+    pub other: Vec<(&'static str, u64)>,
     /// Sentences about what the probes cannot see, printed under the header.
     pub notes: &'a [String],
 }
@@ -41,9 +44,12 @@ impl TextReport<'_> {
         let h = &self.header;
         let now = self.current.total();
         let before = self.previous.total();
+        let fields = |counters: &[(&str, u64)]| {
+            counters.iter().map(|(name, value)| format!("{name}={value}")).collect::<Vec<_>>().join(" ")
+        };
         writeln!(
             out,
-            "[{}] memtrace pid {} ({}) {}{}: outstanding {} in {} blocks ({}, {:+} blocks); allocated since attach {} in {} blocks; {}",
+            "[{}] memtrace pid {} ({}) {}{}: outstanding {} in {} blocks ({}, {:+} blocks); allocated since attach {} in {} blocks | lost: {} | {}",
             clock_time(h.time),
             h.pid,
             h.comm,
@@ -55,7 +61,8 @@ impl TextReport<'_> {
             now.count as i64 - before.count as i64,
             format_size(h.allocated.size as f64, false),
             h.allocated.count,
-            h.counters.iter().map(|(name, value)| format!("{name}={value}")).collect::<Vec<_>>().join(" "),
+            fields(&h.losses),
+            fields(&h.other),
         )?;
         for note in h.notes {
             writeln!(out, "note: {note}")?;
