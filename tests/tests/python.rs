@@ -158,6 +158,35 @@ fn closures(python: &Path) {
     ground_truth(python, "closures", ["closure-buffer", "closure-def", "closure"]);
 }
 
+/// CPython 3.8 inlines `_Py_NewReference`, so memtrace cannot see an
+/// object reborn from a free list: each closure's cell tuple, which reuses
+/// the argument tuple `bytearray(size)` just freed, stays with that call's
+/// line. Nothing is lost, it is one line up: the three lines hold what
+/// tracemalloc's hold, and the buffer line holds one tuple more per closure.
+fn closures_on_3_8(python: &Path) {
+    let truth = tracemalloc_truth(python, "closures");
+    let seen = memtrace_view(python, "closures", &[]);
+    let find = |lines: &[ReportLine], marker: &str| {
+        lines
+            .iter()
+            .find(|l| l.location == marked(marker))
+            .unwrap_or_else(|| panic!("{marker}:\n{}", seen.stdout))
+            .clone()
+    };
+    let markers = ["closure-buffer", "closure-def", "closure"];
+    let total = |lines: &[ReportLine]| markers.iter().map(|m| find(lines, m).count).sum::<u64>() as f64;
+    let (want, got) = (total(&truth.top), total(&seen.lines));
+    assert!((got - want).abs() <= 0.02 * want, "closures' lines hold {got} blocks, tracemalloc's {want}");
+    let (buffer, truth_buffer) = (find(&seen.lines, "closure-buffer"), find(&truth.top, "closure-buffer"));
+    let tuples = buffer.count as f64 - truth_buffer.count as f64;
+    assert!(
+        (tuples - 2000.0).abs() <= 0.02 * 2000.0,
+        "{tuples} cell tuples moved to the call's line:\n{}",
+        seen.stdout
+    );
+    assert_eq!(seen.lines[0].location, marked("closure-buffer"));
+}
+
 /// Pure churn keeps nothing: no line of the workload holds memory.
 fn churn(python: &Path) {
     let seen = memtrace_view(python, "churn", &[]);
@@ -242,6 +271,9 @@ fn code_reuse(python: &Path) {
 
 macro_rules! interpreter {
     ($module:ident, $python:expr) => {
+        interpreter!($module, $python, closures);
+    };
+    ($module:ident, $python:expr, $closures:ident) => {
         mod $module {
             use super::*;
 
@@ -261,8 +293,8 @@ macro_rules! interpreter {
             }
 
             #[test]
-            fn closures_match_tracemalloc() {
-                closures(&python());
+            fn closures_compared_with_tracemalloc() {
+                $closures(&python());
             }
 
             #[test]
@@ -293,7 +325,7 @@ macro_rules! interpreter {
     };
 }
 
-interpreter!(cpython_3_8, pyenv("3.8.18"));
+interpreter!(cpython_3_8, pyenv("3.8.18"), closures_on_3_8);
 interpreter!(cpython_3_9, pyenv("3.9.18"));
 interpreter!(cpython_3_10, pyenv("3.10.13"));
 interpreter!(cpython_3_11, pyenv("3.11.7"));

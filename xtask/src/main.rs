@@ -6,6 +6,9 @@
 //!                                        no --pid is given)
 //!   cargo xtask test                     set up, build, run every test
 //!   cargo xtask setup                    only install the toolchain pieces
+//!   cargo xtask bench [--repeat N]       time memtrace against untraced,
+//!                                        the kernel's floor and peers;
+//!                                        writes BENCHMARKS.md
 //!
 //! Setup is idempotent and fast once done: the nightly toolchain's rust-src
 //! (the eBPF crate builds `core` itself) and bpf-linker built against the
@@ -22,6 +25,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+mod bench;
+
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 fn main() -> ExitCode {
@@ -35,6 +40,7 @@ fn main() -> ExitCode {
         "build" => build().map(|_| ()),
         "run" => run(rest),
         "test" => test(rest),
+        "bench" => bench::run(rest),
         _ => {
             eprintln!("usage: cargo xtask <setup|build|run|test> [args]");
             return ExitCode::from(2);
