@@ -23,6 +23,14 @@ const SLEEPER: &str = r#"
 int main(void) { puts("ready"); fflush(stdout); char c; read(0, &c, 1); return 0; }
 "#;
 
+/// A program that waits, built with `flags`, running and ready.
+fn sleeper(dir: &TempDir, flags: &[&str]) -> Target {
+    let exe = compile_c(dir, "sleeper", SLEEPER, flags);
+    let mut target = Target::spawn(&mut Command::new(&exe));
+    target.expect_line("ready");
+    target
+}
+
 #[test]
 fn pid_that_does_not_exist() {
     require_root();
@@ -43,9 +51,7 @@ fn kernel_thread() {
 fn no_privileges() {
     require_root();
     let dir = TempDir::new("noprivs");
-    let exe = compile_c(&dir, "sleeper", SLEEPER, &[]);
-    let mut target = Target::spawn(&mut Command::new(&exe));
-    target.expect_line("ready");
+    let target = sleeper(&dir, &[]);
     // Run memtrace as nobody, with no capabilities.
     let result = run_memtrace(
         Command::new("setpriv")
@@ -60,9 +66,7 @@ fn no_privileges() {
 fn statically_linked_target() {
     require_root();
     let dir = TempDir::new("static");
-    let exe = compile_c(&dir, "static_sleeper", SLEEPER, &["-static"]);
-    let mut target = Target::spawn(&mut Command::new(&exe));
-    target.expect_line("ready");
+    let target = sleeper(&dir, &["-static"]);
     let result = run_memtrace(Command::new(memtrace_bin()).args(["--pid", &target.pid().to_string()]));
     assert_one_line_error(result, "no shared C library mapped (statically linked?)");
 }
@@ -81,9 +85,7 @@ fn run_with_hidden(hide: &str, pid: u32) -> (Option<i32>, String, String) {
 fn kernel_without_btf() {
     require_root();
     let dir = TempDir::new("nobtf");
-    let exe = compile_c(&dir, "sleeper", SLEEPER, &[]);
-    let mut target = Target::spawn(&mut Command::new(&exe));
-    target.expect_line("ready");
+    let target = sleeper(&dir, &[]);
     assert_one_line_error(run_with_hidden("/sys/kernel/btf", target.pid()), "this kernel has no BTF");
 }
 
@@ -91,9 +93,7 @@ fn kernel_without_btf() {
 fn kernel_without_uprobes() {
     require_root();
     let dir = TempDir::new("nouprobes");
-    let exe = compile_c(&dir, "sleeper", SLEEPER, &[]);
-    let mut target = Target::spawn(&mut Command::new(&exe));
-    target.expect_line("ready");
+    let target = sleeper(&dir, &[]);
     assert_one_line_error(
         run_with_hidden("/sys/bus/event_source/devices", target.pid()),
         "this kernel has no uprobe support",

@@ -95,6 +95,31 @@ fn build() -> Built {
     Built { _dir: dir, exe }
 }
 
+/// Starts the program and waits until it is ready.
+fn start(built: &Built) -> Target {
+    let mut target = Target::spawn(&mut Command::new(&built.exe));
+    target.expect_line("ready");
+    target
+}
+
+/// One round of the program under a memtrace started with `options`,
+/// stopped with SIGINT `hold` after the round: memtrace's stdout.
+fn traced_round(target: &mut Target, options: &[&str], hold: std::time::Duration) -> String {
+    let pid = target.pid().to_string();
+    let mut args = vec!["--pid", &pid, "--interval", "60"];
+    args.extend_from_slice(options);
+    let memtrace = Memtrace::attach(&args);
+    target.send("go");
+    target.expect_line_prefix("done ");
+    std::thread::sleep(hold);
+    memtrace.signal(libc::SIGINT);
+    let (status, stdout, stderr) = memtrace.finish();
+    assert_eq!(status.code(), Some(0), "stderr: {stderr:?}");
+    stdout
+}
+
+const NOW: std::time::Duration = std::time::Duration::ZERO;
+
 /// How a site of PROGRAM is printed: DWARF gives the file's full path.
 fn site(built: &Built, marker: &str) -> String {
     format!("{}.c:{}", built.exe.display(), line_of(PROGRAM, marker))
@@ -104,15 +129,7 @@ fn site(built: &Built, marker: &str) -> String {
 fn leaking_site_ranks_first_with_exact_numbers_and_churn_shows_nothing() {
     require_root();
     let built = build();
-    let mut target = Target::spawn(&mut Command::new(&built.exe));
-    target.expect_line("ready");
-    let pid = target.pid().to_string();
-    let memtrace = Memtrace::attach(&["--pid", &pid, "--interval", "60"]);
-    target.send("go");
-    target.expect_line_prefix("done ");
-    memtrace.signal(libc::SIGINT);
-    let (status, stdout, stderr) = memtrace.finish();
-    assert_eq!(status.code(), Some(0), "stderr: {stderr:?}");
+    let stdout = traced_round(&mut start(&built), &[], NOW);
     let (header, lines) = final_report(&stdout);
 
     let first = &lines[0];
@@ -139,8 +156,7 @@ fn target_output_is_the_same_traced_and_untraced_and_survives_memtrace() {
     require_root();
     let built = build();
     let untraced = {
-        let mut target = Target::spawn(&mut Command::new(&built.exe));
-        target.expect_line("ready");
+        let mut target = start(&built);
         let mut out = Vec::new();
         for _ in 0..3 {
             target.send("go");
@@ -150,8 +166,7 @@ fn target_output_is_the_same_traced_and_untraced_and_survives_memtrace() {
         out
     };
 
-    let mut target = Target::spawn(&mut Command::new(&built.exe));
-    target.expect_line("ready");
+    let mut target = start(&built);
     let pid = target.pid().to_string();
     let mut traced = Vec::new();
 
@@ -183,8 +198,7 @@ fn target_output_is_the_same_traced_and_untraced_and_survives_memtrace() {
 fn target_exit_ends_tracing_with_a_final_report() {
     require_root();
     let built = build();
-    let mut target = Target::spawn(&mut Command::new(&built.exe));
-    target.expect_line("ready");
+    let mut target = start(&built);
     let pid = target.pid().to_string();
     let memtrace = Memtrace::attach(&["--pid", &pid, "--interval", "60"]);
     target.send("go");
@@ -203,8 +217,7 @@ fn target_exit_ends_tracing_with_a_final_report() {
 fn count_and_duration_limit_the_session() {
     require_root();
     let built = build();
-    let mut target = Target::spawn(&mut Command::new(&built.exe));
-    target.expect_line("ready");
+    let target = start(&built);
     let pid = target.pid().to_string();
     let started = std::time::Instant::now();
     let memtrace = Memtrace::attach(&["--pid", &pid, "--interval", "0.3", "--count", "3"]);
@@ -225,24 +238,14 @@ fn count_and_duration_limit_the_session() {
 fn size_filters_and_top_limit_what_is_shown() {
     require_root();
     let built = build();
-    let mut target = Target::spawn(&mut Command::new(&built.exe));
-    target.expect_line("ready");
-    let pid = target.pid().to_string();
+    let mut target = start(&built);
     // Only the 200-byte calloc and 256-byte posix_memalign blocks fit.
-    let memtrace = Memtrace::attach(&["--pid", &pid, "--interval", "60", "--min-size", "150", "--max-size", "300"]);
-    target.send("go");
-    target.expect_line_prefix("done ");
-    memtrace.signal(libc::SIGINT);
-    let (_, stdout, _) = memtrace.finish();
+    let stdout = traced_round(&mut target, &["--min-size", "150", "--max-size", "300"], NOW);
     let (_, lines) = final_report(&stdout);
     let locations: Vec<&str> = lines.iter().map(|l| l.location.as_str()).collect();
     assert_eq!(locations, [site(&built, "MEMALIGN"), site(&built, "CALLOC")], "{stdout}");
 
-    let memtrace = Memtrace::attach(&["--pid", &pid, "--interval", "60", "--top", "1"]);
-    target.send("go");
-    target.expect_line_prefix("done ");
-    memtrace.signal(libc::SIGINT);
-    let (_, stdout, _) = memtrace.finish();
+    let stdout = traced_round(&mut target, &["--top", "1"], NOW);
     let (_, lines) = final_report(&stdout);
     assert_eq!(lines.len(), 1);
     assert_eq!(lines[0].location, site(&built, "LEAK"));
@@ -252,24 +255,13 @@ fn size_filters_and_top_limit_what_is_shown() {
 fn older_than_hides_young_blocks() {
     require_root();
     let built = build();
-    let mut target = Target::spawn(&mut Command::new(&built.exe));
-    target.expect_line("ready");
-    let pid = target.pid().to_string();
-    let memtrace = Memtrace::attach(&["--pid", &pid, "--interval", "60", "--older-than", "1500"]);
-    target.send("go");
-    target.expect_line_prefix("done ");
+    let mut target = start(&built);
     // Nothing is 1.5 s old yet: the report is empty.
-    memtrace.signal(libc::SIGINT);
-    let (_, stdout, _) = memtrace.finish();
+    let stdout = traced_round(&mut target, &["--older-than", "1500"], NOW);
     let (_, lines) = final_report(&stdout);
     assert!(lines.is_empty(), "{stdout}");
 
-    let memtrace = Memtrace::attach(&["--pid", &pid, "--interval", "60", "--older-than", "300"]);
-    target.send("go");
-    target.expect_line_prefix("done ");
-    std::thread::sleep(std::time::Duration::from_millis(600));
-    memtrace.signal(libc::SIGINT);
-    let (_, stdout, _) = memtrace.finish();
+    let stdout = traced_round(&mut target, &["--older-than", "300"], std::time::Duration::from_millis(600));
     let (_, lines) = final_report(&stdout);
     assert_eq!(lines[0].location, site(&built, "LEAK"));
     assert_eq!(lines[0].count, 10_000);
@@ -285,14 +277,7 @@ fn native_unwinds_code_without_frame_pointers() {
     // Later flags win: optimised, no frame pointers.
     let exe = compile_c(&dir, "alloc_patterns", PROGRAM, &["-O1", "-fomit-frame-pointer"]);
     let built = Built { _dir: dir, exe };
-    let mut target = Target::spawn(&mut Command::new(&built.exe));
-    target.expect_line("ready");
-    let pid = target.pid().to_string();
-    let memtrace = Memtrace::attach(&["--pid", &pid, "--interval", "60", "--native", "--group-by", "traceback"]);
-    target.send("go");
-    target.expect_line_prefix("done ");
-    memtrace.signal(libc::SIGINT);
-    let (_, stdout, _) = memtrace.finish();
+    let stdout = traced_round(&mut start(&built), &["--native", "--group-by", "traceback"], NOW);
     let (_, lines) = final_report(&stdout);
     assert_eq!((lines[0].count, lines[0].size.as_str()), (10_000, "977 KiB"), "{stdout}");
     // The biggest offender's traceback, oldest first: main's call of leak(),
