@@ -10,6 +10,12 @@
  * which is how memtrace attaches too; memtrace's placement has already
  * checked that each offset starts an instruction.
  *
+ * bpf_attach_uprobe scopes every uprobe to the process named by
+ * BPFTRACE_SHIM_PID. bpftrace 0.17 attaches uprobes system-wide whatever
+ * -p says (it passes the pid on for USDT only): every process on the
+ * machine would take the floor's traps and add to its counts, whereas
+ * memtrace attaches for one process.
+ *
  * setrlimit(RLIMIT_MEMLOCK) succeeds without doing anything: this sandbox
  * may not raise the limit (no CAP_SYS_RESOURCE), kernels since 5.11 do not
  * charge BPF memory to it, and bpftrace would otherwise open every failure
@@ -17,7 +23,10 @@
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <stdint.h>
+#include <stdlib.h>
 #include <sys/resource.h>
+#include <sys/types.h>
 
 int bcc_elf_foreach_sym(const char *path, void *callback, void *option, void *payload)
 {
@@ -26,6 +35,17 @@ int bcc_elf_foreach_sym(const char *path, void *callback, void *option, void *pa
     (void)option;
     (void)payload;
     return 0;
+}
+
+int bpf_attach_uprobe(int progfd, int attach_type, const char *ev_name, const char *binary_path,
+                      uint64_t offset, pid_t pid, uint32_t ref_ctr_offset)
+{
+    const char *scope = getenv("BPFTRACE_SHIM_PID");
+    if (scope != NULL)
+        pid = (pid_t)atoi(scope);
+    int (*next)(int, int, const char *, const char *, uint64_t, pid_t, uint32_t) =
+        dlsym(RTLD_NEXT, "bpf_attach_uprobe");
+    return next(progfd, attach_type, ev_name, binary_path, offset, pid, ref_ctr_offset);
 }
 
 int setrlimit(__rlimit_resource_t resource, const struct rlimit *limit)

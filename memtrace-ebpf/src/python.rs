@@ -6,11 +6,12 @@
 //! no interpreter versions.
 
 use aya_ebpf::helpers::{
-    bpf_probe_read_kernel, bpf_probe_read_user,
+    bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf,
     generated::{bpf_get_current_task, bpf_loop},
 };
 use memtrace_common::{
-    KernelConfig, MAX_PYTHON_FRAMES, NO_OFFSET, PythonFrame, PythonStack, PythonWalk, code_tag, counter,
+    KernelConfig, MAX_PYTHON_FRAMES, NO_OFFSET, PythonFrame, PythonStack, PythonWalk, WINDOW_MAX, Window, code_tag,
+    counter,
 };
 
 use crate::{
@@ -115,6 +116,29 @@ pub struct WalkState {
     frame: u64,
     max_frames: u64,
     stack: PythonStack,
+    frame_bytes: [u8; WINDOW_MAX],
+    code_bytes: [u8; WINDOW_MAX],
+}
+
+/// Copies `window` of the object at `object` into `buf`.
+fn read_window(object: u64, window: &Window, buf: &mut [u8; WINDOW_MAX]) -> Result<(), ()> {
+    let len = (window.len as usize).min(WINDOW_MAX);
+    let Some(buf) = buf.get_mut(..len) else { return Err(()) };
+    // SAFETY: bpf_probe_read_user_buf copies from the target's address space
+    // and fails cleanly on an unmapped address.
+    unsafe { bpf_probe_read_user_buf((object + window.start) as *const u8, buf) }
+        .map_err(|_| count(counter::PYTHON_READ_FAULT))
+}
+
+/// `N` bytes at `at` in a window. The offset is masked as well as checked:
+/// the verifier must see the bound on the exact register used.
+fn field<const N: usize>(buf: &[u8; WINDOW_MAX], at: u64) -> Option<[u8; N]> {
+    let at = (at as usize) & (WINDOW_MAX - 1);
+    buf.get(at..at + N)?.try_into().ok()
+}
+
+fn word(buf: &[u8; WINDOW_MAX], at: u64) -> Option<u64> {
+    field::<8>(buf, at).map(u64::from_le_bytes)
 }
 
 /// Walks the current thread's Python frames, innermost first, up to
@@ -183,11 +207,15 @@ extern "C" fn walk_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
         return 1;
     }
     let walk = &state.walk;
-    let Ok(next) = read::<u64>(frame + walk.frame_previous) else { return 1 };
+    if read_window(frame, &walk.frame_window, &mut state.frame_bytes).is_err() {
+        return 1;
+    }
+    let bytes = &state.frame_bytes;
+    let Some(next) = word(bytes, walk.frame_previous) else { return 1 };
     state.frame = next;
     if walk.frame_owner != NO_OFFSET {
-        match read::<u8>(frame + walk.frame_owner) {
-            Ok(owner) if owner as u64 == walk.frame_owner_cstack => {
+        match field::<1>(bytes, walk.frame_owner) {
+            Some([owner]) if owner as u64 == walk.frame_owner_cstack => {
                 // The eval loop pushed this shim when C code called it: the
                 // Python frame just kept was the first that call ran.
                 if len > 0 {
@@ -200,16 +228,28 @@ extern "C" fn walk_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
                 }
                 return 0;
             }
-            Ok(_) => {}
-            Err(()) => return 1,
+            Some(_) => {}
+            None => return 1,
         }
     }
-    let Some(mut f) = read_frame(walk, frame) else { return 1 };
+    let (Some(code), Some(instr)) = (word(bytes, walk.frame_code), word(bytes, walk.frame_instr)) else { return 1 };
     let entry = walk.every_frame_is_entry != 0
-        || (walk.frame_is_entry != NO_OFFSET && read::<u8>(frame + walk.frame_is_entry).is_ok_and(|e| e != 0));
-    if entry {
-        f.flags = PythonFrame::ENTRY;
+        || (walk.frame_is_entry != NO_OFFSET && field::<1>(bytes, walk.frame_is_entry).is_some_and(|[e]| e != 0));
+    if read_window(code, &walk.code_window, &mut state.code_bytes).is_err() {
+        return 1;
     }
+    let [line, name, file] = walk.code_tag_fields;
+    let tag = match (field::<4>(&state.code_bytes, line), word(&state.code_bytes, name), word(&state.code_bytes, file))
+    {
+        (Some(line), Some(name), Some(file)) => code_tag(u32::from_le_bytes(line), name, file),
+        _ => return 1,
+    };
+    let f = PythonFrame {
+        code,
+        instr: instr & walk.frame_instr_mask,
+        code_tag: tag,
+        flags: if entry { PythonFrame::ENTRY } else { 0 },
+    };
     let Some(slot) = state.stack.frames.get_mut(len) else { return 1 };
     *slot = f;
     state.stack.len += 1;
@@ -234,12 +274,4 @@ pub fn object_block(walk: &PythonWalk, object: u64) -> Option<u64> {
         before += 16;
     }
     Some(object - before)
-}
-
-fn read_frame(walk: &PythonWalk, frame: u64) -> Option<PythonFrame> {
-    let code = read::<u64>(frame + walk.frame_code).ok()?;
-    let instr = read::<u64>(frame + walk.frame_instr).ok()? & walk.frame_instr_mask;
-    let [line, name, file] = walk.code_tag_fields;
-    let tag = code_tag(read::<u32>(code + line).ok()?, read::<u64>(code + name).ok()?, read::<u64>(code + file).ok()?);
-    Some(PythonFrame { code, instr, code_tag: tag, flags: 0 })
 }

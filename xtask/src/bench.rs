@@ -183,7 +183,7 @@ fn ensure_package(command: &str, package: &str) -> Result<()> {
 }
 
 /// Compiles the LD_PRELOAD shim that lets bpftrace probe at memtrace's
-/// offsets (see the source for why).
+/// offsets, for memtrace's one process (see the source for why).
 fn build_shim(source: &Path, dir: &Path) -> Result<PathBuf> {
     let shim = dir.join("bpftrace_shim.so");
     check(Command::new("gcc").args(["-shared", "-fPIC", "-O2", "-Wall", "-o"]).arg(&shim).arg(source).arg("-ldl"))
@@ -465,6 +465,7 @@ impl Bench {
             .arg(pid.to_string())
             .arg(&self.floor_program)
             .env("LD_PRELOAD", &self.shim)
+            .env("BPFTRACE_SHIM_PID", pid.to_string())
             .env(BPFTRACE_ATTACHED, "1");
         let tracer = Tracer::start(cmd, "bpftrace", |l| l.stderr && l.text == BPFTRACE_ATTACHED)?;
         let attaching = format!("Attaching {} probes...", self.floor_probes);
@@ -878,16 +879,20 @@ read fault) over its allocation count.
 memtrace's attach points, learned from `memtrace --verbose` against the \
 workload: an entry and a return probe at the start of each allocator, one \
 probe at memtrace's offset into each release function and into \
-`_Py_NewReference`, all scoped to the workload (`bpftrace -p PID`). It is \
-what the kernel charges for the probes alone, before memtrace's programs \
-do any work. bpftrace runs with an LD_PRELOAD shim (bench/bpftrace_shim.c, \
-built into target/bench/) that makes `setrlimit(RLIMIT_MEMLOCK)` return 0 \
-(this sandbox may not raise the limit; the kernel has not needed it for BPF \
-since 5.11) and hides ELF symbols from bpftrace's bcc, so that `bpftrace \
+`_Py_NewReference`, run as `bpftrace --unsafe -p PID \
+target/bench/floor.bt`. It is what the kernel charges for the probes alone, \
+before memtrace's programs do any work. bpftrace runs with an LD_PRELOAD \
+shim (bench/bpftrace_shim.c, built into target/bench/ with gcc) that does \
+three things. It hides ELF symbols from bpftrace's bcc, so that `bpftrace \
 --unsafe` takes each probe as a raw file offset: Debian's bpftrace 0.17 is \
 built without the disassembler it needs to accept a probe past a function's \
 first byte, and memtrace's placement has already checked that each offset \
-starts an instruction. The program is target/bench/floor.bt.
+starts an instruction. It passes the workload's pid to bcc's \
+`bpf_attach_uprobe`, so that the probes are scoped to the workload as \
+memtrace's are: bpftrace 0.17 attaches uprobes system-wide whatever `-p` \
+says, and the counts would then include every other process on the \
+machine. And it makes `setrlimit(RLIMIT_MEMLOCK)` return 0 (this sandbox \
+may not raise the limit; the kernel has not needed it for BPF since 5.11).
 - tracemalloc: `python -X tracemalloc=1` (one frame per trace).
 - memray: `python -m memray run --force -o target/bench/memray.bin` with and \
 without `--trace-python-allocators`, from a venv of the same interpreter \

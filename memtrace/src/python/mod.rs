@@ -11,7 +11,7 @@ pub mod linetable;
 pub mod version;
 
 use anyhow::Result;
-use memtrace_common::{NO_OFFSET, PythonWalk};
+use memtrace_common::{NO_OFFSET, PythonWalk, WINDOW_MAX, Window};
 
 use self::{
     layouts::{EvalEntry, Layout},
@@ -78,6 +78,9 @@ fn inspect(target: &Target, path: &str, elf: ElfFile) -> Detection {
             None => return unsupported("is not supported (memtrace reads CPython 3.8 to 3.13)"),
         }
     };
+    if walk_recipe(&layout, runtime).is_none() {
+        return unsupported("lays out its frames wider than memtrace reads in one copy");
+    }
     Detection::Supported(Interpreter { path: path.to_owned(), elf, version, runtime, layout })
 }
 
@@ -91,6 +94,65 @@ fn version_of(elf: &ElfFile) -> Option<Version> {
     let rodata = elf.sections(&[".rodata"]).concat();
     let text = elf.sections(&[".text"]).concat();
     Version::from_version_string(&rodata, &text)
+}
+
+/// The kernel's walk recipe for `layout`, or None when a window of fields
+/// would be wider than the kernel copies at once.
+fn walk_recipe(layout: &Layout, runtime: u64) -> Option<PythonWalk> {
+    let l = layout;
+    let owner = l.frame_owner_cstack.map(|(offset, _)| offset);
+    let is_entry = match l.eval_entry {
+        EvalEntry::Flag(offset) => Some(offset),
+        EvalEntry::EveryFrame | EvalEntry::BeforeShim => None,
+    };
+    let (frame_window, [code, previous, instr, owner, is_entry]) = window([
+        Some((l.frame_code, 8)),
+        Some((l.frame_previous, 8)),
+        Some((l.frame_instr, 8)),
+        owner.map(|o| (o, 1)),
+        is_entry.map(|o| (o, 1)),
+    ])?;
+    let (code_window, [line, name, file]) =
+        window([Some((l.code_firstlineno, 4)), Some((l.code_name, 8)), Some((l.code_filename, 8))])?;
+    let mut walk = PythonWalk {
+        runtime,
+        tstate_chain_len: l.tstate_chain.len() as u64,
+        tstate_thread_id: l.tstate_thread_id,
+        tstate_next: l.tstate_next,
+        frame_chain_len: l.frame_chain.len() as u64,
+        frame_window,
+        frame_code: code,
+        frame_previous: previous,
+        frame_instr: instr,
+        frame_instr_mask: l.instr_kind.mask(),
+        frame_owner: owner,
+        frame_owner_cstack: l.frame_owner_cstack.map_or(0, |(_, value)| value as u64),
+        frame_is_entry: is_entry,
+        every_frame_is_entry: u64::from(l.eval_entry == EvalEntry::EveryFrame),
+        code_window,
+        code_tag_fields: [line, name, file],
+        type_flags: l.type_flags,
+        gc_head_size: l.gc_head_size,
+        preheader_flags: l.preheader_flags,
+        ..PythonWalk::default()
+    };
+    walk.tstate_chain[..l.tstate_chain.len()].copy_from_slice(&l.tstate_chain);
+    walk.threads_chain.copy_from_slice(&l.threads_chain);
+    walk.frame_chain[..l.frame_chain.len()].copy_from_slice(&l.frame_chain);
+    Some(walk)
+}
+
+/// The smallest window holding every present (offset, size) field, and
+/// each field's offset within it (`NO_OFFSET` for absent ones); None when
+/// wider than the kernel copies.
+fn window<const N: usize>(fields: [Option<(u64, u64)>; N]) -> Option<(Window, [u64; N])> {
+    let present = fields.iter().flatten();
+    let start = present.clone().map(|&(offset, _)| offset).min()?;
+    let end = present.map(|&(offset, size)| offset + size).max()?;
+    if end - start > WINDOW_MAX as u64 {
+        return None;
+    }
+    Some((Window { start, len: end - start }, fields.map(|f| f.map_or(NO_OFFSET, |(offset, _)| offset - start))))
 }
 
 /// Where `_PyRuntime` is in the target: its symbol (or the `.PyRuntime`
@@ -111,37 +173,33 @@ fn runtime_address(target: &Target, path: &str, elf: &ElfFile) -> Option<u64> {
 impl Interpreter {
     /// The frame-walk recipe for the kernel side.
     pub fn walk(&self) -> PythonWalk {
-        let l = &self.layout;
-        let mut walk = PythonWalk {
-            runtime: self.runtime,
-            tstate_chain_len: l.tstate_chain.len() as u64,
-            tstate_thread_id: l.tstate_thread_id,
-            tstate_next: l.tstate_next,
-            frame_chain_len: l.frame_chain.len() as u64,
-            frame_code: l.frame_code,
-            frame_previous: l.frame_previous,
-            frame_instr: l.frame_instr,
-            frame_instr_mask: l.instr_kind.mask(),
-            frame_owner: l.frame_owner_cstack.map_or(NO_OFFSET, |(offset, _)| offset),
-            frame_owner_cstack: l.frame_owner_cstack.map_or(0, |(_, value)| value as u64),
-            frame_is_entry: match l.eval_entry {
-                EvalEntry::Flag(offset) => offset,
-                EvalEntry::EveryFrame | EvalEntry::BeforeShim => NO_OFFSET,
-            },
-            every_frame_is_entry: u64::from(l.eval_entry == EvalEntry::EveryFrame),
-            code_tag_fields: [l.code_firstlineno, l.code_name, l.code_filename],
-            type_flags: l.type_flags,
-            gc_head_size: l.gc_head_size,
-            preheader_flags: l.preheader_flags,
-            ..PythonWalk::default()
-        };
-        walk.tstate_chain[..l.tstate_chain.len()].copy_from_slice(&l.tstate_chain);
-        walk.threads_chain.copy_from_slice(&l.threads_chain);
-        walk.frame_chain[..l.frame_chain.len()].copy_from_slice(&l.frame_chain);
-        walk
+        walk_recipe(&self.layout, self.runtime).expect("checked when the interpreter was detected")
     }
 
     pub fn code_resolver(&self, pid: u32) -> code::CodeResolver {
         code::CodeResolver::new(ProcessMemory::new(pid), self.layout, self.version)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_layout_fits_the_kernels_windows() {
+        for minor in 8..=13 {
+            let layout = layouts::layout_for(3, minor).unwrap();
+            let walk = walk_recipe(layout, 0).unwrap_or_else(|| panic!("3.{minor} does not fit"));
+            // Fields land where the layout says, relative to their window.
+            assert_eq!(walk.frame_window.start + walk.frame_instr, layout.frame_instr);
+            assert_eq!(walk.code_window.start + walk.code_tag_fields[0], layout.code_firstlineno);
+        }
+    }
+
+    #[test]
+    fn windows_span_their_fields() {
+        let (w, at) = window([Some((56, 8)), None, Some((0, 8)), Some((70, 1))]).unwrap();
+        assert_eq!((w, at), (Window { start: 0, len: 71 }, [56, NO_OFFSET, 0, 70]));
+        assert!(window([Some((0, 8)), Some((200, 8))]).is_none());
     }
 }
