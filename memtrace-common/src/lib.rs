@@ -25,6 +25,29 @@ pub mod op {
     /// CPython's `_Py_NewReference(ptr)`: an object is (re)born at `ptr`,
     /// possibly in a block taken from a free list rather than an allocator.
     pub const NEW_REFERENCE: u8 = 6;
+    /// An inlined copy of pymalloc's fast path takes a block from the pool
+    /// in register `ptr`: the block is the pool's `freeblock`, its size the
+    /// pool's size class.
+    pub const POOL_POP: u8 = 7;
+    /// pymalloc's `allocate_from_new_pool`: returns the first block of a new
+    /// pool, its size the pool's size class.
+    pub const POOL_NEW: u8 = 8;
+}
+
+/// x86-64 general registers by hardware number, as cookies name them.
+pub mod reg {
+    pub const RAX: u8 = 0;
+    pub const RCX: u8 = 1;
+    pub const RDX: u8 = 2;
+    pub const RBX: u8 = 3;
+    pub const RSP: u8 = 4;
+    pub const RBP: u8 = 5;
+    pub const RSI: u8 = 6;
+    pub const RDI: u8 = 7;
+    pub const R8: u8 = 8;
+    pub const R9: u8 = 9;
+    /// Integer arguments in the SysV order.
+    pub const ARGS: [u8; 6] = [RDI, RSI, RDX, RCX, R8, R9];
 }
 
 /// Which allocator layer a probed function belongs to. A site's layer says
@@ -36,20 +59,20 @@ pub mod layer {
     pub const COUNT: usize = 3;
 }
 
-/// Marks an argument slot the function does not have.
+/// Marks an argument or register slot the function does not have.
 pub const NO_ARG: u8 = 0xff;
 
 /// The BPF cookie of every allocator probe. One entry program, one return
 /// program and one free program serve all allocator functions: the verifier
-/// rejects reading `ctx.arg(i)` with a run-time `i`, so the programs read all
-/// six argument registers and pick the ones this cookie names.
+/// rejects reading `ctx.arg(i)` with a run-time `i`, so the programs read
+/// the registers and pick the ones this cookie names (by [`reg`] number).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProbeCookie {
     pub op: u8,
     pub layer: u8,
-    pub size_arg: u8,
-    pub count_arg: u8,
-    pub ptr_arg: u8,
+    pub size_reg: u8,
+    pub count_reg: u8,
+    pub ptr_reg: u8,
     /// Index of the function in userspace's probe plan; lets a return probe
     /// recognise the call its entry probe started.
     pub function: u8,
@@ -59,9 +82,9 @@ impl ProbeCookie {
     pub const fn to_u64(self) -> u64 {
         (self.op as u64)
             | (self.layer as u64) << 8
-            | (self.size_arg as u64) << 16
-            | (self.count_arg as u64) << 24
-            | (self.ptr_arg as u64) << 32
+            | (self.size_reg as u64) << 16
+            | (self.count_reg as u64) << 24
+            | (self.ptr_reg as u64) << 32
             | (self.function as u64) << 40
     }
 
@@ -69,9 +92,9 @@ impl ProbeCookie {
         Self {
             op: v as u8,
             layer: (v >> 8) as u8,
-            size_arg: (v >> 16) as u8,
-            count_arg: (v >> 24) as u8,
-            ptr_arg: (v >> 32) as u8,
+            size_reg: (v >> 16) as u8,
+            count_reg: (v >> 24) as u8,
+            ptr_reg: (v >> 32) as u8,
             function: (v >> 40) as u8,
         }
     }
@@ -254,6 +277,13 @@ pub struct PythonWalk {
     pub type_flags: u64,
     pub gc_head_size: u64,
     pub preheader_flags: u64,
+    /// pymalloc's pools, for blocks taken at inlined sites: a pool is the
+    /// block's address masked by `pool_mask`, its size class index is the
+    /// u32 at `pool_szidx`, and a class holds `(index + 1) << size_class_shift`
+    /// bytes.
+    pub pool_mask: u64,
+    pub pool_szidx: u64,
+    pub size_class_shift: u64,
 }
 
 pub const NO_OFFSET: u64 = u64::MAX;
@@ -383,9 +413,9 @@ mod tests {
         let c = ProbeCookie {
             op: op::REALLOC,
             layer: layer::PYMALLOC,
-            size_arg: 2,
-            count_arg: NO_ARG,
-            ptr_arg: 1,
+            size_reg: reg::RDX,
+            count_reg: NO_ARG,
+            ptr_reg: reg::RSI,
             function: 17,
         };
         assert_eq!(ProbeCookie::from_u64(c.to_u64()), c);

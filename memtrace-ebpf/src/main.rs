@@ -17,11 +17,12 @@ mod stacks;
 
 use aya_ebpf::{
     EbpfContext,
+    bindings::pt_regs,
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_get_attach_cookie},
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use memtrace_common::{NO_ARG, PendingCall, ProbeCookie, SiteKey, counter, layer, op};
+use memtrace_common::{NO_ARG, PendingCall, ProbeCookie, SiteKey, counter, layer, op, reg};
 
 use crate::{
     accounting::{Recorded, is_tracked, move_block, record_alloc, record_free, restore},
@@ -35,41 +36,60 @@ const PROT_NONE: u64 = 0;
 /// mmap reports errors as -errno, i.e. the last page of the address space.
 const MMAP_ERROR_FLOOR: u64 = -4096i64 as u64;
 
-/// The six integer argument registers, read once with fixed indices.
-struct Args([u64; 6]);
+/// The general registers at the probe, read once with fixed offsets, by
+/// hardware number (`memtrace_common::reg`).
+struct Regs([u64; 16]);
 
-impl Args {
-    fn read(ctx: &ProbeContext) -> Self {
+impl Regs {
+    fn read(regs: *const pt_regs) -> Self {
         // Volatile: otherwise LLVM sinks the loads into `get`'s match and
         // computes a pointer into the context, which the verifier rejects
         // ("dereference of modified ctx ptr").
-        // SAFETY: the context is the kernel's pt_regs for this probe.
         let r = |field: *const u64| unsafe { core::ptr::read_volatile(field) };
-        let regs = ctx.regs;
-        // SAFETY: field projections of the context pointer, not reads.
+        // SAFETY: field projections of the kernel's pt_regs for this probe.
         unsafe {
             Self([
-                r(&raw const (*regs).rdi),
-                r(&raw const (*regs).rsi),
-                r(&raw const (*regs).rdx),
+                r(&raw const (*regs).rax),
                 r(&raw const (*regs).rcx),
+                r(&raw const (*regs).rdx),
+                r(&raw const (*regs).rbx),
+                r(&raw const (*regs).rsp),
+                r(&raw const (*regs).rbp),
+                r(&raw const (*regs).rsi),
+                r(&raw const (*regs).rdi),
                 r(&raw const (*regs).r8),
                 r(&raw const (*regs).r9),
+                r(&raw const (*regs).r10),
+                r(&raw const (*regs).r11),
+                r(&raw const (*regs).r12),
+                r(&raw const (*regs).r13),
+                r(&raw const (*regs).r14),
+                r(&raw const (*regs).r15),
             ])
         }
     }
 
     /// A match, not an index: the verifier rejects stack reads at a
     /// variable offset.
-    fn get(&self, index: u8) -> u64 {
-        let [a0, a1, a2, a3, a4, a5] = self.0;
-        match index {
-            0 => a0,
-            1 => a1,
-            2 => a2,
-            3 => a3,
-            4 => a4,
-            5 => a5,
+    fn get(&self, number: u8) -> u64 {
+        let r = &self.0;
+        match number {
+            0 => r[0],
+            1 => r[1],
+            2 => r[2],
+            3 => r[3],
+            4 => r[4],
+            5 => r[5],
+            6 => r[6],
+            7 => r[7],
+            8 => r[8],
+            9 => r[9],
+            10 => r[10],
+            11 => r[11],
+            12 => r[12],
+            13 => r[13],
+            14 => r[14],
+            15 => r[15],
             _ => 0,
         }
     }
@@ -126,20 +146,20 @@ pub fn alloc_entry(ctx: ProbeContext) -> u32 {
             return 0;
         }
     }
-    let args = Args::read(&ctx);
-    let mut size = args.get(cookie.size_arg);
-    if cookie.count_arg != NO_ARG {
-        size = saturating_mul(size, args.get(cookie.count_arg));
+    let regs = Regs::read(ctx.regs);
+    let mut size = regs.get(cookie.size_reg);
+    if cookie.count_reg != NO_ARG {
+        size = saturating_mul(size, regs.get(cookie.count_reg));
     }
     let mut call = PendingCall { size, cookie: raw, ..PendingCall::default() };
     match cookie.op {
         // File mappings are not allocations, nor are PROT_NONE reservations
         // of address space (glibc reserves 64 MiB per thread arena that
         // way, even from free(), and uncovers it bit by bit as it is used).
-        op::MMAP if args.get(3) & MAP_ANONYMOUS == 0 || args.get(2) == PROT_NONE => return 0,
-        op::POSIX_MEMALIGN => call.ptr = args.get(cookie.ptr_arg),
+        op::MMAP if regs.get(reg::ARGS[3]) & MAP_ANONYMOUS == 0 || regs.get(reg::ARGS[2]) == PROT_NONE => return 0,
+        op::POSIX_MEMALIGN => call.ptr = regs.get(cookie.ptr_reg),
         op::REALLOC => {
-            call.ptr = args.get(cookie.ptr_arg);
+            call.ptr = regs.get(cookie.ptr_reg);
             if call.ptr != 0 {
                 match record_free(pid, call.ptr) {
                     Some(old) => {
@@ -198,6 +218,8 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
     }
     // SAFETY: the map value outlives this program run.
     let Some(target) = (unsafe { TARGETS.get(&pid) }) else { return 0 };
+    let size =
+        if cookie.op == op::POOL_NEW { python::pool_block_size(&target.python, addr).unwrap_or(0) } else { size };
     if size < target.min_size || size > target.max_size {
         return 0;
     }
@@ -229,7 +251,7 @@ pub fn free_entry(ctx: ProbeContext) -> u32 {
         return 0; // released by an allocator call in progress (realloc)
     }
     let (_, cookie) = cookie(&ctx);
-    let addr = Args::read(&ctx).get(cookie.ptr_arg);
+    let addr = Regs::read(ctx.regs).get(cookie.ptr_reg);
     if addr == 0 {
         return 0;
     }
@@ -247,6 +269,53 @@ pub fn free_entry(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// An inlined copy of pymalloc's fast path is taking a block from a pool:
+/// an allocation that no function call shows.
+#[uprobe]
+pub fn pool_pop(ctx: ProbeContext) -> u32 {
+    let Some((pid, tid)) = traced_thread() else { return 0 };
+    let mut thread = ACTIVE.get_ptr_mut(&tid);
+    if let Some(call) = thread {
+        // SAFETY: this thread's own ACTIVE entry.
+        if unsafe { (*call).done } == 0 {
+            return 0; // inside an allocator call that counts itself
+        }
+    }
+    // SAFETY: the map value outlives this program run.
+    let Some(target) = (unsafe { TARGETS.get(&pid) }) else { return 0 };
+    let (_, cookie) = cookie(&ctx);
+    let pool = Regs::read(ctx.regs).get(cookie.ptr_reg);
+    let Some((block, size)) = python::pool_pop(&target.python, pool) else { return 0 };
+    if size < target.min_size || size > target.max_size {
+        return 0;
+    }
+    let site = SiteKey {
+        pid,
+        layer: cookie.layer as u32,
+        // The inlined site itself: the function that allocated.
+        // SAFETY: the context is the kernel's pt_regs for this probe.
+        caller: unsafe { (*ctx.regs).rip },
+        native_stack: 0,
+        python_stack: if target.python_frames > 0 { python_stack(&target.python, target.python_frames) } else { 0 },
+    };
+    match record_alloc(block, size, site) {
+        Recorded::Untracked => return 0,
+        Recorded::AtNewSite if target.copy_stacks != 0 => copy_stack(ctx.regs, false, &site),
+        _ => {}
+    }
+    // The thread's last allocation, for new_reference to tell fresh
+    // objects from reused ones.
+    let done = PendingCall { done: 1, block, ..PendingCall::default() };
+    match thread.take() {
+        // SAFETY: this thread's own ACTIVE entry.
+        Some(call) => unsafe { *call = done },
+        None => {
+            let _ = ACTIVE.insert(&tid, &done, 0);
+        }
+    }
+    0
+}
+
 /// `_Py_NewReference(op)`: an object is born at `op`. When its block is not
 /// the one its thread just allocated, the object was taken from one of
 /// CPython's free lists, and, as tracemalloc does, its block now belongs to
@@ -259,7 +328,7 @@ pub fn new_reference(ctx: ProbeContext) -> u32 {
     if target.python_frames == 0 {
         return 0;
     }
-    let object = Args::read(&ctx).get(0);
+    let object = Regs::read(ctx.regs).get(reg::RDI);
     let Some(block) = python::object_block(&target.python, object) else { return 0 };
     if let Some(last) = ACTIVE.get_ptr_mut(&tid) {
         // SAFETY: this thread's own ACTIVE entry.

@@ -256,6 +256,23 @@ extern "C" fn walk_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
     0
 }
 
+/// The size of the size class of the pymalloc pool holding `block`.
+pub fn pool_block_size(walk: &PythonWalk, block: u64) -> Option<u64> {
+    let index = read::<u32>((block & walk.pool_mask) + walk.pool_szidx).ok()?;
+    Some((index as u64 + 1) << walk.size_class_shift)
+}
+
+/// The block and size an inlined pymalloc fast path is taking from `pool`:
+/// the pool's `freeblock`, checked to lie in that pool.
+pub fn pool_pop(walk: &PythonWalk, pool: u64) -> Option<(u64, u64)> {
+    // pool_header: ref.count, then freeblock.
+    let block = read::<u64>(pool + 8).ok()?;
+    if block & walk.pool_mask != pool {
+        return None;
+    }
+    Some((block, pool_block_size(walk, block)?))
+}
+
 /// Unchanged since CPython 2.2.
 const PY_TPFLAGS_HAVE_GC: u64 = 1 << 14;
 

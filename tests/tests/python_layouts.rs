@@ -180,6 +180,8 @@ fn dwarf_checks(layout: &Layout) -> Vec<(String, u64, String)> {
     };
     check("preheader_flags", layout.preheader_flags, preheader.to_string());
 
+    check("pool_szidx", layout.pool_szidx, offset("struct pool_header", "szidx"));
+
     check("bytes_size", layout.bytes_size, offset("PyBytesObject", "ob_base.ob_size"));
     check("bytes_data", layout.bytes_data, offset("PyBytesObject", "ob_sval"));
     check("unicode_length", layout.unicode_length, offset("PyASCIIObject", "length"));

@@ -103,10 +103,15 @@ const WORKLOADS: [Workload; 2] = [
 
 pub fn run(args: &[String]) -> Result<()> {
     let (repeat, iterations) = parse_args(args)?;
-    let memtrace = build()?;
+    let built = build()?;
     let root = workspace_root();
     let dir = root.join("target/bench");
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    // Another build in this tree may replace target/release/memtrace while
+    // the bench runs; every run must time the same binary.
+    let memtrace = dir.join("memtrace");
+    fs::copy(&built, &memtrace).with_context(|| format!("cannot copy {} into {}", built.display(), dir.display()))?;
+    let source = source_version(&root)?;
     let python = example_python();
     let script = root.join("bench/workload.py");
     ensure_package("bpftrace", "bpftrace")?;
@@ -120,6 +125,7 @@ pub fn run(args: &[String]) -> Result<()> {
 
     let bench = Bench {
         memtrace,
+        source,
         python,
         memray_python,
         script,
@@ -169,6 +175,15 @@ fn parse_args(args: &[String]) -> Result<(u64, u64)> {
             .with_context(|| format!("{arg} needs a positive whole number; {USAGE}"))?;
     }
     Ok((repeat, iterations))
+}
+
+/// The commit the tree is at, and whether tracked files differ from it
+/// (read only: no index refresh is written).
+fn source_version(root: &Path) -> Result<String> {
+    let git = |args: &[&str]| output(Command::new("git").args(args).current_dir(root).env("GIT_OPTIONAL_LOCKS", "0"));
+    let commit = git(&["rev-parse", "--short", "HEAD"]).context("cannot tell which commit memtrace is built from")?;
+    let changes = git(&["status", "--porcelain", "--untracked-files=no"])?;
+    Ok(format!("commit {}{}", commit.trim(), if changes.trim().is_empty() { "" } else { " with uncommitted changes" }))
 }
 
 /// Installs a Debian package when its command is missing.
@@ -397,6 +412,8 @@ impl Samples {
 
 struct Bench {
     memtrace: PathBuf,
+    /// The commit memtrace was built from, and whether the tree had changes.
+    source: String,
     python: PathBuf,
     memray_python: PathBuf,
     script: PathBuf,
@@ -838,6 +855,7 @@ the bench, not this file.
 - date: {date}
 - machine: Linux {kernel}, {cpu}, {cores} cores, {memory:.1} GiB memory
 - interpreter: {interpreter} ({python})
+- memtrace: built from {source} (the binary copied to target/bench/ before the first run)
 - peers: {bpftrace}, memray {memray}
 
 Every number is the median of {repeat} run(s) of its configuration, \
@@ -909,6 +927,7 @@ emulated, which spares a second trap per hit.
         kernel = kernel.trim(),
         memory = memory_kib / (1024.0 * 1024.0),
         interpreter = interpreter.trim(),
+        source = bench.source,
         python = bench.python.display(),
         bpftrace = bpftrace.trim(),
         memray = memray.trim(),

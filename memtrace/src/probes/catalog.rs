@@ -2,7 +2,7 @@
 //! and where its arguments are. The kernel programs read this through each
 //! probe's cookie; adding an allocator is one row here.
 
-use memtrace_common::{NO_ARG, ProbeCookie, layer, op};
+use memtrace_common::{NO_ARG, ProbeCookie, layer, op, reg};
 
 #[derive(Clone, Copy, Debug)]
 pub struct AllocatorFn {
@@ -22,12 +22,14 @@ impl AllocatorFn {
     }
 
     pub fn cookie(&self, function: u8) -> ProbeCookie {
+        // The kernel reads registers; the catalog speaks of arguments.
+        let register = |arg: u8| reg::ARGS.get(arg as usize).copied().unwrap_or(NO_ARG);
         ProbeCookie {
             op: self.op,
             layer: self.layer,
-            size_arg: self.size_arg,
-            count_arg: self.count_arg,
-            ptr_arg: self.ptr_arg,
+            size_reg: register(self.size_arg),
+            count_reg: register(self.count_arg),
+            ptr_reg: register(self.ptr_arg),
             function,
         }
     }

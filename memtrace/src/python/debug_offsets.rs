@@ -143,6 +143,9 @@ pub fn parse(bytes: &[u8]) -> Result<Layout, Error> {
         type_flags: PY313.type_flags,
         gc_head_size: PY313.gc_head_size,
         preheader_flags: PY313.preheader_flags,
+        pool_size: PY313.pool_size,
+        pool_szidx: PY313.pool_szidx,
+        size_class_shift: PY313.size_class_shift,
     })
 }
 

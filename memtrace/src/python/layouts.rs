@@ -143,6 +143,12 @@ pub struct Layout {
     /// Type flags whose objects carry two more words before them (managed
     /// dict and weakref slots, 3.11+), as `_PyType_PreHeaderSize` counts.
     pub preheader_flags: u64,
+    /// pymalloc's pools (Objects/obmalloc.c): POOL_SIZE, the offset of
+    /// `szidx` in `struct pool_header`, and ALIGNMENT_SHIFT (size classes
+    /// are multiples of 16 bytes).
+    pub pool_size: u64,
+    pub pool_szidx: u64,
+    pub size_class_shift: u64,
 }
 
 // `PyASCIIObject.state` bits, at the same places in 3.8-3.13 (interned:2,
@@ -188,6 +194,9 @@ pub static PY38: Layout = Layout {
     type_flags: 168,
     gc_head_size: 16,
     preheader_flags: 0,
+    pool_size: 4096,
+    pool_szidx: 36,
+    size_class_shift: 4,
 };
 
 /// 3.9 moved the GC state out of `_PyRuntime`, hence the shorter first step.
@@ -220,6 +229,9 @@ pub static PY39: Layout = Layout {
     type_flags: 168,
     gc_head_size: 16,
     preheader_flags: 0,
+    pool_size: 4096,
+    pool_szidx: 36,
+    size_class_shift: 4,
 };
 
 pub static PY310: Layout = Layout {
@@ -251,6 +263,9 @@ pub static PY310: Layout = Layout {
     type_flags: 168,
     gc_head_size: 16,
     preheader_flags: 0,
+    pool_size: 16384,
+    pool_szidx: 36,
+    size_class_shift: 4,
 };
 
 pub static PY311: Layout = Layout {
@@ -282,6 +297,9 @@ pub static PY311: Layout = Layout {
     type_flags: 168,
     gc_head_size: 16,
     preheader_flags: MANAGED_DICT,
+    pool_size: 16384,
+    pool_szidx: 36,
+    size_class_shift: 4,
 };
 
 /// 3.12 keeps the current thread state in a thread-local, not in
@@ -315,6 +333,9 @@ pub static PY312: Layout = Layout {
     type_flags: 168,
     gc_head_size: 16,
     preheader_flags: MANAGED_DICT | MANAGED_WEAKREF,
+    pool_size: 16384,
+    pool_szidx: 36,
+    size_class_shift: 4,
 };
 
 /// Also what `debug_offsets::parse` falls back on for what 3.13's
@@ -348,6 +369,9 @@ pub static PY313: Layout = Layout {
     type_flags: 168,
     gc_head_size: 16,
     preheader_flags: MANAGED_DICT | MANAGED_WEAKREF,
+    pool_size: 16384,
+    pool_szidx: 36,
+    size_class_shift: 4,
 };
 
 static LAYOUTS: [&Layout; 6] = [&PY38, &PY39, &PY310, &PY311, &PY312, &PY313];

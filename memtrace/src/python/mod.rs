@@ -134,6 +134,9 @@ fn walk_recipe(layout: &Layout, runtime: u64) -> Option<PythonWalk> {
         type_flags: l.type_flags,
         gc_head_size: l.gc_head_size,
         preheader_flags: l.preheader_flags,
+        pool_mask: !(l.pool_size - 1),
+        pool_szidx: l.pool_szidx,
+        size_class_shift: l.size_class_shift,
         ..PythonWalk::default()
     };
     walk.tstate_chain[..l.tstate_chain.len()].copy_from_slice(&l.tstate_chain);
