@@ -362,27 +362,29 @@ pub mod counter {
     pub const STACK_MAP_FULL: u32 = 2;
     /// bpf_get_stack failures (site keeps its caller).
     pub const STACK_FAILED: u32 = 3;
-    /// Frees of addresses not allocated since attach.
-    pub const UNKNOWN_FREE: u32 = 4;
     /// Allocator calls that returned NULL: not allocations.
-    pub const FAILED_ALLOC: u32 = 5;
+    pub const FAILED_ALLOC: u32 = 4;
     /// Reads of the target's memory that faulted during a Python walk.
-    pub const PYTHON_READ_FAULT: u32 = 6;
+    pub const PYTHON_READ_FAULT: u32 = 5;
     /// Python stacks cut at the frame limit.
-    pub const PYTHON_TRUNCATED: u32 = 7;
+    pub const PYTHON_TRUNCATED: u32 = 6;
     /// An address allocated twice without a free seen in between; the first
     /// allocation is treated as freed.
-    pub const MISSED_FREE: u32 = 8;
+    pub const MISSED_FREE: u32 = 7;
     /// Allocations by a thread that was not running Python code (no GIL):
     /// attributed to native frames only. Not a loss.
-    pub const NO_PYTHON_THREAD: u32 = 9;
+    pub const NO_PYTHON_THREAD: u32 = 8;
     /// New sites whose stack could not be sent to userspace for unwinding
     /// (its ring was full): they show fewer native frames.
-    pub const STACK_COPY_LOST: u32 = 10;
-    /// Allocations seen, and frees matched, by layer: for coverage figures.
-    pub const ALLOCS_SEEN: u32 = 11;
+    pub const STACK_COPY_LOST: u32 = 9;
+    /// By layer (add the layer): allocations seen, frees matched to them,
+    /// and frees of addresses not allocated since attach. Together they say
+    /// how a layer's live blocks changed since attach, which is checked
+    /// against the allocator's own count where memtrace can read it.
+    pub const ALLOCS_SEEN: u32 = 10;
     pub const FREES_MATCHED: u32 = ALLOCS_SEEN + super::layer::COUNT as u32;
-    pub const COUNT: u32 = FREES_MATCHED + super::layer::COUNT as u32;
+    pub const UNKNOWN_FREE: u32 = FREES_MATCHED + super::layer::COUNT as u32;
+    pub const COUNT: u32 = UNKNOWN_FREE + super::layer::COUNT as u32;
 }
 
 #[cfg(feature = "user")]

@@ -166,7 +166,7 @@ pub fn alloc_entry(ctx: ProbeContext) -> u32 {
                         call.replaced = old;
                         call.has_replaced = 1;
                     }
-                    None => count(counter::UNKNOWN_FREE),
+                    None => count(counter::UNKNOWN_FREE + cookie.layer as u32),
                 }
             }
         }
@@ -264,7 +264,7 @@ pub fn free_entry(ctx: ProbeContext) -> u32 {
     }
     // munmap also releases file mappings, which were never allocations.
     if !known && cookie.op != op::MUNMAP && !(cookie.layer == layer::LIBC && follows_upper_free) {
-        count(counter::UNKNOWN_FREE);
+        count(counter::UNKNOWN_FREE + cookie.layer as u32);
     }
     0
 }

@@ -6,7 +6,9 @@ use std::collections::HashMap as StdHashMap;
 
 use anyhow::{Context as _, Result, anyhow};
 use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
-use memtrace_common::{AllocInfo, AllocKey, NativeStack, PythonStack, SiteKey, SiteStackCopy, SiteStats, counter};
+use memtrace_common::{
+    AllocInfo, AllocKey, NativeStack, PythonStack, SiteKey, SiteStackCopy, SiteStats, counter, layer,
+};
 
 use crate::probes::attach::Tracer;
 
@@ -17,6 +19,20 @@ pub struct Counters(pub [u64; counter::COUNT as usize]);
 impl Counters {
     pub fn get(&self, index: u32) -> u64 {
         self.0[index as usize]
+    }
+
+    /// A per-layer counter summed over layers.
+    pub fn all_layers(&self, first: u32) -> u64 {
+        (0..layer::COUNT as u32).map(|l| self.get(first + l)).sum()
+    }
+
+    /// How a layer's live blocks changed since attach, as far as the probes
+    /// saw: allocations minus every free.
+    pub fn live_change(&self, layer: u8) -> i64 {
+        let layer = layer as u32;
+        self.get(counter::ALLOCS_SEEN + layer) as i64
+            - self.get(counter::FREES_MATCHED + layer) as i64
+            - self.get(counter::UNKNOWN_FREE + layer) as i64
     }
 }
 

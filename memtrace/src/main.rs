@@ -6,6 +6,7 @@
 
 mod cli;
 mod collect;
+mod coverage;
 mod probes;
 mod python;
 mod report;

@@ -21,6 +21,7 @@ use tokio::{
 use crate::{
     cli::Options,
     collect,
+    coverage::Coverage,
     probes::{
         attach::Tracer,
         kernel,
@@ -118,7 +119,10 @@ pub async fn run(options: Options) -> Result<Outcome> {
         options.interval
     );
 
+    // Function-level probes count pymalloc's large blocks in its layer.
+    let coverage = interpreter.and_then(|i| i.pymalloc).and_then(|state| Coverage::start(state, pid, true));
     let mut session = Session {
+        coverage,
         symbolizer: Symbolizer::new(&target, interpreter.map(|i| i.code_resolver(pid)), options.native),
         target,
         source: SourceFiles::new(pid),
@@ -148,6 +152,7 @@ struct Rings {
 
 struct Session<'a> {
     options: &'a Options,
+    coverage: Option<Coverage>,
     target: Target,
     symbolizer: Symbolizer,
     source: SourceFiles,
@@ -233,6 +238,8 @@ impl Session<'_> {
             }
         }
         let current = Snapshot::group(entries.iter().map(|(t, s)| (t, *s)), self.options.group_by);
+        let mut notes = self.notes.clone();
+        notes.extend(self.coverage.as_ref().and_then(|c| c.note(&counters)));
         let report = TextReport {
             header: Header {
                 time: SystemTime::now(),
@@ -243,7 +250,7 @@ impl Session<'_> {
                 allocated,
                 losses: losses(&counters),
                 other: other_counters(&counters),
-                notes: &self.notes,
+                notes: &notes,
             },
             current: &current,
             previous: &self.previous,
@@ -280,7 +287,7 @@ fn losses(c: &collect::Counters) -> Vec<(&'static str, u64)> {
 fn other_counters(c: &collect::Counters) -> Vec<(&'static str, u64)> {
     vec![
         ("truncated-python-stacks", c.get(counter::PYTHON_TRUNCATED)),
-        ("unknown-frees", c.get(counter::UNKNOWN_FREE)),
+        ("unknown-frees", c.all_layers(counter::UNKNOWN_FREE)),
         ("missed-frees", c.get(counter::MISSED_FREE)),
         ("failed-allocs", c.get(counter::FAILED_ALLOC)),
     ]

@@ -8,6 +8,7 @@ pub mod code;
 pub mod debug_offsets;
 pub mod layouts;
 pub mod linetable;
+pub mod pymalloc;
 pub mod version;
 
 use anyhow::Result;
@@ -15,6 +16,7 @@ use memtrace_common::{NO_OFFSET, PythonWalk, WINDOW_MAX, Window};
 
 use self::{
     layouts::{EvalEntry, Layout},
+    pymalloc::PymallocState,
     version::Version,
 };
 use crate::target::{Target, elf::ElfFile, maps::host_path, memory::ProcessMemory};
@@ -27,6 +29,8 @@ pub struct Interpreter {
     /// Address of `_PyRuntime` in the target.
     pub runtime: u64,
     pub layout: Layout,
+    /// Where pymalloc keeps its own count, when memtrace can read it.
+    pub pymalloc: Option<PymallocState>,
 }
 
 pub enum Detection {
@@ -63,9 +67,10 @@ fn inspect(target: &Target, path: &str, elf: ElfFile) -> Detection {
         return Detection::Unsupported(format!("{path} looks like CPython but its version cannot be read"));
     };
     let unsupported = |why: &str| Detection::Unsupported(format!("CPython {version} {why}"));
-    let Some(runtime) = runtime_address(target, path, &elf) else {
+    let (Some(bias), Some(runtime)) = (load_bias(target, path, &elf), runtime_vaddr(&elf)) else {
         return unsupported("has no _PyRuntime that memtrace can locate (memtrace reads CPython 3.8 to 3.13)");
     };
+    let runtime = runtime.wrapping_add(bias);
     let layout = if debug_offsets::applies(version.major, version.minor) {
         let bytes = ProcessMemory::new(target.pid).read_vec(runtime, debug_offsets::LEN);
         match bytes.map_err(|e| e.to_string()).and_then(|b| debug_offsets::parse(&b).map_err(|e| e.to_string())) {
@@ -81,7 +86,8 @@ fn inspect(target: &Target, path: &str, elf: ElfFile) -> Detection {
     if walk_recipe(&layout, runtime).is_none() {
         return unsupported("lays out its frames wider than memtrace reads in one copy");
     }
-    Detection::Supported(Interpreter { path: path.to_owned(), elf, version, runtime, layout })
+    let pymalloc = PymallocState::locate(&elf, bias, (version.major, version.minor));
+    Detection::Supported(Interpreter { path: path.to_owned(), elf, version, runtime, layout, pymalloc })
 }
 
 /// The version the binary states: `Py_Version` (3.11+), else the
@@ -158,19 +164,22 @@ fn window<const N: usize>(fields: [Option<(u64, u64)>; N]) -> Option<(Window, [u
     Some((Window { start, len: end - start }, fields.map(|f| f.map_or(NO_OFFSET, |(offset, _)| offset - start))))
 }
 
-/// Where `_PyRuntime` is in the target: its symbol (or the `.PyRuntime`
-/// section of stripped builds) moved by the binary's load bias. It may lie
-/// in .bss, which has no file offset, so the bias comes from any mapping of
-/// the file.
-fn runtime_address(target: &Target, path: &str, elf: &ElfFile) -> Option<u64> {
-    let vaddr = elf.symbol("_PyRuntime").map(|s| s.vaddr).or_else(|| elf.section_address(".PyRuntime"))?;
-    let bias = target
+/// What to add to the binary's virtual addresses to get the target's: from
+/// any mapping of the file (statics may lie in .bss, which has no file
+/// offset to map).
+fn load_bias(target: &Target, path: &str, elf: &ElfFile) -> Option<u64> {
+    target
         .map
         .mappings
         .iter()
         .filter(|m| m.path == path)
-        .find_map(|m| Some(m.start.wrapping_sub(elf.vaddr_of_offset(m.file_offset)?)))?;
-    Some(vaddr.wrapping_add(bias))
+        .find_map(|m| Some(m.start.wrapping_sub(elf.vaddr_of_offset(m.file_offset)?)))
+}
+
+/// Where `_PyRuntime` is in the binary: its symbol, or the `.PyRuntime`
+/// section of stripped builds.
+fn runtime_vaddr(elf: &ElfFile) -> Option<u64> {
+    elf.symbol("_PyRuntime").map(|s| s.vaddr).or_else(|| elf.section_address(".PyRuntime"))
 }
 
 impl Interpreter {

@@ -88,6 +88,16 @@ impl ElfFile {
             .collect()
     }
 
+    /// The `len` bytes the file stores at `vaddr` (initialised data, code),
+    /// or None when they are not all in one loadable segment's file part.
+    pub fn bytes_at(&self, vaddr: u64, len: u64) -> Option<&[u8]> {
+        let &(start, _, offset, _) = self.segments.iter().find(|&&(start, _, _, file_size)| {
+            vaddr >= start && vaddr.checked_add(len).is_some_and(|end| end <= start + file_size)
+        })?;
+        let from = usize::try_from(vaddr - start + offset).ok()?;
+        self.data.get(from..from.checked_add(usize::try_from(len).ok()?)?)
+    }
+
     /// The virtual address of section `name`, if the file has it.
     pub fn section_address(&self, name: &str) -> Option<u64> {
         let file = object::File::parse(&*self.data).ok()?;

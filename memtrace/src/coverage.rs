@@ -1,0 +1,52 @@
+//! Measured coverage: how much of pymalloc's own change in live blocks
+//! since attach the probes accounted for. pymalloc's count is read from the
+//! target's memory (python::pymalloc) and compared with the kernel's
+//! per-layer counters, and the result is printed under every report's
+//! header: where probes cannot see everything (an interpreter that inlines
+//! pymalloc), the share they saw is measured, not assumed.
+
+use memtrace_common::layer;
+
+use crate::{
+    collect::Counters,
+    python::pymalloc::{Census, PymallocState},
+    target::memory::ProcessMemory,
+};
+
+/// Below this change, a percentage says nothing.
+const MEANINGFUL: i64 = 1000;
+
+pub struct Coverage {
+    state: PymallocState,
+    memory: ProcessMemory,
+    baseline: Census,
+    /// Whether the probed pymalloc layer includes the large blocks pymalloc
+    /// hands to the C library (function-level probes), or only its pools
+    /// (probes on inlined fast paths; the large blocks are libc's then).
+    includes_raw: bool,
+}
+
+impl Coverage {
+    /// Takes pymalloc's count now, as the baseline; None if it cannot be read.
+    pub fn start(state: PymallocState, pid: u32, includes_raw: bool) -> Option<Self> {
+        let memory = ProcessMemory::new(pid);
+        let baseline = state.census(&memory).ok()?;
+        Some(Self { state, memory, baseline, includes_raw })
+    }
+
+    /// The sentence for a report, None once the target is gone.
+    pub fn note(&self, counters: &Counters) -> Option<String> {
+        let now = self.state.census(&self.memory).ok()?;
+        let blocks = |c: &Census| (c.blocks + if self.includes_raw { c.raw_blocks } else { 0 }) as i64;
+        let changed = blocks(&now) - blocks(&self.baseline);
+        let seen = counters.live_change(layer::PYMALLOC);
+        let share = if changed.abs() >= MEANINGFUL {
+            format!(" ({:.1}%)", seen as f64 * 100.0 / changed as f64)
+        } else {
+            String::new()
+        };
+        Some(format!(
+            "pymalloc's own count of live blocks changed by {changed:+} since attach; memtrace's probes account for {seen:+}{share}"
+        ))
+    }
+}
