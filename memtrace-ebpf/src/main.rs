@@ -328,7 +328,10 @@ pub fn new_reference(ctx: ProbeContext) -> u32 {
     if target.python_frames == 0 {
         return 0;
     }
-    let object = Regs::read(ctx.regs).get(reg::RDI);
+    // rdi at the function's entry; the refcount store's base register in
+    // an inlined copy.
+    let (_, cookie) = cookie(&ctx);
+    let object = Regs::read(ctx.regs).get(cookie.ptr_reg);
     let Some(block) = python::object_block(&target.python, object) else { return 0 };
     if let Some(last) = ACTIVE.get_ptr_mut(&tid) {
         // SAFETY: this thread's own ACTIVE entry.

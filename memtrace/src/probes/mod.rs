@@ -3,6 +3,7 @@
 
 pub mod attach;
 pub mod catalog;
+pub mod inlined;
 pub mod kernel;
 pub mod placement;
 pub mod plan;

@@ -162,6 +162,11 @@ pub fn entry_only(code: &[u8], reads: &[ArgReg], null_checked: Option<ArgReg>) -
     Placement { offset: 0, emulated: false, instruction: first.text, reason }
 }
 
+/// A probe that must sit exactly at the start of `code`, for `reason`.
+pub fn exact(code: &[u8], reason: &str) -> Placement {
+    Placement { reason: reason.to_owned(), ..at_entry(code) }
+}
+
 /// The placement for a function that also carries a return probe: always the
 /// entry, because the kernel hijacks the return address at [rsp] when that
 /// breakpoint hits, and [rsp] holds it only before the first push.

@@ -7,10 +7,11 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 
-use memtrace_common::op;
+use memtrace_common::{NO_ARG, ProbeCookie, layer, op};
 
 use super::{
-    catalog::{AllocatorFn, LIBC_FUNCTIONS, PYMALLOC_EXPORTED, PYMALLOC_INTERNAL, PYTHON_OBJECTS},
+    catalog::{AllocatorFn, LIBC_FUNCTIONS, POOL_NEW_FUNCTION, PYMALLOC_EXPORTED, PYMALLOC_INTERNAL, PYTHON_OBJECTS},
+    inlined::InlinedCode,
     placement::{self, ArgReg, Placement},
 };
 use crate::target::{Target, elf::ElfFile, maps::host_path};
@@ -21,10 +22,12 @@ pub enum Program {
     AllocReturn,
     Free,
     NewReference,
+    PoolPop,
 }
 
 impl Program {
-    pub const ALL: [Program; 4] = [Program::AllocEntry, Program::AllocReturn, Program::Free, Program::NewReference];
+    pub const ALL: [Program; 5] =
+        [Program::AllocEntry, Program::AllocReturn, Program::Free, Program::NewReference, Program::PoolPop];
 
     /// The BPF program's name in the object file.
     pub fn name(self) -> &'static str {
@@ -33,6 +36,7 @@ impl Program {
             Program::AllocReturn => "alloc_return",
             Program::Free => "free_entry",
             Program::NewReference => "new_reference",
+            Program::PoolPop => "pool_pop",
         }
     }
 
@@ -52,7 +56,8 @@ pub struct AttachPoint {
     /// The binary as the target sees it, and as we reach it.
     pub binary: String,
     pub host_path: PathBuf,
-    pub symbol: &'static str,
+    /// What is probed, for --verbose: a symbol, or an inlined site.
+    pub symbol: String,
     pub file_offset: u64,
     pub cookie: u64,
     pub placement: Placement,
@@ -81,48 +86,133 @@ pub fn find_libc(target: &Target) -> Result<&str> {
     }
 }
 
+/// The interpreter's binary, and the code inlined in it: copies of
+/// pymalloc's fast path (probed instead of its functions) and of
+/// `_Py_NewReference` (probed besides the function).
+pub struct PythonProbes<'a> {
+    pub binary: ProbedBinary<'a>,
+    pub inlined: &'a InlinedCode,
+}
+
+/// One probe to place: what it does, where, in which binary.
+struct Resolved<'a> {
+    binary: &'a ProbedBinary<'a>,
+    function: AllocatorFn,
+    label: String,
+    vaddr: u64,
+    code: &'a [u8],
+}
+
 /// Attach points for libc and, when given, the interpreter's allocator.
 /// Return probes come before entry probes, so that no entry is recorded
 /// whose return cannot be seen yet.
-pub fn plan(pid: u32, libc: ProbedBinary, interpreter: Option<ProbedBinary>) -> Result<Vec<AttachPoint>> {
-    let mut functions: Vec<(&ProbedBinary, AllocatorFn)> = LIBC_FUNCTIONS.iter().map(|f| (&libc, *f)).collect();
-    if let Some(python) = &interpreter {
-        let internal = PYMALLOC_INTERNAL.iter().all(|f| python.elf.symbol(f.symbol).is_some());
-        let set = if internal { PYMALLOC_INTERNAL } else { PYMALLOC_EXPORTED };
-        functions.extend(set.iter().chain(PYTHON_OBJECTS).map(|f| (python, *f)));
+pub fn plan(pid: u32, libc: ProbedBinary, python: Option<PythonProbes>) -> Result<Vec<AttachPoint>> {
+    let mut resolved: Vec<Resolved> = LIBC_FUNCTIONS.iter().filter_map(|f| by_symbol(&libc, *f)).collect();
+    let mut sites = Vec::new();
+    if let Some(python) = &python {
+        let binary = &python.binary;
+        sites = inlined_sites(pid, binary, python.inlined);
+        let pymalloc = match &python.inlined.pymalloc {
+            // Every small block passes an inlined pop or push, or the
+            // out-of-line new-pool path; function-level probes would count
+            // some twice. Large blocks go to libc, which is probed.
+            Some(inlined) => {
+                resolved.push(Resolved {
+                    binary,
+                    function: POOL_NEW_FUNCTION,
+                    label: format!("allocate_from_new_pool@{:#x}", inlined.new_pool),
+                    vaddr: inlined.new_pool,
+                    code: binary.elf.bytes_at(inlined.new_pool, 16).unwrap_or_default(),
+                });
+                &[][..]
+            }
+            None if PYMALLOC_INTERNAL.iter().all(|f| binary.elf.symbol(f.symbol).is_some()) => PYMALLOC_INTERNAL,
+            None => PYMALLOC_EXPORTED,
+        };
+        resolved.extend(pymalloc.iter().chain(PYTHON_OBJECTS).filter_map(|f| by_symbol(binary, *f)));
     }
-    let mut points = Vec::new();
+    let mut points = sites;
     let mut seen = Vec::new();
-    for (binary, function) in functions {
-        let Some(symbol) = binary.elf.symbol(function.symbol) else { continue };
+    let mut next_function = 0u8;
+    for probe in resolved {
         // glibc's aligned_alloc is memalign: one address, one probe.
-        if seen.contains(&(binary.path, symbol.vaddr)) {
+        if seen.contains(&(probe.binary.path, probe.vaddr)) {
             continue;
         }
-        seen.push((binary.path, symbol.vaddr));
-        let index = u8::try_from(seen.len() - 1)?;
-        let code = binary.elf.symbol_bytes(symbol)?;
+        seen.push((probe.binary.path, probe.vaddr));
+        let function = &probe.function;
         let placement = if function.entry_only() {
             let pointer = ArgReg::nth(function.ptr_arg);
             // Releasing NULL is a no-op, so a probe may skip that path.
             let null_is_noop = if function.op == op::NEW_REFERENCE { None } else { pointer };
-            placement::entry_only(code, pointer.as_slice(), null_is_noop)
+            placement::entry_only(probe.code, pointer.as_slice(), null_is_noop)
         } else {
-            placement::at_entry(code)
+            placement::at_entry(probe.code)
         };
-        let Some(file_offset) = binary.elf.file_offset(symbol.vaddr + placement.offset) else { continue };
-        for &program in Program::for_function(&function) {
+        let Some(file_offset) = probe.binary.elf.file_offset(probe.vaddr + placement.offset) else { continue };
+        // A return probe must recognise its own entry's call among nested
+        // ones; entry-only probes need no id.
+        let id = if function.entry_only() {
+            0
+        } else {
+            next_function =
+                next_function.checked_add(1).ok_or_else(|| anyhow::anyhow!("too many allocator functions"))?;
+            next_function
+        };
+        for &program in Program::for_function(function) {
             points.push(AttachPoint {
                 program,
-                binary: binary.path.to_owned(),
-                host_path: host_path(pid, binary.path),
-                symbol: function.symbol,
+                binary: probe.binary.path.to_owned(),
+                host_path: host_path(pid, probe.binary.path),
+                symbol: probe.label.clone(),
                 file_offset,
-                cookie: function.cookie(index).to_u64(),
+                cookie: function.cookie(id).to_u64(),
                 placement: placement.clone(),
             });
         }
     }
     points.sort_by_key(|p| p.program != Program::AllocReturn);
     Ok(points)
+}
+
+fn by_symbol<'a>(binary: &'a ProbedBinary<'a>, function: AllocatorFn) -> Option<Resolved<'a>> {
+    let symbol = binary.elf.symbol(function.symbol)?;
+    let code = binary.elf.symbol_bytes(symbol).ok()?;
+    Some(Resolved { binary, function, label: function.symbol.to_owned(), vaddr: symbol.vaddr, code })
+}
+
+/// Probes on inlined copies of pymalloc's fast path and of
+/// `_Py_NewReference`, exactly at the instruction the finder named (the
+/// registers it names hold there only).
+fn inlined_sites(pid: u32, binary: &ProbedBinary, inlined: &InlinedCode) -> Vec<AttachPoint> {
+    let (pops, pushes) = inlined.pymalloc.as_ref().map_or((&[][..], &[][..]), |p| (&p.pops[..], &p.pushes[..]));
+    let pops = pops.iter().map(|pop| (Program::PoolPop, pop.vaddr, op::POOL_POP, pop.pool.number(), "pymalloc pop"));
+    let pushes = pushes.iter().map(|push| (Program::Free, push.vaddr, op::FREE, push.block.number(), "pymalloc push"));
+    let births =
+        inlined.new_references.sites.iter().map(|site| {
+            (Program::NewReference, site.vaddr, op::NEW_REFERENCE, site.object.number(), "_Py_NewReference")
+        });
+    pops.chain(pushes)
+        .chain(births)
+        .filter_map(|(program, vaddr, op, register, kind)| {
+            let code = binary.elf.bytes_at(vaddr, 16)?;
+            Some(AttachPoint {
+                program,
+                binary: binary.path.to_owned(),
+                host_path: host_path(pid, binary.path),
+                symbol: format!("inlined {kind}@{vaddr:#x}"),
+                file_offset: binary.elf.file_offset(vaddr)?,
+                cookie: ProbeCookie {
+                    op,
+                    layer: layer::PYMALLOC,
+                    size_reg: NO_ARG,
+                    count_reg: NO_ARG,
+                    ptr_reg: register,
+                    function: 0,
+                }
+                .to_u64(),
+                placement: placement::exact(code, "an inlined copy: the registers it names hold there only"),
+            })
+        })
+        .collect()
 }

@@ -6,7 +6,9 @@
 use std::{collections::HashMap, path::Path};
 
 use anyhow::{Context as _, Result, anyhow};
-use object::{Object as _, ObjectSection as _, ObjectSegment as _, ObjectSymbol as _, SymbolKind};
+use object::{
+    Object as _, ObjectSection as _, ObjectSegment as _, ObjectSymbol as _, ObjectSymbolTable as _, SymbolKind,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Symbol {
@@ -96,6 +98,21 @@ impl ElfFile {
         })?;
         let from = usize::try_from(vaddr - start + offset).ok()?;
         self.data.get(from..from.checked_add(usize::try_from(len).ok()?)?)
+    }
+
+    /// The GOT slot the dynamic linker fills with the address of data symbol
+    /// `name` (its R_X86_64_GLOB_DAT relocation): how position-independent
+    /// code reaches data that may be interposed.
+    pub fn got_slot(&self, name: &str) -> Option<u64> {
+        const R_X86_64_GLOB_DAT: u32 = 6;
+        let file = object::File::parse(&*self.data).ok()?;
+        let dynamic_symbols = file.dynamic_symbol_table()?;
+        file.dynamic_relocations()?.find_map(|(slot, relocation)| {
+            let object::RelocationFlags::Elf { r_type: R_X86_64_GLOB_DAT } = relocation.flags() else { return None };
+            let object::RelocationTarget::Symbol(index) = relocation.target() else { return None };
+            let symbol = dynamic_symbols.symbol_by_index(index).ok()?;
+            (symbol.name().ok()?.split('@').next()? == name).then_some(slot)
+        })
     }
 
     /// The virtual address of section `name`, if the file has it.
