@@ -90,20 +90,17 @@ fn reads_tracing(text: &Text, k: usize, tracing: &Tracing) -> Option<usize> {
         return None;
     }
     let config = ins.op0_register();
-    (k + 1..=text.line_end(k)).take_while(|&t| t - k <= NEAR).find_map(|t| {
-        let next = &text.insns[t];
-        let through = next.op_kinds().any(|kind| kind == OpKind::Memory)
-            && next.memory_base() == config
-            && next.memory_index() == Register::None
-            && next.memory_displacement64() == TRACING;
-        if through {
-            Some(Some(t))
-        } else if writes_register(next, config) {
-            Some(None)
-        } else {
-            None
-        }
-    })?
+    next_on_line(
+        text,
+        k,
+        |next| {
+            next.op_kinds().any(|kind| kind == OpKind::Memory)
+                && next.memory_base() == config
+                && next.memory_index() == Register::None
+                && next.memory_displacement64() == TRACING
+        },
+        |next| writes_register(next, config),
+    )
 }
 
 /// The instruction that sets the flags from `tracing`, read by instruction
@@ -115,38 +112,54 @@ fn tests_value(text: &Text, read: usize) -> Option<usize> {
         Code::Cmp_rm32_imm8 if ins.immediate(1) == 0 => Some(read),
         Code::Mov_r32_rm32 => {
             let register = ins.op0_register();
-            (read + 1..=text.line_end(read)).take_while(|&t| t - read <= NEAR).find_map(|t| {
-                let test = &text.insns[t];
-                let tests = test.code() == Code::Test_rm32_r32
-                    && test.op0_kind() == OpKind::Register
-                    && test.op0_register() == register
-                    && test.op1_register() == register;
-                if tests {
-                    Some(Some(t))
-                } else if writes_register(test, register.full_register()) || test.rflags_modified() != 0 {
-                    Some(None) // the value or the flags are gone
-                } else {
-                    None
-                }
-            })?
+            next_on_line(
+                text,
+                read,
+                |test| {
+                    test.code() == Code::Test_rm32_r32
+                        && test.op0_kind() == OpKind::Register
+                        && test.op0_register() == register
+                        && test.op1_register() == register
+                },
+                // The value or the flags are gone.
+                |test| writes_register(test, register.full_register()) || test.rflags_modified() != 0,
+            )
         }
         _ => None,
     }
+}
+
+/// The first instruction after `from`, on its straight line and within
+/// `NEAR`, that `wanted` accepts, unless one that `spoils` comes first.
+fn next_on_line(
+    text: &Text,
+    from: usize,
+    wanted: impl Fn(&Instruction) -> bool,
+    spoils: impl Fn(&Instruction) -> bool,
+) -> Option<usize> {
+    for k in from + 1..=text.line_end(from).min(from + NEAR) {
+        let ins = &text.insns[k];
+        if wanted(ins) {
+            return Some(k);
+        }
+        if spoils(ins) {
+            return None;
+        }
+    }
+    None
 }
 
 /// The first instruction of the path taken when `tracing` was zero at the
 /// flags set by instruction `flags`: the target of a `je`, or what follows a
 /// `jne`, with no flag change in between.
 fn untraced_path(text: &Text, flags: usize) -> Option<usize> {
-    let end = text.line_end(flags);
-    let branch = (flags + 1..=end.min(flags + NEAR)).find(|&b| {
-        let ins = &text.insns[b];
-        ins.flow_control() == FlowControl::ConditionalBranch || ins.rflags_modified() != 0
-    })?;
+    let branch = next_on_line(
+        text,
+        flags,
+        |ins| ins.flow_control() == FlowControl::ConditionalBranch,
+        |ins| ins.rflags_modified() != 0,
+    )?;
     let ins = &text.insns[branch];
-    if ins.flow_control() != FlowControl::ConditionalBranch {
-        return None;
-    }
     match ins.condition_code() {
         ConditionCode::e => text.index_of(ins.near_branch_target()),
         ConditionCode::ne => text.insns.get(branch + 1).filter(|n| n.ip() == ins.next_ip()).map(|_| branch + 1),
