@@ -157,8 +157,6 @@ pub async fn run(options: Options) -> Result<Outcome> {
     let end = session.run_loop(&tracer, exited, rings).await?;
     let counters = collect::counters(&tracer)?;
     let untracked = counters.get(counter::ALLOC_MAP_FULL) + counters.get(counter::SITE_MAP_FULL);
-    tracer.stop_counting(pid)?;
-    eprintln!("memtrace: detaching {} probes (on Linux 6.13 and later the kernel takes ~0.1 s for each)", points.len());
     Ok(Outcome { pid, end, untracked })
 }
 

@@ -71,14 +71,31 @@ fn statically_linked_target() {
     assert_one_line_error(result, "no shared C library mapped (statically linked?)");
 }
 
-/// Runs memtrace in a private mount namespace where `hide` is covered by an
-/// empty tmpfs: what memtrace sees on a kernel without that feature.
-fn run_with_hidden(hide: &str, pid: u32) -> (Option<i32>, String, String) {
+/// Runs memtrace in a private mount namespace after the shell command
+/// `setup`, which mounts over what memtrace would read there.
+fn run_in_namespace(setup: &str, pid: u32) -> (Option<i32>, String, String) {
     run_memtrace(
         Command::new("unshare")
             .args(["--mount", "--propagation", "private", "sh", "-c"])
-            .arg(format!("mount -t tmpfs none {hide} && exec {} --pid {pid}", memtrace_bin().display())),
+            .arg(format!("{setup} && exec {} --pid {pid}", memtrace_bin().display())),
     )
+}
+
+/// memtrace where `hide` is covered by an empty tmpfs: what it sees on a
+/// kernel without that feature.
+fn run_with_hidden(hide: &str, pid: u32) -> (Option<i32>, String, String) {
+    run_in_namespace(&format!("mount -t tmpfs none {hide}"), pid)
+}
+
+#[test]
+fn kernel_older_than_6_6() {
+    require_root();
+    let dir = TempDir::new("oldkernel");
+    let target = sleeper(&dir, &[]);
+    let release = dir.0.join("osrelease");
+    std::fs::write(&release, "6.1.0-28-amd64\n").unwrap();
+    let setup = format!("mount --bind '{}' /proc/sys/kernel/osrelease", release.display());
+    assert_one_line_error(run_in_namespace(&setup, target.pid()), "Linux 6.1.0-28-amd64 is too old");
 }
 
 #[test]

@@ -3,79 +3,74 @@
 //! detaches everything; so does the kernel if memtrace dies, since every
 //! probe lives only as long as its file descriptor.
 //!
-//! Detaching is slow on Linux 6.13 and later: each uprobe's removal waits
-//! for an RCU tasks-trace grace period under the kernel's global
-//! `event_mutex`, ~0.1 s each once the probes have fired (46 s for the 450
-//! probes of Debian's python3.11). uprobe_multi links (one wait per link)
-//! would fix it, but aya 0.14 cannot load a program for them; so memtrace
-//! stops counting first, and the target only pays a breakpoint trap per
-//! probe hit until the last probe is gone.
+//! Probes are attached as uprobe_multi links (Linux 6.6): one link per
+//! program and binary, holding every offset with its cookie. Detaching a
+//! uprobe waits for an RCU tasks-trace grace period, ~0.1 s on 6.13 and
+//! later once probes have fired, and perf-event uprobes pay it one probe at
+//! a time under the kernel's global `event_mutex` (46 s for the 450 probes
+//! of Debian's python3.11); a multi link pays it once. aya 0.14 cannot load
+//! a program for uprobe_multi, so aya creates the maps and this module loads
+//! the programs itself, from the same object relocated against those maps.
 
-use std::num::NonZeroU32;
+use std::{
+    collections::{BTreeMap, HashSet},
+    ffi::CString,
+    io, mem,
+    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData},
-    programs::{
-        ProgramError, UProbe,
-        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
-    },
+    maps::{HashMap, Map, MapData},
+};
+use aya_obj::{
+    btf::BtfFeatures,
+    generated::{BPF_F_UPROBE_MULTI_RETURN, bpf_attach_type, bpf_attr, bpf_cmd, bpf_insn, bpf_prog_type},
 };
 use memtrace_common::{KernelConfig, TargetConfig};
 
 use super::plan::{AttachPoint, Program};
 
 pub struct Tracer {
+    /// Declared first so that the links go before the programs.
+    links: Vec<OwnedFd>,
+    programs: BTreeMap<Program, OwnedFd>,
     pub(crate) ebpf: Ebpf,
 }
 
 impl Tracer {
-    /// Loads and verifies the BPF programs. `max_allocs` sizes the map of
-    /// live allocations. A program the verifier rejects is one line; its
-    /// log, pages long, is printed only when `verbose`.
+    /// Creates the maps and loads and verifies the BPF programs. `max_allocs`
+    /// sizes the map of live allocations. A program the verifier rejects is
+    /// one line; its log, pages long, is printed only when `verbose`.
     pub fn load(kernel: KernelConfig, max_allocs: u32, verbose: bool) -> Result<Self> {
         let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memtrace"));
-        let mut ebpf = EbpfLoader::new()
+        let ebpf = EbpfLoader::new()
             .override_global("KERNEL_CONFIG", &kernel, true)
             .map_max_entries("ALLOCS", max_allocs)
             .load(object)
-            .context("cannot load memtrace's eBPF programs")?;
-        for program in Program::ALL {
-            let name = program.name();
-            let probe: &mut UProbe =
-                ebpf.program_mut(name).ok_or_else(|| anyhow!("eBPF object lacks program {name}"))?.try_into()?;
-            match probe.load() {
-                Ok(()) => {}
-                Err(ProgramError::LoadError { io_error, verifier_log }) => {
-                    if verbose {
-                        eprintln!("memtrace: verifier log of {name}:\n{verifier_log}");
-                    }
-                    bail!("the kernel rejected eBPF program {name}: {io_error} (--verbose prints the verifier log)");
-                }
-                Err(e) => return Err(e).with_context(|| format!("cannot load eBPF program {name}")),
-            }
-        }
-        Ok(Self { ebpf })
+            .context("cannot load memtrace's eBPF maps")?;
+        let programs = load_programs(&ebpf, object, verbose)?;
+        Ok(Self { links: Vec::new(), programs, ebpf })
     }
 
     /// Attaches every point, scoped to `pid`: the kernel plants breakpoints
     /// only in that process, so others sharing its libc are not slowed.
+    /// Links are made in the plan's order (return probes first).
     pub fn attach(&mut self, pid: u32, points: &[AttachPoint]) -> Result<()> {
-        let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or_else(|| anyhow!("pid 0 is not a process"))?);
+        let mut links: Vec<((Program, &str), Vec<&AttachPoint>)> = Vec::new();
         for point in points {
-            let probe: &mut UProbe = self
-                .ebpf
-                .program_mut(point.program.name())
-                .ok_or_else(|| anyhow!("eBPF object lacks program {}", point.program.name()))?
-                .try_into()?;
-            let at = UProbeAttachPoint {
-                location: UProbeAttachLocation::AbsoluteOffset(point.file_offset),
-                cookie: Some(point.cookie),
-            };
-            probe
-                .attach(at, &point.host_path, scope)
-                .with_context(|| format!("cannot attach to {} in {}", point.symbol, point.binary))?;
+            let key = (point.program, point.binary.as_str());
+            match links.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, group)) => group.push(point),
+                None => links.push((key, vec![point])),
+            }
+        }
+        for ((program, binary), group) in links {
+            let prog = self.programs.get(&program).ok_or_else(|| anyhow!("program {} not loaded", program.name()))?;
+            let link = link_uprobe_multi(prog.as_raw_fd(), program == Program::AllocReturn, pid, &group)
+                .with_context(|| format!("cannot attach {} probes to {binary}", program.name()))?;
+            self.links.push(link);
         }
         Ok(())
     }
@@ -88,14 +83,157 @@ impl Tracer {
         targets.insert(pid, config, 0).context("cannot configure the kernel side")?;
         Ok(())
     }
+}
 
-    /// Stops counting for `pid`: its probes return at once until detached.
-    pub fn stop_counting(&mut self, pid: u32) -> Result<()> {
-        let mut targets: HashMap<&mut MapData, u32, TargetConfig> =
-            HashMap::try_from(self.ebpf.map_mut("TARGETS").ok_or_else(|| anyhow!("eBPF object lacks map TARGETS"))?)?;
-        match targets.remove(&pid) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(e).context("cannot stop the kernel side"),
+/// Loads each of memtrace's programs for uprobe_multi links, relocated
+/// against the maps aya created from the same object.
+fn load_programs(ebpf: &Ebpf, object: &[u8], verbose: bool) -> Result<BTreeMap<Program, OwnedFd>> {
+    let mut obj = aya_obj::Object::parse(object).context("cannot parse memtrace's eBPF object")?;
+    let text_sections: HashSet<usize> = obj.functions.keys().map(|&(section, _)| section).collect();
+    let maps = obj.maps.clone();
+    let fds =
+        maps.keys().map(|name| Ok((name.as_str(), map_fd(ebpf, name)?))).collect::<Result<Vec<(&str, OwnedFd)>>>()?;
+    obj.relocate_maps(fds.iter().map(|(name, fd)| (*name, fd.as_raw_fd(), &maps[*name])), &text_sections)
+        .context("cannot relocate memtrace's eBPF maps")?;
+    obj.relocate_calls(&text_sections).context("cannot relocate memtrace's eBPF calls")?;
+    let btf = load_btf(&mut obj)?;
+    let license = CString::new(obj.license.as_bytes()).context("eBPF license")?;
+    let mut programs = BTreeMap::new();
+    for program in Program::ALL {
+        let name = program.name();
+        let prog = obj.programs.get(name).ok_or_else(|| anyhow!("eBPF object lacks program {name}"))?;
+        let function = &obj.functions[&prog.function_key()];
+        let load = |log| load_program(name, function, &license, btf.as_ref(), log);
+        let fd = match load(None) {
+            Ok(fd) => fd,
+            Err(io_error) => {
+                if verbose {
+                    let mut log = vec![0u8; 16 << 20];
+                    let _ = load(Some(&mut log));
+                    let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+                    eprintln!("memtrace: verifier log of {name}:\n{}", String::from_utf8_lossy(&log[..end]));
+                }
+                bail!("the kernel rejected eBPF program {name}: {io_error} (--verbose prints the verifier log)");
+            }
+        };
+        programs.insert(program, fd);
+    }
+    Ok(programs)
+}
+
+/// A new descriptor of map `name` as aya created it (by its kernel id:
+/// aya 0.14 does not lend out a map's own descriptor).
+fn map_fd(ebpf: &Ebpf, name: &str) -> Result<OwnedFd> {
+    let data = match ebpf.map(name).ok_or_else(|| anyhow!("aya did not create map {name}"))? {
+        Map::Array(data)
+        | Map::HashMap(data)
+        | Map::LruHashMap(data)
+        | Map::PerCpuArray(data)
+        | Map::RingBuf(data)
+        | Map::PerCpuHashMap(data) => data,
+        other => bail!("map {name} has a type memtrace does not use: {other:?}"),
+    };
+    let fd = data.info().and_then(|info| info.fd()).with_context(|| format!("cannot reopen map {name}"))?;
+    fd.as_fd().try_clone_to_owned().with_context(|| format!("cannot duplicate map {name}'s descriptor"))
+}
+
+/// The bpf(2) system call.
+fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<OwnedFd> {
+    // SAFETY: `attr` is a valid, zero-initialised-then-filled bpf_attr of the
+    // size passed; every pointer in it outlives the call.
+    let fd =
+        unsafe { libc::syscall(libc::SYS_bpf, cmd as libc::c_long, attr as *mut bpf_attr, mem::size_of::<bpf_attr>()) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// The object's BTF, loaded into the kernel: the verifier wants each
+/// function's BTF (func_info) once a program has subprograms, as the
+/// `bpf_loop` callbacks are.
+fn load_btf(obj: &mut aya_obj::Object) -> Result<Option<OwnedFd>> {
+    // Linux 6.6 and later, which uprobe_multi needs, have every BTF feature.
+    let features = BtfFeatures::new(true, true, true, true, true, true, true, true);
+    let Some(btf) = obj.fixup_and_sanitize_btf(&features).context("cannot prepare memtrace's BTF")? else {
+        return Ok(None);
+    };
+    let bytes = btf.to_bytes();
+    // SAFETY: bpf_attr is plain data; all zeroes is its "unset" state.
+    let mut attr: bpf_attr = unsafe { mem::zeroed() };
+    // SAFETY: writing the BTF-load member of the union we zeroed.
+    let load = unsafe { &mut attr.__bindgen_anon_7 };
+    load.btf = bytes.as_ptr() as u64;
+    load.btf_size = bytes.len() as u32;
+    bpf(bpf_cmd::BPF_BTF_LOAD, &mut attr).map(Some).context("the kernel rejected memtrace's BTF")
+}
+
+/// BPF_PROG_LOAD of a kprobe-type program for uprobe_multi links, with the
+/// verifier's log into `log` when given.
+fn load_program(
+    name: &str,
+    function: &aya_obj::Function,
+    license: &CString,
+    btf: Option<&OwnedFd>,
+    log: Option<&mut [u8]>,
+) -> io::Result<OwnedFd> {
+    let insns: &[bpf_insn] = &function.instructions;
+    let func_info = function.func_info.func_info_bytes();
+    let line_info = function.line_info.line_info_bytes();
+    // SAFETY: bpf_attr is plain data; all zeroes is its "unset" state.
+    let mut attr: bpf_attr = unsafe { mem::zeroed() };
+    // SAFETY: writing the prog-load member of the union we zeroed.
+    let load = unsafe { &mut attr.__bindgen_anon_3 };
+    load.prog_type = bpf_prog_type::BPF_PROG_TYPE_KPROBE as u32;
+    load.expected_attach_type = bpf_attach_type::BPF_TRACE_UPROBE_MULTI as u32;
+    load.insns = insns.as_ptr() as u64;
+    load.insn_cnt = insns.len() as u32;
+    load.license = license.as_ptr() as u64;
+    for (slot, byte) in load.prog_name.iter_mut().zip(name.bytes().take(15)) {
+        *slot = byte as libc::c_char;
+    }
+    if let Some(btf) = btf {
+        load.prog_btf_fd = btf.as_raw_fd() as u32;
+        if function.func_info_rec_size > 0 {
+            load.func_info = func_info.as_ptr() as u64;
+            load.func_info_cnt = function.func_info.len() as u32;
+            load.func_info_rec_size = function.func_info_rec_size as u32;
+        }
+        if function.line_info_rec_size > 0 {
+            load.line_info = line_info.as_ptr() as u64;
+            load.line_info_cnt = function.line_info.len() as u32;
+            load.line_info_rec_size = function.line_info_rec_size as u32;
         }
     }
+    if let Some(log) = log {
+        load.log_level = 1;
+        load.log_buf = log.as_mut_ptr() as u64;
+        load.log_size = log.len() as u32;
+    }
+    bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr)
+}
+
+/// One uprobe_multi link of program `prog` on every point of `group` (one
+/// binary), each with its cookie, in process `pid` only.
+fn link_uprobe_multi(prog: RawFd, is_return: bool, pid: u32, group: &[&AttachPoint]) -> io::Result<OwnedFd> {
+    let path = CString::new(group[0].host_path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path with a NUL byte"))?;
+    let offsets: Vec<u64> = group.iter().map(|p| p.file_offset).collect();
+    let cookies: Vec<u64> = group.iter().map(|p| p.cookie).collect();
+    // SAFETY: bpf_attr is plain data; all zeroes is its "unset" state.
+    let mut attr: bpf_attr = unsafe { mem::zeroed() };
+    // SAFETY: writing the link-create member of the union we zeroed.
+    let create = unsafe { &mut attr.link_create };
+    create.__bindgen_anon_1.prog_fd = prog as u32;
+    create.attach_type = bpf_attach_type::BPF_TRACE_UPROBE_MULTI as u32;
+    // SAFETY: writing the uprobe_multi member of the union we zeroed.
+    let multi = unsafe { &mut create.__bindgen_anon_3.uprobe_multi };
+    multi.path = path.as_ptr() as u64;
+    multi.offsets = offsets.as_ptr() as u64;
+    multi.cookies = cookies.as_ptr() as u64;
+    multi.cnt = offsets.len() as u32;
+    multi.flags = if is_return { BPF_F_UPROBE_MULTI_RETURN } else { 0 };
+    multi.pid = pid;
+    bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr)
 }

@@ -9,6 +9,9 @@ use anyhow::{Context as _, Result, anyhow, bail};
 
 const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 const UPROBE_PMU: &str = "/sys/bus/event_source/devices/uprobe/type";
+const OSRELEASE: &str = "/proc/sys/kernel/osrelease";
+/// The first Linux with uprobe_multi links, which memtrace attaches with.
+const OLDEST_KERNEL: (u32, u32) = (6, 6);
 
 /// Capability bits (include/uapi/linux/capability.h).
 const CAP_SYS_ADMIN: u32 = 21;
@@ -35,8 +38,20 @@ pub fn check_privileges() -> Result<()> {
     Ok(())
 }
 
-/// Fails unless the kernel has BTF and the uprobe event source.
+/// Fails unless the kernel is new enough and has BTF and the uprobe event
+/// source.
 pub fn check_kernel() -> Result<()> {
+    let release = fs::read_to_string(OSRELEASE).with_context(|| format!("cannot read {OSRELEASE}"))?;
+    let release = release.trim();
+    let mut numbers = release.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().unwrap_or(0));
+    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    if version < OLDEST_KERNEL {
+        bail!(
+            "Linux {release} is too old: memtrace needs {}.{} or later (it attaches uprobe_multi links)",
+            OLDEST_KERNEL.0,
+            OLDEST_KERNEL.1
+        );
+    }
     if fs::metadata(BTF_PATH).is_err() {
         bail!(
             "this kernel has no BTF ({BTF_PATH} is missing); memtrace needs a kernel built with CONFIG_DEBUG_INFO_BTF"

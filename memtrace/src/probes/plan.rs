@@ -16,7 +16,7 @@ use super::{
 };
 use crate::target::{Target, elf::ElfFile, maps::host_path};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Program {
     AllocEntry,
     AllocReturn,
