@@ -284,8 +284,13 @@ pub fn pool_pop(ctx: ProbeContext) -> u32 {
     // SAFETY: the map value outlives this program run.
     let Some(target) = (unsafe { TARGETS.get(&pid) }) else { return 0 };
     let (_, cookie) = cookie(&ctx);
-    let pool = Regs::read(ctx.regs).get(cookie.ptr_reg);
-    let Some((block, size)) = python::pool_pop(&target.python, pool) else { return 0 };
+    let regs = Regs::read(ctx.regs);
+    let Some((block, class_size)) = python::pool_pop(&target.python, regs.get(cookie.ptr_reg)) else { return 0 };
+    // The request, where the copy keeps it in a register: a value outside
+    // the block's size class would be a misread register, so the class
+    // stands then, as at copies whose request was a compile-time constant.
+    let request = if cookie.size_reg == NO_ARG { 0 } else { regs.get(cookie.size_reg) };
+    let size = if request <= class_size && request + 16 > class_size { request } else { class_size };
     if size < target.min_size || size > target.max_size {
         return 0;
     }

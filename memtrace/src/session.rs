@@ -73,10 +73,11 @@ pub async fn run(options: Options) -> Result<Outcome> {
     let inlined = interpreter.map(|i| inlined::find(&i.elf)).unwrap_or_default();
     if let (Some(i), Some(sites)) = (interpreter, &inlined.pymalloc) {
         notes.push(format!(
-            "CPython {} inlines pymalloc's fast path into its callers; memtrace probes those copies ({} pops, {} pushes) instead of the allocator's functions, and their blocks' sizes are pymalloc's size classes (the request rounded up to 16 bytes)",
+            "CPython {} inlines pymalloc's fast path into its callers; memtrace probes those copies ({} pops, {} pushes) instead of the allocator's functions; where a copy's request is a compile-time constant ({} of the pops), a block's size is its pymalloc size class (the request rounded up to 16 bytes)",
             i.version,
             sites.pops.len(),
-            sites.pushes.len()
+            sites.pushes.len(),
+            sites.pops.iter().filter(|pop| pop.request.is_none()).count()
         ));
     }
     let points = plan::plan(

@@ -3,7 +3,7 @@
 //! under `-X tracemalloc=25`, printing its own `compare_to('lineno')`, and
 //! once untraced with memtrace attached from outside over the same phase;
 //! the top three lines must be the same lines in the same order, with
-//! counts within 2% and sizes within 5% (see `assert_close` for LTO builds).
+//! counts within 2% and sizes within 5%.
 
 use std::{
     path::{Path, PathBuf},
@@ -29,31 +29,9 @@ fn marked(marker: &str) -> String {
     format!("{WORKLOADS}:{}", marker_line(marker))
 }
 
-/// One supported interpreter, and what block sizes memtrace records in it.
-struct Interpreter {
-    path: PathBuf,
-    sizes: Sizes,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Sizes {
-    /// The size each allocator call asked for, as tracemalloc records.
-    Requested,
-    /// An LTO build that inlines pymalloc's fast path: memtrace probes the
-    /// inlined pool pops, which know the block's size class, not the request.
-    SizeClasses,
-}
-
-impl Interpreter {
-    fn path(&self) -> &Path {
-        assert!(self.path.exists(), "{} is missing: it is a supported interpreter", self.path.display());
-        &self.path
-    }
-}
-
-fn pyenv(version: &str) -> Interpreter {
+fn pyenv(version: &str) -> PathBuf {
     let root = std::env::var("PYENV_ROOT").unwrap_or_else(|_| "/root/.pyenv".into());
-    Interpreter { path: Path::new(&root).join("versions").join(version).join("bin/python"), sizes: Sizes::Requested }
+    Path::new(&root).join("versions").join(version).join("bin/python")
 }
 
 /// What tracemalloc says about one run of `workload`.
@@ -63,9 +41,10 @@ struct Truth {
     traceback: Vec<String>,
 }
 
-fn tracemalloc_truth(python: &Interpreter, workload: &str) -> Truth {
+fn tracemalloc_truth(python: &Path, workload: &str) -> Truth {
+    assert!(python.exists(), "{} is missing: it is a supported interpreter", python.display());
     let mut target =
-        Target::spawn(Command::new(python.path()).args(["-X", "tracemalloc=25", WORKLOADS, "tracemalloc", workload]));
+        Target::spawn(Command::new(python).args(["-X", "tracemalloc=25", WORKLOADS, "tracemalloc", workload]));
     target.expect_line("ready");
     target.send("go");
     let mut top = Vec::new();
@@ -93,8 +72,9 @@ struct Observed {
     said: Vec<String>,
 }
 
-fn memtrace_view(python: &Interpreter, workload: &str, extra: &[&str]) -> Observed {
-    let mut target = Target::spawn(Command::new(python.path()).args([WORKLOADS, "plain", workload]));
+fn memtrace_view(python: &Path, workload: &str, extra: &[&str]) -> Observed {
+    assert!(python.exists(), "{} is missing: it is a supported interpreter", python.display());
+    let mut target = Target::spawn(Command::new(python).args([WORKLOADS, "plain", workload]));
     target.expect_line("ready");
     let pid = target.pid().to_string();
     let mut args = vec!["--pid", &pid, "--interval", "600"];
@@ -115,10 +95,8 @@ fn memtrace_view(python: &Interpreter, workload: &str, extra: &[&str]) -> Observ
     assert!(
         !stderr.iter().any(|l| l.contains("native frames only")),
         "{} must be supported: {stderr:?}",
-        python.path.display()
+        python.display()
     );
-    let size_classes = stdout.contains("pymalloc's size classes");
-    assert_eq!(size_classes, python.sizes == Sizes::SizeClasses, "the sizes memtrace records:\n{stdout}");
     let (header, lines) = final_report(&stdout);
     Observed { header, lines, stdout, said }
 }
@@ -136,29 +114,23 @@ fn bytes(size: &str) -> f64 {
 }
 
 /// memtrace's line agrees with tracemalloc's: same place, count within 2%,
-/// size within 5% (plus the rounding of the printed sizes); where memtrace
-/// records size classes, each block may also be up to 15 bytes bigger than
-/// its request. Counts are integers, and CPython's free lists hold a few
-/// blocks whose state differs between any two processes (a dict keys object
-/// one process allocates fresh at a line, another reuses), so a one-block
-/// difference is allowed where 2% is less than a block.
-fn assert_close(truth: &ReportLine, seen: &ReportLine, sizes: Sizes, context: &str) {
+/// size within 5% (plus the rounding of the printed sizes). Counts are
+/// integers, and CPython's free lists hold a few blocks whose state differs
+/// between any two processes (a dict keys object one process allocates
+/// fresh at a line, another reuses), so a one-block difference is allowed
+/// where 2% is less than a block.
+fn assert_close(truth: &ReportLine, seen: &ReportLine, context: &str) {
     assert_eq!(seen.location, truth.location, "{context}");
     let (want, got) = (truth.count as f64, seen.count as f64);
     assert!((got - want).abs() <= (0.02 * want).max(1.0), "{context}: count {got} vs tracemalloc's {want}");
-    let rounding_up = match sizes {
-        Sizes::Requested => 0.0,
-        Sizes::SizeClasses => 15.0 * truth.count as f64,
-    };
     let (want, got) = (bytes(&truth.size), bytes(&seen.size));
-    let printed = if truth.size.ends_with(" B") { 0.0 } else { 0.001 * want };
-    let slack = 0.05 * want + printed;
-    assert!(got >= want - slack && got <= want + rounding_up + slack, "{context}: size {got} vs tracemalloc's {want}");
+    let rounding = if truth.size.ends_with(" B") { 0.0 } else { 0.001 * want };
+    assert!((got - want).abs() <= 0.05 * want + rounding, "{context}: size {got} vs tracemalloc's {want}");
 }
 
 /// The ground-truth comparison: the workload's three marked lines lead both
 /// reports, in the same order, with close numbers.
-fn ground_truth(python: &Interpreter, workload: &str, markers: [&str; 3]) {
+fn ground_truth(python: &Path, workload: &str, markers: [&str; 3]) {
     let truth = tracemalloc_truth(python, workload);
     let seen = memtrace_view(python, workload, &[]);
     let expected: Vec<String> = markers.iter().map(|m| marked(m)).collect();
@@ -169,25 +141,25 @@ fn ground_truth(python: &Interpreter, workload: &str, markers: [&str; 3]) {
     assert_eq!(truth_top, sorted, "tracemalloc's top 3 are the workload's lines: {:?}", truth.top);
     assert!(seen.lines.len() >= 3, "memtrace reported fewer than 3 lines:\n{}", seen.stdout);
     for i in 0..3 {
-        assert_close(&truth.top[i], &seen.lines[i], python.sizes, &format!("{workload} line {i}:\n{}", seen.stdout));
+        assert_close(&truth.top[i], &seen.lines[i], &format!("{workload} line {i}:\n{}", seen.stdout));
     }
     assert!(seen.header.contains(" alloc-map-full=0"), "{}", seen.header);
 }
 
-fn nested_lists(python: &Interpreter) {
+fn nested_lists(python: &Path) {
     ground_truth(python, "nested_lists", ["holder-data", "holder-label", "holder"]);
 }
 
-fn dict_cache(python: &Interpreter) {
+fn dict_cache(python: &Path) {
     ground_truth(python, "dict_cache", ["cache-key", "cache-value", "cache-insert"]);
 }
 
-fn closures(python: &Interpreter) {
+fn closures(python: &Path) {
     ground_truth(python, "closures", ["closure-buffer", "closure-def", "closure"]);
 }
 
 /// Pure churn keeps nothing: no line of the workload holds memory.
-fn churn(python: &Interpreter) {
+fn churn(python: &Path) {
     let seen = memtrace_view(python, "churn", &[]);
     let held: f64 = seen.lines.iter().filter(|l| l.location.starts_with(WORKLOADS)).map(|l| bytes(&l.size)).sum();
     assert!(held < 1024.0, "churn holds {held} bytes:\n{}", seen.stdout);
@@ -198,7 +170,7 @@ fn churn(python: &Interpreter) {
 
 /// `--group-by traceback`: the biggest offender's first four frames are
 /// tracemalloc's.
-fn traceback(python: &Interpreter) {
+fn traceback(python: &Path) {
     let truth = tracemalloc_truth(python, "deep");
     let seen = memtrace_view(python, "deep", &["--group-by", "traceback", "--top", "1"]);
     let frames: Vec<String> = seen
@@ -218,11 +190,11 @@ fn traceback(python: &Interpreter) {
 }
 
 /// Three threads leaking from their own lines get their own lines.
-fn threads(python: &Interpreter) {
+fn threads(python: &Path) {
     let truth = tracemalloc_truth(python, "threads");
     let seen = memtrace_view(python, "threads", &[]);
     for i in 0..3 {
-        assert_close(&truth.top[i], &seen.lines[i], python.sizes, &format!("threads line {i}:\n{}", seen.stdout));
+        assert_close(&truth.top[i], &seen.lines[i], &format!("threads line {i}:\n{}", seen.stdout));
     }
     let mut top: Vec<&str> = seen.lines[..3].iter().map(|l| l.location.as_str()).collect();
     top.sort();
@@ -233,7 +205,7 @@ fn threads(python: &Interpreter) {
 
 /// Memory malloc'ed through ctypes, which tracemalloc cannot see, is the
 /// Python line's; with --native the C frames beneath it are shown.
-fn native_leak(python: &Interpreter) {
+fn native_leak(python: &Path) {
     let seen = memtrace_view(python, "native_leak", &[]);
     let line = seen.lines.iter().find(|l| l.location == marked("ctypes-malloc")).expect("the ctypes line is reported");
     assert!(line.count >= 1000 && bytes(&line.size) >= 1000.0 * 8192.0, "{}", seen.stdout);
@@ -249,7 +221,7 @@ fn native_leak(python: &Interpreter) {
 /// A freed code object whose address a new function gets is never reported
 /// under the old function's name: every generated file keeps its own line
 /// and numbers.
-fn code_reuse(python: &Interpreter) {
+fn code_reuse(python: &Path) {
     let seen = memtrace_view(python, "code_reuse", &["--top", "50"]);
     let reused: u32 = seen.said.iter().find_map(|l| l.strip_prefix("REUSED ")).unwrap().parse().unwrap();
     assert!(reused > 0, "the allocator never reused a code object's address; the test proves nothing");
@@ -273,7 +245,7 @@ macro_rules! interpreter {
         mod $module {
             use super::*;
 
-            fn python() -> Interpreter {
+            fn python() -> PathBuf {
                 require_root();
                 $python
             }
@@ -327,4 +299,4 @@ interpreter!(cpython_3_10, pyenv("3.10.13"));
 interpreter!(cpython_3_11, pyenv("3.11.7"));
 interpreter!(cpython_3_12, pyenv("3.12.1"));
 interpreter!(cpython_3_13, pyenv("3.13.0"));
-interpreter!(debian_python_3_11, Interpreter { path: PathBuf::from("/usr/bin/python3.11"), sizes: Sizes::SizeClasses });
+interpreter!(debian_python_3_11, PathBuf::from("/usr/bin/python3.11"));

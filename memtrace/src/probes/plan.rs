@@ -186,15 +186,18 @@ fn by_symbol<'a>(binary: &'a ProbedBinary<'a>, function: AllocatorFn) -> Option<
 /// registers it names hold there only).
 fn inlined_sites(pid: u32, binary: &ProbedBinary, inlined: &InlinedCode) -> Vec<AttachPoint> {
     let (pops, pushes) = inlined.pymalloc.as_ref().map_or((&[][..], &[][..]), |p| (&p.pops[..], &p.pushes[..]));
-    let pops = pops.iter().map(|pop| (Program::PoolPop, pop.vaddr, op::POOL_POP, pop.pool.number(), "pymalloc pop"));
-    let pushes = pushes.iter().map(|push| (Program::Free, push.vaddr, op::FREE, push.block.number(), "pymalloc push"));
-    let births =
-        inlined.new_references.sites.iter().map(|site| {
-            (Program::NewReference, site.vaddr, op::NEW_REFERENCE, site.object.number(), "_Py_NewReference")
-        });
+    let pops = pops.iter().map(|pop| {
+        let request = pop.request.map_or(NO_ARG, |r| r.number());
+        (Program::PoolPop, pop.vaddr, op::POOL_POP, pop.pool.number(), request, "pymalloc pop")
+    });
+    let pushes =
+        pushes.iter().map(|push| (Program::Free, push.vaddr, op::FREE, push.block.number(), NO_ARG, "pymalloc push"));
+    let births = inlined.new_references.sites.iter().map(|site| {
+        (Program::NewReference, site.vaddr, op::NEW_REFERENCE, site.object.number(), NO_ARG, "_Py_NewReference")
+    });
     pops.chain(pushes)
         .chain(births)
-        .filter_map(|(program, vaddr, op, register, kind)| {
+        .filter_map(|(program, vaddr, op, register, size_reg, kind)| {
             let code = binary.elf.bytes_at(vaddr, 16)?;
             Some(AttachPoint {
                 program,
@@ -205,7 +208,7 @@ fn inlined_sites(pid: u32, binary: &ProbedBinary, inlined: &InlinedCode) -> Vec<
                 cookie: ProbeCookie {
                     op,
                     layer: layer::PYMALLOC,
-                    size_reg: NO_ARG,
+                    size_reg,
                     count_reg: NO_ARG,
                     ptr_reg: register,
                     function: 0,

@@ -45,14 +45,21 @@ const NEAR: usize = 12;
 /// How many instructions of a guard's inlined side are searched for its
 /// site (the copies found need at most 43).
 const GUARD_REACH: usize = 96;
+/// How many instructions before a pop its size class computation may be
+/// (the copies found need 11).
+const REQUEST_REACH: usize = 24;
 
 /// An inlined `pymalloc_alloc` fast path, probed at its `++pool->ref.count`
 /// (`addl $1,(%pool)`): there `*(pool + 8)` is the block being allocated and
-/// the u32 at `pool + Layout::pool_szidx` its size class.
+/// the u32 at `pool + Layout::pool_szidx` its size class. Where the size is
+/// not a compile-time constant, `request` holds the size asked for: the
+/// copy computes the size class from it (`lea -1(%request),%r; shr $4,%r`)
+/// and keeps it for the fallback to malloc.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PopSite {
     pub vaddr: u64,
     pub pool: Gpr,
+    pub request: Option<Gpr>,
 }
 
 /// An inlined `pymalloc_free`, probed at its `pool->freeblock = p` (`mov
@@ -349,8 +356,66 @@ impl Text {
         }
         let empty = self.index_of(self.insns[branch].near_branch_target())?;
         Some(Pop {
-            site: PopSite { vaddr: self.insns[i].ip(), pool: Gpr::of(pool)? },
+            site: PopSite { vaddr: self.insns[i].ip(), pool: Gpr::of(pool)?, request: self.request_register(i) },
             slow_call: self.call_reached(empty),
+        })
+    }
+
+    /// The register that holds the requested size at the pop at `i`. The
+    /// copy computed the size class from it, `lea -1(%N),%r; shr $4,%r` or
+    /// `sub $1,%r; shr $4,%r`, on the code that falls through to `i`: the
+    /// request is `N`, or a copy of it made before, whichever is unchanged
+    /// at `i`.
+    fn request_register(&self, i: usize) -> Option<Gpr> {
+        let path: Vec<usize> = self.path_to(i).collect();
+        let shr = *path.iter().find(|&&k| {
+            let ins = &self.insns[k];
+            ins.code() == Code::Shr_rm32_imm8 && ins.op0_kind() == OpKind::Register && ins.immediate(1) == 4
+        })?;
+        let index = self.insns[shr].op0_register();
+        let computation = shr.checked_sub(1)?;
+        let ins = &self.insns[computation];
+        let value = if ins.code() == Code::Lea_r32_m
+            && ins.op0_register() == index
+            && ins.memory_index() == Register::None
+            && ins.memory_displacement64() == u64::MAX
+        {
+            ins.memory_base()
+        } else if matches!(ins.code(), Code::Sub_rm32_imm8 | Code::Sub_rm32_imm32)
+            && ins.op0_kind() == OpKind::Register
+            && ins.op0_register() == index
+            && ins.immediate(1) == 1
+        {
+            index.full_register()
+        } else {
+            return None;
+        };
+        if !self.writes_register(computation..i, value) {
+            return Gpr::of(value);
+        }
+        // A copy, `mov %value,%copy`, made while `value` held the request.
+        path.iter().filter(|&&k| k < computation).find_map(|&k| {
+            let copy = &self.insns[k];
+            let copies = copy.code() == Code::Mov_rm64_r64
+                && copy.op0_kind() == OpKind::Register
+                && copy.op1_register() == value;
+            let copied = copy.op0_register();
+            (copies && !self.writes_register(k + 1..computation, value) && !self.writes_register(k + 1..i, copied))
+                .then(|| Gpr::of(copied))
+                .flatten()
+        })
+    }
+
+    /// The instructions before `i`, nearest first, as long as each falls
+    /// into the next (straight code and not-taken conditional branches), at
+    /// most `REQUEST_REACH`.
+    fn path_to(&self, i: usize) -> impl Iterator<Item = usize> + '_ {
+        (1..=REQUEST_REACH).map_while(move |back| {
+            let k = i.checked_sub(back)?;
+            let (previous, next) = (&self.insns[k], &self.insns[k + 1]);
+            (previous.next_ip() == next.ip()
+                && matches!(previous.flow_control(), FlowControl::Next | FlowControl::ConditionalBranch))
+            .then_some(k)
         })
     }
 
@@ -576,6 +641,15 @@ mod tests {
         for vaddr in NOT_PUSHES {
             assert!(found.pushes.iter().all(|s| s.vaddr != vaddr), "{vaddr:#x} is not a push");
         }
+        let request = |vaddr: u64| found.pops.iter().find(|p| p.vaddr == vaddr).unwrap().request;
+        // _PyObject_GC_New's basic size, _PyLong_New's digits, and
+        // PyUnicode_New's constant-size empty string, whose request was folded.
+        assert_eq!(request(0x4fb148), Some(Gpr::R12));
+        assert_eq!(request(0x509772), Some(Gpr::Rbp));
+        assert_eq!(request(0x5a3115), None);
+        // The other 59 take their pool from a constant slot of `usedpools`:
+        // a size fixed at compile time, folded into its class.
+        assert_eq!(found.pops.iter().filter(|p| p.request.is_some()).count(), 112);
     }
 
     #[test]
