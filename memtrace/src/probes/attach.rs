@@ -125,12 +125,9 @@ fn load_programs(ebpf: &Ebpf, object: &[u8], verbose: bool) -> Result<BTreeMap<P
 /// aya 0.14 does not lend out a map's own descriptor).
 fn map_fd(ebpf: &Ebpf, name: &str) -> Result<OwnedFd> {
     let data = match ebpf.map(name).ok_or_else(|| anyhow!("aya did not create map {name}"))? {
-        Map::Array(data)
-        | Map::HashMap(data)
-        | Map::LruHashMap(data)
-        | Map::PerCpuArray(data)
-        | Map::RingBuf(data)
-        | Map::PerCpuHashMap(data) => data,
+        Map::Array(data) | Map::HashMap(data) | Map::LruHashMap(data) | Map::PerCpuArray(data) | Map::RingBuf(data) => {
+            data
+        }
         other => bail!("map {name} has a type memtrace does not use: {other:?}"),
     };
     let fd = data.info().and_then(|info| info.fd()).with_context(|| format!("cannot reopen map {name}"))?;
