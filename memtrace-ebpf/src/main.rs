@@ -22,7 +22,7 @@ use aya_ebpf::{
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use memtrace_common::{NO_ARG, PendingCall, ProbeCookie, SiteKey, counter, layer, op, reg};
+use memtrace_common::{NO_ARG, PendingCall, ProbeCookie, SiteKey, TargetConfig, counter, layer, op, reg};
 
 use crate::{
     accounting::{Recorded, is_tracked, move_block, record_alloc, record_free, restore},
@@ -232,15 +232,37 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
         layer: cookie.layer as u32,
         caller,
         native_stack: if target.native_frames > 1 { native_stack(&ctx, target.native_frames) } else { 0 },
-        python_stack: if target.python_frames > 0 { python_stack(&target.python, target.python_frames) } else { 0 },
+        python_stack: 0,
     };
-    match record_alloc(addr, size, site) {
-        Recorded::Untracked => return 0,
-        Recorded::AtNewSite if target.copy_stacks != 0 => copy_stack(ctx.regs, true, &site),
-        _ => {}
+    if !record_at_site(ctx.regs, target, site, addr, size, true) {
+        return 0;
     }
     pending.block = addr;
     0
+}
+
+/// Records `block` as a `size`-byte allocation at `site` with the current
+/// Python stack, and copies a new site's native stack for --native
+/// (`at_return`: the probe is a return probe). False when the block could
+/// not be tracked.
+#[inline(always)]
+fn record_at_site(
+    regs: *const pt_regs,
+    target: &TargetConfig,
+    mut site: SiteKey,
+    block: u64,
+    size: u64,
+    at_return: bool,
+) -> bool {
+    site.python_stack = if target.python_frames > 0 { python_stack(&target.python, target.python_frames) } else { 0 };
+    match record_alloc(block, size, site) {
+        Recorded::Untracked => false,
+        Recorded::AtNewSite if target.copy_stacks != 0 => {
+            copy_stack(regs, at_return, &site);
+            true
+        }
+        _ => true,
+    }
 }
 
 #[uprobe]
@@ -301,12 +323,10 @@ pub fn pool_pop(ctx: ProbeContext) -> u32 {
         // SAFETY: the context is the kernel's pt_regs for this probe.
         caller: unsafe { (*ctx.regs).rip },
         native_stack: 0,
-        python_stack: if target.python_frames > 0 { python_stack(&target.python, target.python_frames) } else { 0 },
+        python_stack: 0,
     };
-    match record_alloc(block, size, site) {
-        Recorded::Untracked => return 0,
-        Recorded::AtNewSite if target.copy_stacks != 0 => copy_stack(ctx.regs, false, &site),
-        _ => {}
+    if !record_at_site(ctx.regs, target, site, block, size, false) {
+        return 0;
     }
     // The thread's last allocation, for new_reference to tell fresh
     // objects from reused ones.

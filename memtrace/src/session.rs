@@ -85,15 +85,15 @@ pub async fn run(options: Options) -> Result<Outcome> {
         ProbedBinary { path: libc_path, elf: &libc_elf },
         interpreter.map(|i| PythonProbes { binary: ProbedBinary { path: &i.path, elf: &i.elf }, inlined: &inlined }),
     )?;
-    if options.verbose && interpreter.is_some() {
-        let found = &inlined.new_references;
-        eprintln!(
-            "memtrace: {} inlined copies of _Py_NewReference found, from {} reads of tracemalloc's flag",
-            found.sites.len(),
-            found.tracing_reads
-        );
-    }
     if options.verbose {
+        if interpreter.is_some() {
+            let found = &inlined.new_references;
+            eprintln!(
+                "memtrace: {} inlined copies of _Py_NewReference found, from {} references to tracemalloc's flag",
+                found.sites.len(),
+                found.tracing_references
+            );
+        }
         for p in points.iter().filter(|p| p.program != plan::Program::AllocEntry) {
             eprintln!(
                 "memtrace: probe {} {}+{:#x} in {} ({}): {}",

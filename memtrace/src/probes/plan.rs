@@ -186,18 +186,29 @@ fn by_symbol<'a>(binary: &'a ProbedBinary<'a>, function: AllocatorFn) -> Option<
 /// registers it names hold there only).
 fn inlined_sites(pid: u32, binary: &ProbedBinary, inlined: &InlinedCode) -> Vec<AttachPoint> {
     let (pops, pushes) = inlined.pymalloc.as_ref().map_or((&[][..], &[][..]), |p| (&p.pops[..], &p.pushes[..]));
+    // Every inlined site is pymalloc's layer and names its registers itself.
+    let cookie = |op, ptr_reg, size_reg| ProbeCookie {
+        op,
+        layer: layer::PYMALLOC,
+        size_reg,
+        count_reg: NO_ARG,
+        ptr_reg,
+        function: 0,
+    };
     let pops = pops.iter().map(|pop| {
         let request = pop.request.map_or(NO_ARG, |r| r.number());
-        (Program::PoolPop, pop.vaddr, op::POOL_POP, pop.pool.number(), request, "pymalloc pop")
+        (Program::PoolPop, pop.vaddr, cookie(op::POOL_POP, pop.pool.number(), request), "pymalloc pop")
     });
-    let pushes =
-        pushes.iter().map(|push| (Program::Free, push.vaddr, op::FREE, push.block.number(), NO_ARG, "pymalloc push"));
+    let pushes = pushes
+        .iter()
+        .map(|push| (Program::Free, push.vaddr, cookie(op::FREE, push.block.number(), NO_ARG), "pymalloc push"));
     let births = inlined.new_references.sites.iter().map(|site| {
-        (Program::NewReference, site.vaddr, op::NEW_REFERENCE, site.object.number(), NO_ARG, "_Py_NewReference")
+        let cookie = cookie(op::NEW_REFERENCE, site.object.number(), NO_ARG);
+        (Program::NewReference, site.vaddr, cookie, "_Py_NewReference")
     });
     pops.chain(pushes)
         .chain(births)
-        .filter_map(|(program, vaddr, op, register, size_reg, kind)| {
+        .filter_map(|(program, vaddr, cookie, kind)| {
             let code = binary.elf.bytes_at(vaddr, 16)?;
             Some(AttachPoint {
                 program,
@@ -205,15 +216,7 @@ fn inlined_sites(pid: u32, binary: &ProbedBinary, inlined: &InlinedCode) -> Vec<
                 host_path: host_path(pid, binary.path),
                 symbol: format!("inlined {kind}@{vaddr:#x}"),
                 file_offset: binary.elf.file_offset(vaddr)?,
-                cookie: ProbeCookie {
-                    op,
-                    layer: layer::PYMALLOC,
-                    size_reg,
-                    count_reg: NO_ARG,
-                    ptr_reg: register,
-                    function: 0,
-                }
-                .to_u64(),
+                cookie: cookie.to_u64(),
                 placement: placement::exact(code, "an inlined copy: the registers it names hold there only"),
             })
         })

@@ -35,13 +35,13 @@ pub struct NewReferenceSite {
     pub object: Gpr,
 }
 
-/// The inlined copies found, and how many reads of `tracing` there were:
-/// the copies plus tracemalloc's own code and the odd unmatched copy.
+/// The inlined copies found, and how many instructions refer to `tracing`:
+/// the copies' tests plus tracemalloc's own code and the odd unmatched copy.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct InlinedNewReferences {
     /// In address order, each store once.
     pub sites: Vec<NewReferenceSite>,
-    pub tracing_reads: usize,
+    pub tracing_references: usize,
 }
 
 /// Where code finds `_Py_tracemalloc_config.tracing`: at its address, or
@@ -61,7 +61,7 @@ pub(super) fn find(elf: &ElfFile, text: &Text) -> InlinedNewReferences {
     let mut found = InlinedNewReferences::default();
     for k in 0..text.insns.len() {
         let Some(read) = reads_tracing(text, k, &tracing) else { continue };
-        found.tracing_reads += 1;
+        found.tracing_references += 1;
         if let Some(site) = tests_value(text, read)
             .and_then(|flags| untraced_path(text, flags))
             .and_then(|start| refcount_store(text, start))
@@ -208,14 +208,14 @@ mod tests {
         find(&elf, &Text::decode(&elf).unwrap())
     }
 
-    /// Debian's LTO python3.11 reads `tracing` 286 times; the copies on
+    /// Debian's LTO python3.11 refers to `tracing` 286 times; the copies on
     /// its free-list paths (e.g. PyType_GetModuleState's neighbour at
     /// 0x428eb9, `movq $1,(%rbx)`) are among the sites, and the function's
     /// own store is not.
     #[test]
     fn finds_inlined_copies_in_debian_python311() {
         let found = found("/usr/bin/python3.11");
-        assert_eq!(found.tracing_reads, 286);
+        assert_eq!(found.tracing_references, 286);
         assert!(found.sites.len() >= 200, "{} sites", found.sites.len());
         assert!(found.sites.contains(&NewReferenceSite { vaddr: 0x428eb9, object: Gpr::Rbx }), "{found:?}");
         let function = 0x4fb8a0..0x4fb8e0;
