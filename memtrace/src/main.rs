@@ -1,23 +1,11 @@
-//! memtrace: finds what grows, and where, in a running process, from
-//! outside. The pipeline runs one way: discovery (target, python) -> probe
-//! plan (probes) -> kernel maps (collect) -> snapshots (symbolize, snapshot)
-//! -> reports (report); `session` drives it. This file only turns the
-//! outcome into an exit status and one-line errors.
-
-mod cli;
-mod collect;
-mod coverage;
-mod probes;
-mod python;
-mod report;
-mod session;
-mod snapshot;
-mod symbolize;
-mod target;
+//! The memtrace command: parses the options, runs a session (see the
+//! library's `session`), and turns its outcome into an exit status and
+//! one-line errors.
 
 use std::process::ExitCode;
 
 use clap::Parser as _;
+use memtrace::{cli, session};
 
 /// Exit statuses besides 0 (stopped by a signal, --count or --duration).
 const EXIT_ERROR: u8 = 1;

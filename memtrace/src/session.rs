@@ -31,7 +31,7 @@ use crate::{
     report::text::{Header, SourceFiles, TextReport},
     snapshot::{GroupBy, Snapshot, Stat},
     symbolize::Symbolizer,
-    target::{Target, elf::ElfFile, maps::host_path},
+    process::{Target, elf::ElfFile, proc_maps::host_path},
 };
 
 /// How often the memory map is refreshed and Python stacks the kernel could

@@ -14,7 +14,7 @@ use super::{
     inlined::InlinedCode,
     placement::{self, ArgReg, Placement},
 };
-use crate::target::{Target, elf::ElfFile, maps::host_path};
+use crate::process::{Target, elf::ElfFile, proc_maps::host_path};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Program {

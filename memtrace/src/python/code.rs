@@ -14,7 +14,7 @@ use super::{
     linetable::{self, LineTableFormat},
     version::Version,
 };
-use crate::{snapshot::Frame, target::memory::ProcessMemory};
+use crate::{snapshot::Frame, process::memory::ProcessMemory};
 
 /// Bounds on what is read from the target, which could hold garbage.
 const MAX_STRING: usize = 4096;

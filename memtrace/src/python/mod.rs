@@ -8,7 +8,7 @@ pub mod code;
 pub mod debug_offsets;
 pub mod layouts;
 pub mod linetable;
-pub mod pymalloc;
+pub mod pymalloc_census;
 pub mod version;
 
 use anyhow::Result;
@@ -16,10 +16,10 @@ use memtrace_common::{NO_OFFSET, PythonWalk, WINDOW_MAX, Window};
 
 use self::{
     layouts::{EvalEntry, Layout},
-    pymalloc::PymallocState,
+    pymalloc_census::PymallocState,
     version::Version,
 };
-use crate::target::{Target, elf::ElfFile, maps::host_path, memory::ProcessMemory};
+use crate::process::{Target, elf::ElfFile, proc_maps::host_path, memory::ProcessMemory};
 
 pub struct Interpreter {
     /// The binary holding the runtime, as the target sees it.

@@ -18,9 +18,9 @@ use crate::{
     probes::attach::Tracer,
     python::code::{CodeResolver, ResolvedFrame},
     snapshot::{Frame, Traceback},
-    target::{
+    process::{
         Target,
-        maps::{MemoryMap, root_prefix},
+        proc_maps::{MemoryMap, root_prefix},
     },
 };
 

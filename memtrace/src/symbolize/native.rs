@@ -10,7 +10,7 @@ use blazesym::symbolize::{
     source::{Elf, Source},
 };
 
-use crate::{snapshot::Frame, target::maps::MemoryMap};
+use crate::{snapshot::Frame, process::proc_maps::MemoryMap};
 
 pub struct NativeSymbolizer {
     symbolizer: Symbolizer,

@@ -14,7 +14,7 @@ use gimli::{
 use memtrace_common::SiteStackCopy;
 use object::{Object as _, ObjectSection as _, ObjectSegment as _};
 
-use crate::target::maps::MemoryMap;
+use crate::process::proc_maps::MemoryMap;
 
 /// Frames beyond this are not unwound (a loop in corrupt data ends here).
 const MAX_FRAMES: usize = 128;

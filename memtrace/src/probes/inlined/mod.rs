@@ -7,23 +7,23 @@
 mod text;
 
 pub mod new_reference;
-pub mod pymalloc;
+pub mod pymalloc_fast_path;
 
 use text::Text;
 
-use crate::target::elf::ElfFile;
+use crate::process::elf::ElfFile;
 
 /// What an interpreter binary inlined, from one decoding of its `.text`.
 #[derive(Debug, Default)]
 pub struct InlinedCode {
-    pub pymalloc: Option<pymalloc::InlinedPymalloc>,
+    pub pymalloc: Option<pymalloc_fast_path::InlinedPymalloc>,
     pub new_references: new_reference::InlinedNewReferences,
 }
 
 pub fn find(elf: &ElfFile) -> InlinedCode {
     match Text::decode(elf) {
         Some(text) => {
-            InlinedCode { pymalloc: pymalloc::find(elf, &text), new_references: new_reference::find(elf, &text) }
+            InlinedCode { pymalloc: pymalloc_fast_path::find(elf, &text), new_references: new_reference::find(elf, &text) }
         }
         None => InlinedCode::default(),
     }

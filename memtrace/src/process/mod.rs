@@ -3,14 +3,14 @@
 //! statically linked program) are found here and named in one sentence.
 
 pub mod elf;
-pub mod maps;
+pub mod proc_maps;
 pub mod memory;
 
 use std::fs;
 
 use anyhow::{Result, bail};
 
-use self::maps::MemoryMap;
+use self::proc_maps::MemoryMap;
 
 /// Set in /proc/PID/stat's flags for kernel threads (include/linux/sched.h).
 const PF_KTHREAD: u64 = 0x0020_0000;

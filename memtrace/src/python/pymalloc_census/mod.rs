@@ -19,8 +19,8 @@ use std::io;
 use gimli::{BaseAddresses, EhFrame, LittleEndian, UnwindSection as _};
 use iced_x86::{Decoder, DecoderOptions, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register};
 
-use super::layouts;
-use crate::target::{
+use crate::python::layouts;
+use crate::process::{
     elf::{ElfFile, Symbol},
     memory::ProcessMemory,
 };
@@ -354,7 +354,7 @@ fn py313_sizes_match(elf: &ElfFile) -> bool {
     let Some(offsets) = runtime.filter(|r| r.len() >= 56) else { return false };
     // cookie, version (PY_VERSION_HEX), free_threaded, runtime_state.size
     // at 24, interpreter_state.size at 48.
-    &offsets[..8] == super::debug_offsets::COOKIE
+    &offsets[..8] == crate::python::debug_offsets::COOKIE
         && u64_at(offsets, 8) >> 16 == 0x030d
         && u64_at(offsets, 16) == 0
         && u64_at(offsets, 24) == PY313_RUNTIME_SIZE
@@ -505,7 +505,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::target::maps::{MemoryMap, host_path};
+    use crate::process::proc_maps::{MemoryMap, host_path};
 
     const PYENV: &str = "/root/.pyenv/versions";
 
