@@ -9,8 +9,8 @@ use memtrace_common::layer;
 
 use crate::{
     collect::Counters,
-    python::pymalloc_census::{Census, PymallocState},
     process::memory::ProcessMemory,
+    python::pymalloc_census::{Census, PymallocState},
 };
 
 /// Below this change, a percentage says nothing.

@@ -1,7 +1,8 @@
 //! memtrace: finds what grows, and where, in running processes, from
 //! outside. Data flows one way, and the modules are its stages:
 //!
-//! - `process`: discovery: a process, its memory map, its binaries, its memory.
+//! - `process`, `binary`: discovery: a process, its memory map and memory,
+//!   and the binaries it maps.
 //! - `python`: which CPython a process runs, its structure layouts, and
 //!   what can be read of it from outside (code objects, pymalloc's count).
 //! - `probes`: where each probe goes, and loading and attaching them.
@@ -13,6 +14,7 @@
 //!
 //! `cli` holds the command-line options; the binary only runs a session.
 
+pub mod binary;
 pub mod cli;
 pub mod collect;
 pub mod coverage;

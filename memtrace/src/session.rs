@@ -19,6 +19,7 @@ use tokio::{
 };
 
 use crate::{
+    binary::elf::ElfFile,
     cli::Options,
     collect,
     coverage::Coverage,
@@ -27,11 +28,11 @@ use crate::{
         inlined, kernel,
         plan::{self, ProbedBinary, PythonProbes},
     },
+    process::{Target, proc_maps::host_path},
     python::{self, Detection},
     report::text::{Header, SourceFiles, TextReport},
     snapshot::{GroupBy, Snapshot, Stat},
     symbolize::Symbolizer,
-    process::{Target, elf::ElfFile, proc_maps::host_path},
 };
 
 /// How often the memory map is refreshed and Python stacks the kernel could

@@ -14,7 +14,10 @@ use super::{
     inlined::InlinedCode,
     placement::{self, ArgReg, Placement},
 };
-use crate::process::{Target, elf::ElfFile, proc_maps::host_path};
+use crate::{
+    binary::elf::ElfFile,
+    process::{Target, proc_maps::host_path},
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Program {

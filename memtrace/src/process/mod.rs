@@ -2,9 +2,8 @@
 //! A user's mistakes (a pid that does not exist, a kernel thread, a
 //! statically linked program) are found here and named in one sentence.
 
-pub mod elf;
-pub mod proc_maps;
 pub mod memory;
+pub mod proc_maps;
 
 use std::fs;
 

@@ -14,7 +14,7 @@ use super::{
     linetable::{self, LineTableFormat},
     version::Version,
 };
-use crate::{snapshot::Frame, process::memory::ProcessMemory};
+use crate::{process::memory::ProcessMemory, snapshot::Frame};
 
 /// Bounds on what is read from the target, which could hold garbage.
 const MAX_STRING: usize = 4096;

@@ -19,7 +19,10 @@ use self::{
     pymalloc_census::PymallocState,
     version::Version,
 };
-use crate::process::{Target, elf::ElfFile, proc_maps::host_path, memory::ProcessMemory};
+use crate::{
+    binary::elf::ElfFile,
+    process::{Target, memory::ProcessMemory, proc_maps::host_path},
+};
 
 pub struct Interpreter {
     /// The binary holding the runtime, as the target sees it.

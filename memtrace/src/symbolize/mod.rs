@@ -16,12 +16,12 @@ use self::{native::NativeSymbolizer, unwind::Unwinder};
 use crate::{
     collect,
     probes::attach::Tracer,
-    python::code::{CodeResolver, ResolvedFrame},
-    snapshot::{Frame, Traceback},
     process::{
         Target,
         proc_maps::{MemoryMap, root_prefix},
     },
+    python::code::{CodeResolver, ResolvedFrame},
+    snapshot::{Frame, Traceback},
 };
 
 /// The C function that runs Python frames: in a mixed stack each of its

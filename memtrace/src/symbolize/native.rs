@@ -10,7 +10,7 @@ use blazesym::symbolize::{
     source::{Elf, Source},
 };
 
-use crate::{snapshot::Frame, process::proc_maps::MemoryMap};
+use crate::{process::proc_maps::MemoryMap, snapshot::Frame};
 
 pub struct NativeSymbolizer {
     symbolizer: Symbolizer,

@@ -11,7 +11,7 @@ pub mod pymalloc_fast_path;
 
 use text::Text;
 
-use crate::process::elf::ElfFile;
+use crate::binary::elf::ElfFile;
 
 /// What an interpreter binary inlined, from one decoding of its `.text`.
 #[derive(Debug, Default)]
@@ -22,9 +22,10 @@ pub struct InlinedCode {
 
 pub fn find(elf: &ElfFile) -> InlinedCode {
     match Text::decode(elf) {
-        Some(text) => {
-            InlinedCode { pymalloc: pymalloc_fast_path::find(elf, &text), new_references: new_reference::find(elf, &text) }
-        }
+        Some(text) => InlinedCode {
+            pymalloc: pymalloc_fast_path::find(elf, &text),
+            new_references: new_reference::find(elf, &text),
+        },
         None => InlinedCode::default(),
     }
 }

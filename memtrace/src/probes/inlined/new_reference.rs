@@ -14,7 +14,7 @@
 use iced_x86::{Code, ConditionCode, FlowControl, Instruction, OpKind, Register};
 
 use super::text::{Gpr, Text, writes_register};
-use crate::process::elf::ElfFile;
+use crate::binary::elf::ElfFile;
 
 /// `struct _PyTraceMalloc_Config { int initialized; int tracing; ... }`,
 /// from 3.8 to 3.11; 3.12 moved it into `_PyRuntime` and made

@@ -26,7 +26,7 @@ use iced_x86::{
 };
 
 use super::text::{Gpr, Text, addresses, load64, memory_writes, store64, writes, writes_register};
-use crate::process::elf::ElfFile;
+use crate::binary::elf::ElfFile;
 
 // `struct pool_header` (Objects/obmalloc.c), laid out alike from 3.8 to
 // 3.13: the `ref.count` union, then `freeblock`, then `nextpool`.

@@ -12,7 +12,7 @@ use iced_x86::{
     UsedMemory,
 };
 
-use crate::process::elf::ElfFile;
+use crate::binary::elf::ElfFile;
 
 /// How many instructions around a site its pattern may spread over (the
 /// copies found need three).

@@ -20,9 +20,9 @@ use gimli::{BaseAddresses, EhFrame, LittleEndian, UnwindSection as _};
 use iced_x86::{Decoder, DecoderOptions, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register};
 
 use crate::python::layouts;
-use crate::process::{
-    elf::{ElfFile, Symbol},
-    memory::ProcessMemory,
+use crate::{
+    binary::elf::{ElfFile, Symbol},
+    process::memory::ProcessMemory,
 };
 
 /// `struct arena_object` (x86-64, 3.8 to 3.13): `uintptr_t address` at 0,
