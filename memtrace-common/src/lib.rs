@@ -146,9 +146,9 @@ pub struct SiteKey {
     pub pid: u32,
     pub layer: u32,
     pub caller: u64,
-    /// Key into NATIVE_STACKS, 0 if none.
+    /// Id of the stack in NATIVE_STACKS (with `pid`, its [`StackKey`]), 0 if none.
     pub native_stack: u64,
-    /// Key into PYTHON_STACKS, 0 if none.
+    /// Id of the stack in PYTHON_STACKS (with `pid`, its [`StackKey`]), 0 if none.
     pub python_stack: u64,
 }
 
@@ -170,6 +170,19 @@ pub struct SiteStats {
     /// Allocated since attach, freed or not.
     pub total_bytes: u64,
     pub total_count: u64,
+}
+
+/// A stack's key in NATIVE_STACKS and PYTHON_STACKS, and what
+/// NEW_PYTHON_STACKS announces: the stack's content hash within its process.
+/// Stacks hold addresses, which mean something only in their own process,
+/// so two processes never share one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StackKey {
+    pub pid: u32,
+    pub _pad: u32,
+    /// The id a `SiteKey` holds; never 0.
+    pub id: u64,
 }
 
 /// Deepest native stack kept per site.
@@ -278,10 +291,12 @@ pub struct PythonWalk {
     pub gc_head_size: u64,
     pub preheader_flags: u64,
     /// pymalloc's pools, for blocks taken at inlined sites: a pool is the
-    /// block's address masked by `pool_mask`, its size class index is the
-    /// u32 at `pool_szidx`, and a class holds `(index + 1) << size_class_shift`
+    /// block's address masked by `pool_mask`, its next free block is the
+    /// pointer at `pool_freeblock`, its size class index is the u32 at
+    /// `pool_szidx`, and a class holds `(index + 1) << size_class_shift`
     /// bytes.
     pub pool_mask: u64,
+    pub pool_freeblock: u64,
     pub pool_szidx: u64,
     pub size_class_shift: u64,
 }
@@ -351,7 +366,36 @@ pub struct KernelConfig {
     pub task_fsbase: u64,
 }
 
-/// Indexes into the COUNTERS per-CPU array. Everything the kernel side
+/// One process's counters, per CPU in COUNTERS: indexed by [`counter`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CounterSet {
+    pub values: [u64; counter::COUNT as usize],
+}
+
+impl Default for CounterSet {
+    fn default() -> Self {
+        Self { values: [0; counter::COUNT as usize] }
+    }
+}
+
+/// The names of the BPF maps userspace opens, as the kernel side declares
+/// them (aya names a map after its static). A test checks each against the
+/// built object.
+pub mod map_name {
+    pub const TARGETS: &str = "TARGETS";
+    pub const ALLOCS: &str = "ALLOCS";
+    pub const SITES: &str = "SITES";
+    pub const NATIVE_STACKS: &str = "NATIVE_STACKS";
+    pub const PYTHON_STACKS: &str = "PYTHON_STACKS";
+    pub const NEW_PYTHON_STACKS: &str = "NEW_PYTHON_STACKS";
+    pub const SITE_STACKS: &str = "SITE_STACKS";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const ALL: [&str; 8] =
+        [TARGETS, ALLOCS, SITES, NATIVE_STACKS, PYTHON_STACKS, NEW_PYTHON_STACKS, SITE_STACKS, COUNTERS];
+}
+
+/// Indexes into each process's [`CounterSet`] in COUNTERS. Everything the kernel side
 /// could not account is counted here and shown in every report.
 pub mod counter {
     /// Allocations not tracked because ALLOCS was full.
@@ -385,6 +429,39 @@ pub mod counter {
     pub const FREES_MATCHED: u32 = ALLOCS_SEEN + super::layer::COUNT as u32;
     pub const UNKNOWN_FREE: u32 = FREES_MATCHED + super::layer::COUNT as u32;
     pub const COUNT: u32 = UNKNOWN_FREE + super::layer::COUNT as u32;
+
+    /// The counters of what could not be accounted, in the order reports
+    /// print them.
+    pub const LOSSES: [u32; 6] =
+        [ALLOC_MAP_FULL, SITE_MAP_FULL, STACK_MAP_FULL, STACK_FAILED, PYTHON_READ_FAULT, STACK_COPY_LOST];
+
+    pub fn is_loss(index: u32) -> bool {
+        matches!(
+            index,
+            ALLOC_MAP_FULL | SITE_MAP_FULL | STACK_MAP_FULL | STACK_FAILED | PYTHON_READ_FAULT | STACK_COPY_LOST
+        )
+    }
+
+    /// The name reports and logs give a counter; the per-layer ones are
+    /// named for what they sum to.
+    pub const fn name(index: u32) -> &'static str {
+        match index {
+            ALLOC_MAP_FULL => "alloc-map-full",
+            SITE_MAP_FULL => "site-map-full",
+            STACK_MAP_FULL => "stack-map-full",
+            STACK_FAILED => "stack-reads",
+            FAILED_ALLOC => "failed-allocs",
+            PYTHON_READ_FAULT => "python-reads",
+            PYTHON_TRUNCATED => "truncated-python-stacks",
+            MISSED_FREE => "missed-frees",
+            NO_PYTHON_THREAD => "no-python-thread",
+            STACK_COPY_LOST => "native-copies",
+            i if i >= UNKNOWN_FREE && i < COUNT => "unknown-frees",
+            i if i >= FREES_MATCHED && i < UNKNOWN_FREE => "frees-matched",
+            i if i >= ALLOCS_SEEN && i < FREES_MATCHED => "allocs-seen",
+            _ => "unknown-counter",
+        }
+    }
 }
 
 #[cfg(feature = "user")]
@@ -404,6 +481,8 @@ mod pod {
     unsafe impl aya::Pod for super::TargetConfig {}
     unsafe impl aya::Pod for super::KernelConfig {}
     unsafe impl aya::Pod for super::SiteStackCopy {}
+    unsafe impl aya::Pod for super::StackKey {}
+    unsafe impl aya::Pod for super::CounterSet {}
 }
 
 #[cfg(test)]

@@ -32,6 +32,7 @@ pub fn record_alloc(addr: u64, size: u64, site: SiteKey) -> Recorded {
     if added == Recorded::Untracked {
         return added;
     }
+    // SAFETY: a helper without arguments.
     let info = AllocInfo { size, timestamp_ns: unsafe { bpf_ktime_get_ns() }, site };
     if ALLOCS.insert(&key, &info, 0).is_err() {
         // Untracked blocks must not stay outstanding: their frees would

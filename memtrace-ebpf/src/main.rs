@@ -11,6 +11,7 @@
 #![feature(core_intrinsics)]
 
 mod accounting;
+mod diagnostics;
 mod maps;
 mod python;
 mod stacks;
@@ -19,17 +20,26 @@ use aya_ebpf::{
     EbpfContext,
     bindings::pt_regs,
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_get_attach_cookie},
-    macros::{uprobe, uretprobe},
+    macros::{map, uprobe, uretprobe},
+    maps::PerCpuArray,
     programs::{ProbeContext, RetProbeContext},
 };
 use memtrace_common::{NO_ARG, PendingCall, ProbeCookie, SiteKey, TargetConfig, counter, layer, op, reg};
 
 use crate::{
     accounting::{Recorded, is_tracked, move_block, record_alloc, record_free, restore},
-    maps::{ACTIVE, LAST_UPPER_FREE, TARGETS, count},
+    maps::{ACTIVE, TARGETS, count},
     python::python_stack,
     stacks::{copy_stack, native_stack},
 };
+
+/// The last block freed through the Python allocator on this CPU. When
+/// pymalloc hands a large block back to libc, the libc free that follows is
+/// part of the same release, not a free of an unknown address. Per-CPU is
+/// cheap and at worst miscounts UNKNOWN_FREE when a thread migrates between
+/// the two probes; accounting itself never depends on it.
+#[map]
+static LAST_UPPER_FREE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 const MAP_ANONYMOUS: u64 = 0x20;
 const PROT_NONE: u64 = 0;
@@ -45,6 +55,8 @@ impl Regs {
         // Volatile: otherwise LLVM sinks the loads into `get`'s match and
         // computes a pointer into the context, which the verifier rejects
         // ("dereference of modified ctx ptr").
+        // SAFETY: each `field` is a projection of the probe's pt_regs, which
+        // the kernel keeps valid for the program's run.
         let r = |field: *const u64| unsafe { core::ptr::read_volatile(field) };
         // SAFETY: field projections of the kernel's pt_regs for this probe.
         unsafe {
@@ -231,7 +243,7 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
         pid,
         layer: cookie.layer as u32,
         caller,
-        native_stack: if target.native_frames > 1 { native_stack(&ctx, target.native_frames) } else { 0 },
+        native_stack: if target.native_frames > 1 { native_stack(&ctx, pid, target.native_frames) } else { 0 },
         python_stack: 0,
     };
     if !record_at_site(ctx.regs, target, site, addr, size, true) {
@@ -254,7 +266,8 @@ fn record_at_site(
     size: u64,
     at_return: bool,
 ) -> bool {
-    site.python_stack = if target.python_frames > 0 { python_stack(&target.python, target.python_frames) } else { 0 };
+    site.python_stack =
+        if target.python_frames > 0 { python_stack(site.pid, &target.python, target.python_frames) } else { 0 };
     match record_alloc(block, size, site) {
         Recorded::Untracked => false,
         Recorded::AtNewSite if target.copy_stacks != 0 => {
@@ -268,7 +281,7 @@ fn record_at_site(
 #[uprobe]
 pub fn free_entry(ctx: ProbeContext) -> u32 {
     let Some((pid, tid)) = traced_thread() else { return 0 };
-    // SAFETY: the value is read at once.
+    // SAFETY: the value is read at once, before the map can change it.
     if unsafe { ACTIVE.get(&tid) }.is_some_and(|call| call.done == 0) {
         return 0; // released by an allocator call in progress (realloc)
     }
@@ -279,9 +292,11 @@ pub fn free_entry(ctx: ProbeContext) -> u32 {
     }
     let known = record_free(pid, addr).is_some();
     let Some(last_upper) = LAST_UPPER_FREE.get_ptr_mut(0) else { return 0 };
-    // SAFETY: per-CPU slot of LAST_UPPER_FREE, see its doc.
+    // SAFETY: this CPU's slot of LAST_UPPER_FREE, alive for the program's
+    // run; a preempting program would only make UNKNOWN_FREE miscount.
     let follows_upper_free = unsafe { *last_upper } == addr;
     if cookie.layer == layer::PYMALLOC {
+        // SAFETY: as above.
         unsafe { *last_upper = addr };
     }
     // munmap also releases file mappings, which were never allocations.
@@ -369,7 +384,7 @@ pub fn new_reference(ctx: ProbeContext) -> u32 {
     if !is_tracked(pid, block) {
         return 0; // allocated before attach, or never seen: nothing to move
     }
-    let stack = python_stack(&target.python, target.python_frames);
+    let stack = python_stack(pid, &target.python, target.python_frames);
     if stack != 0
         && let Some(site) = move_block(pid, block, stack)
         && target.copy_stacks != 0

@@ -1,21 +1,25 @@
-//! Every BPF map of memtrace, in one place so their sizes and roles can be
-//! read together. Userspace may resize the big ones before loading
-//! (`--max-allocs`); the sizes here are defaults.
+//! The BPF maps that several programs share and userspace reads, in one
+//! place so their sizes and roles can be read together, and the counters
+//! every program adds to. Userspace may resize the big ones before loading
+//! (`--max-allocs`); the sizes here are defaults. Scratch maps live next to
+//! the code that uses them. Names are `memtrace_common::map_name`'s.
 
 use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuHashMap, RingBuf},
 };
 use memtrace_common::{
-    AllocInfo, AllocKey, NativeStack, PendingCall, PythonStack, SiteKey, SiteStats, TargetConfig, counter,
+    AllocInfo, AllocKey, CounterSet, NativeStack, PendingCall, PythonStack, SiteKey, SiteStats, StackKey, TargetConfig,
+    counter,
 };
-
-use crate::python::WalkState;
 
 /// Traced processes (by tgid) and what to collect for each. A process not
 /// listed here is ignored by every program.
 #[map]
-pub static TARGETS: HashMap<u32, TargetConfig> = HashMap::with_max_entries(1024, 0);
+pub static TARGETS: HashMap<u32, TargetConfig> = HashMap::with_max_entries(MAX_TARGETS, 0);
+
+const MAX_TARGETS: u32 = 1024;
 
 /// The outermost allocator call in progress on each thread (by tid). LRU so
 /// that threads which die inside an allocator do not leak entries.
@@ -30,15 +34,15 @@ pub static ALLOCS: HashMap<AllocKey, AllocInfo> = HashMap::with_max_entries(1 <<
 #[map]
 pub static SITES: HashMap<SiteKey, SiteStats> = HashMap::with_max_entries(1 << 16, 0);
 
-/// Native stacks by content hash (ids in `SiteKey::native_stack`).
+/// Native stacks by process and content hash (ids in `SiteKey::native_stack`).
 #[map]
-pub static NATIVE_STACKS: HashMap<u64, NativeStack> = HashMap::with_max_entries(1 << 14, 0);
+pub static NATIVE_STACKS: HashMap<StackKey, NativeStack> = HashMap::with_max_entries(1 << 14, 0);
 
-/// Python stacks by content hash (ids in `SiteKey::python_stack`).
+/// Python stacks by process and content hash (ids in `SiteKey::python_stack`).
 #[map]
-pub static PYTHON_STACKS: HashMap<u64, PythonStack> = HashMap::with_max_entries(1 << 14, 0);
+pub static PYTHON_STACKS: HashMap<StackKey, PythonStack> = HashMap::with_max_entries(1 << 14, 0);
 
-/// Ids of Python stacks as they are first stored, so that userspace
+/// Keys of Python stacks as they are first stored, so that userspace
 /// resolves them while their code objects are alive.
 #[map]
 pub static NEW_PYTHON_STACKS: RingBuf = RingBuf::with_byte_size(1 << 16, 0);
@@ -47,29 +51,32 @@ pub static NEW_PYTHON_STACKS: RingBuf = RingBuf::with_byte_size(1 << 16, 0);
 #[map]
 pub static SITE_STACKS: RingBuf = RingBuf::with_byte_size(1 << 21, 0);
 
-/// Loss and coverage counters, see `memtrace_common::counter`.
+/// Each traced process's loss and coverage counters (see
+/// `memtrace_common::counter`), per CPU. Userspace creates a process's entry
+/// before it lists the process in TARGETS, so programs never insert here.
 #[map]
-pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+pub static COUNTERS: PerCpuHashMap<u32, CounterSet> = PerCpuHashMap::with_max_entries(MAX_TARGETS, 0);
 
-/// Scratch space for building stacks: too big for the 512-byte BPF stack.
-#[map]
-pub static NATIVE_SCRATCH: PerCpuArray<NativeStack> = PerCpuArray::with_max_entries(1, 0);
-#[map]
-pub static WALK_SCRATCH: PerCpuArray<WalkState> = PerCpuArray::with_max_entries(1, 0);
-
-/// The last block freed through the Python allocator on this CPU. When
-/// pymalloc hands a large block back to libc, the libc free that follows is
-/// part of the same release, not a free of an unknown address. Per-CPU is
-/// cheap and at worst miscounts UNKNOWN_FREE when a thread migrates between
-/// the two probes; accounting itself never depends on it.
-#[map]
-pub static LAST_UPPER_FREE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-
+/// Adds one to counter `index` of the current process. The first time a
+/// loss is counted on a CPU it is also logged (seen with `--verbose`).
 pub fn count(index: u32) {
-    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
-        // Atomic even though the slot is per-CPU: on a preemptible kernel a
-        // program can be preempted by another program on the same CPU.
-        atomic_add(slot, 1);
+    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let Some(set) = COUNTERS.get_ptr_mut(&pid) else { return };
+    // Masked as well as checked: the verifier must see the bound on the
+    // register that indexes the value.
+    let index = index as usize & (counter::COUNT as usize).next_power_of_two().wrapping_sub(1);
+    // SAFETY: `set` points into this CPU's value of the process's entry,
+    // alive for the duration of the program.
+    let Some(slot) = (unsafe { (*set).values.get_mut(index) }) else { return };
+    // Read before the add: BPF's fetch-and-add needs a newer instruction set
+    // than memtrace builds for. A preempting program may make a first loss
+    // be logged twice, never not at all.
+    let first = *slot == 0;
+    // Atomic even though the slot is per-CPU: on a preemptible kernel a
+    // program can be preempted by another program on the same CPU.
+    atomic_add(slot, 1);
+    if first && counter::is_loss(index as u32) {
+        crate::diagnostics::first_loss(pid, index as u32);
     }
 }
 

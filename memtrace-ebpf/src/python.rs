@@ -5,19 +5,27 @@
 //! later. Every offset comes from the target's `PythonWalk`: this file knows
 //! no interpreter versions.
 
-use aya_ebpf::helpers::{
-    bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf,
-    generated::{bpf_get_current_task, bpf_loop},
+use aya_ebpf::{
+    helpers::{
+        bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf,
+        generated::{bpf_get_current_task, bpf_loop},
+    },
+    macros::map,
+    maps::PerCpuArray,
 };
 use memtrace_common::{
-    KernelConfig, MAX_PYTHON_FRAMES, NO_OFFSET, PythonFrame, PythonStack, PythonWalk, WINDOW_MAX, Window, code_tag,
-    counter,
+    KernelConfig, MAX_PYTHON_FRAMES, NO_OFFSET, PythonFrame, PythonStack, PythonWalk, StackKey, WINDOW_MAX, Window,
+    code_tag, counter,
 };
 
 use crate::{
-    maps::{NEW_PYTHON_STACKS, PYTHON_STACKS, WALK_SCRATCH, count},
+    maps::{NEW_PYTHON_STACKS, PYTHON_STACKS, count},
     stacks::{intern, mix},
 };
+
+/// The walk in progress on each CPU (see [`WalkState`]).
+#[map]
+static WALK_SCRATCH: PerCpuArray<WalkState> = PerCpuArray::with_max_entries(1, 0);
 
 /// Filled in by userspace at load time from the kernel's BTF.
 #[unsafe(no_mangle)]
@@ -35,6 +43,8 @@ fn current_thread_pointer() -> u64 {
     // SAFETY: volatile so the compiler does not fold the placeholder value;
     // userspace rewrites it before loading.
     let offset = unsafe { core::ptr::read_volatile(&KERNEL_CONFIG.task_fsbase) };
+    // SAFETY: a helper without arguments; the task pointer is only read
+    // through bpf_probe_read_kernel below.
     let task = unsafe { bpf_get_current_task() };
     // SAFETY: reads kernel memory of the current task at an offset taken
     // from BTF; a bad offset yields an error, not a fault.
@@ -142,10 +152,10 @@ fn word(buf: &[u8; WINDOW_MAX], at: u64) -> Option<u64> {
 }
 
 /// Walks the current thread's Python frames, innermost first, up to
-/// `max_frames`, and returns the id of the stack in PYTHON_STACKS; 0 when the
-/// thread is not running Python code (no GIL, a C thread, start-up) or the
-/// walk found nothing.
-pub fn python_stack(walk: &PythonWalk, max_frames: u32) -> u64 {
+/// `max_frames`, and returns the id of the stack among process `pid`'s in
+/// PYTHON_STACKS; 0 when the thread is not running Python code (no GIL, a C
+/// thread, start-up) or the walk found nothing.
+pub fn python_stack(pid: u32, walk: &PythonWalk, max_frames: u32) -> u64 {
     let tstate = current_tstate(walk);
     if tstate == 0 {
         count(counter::NO_PYTHON_THREAD);
@@ -181,12 +191,12 @@ pub fn python_stack(walk: &PythonWalk, max_frames: u32) -> u64 {
         let f = &state.stack.frames[i];
         hash = mix(mix(mix(mix(hash, f.code), f.instr), f.code_tag), f.flags);
     }
-    let interned = intern(&PYTHON_STACKS, hash, &state.stack);
+    let interned = intern(&PYTHON_STACKS, pid, hash, &state.stack);
     if interned.new {
         // Userspace must read the stack's code objects before they can be
         // freed (a module body's code dies as soon as it has run). If the
         // ring is full, its periodic sweep finds the stack a little later.
-        let _ = NEW_PYTHON_STACKS.output::<u64>(interned.id, 0);
+        let _ = NEW_PYTHON_STACKS.output::<StackKey>(&StackKey { pid, _pad: 0, id: interned.id }, 0);
     }
     interned.id
 }
@@ -265,8 +275,7 @@ pub fn pool_block_size(walk: &PythonWalk, block: u64) -> Option<u64> {
 /// The block and size an inlined pymalloc fast path is taking from `pool`:
 /// the pool's `freeblock`, checked to lie in that pool.
 pub fn pool_pop(walk: &PythonWalk, pool: u64) -> Option<(u64, u64)> {
-    // pool_header: ref.count, then freeblock.
-    let block = read::<u64>(pool + 8).ok()?;
+    let block = read::<u64>(pool + walk.pool_freeblock).ok()?;
     if block & walk.pool_mask != pool {
         return None;
     }

@@ -1,4 +1,4 @@
-//! Stacks are stored once, by content hash, in NATIVE_STACKS and
+//! Stacks are stored once per process, by content hash, in NATIVE_STACKS and
 //! PYTHON_STACKS; a site refers to them by that hash. Unlike a BPF stack-trace
 //! map, whose ids are hash buckets that silently collide (bcc memleak loses
 //! stacks that way), a 64-bit content hash only fails when the map is full,
@@ -8,10 +8,19 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST, pt_regs},
     helpers::{bpf_probe_read_user_buf, generated::bpf_get_stack},
+    macros::map,
+    maps::PerCpuArray,
 };
-use memtrace_common::{MAX_NATIVE_FRAMES, STACK_COPY_CHUNK, STACK_COPY_CHUNKS, SiteKey, SiteStackCopy, counter};
+use memtrace_common::{
+    MAX_NATIVE_FRAMES, NativeStack, STACK_COPY_CHUNK, STACK_COPY_CHUNKS, SiteKey, SiteStackCopy, StackKey, counter,
+};
 
-use crate::maps::{NATIVE_SCRATCH, NATIVE_STACKS, SITE_STACKS, count};
+use crate::maps::{NATIVE_STACKS, SITE_STACKS, count};
+
+/// Where a native stack is built before it is interned: too big for the
+/// 512-byte BPF stack.
+#[map]
+static NATIVE_SCRATCH: PerCpuArray<NativeStack> = PerCpuArray::with_max_entries(1, 0);
 
 const EEXIST: i32 = 17;
 
@@ -29,12 +38,12 @@ pub struct Interned {
     pub new: bool,
 }
 
-/// Stores `value` under `hash` unless an equal stack is already there.
-/// The id is 0 when the map is full.
-pub fn intern<V>(map: &aya_ebpf::maps::HashMap<u64, V>, hash: u64, value: &V) -> Interned {
+/// Stores `value` of process `pid` under `hash` unless an equal stack is
+/// already there. The id is 0 when the map is full.
+pub fn intern<V>(map: &aya_ebpf::maps::HashMap<StackKey, V>, pid: u32, hash: u64, value: &V) -> Interned {
     // 0 means "no stack" in a SiteKey.
     let id = if hash == 0 { 1 } else { hash };
-    match map.insert(&id, value, BPF_NOEXIST as u64) {
+    match map.insert(&StackKey { pid, _pad: 0, id }, value, BPF_NOEXIST as u64) {
         Ok(()) => Interned { id, new: true },
         Err(e) if e == -EEXIST => Interned { id, new: false },
         Err(_) => {
@@ -44,9 +53,9 @@ pub fn intern<V>(map: &aya_ebpf::maps::HashMap<u64, V>, hash: u64, value: &V) ->
     }
 }
 
-/// The user stack of the current thread, up to `depth` frames, innermost
-/// (the allocator's caller) first, as an id into NATIVE_STACKS.
-pub fn native_stack<C: EbpfContext>(ctx: &C, depth: u32) -> u64 {
+/// The user stack of the current thread of `pid`, up to `depth` frames,
+/// innermost (the allocator's caller) first, as an id into NATIVE_STACKS.
+pub fn native_stack<C: EbpfContext>(ctx: &C, pid: u32, depth: u32) -> u64 {
     let Some(scratch) = NATIVE_SCRATCH.get_ptr_mut(0) else { return 0 };
     // SAFETY: the per-CPU scratch value lives as long as the map; no other
     // program uses it while this one runs on this CPU (programs do not nest
@@ -54,6 +63,8 @@ pub fn native_stack<C: EbpfContext>(ctx: &C, depth: u32) -> u64 {
     let scratch = unsafe { &mut *scratch };
     // Bounded for the verifier: 1..=MAX_NATIVE_FRAMES frames.
     let depth = (depth as usize).clamp(1, MAX_NATIVE_FRAMES);
+    // SAFETY: bpf_get_stack writes at most `depth * 8` bytes, which the
+    // scratch value's frame array holds.
     let bytes = unsafe {
         bpf_get_stack(ctx.as_ptr(), scratch.frames.as_mut_ptr().cast(), (depth * 8) as u32, BPF_F_USER_STACK as u64)
     };
@@ -70,7 +81,7 @@ pub fn native_stack<C: EbpfContext>(ctx: &C, depth: u32) -> u64 {
         }
         hash = mix(hash, scratch.frames[i]);
     }
-    intern(&NATIVE_STACKS, hash, scratch).id
+    intern(&NATIVE_STACKS, pid, hash, scratch).id
 }
 
 /// Sends a probe's registers and the stack above them to userspace for

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum, builder::PossibleValue};
 
 use crate::snapshot::GroupBy;
 
@@ -13,9 +13,10 @@ use crate::snapshot::GroupBy;
 #[derive(Parser, Debug)]
 #[command(name = "memtrace", version)]
 pub struct Options {
-    /// Process to trace.
-    #[arg(long, short = 'p', value_name = "PID")]
-    pub pid: u32,
+    /// Process to trace; repeat it, or separate pids with commas, to trace
+    /// several at once (each gets its own reports).
+    #[arg(long = "pid", short = 'p', value_name = "PID", value_delimiter = ',', required = true)]
+    pub pids: Vec<u32>,
 
     /// Seconds between reports.
     #[arg(long, short = 'i', value_name = "SECS", default_value_t = 5.0, value_parser = positive_seconds)]
@@ -68,9 +69,36 @@ pub struct Options {
     #[arg(long, value_name = "N", default_value_t = 1 << 20, value_parser = clap::value_parser!(u32).range(1024..))]
     pub max_allocs: u32,
 
-    /// Print the probe placements chosen and other diagnostics to stderr.
+    /// How reports are written to stdout: text (tracemalloc's format) or
+    /// json (one object per report per process, one per line).
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+
+    /// Print the probe placements chosen and other diagnostics, the kernel
+    /// side's included, to stderr.
     #[arg(long, short = 'v')]
     pub verbose: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+impl ValueEnum for GroupBy {
+    fn value_variants<'a>() -> &'a [Self] {
+        &GroupBy::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        let help = match self {
+            GroupBy::Lineno => "The innermost frame's file and line",
+            GroupBy::Filename => "The innermost frame's file",
+            GroupBy::Traceback => "The whole traceback",
+        };
+        Some(PossibleValue::new(self.name()).help(help))
+    }
 }
 
 impl Options {

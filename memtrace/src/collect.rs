@@ -1,18 +1,21 @@
-//! Reads the kernel side's maps into plain values: per-site totals, the
-//! loss counters, stacks by id, and (for --older-than) live allocations by
-//! age. Everything downstream works on these values, not on maps.
+//! Reads the kernel side's maps into plain values: a process's per-site
+//! totals and counters, stacks by key, and (for --older-than) live
+//! allocations by age; and drains the rings through which the kernel
+//! announces new stacks. Everything downstream works on these values, never
+//! on maps.
 
 use std::collections::HashMap as StdHashMap;
 
 use anyhow::{Context as _, Result, anyhow};
-use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{HashMap, MapData, PerCpuHashMap, RingBuf};
 use memtrace_common::{
-    AllocInfo, AllocKey, NativeStack, PythonStack, SiteKey, SiteStackCopy, SiteStats, counter, layer,
+    AllocInfo, AllocKey, CounterSet, NativeStack, PythonStack, SiteKey, SiteStackCopy, SiteStats, StackKey, counter,
+    layer, map_name,
 };
 
 use crate::probes::attach::Tracer;
 
-/// The kernel side's counters, summed over CPUs.
+/// One process's kernel-side counters, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters(pub [u64; counter::COUNT as usize]);
 
@@ -34,6 +37,28 @@ impl Counters {
             - self.get(counter::FREES_MATCHED + layer) as i64
             - self.get(counter::UNKNOWN_FREE + layer) as i64
     }
+
+    /// Allocations the kernel side could not track because a map was full.
+    pub fn untracked(&self) -> u64 {
+        self.get(counter::ALLOC_MAP_FULL) + self.get(counter::SITE_MAP_FULL)
+    }
+
+    /// Every loss counter, named as reports name them, in print order.
+    pub fn losses(&self) -> Vec<(&'static str, u64)> {
+        counter::LOSSES.iter().map(|&c| (counter::name(c), self.get(c))).collect()
+    }
+
+    /// Counters that are not losses but say how to read a report: stacks cut
+    /// at the frame limit, frees of blocks allocated before attach, misses,
+    /// allocator calls that failed.
+    pub fn notable(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            (counter::name(counter::PYTHON_TRUNCATED), self.get(counter::PYTHON_TRUNCATED)),
+            (counter::name(counter::UNKNOWN_FREE), self.all_layers(counter::UNKNOWN_FREE)),
+            (counter::name(counter::MISSED_FREE), self.get(counter::MISSED_FREE)),
+            (counter::name(counter::FAILED_ALLOC), self.get(counter::FAILED_ALLOC)),
+        ]
+    }
 }
 
 fn map<'a>(tracer: &'a Tracer, name: &str) -> Result<&'a aya::maps::Map> {
@@ -42,7 +67,7 @@ fn map<'a>(tracer: &'a Tracer, name: &str) -> Result<&'a aya::maps::Map> {
 
 /// Per-site totals of `pid`.
 pub fn sites(tracer: &Tracer, pid: u32) -> Result<Vec<(SiteKey, SiteStats)>> {
-    let sites: HashMap<&MapData, SiteKey, SiteStats> = HashMap::try_from(map(tracer, "SITES")?)?;
+    let sites: HashMap<&MapData, SiteKey, SiteStats> = HashMap::try_from(map(tracer, map_name::SITES)?)?;
     let mut out = Vec::new();
     for entry in sites.iter() {
         // An entry deleted while we iterate is simply absent.
@@ -54,74 +79,89 @@ pub fn sites(tracer: &Tracer, pid: u32) -> Result<Vec<(SiteKey, SiteStats)>> {
     Ok(out)
 }
 
-pub fn counters(tracer: &Tracer) -> Result<Counters> {
-    let array: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map(tracer, "COUNTERS")?)?;
+/// `pid`'s counters; all zero before the process is traced.
+pub fn counters(tracer: &Tracer, pid: u32) -> Result<Counters> {
+    let sets: PerCpuHashMap<&MapData, u32, CounterSet> = PerCpuHashMap::try_from(map(tracer, map_name::COUNTERS)?)?;
     let mut out = Counters::default();
-    for (i, slot) in out.0.iter_mut().enumerate() {
-        let per_cpu = array.get(&(i as u32), 0).context("cannot read counters")?;
-        *slot = per_cpu.iter().sum();
+    let per_cpu = match sets.get(&pid, 0) {
+        Ok(per_cpu) => per_cpu,
+        Err(aya::maps::MapError::KeyNotFound) => return Ok(out),
+        Err(e) => return Err(e).context("cannot read counters"),
+    };
+    for set in per_cpu.iter() {
+        for (total, value) in out.0.iter_mut().zip(set.values) {
+            *total += value;
+        }
     }
     Ok(out)
 }
 
-pub fn native_stack(tracer: &Tracer, id: u64) -> Option<NativeStack> {
-    let stacks: HashMap<&MapData, u64, NativeStack> = HashMap::try_from(map(tracer, "NATIVE_STACKS").ok()?).ok()?;
-    stacks.get(&id, 0).ok()
+pub fn native_stack(tracer: &Tracer, key: StackKey) -> Option<NativeStack> {
+    let stacks: HashMap<&MapData, StackKey, NativeStack> =
+        HashMap::try_from(map(tracer, map_name::NATIVE_STACKS).ok()?).ok()?;
+    stacks.get(&key, 0).ok()
 }
 
-pub fn python_stack(tracer: &Tracer, id: u64) -> Option<PythonStack> {
-    let stacks: HashMap<&MapData, u64, PythonStack> = HashMap::try_from(map(tracer, "PYTHON_STACKS").ok()?).ok()?;
-    stacks.get(&id, 0).ok()
+pub fn python_stack(tracer: &Tracer, key: StackKey) -> Option<PythonStack> {
+    let stacks: HashMap<&MapData, StackKey, PythonStack> =
+        HashMap::try_from(map(tracer, map_name::PYTHON_STACKS).ok()?).ok()?;
+    stacks.get(&key, 0).ok()
 }
 
-/// The ring of Python stack ids as the kernel first stores them. Taken out
+/// Keys of every Python stack stored so far, of every process.
+pub fn python_stack_keys(tracer: &Tracer) -> Result<Vec<StackKey>> {
+    let stacks: HashMap<&MapData, StackKey, PythonStack> = HashMap::try_from(map(tracer, map_name::PYTHON_STACKS)?)?;
+    Ok(stacks.keys().filter_map(Result::ok).collect())
+}
+
+/// The ring of Python stack keys as the kernel first stores them. Taken out
 /// of the tracer, so that the session can wait on it.
 pub fn new_python_stacks(tracer: &mut Tracer) -> Result<RingBuf<MapData>> {
-    let ring =
-        tracer.ebpf.take_map("NEW_PYTHON_STACKS").ok_or_else(|| anyhow!("eBPF object lacks map NEW_PYTHON_STACKS"))?;
-    Ok(RingBuf::try_from(ring)?)
-}
-
-/// Drains `ring`, returning the stack ids it held.
-pub fn drain_stack_ids(ring: &mut RingBuf<MapData>) -> Vec<u64> {
-    let mut ids = Vec::new();
-    while let Some(item) = ring.next() {
-        if let Ok(bytes) = <[u8; 8]>::try_from(&*item) {
-            ids.push(u64::from_ne_bytes(bytes));
-        }
-    }
-    ids
+    take_ring(tracer, map_name::NEW_PYTHON_STACKS)
 }
 
 /// The ring of new sites' stack copies (`--native`), taken out of the
 /// tracer so that the session can wait on it.
 pub fn site_stacks(tracer: &mut Tracer) -> Result<RingBuf<MapData>> {
-    let ring = tracer.ebpf.take_map("SITE_STACKS").ok_or_else(|| anyhow!("eBPF object lacks map SITE_STACKS"))?;
+    take_ring(tracer, map_name::SITE_STACKS)
+}
+
+fn take_ring(tracer: &mut Tracer, name: &str) -> Result<RingBuf<MapData>> {
+    let ring = tracer.ebpf.take_map(name).ok_or_else(|| anyhow!("eBPF object lacks map {name}"))?;
     Ok(RingBuf::try_from(ring)?)
+}
+
+/// Drains `ring`, returning the stack keys it held.
+pub fn drain_stack_keys(ring: &mut RingBuf<MapData>) -> Vec<StackKey> {
+    let mut keys = Vec::new();
+    while let Some(item) = ring.next() {
+        if let Some(key) = read_record::<StackKey>(&item) {
+            keys.push(key);
+        }
+    }
+    keys
 }
 
 /// Drains `ring`, passing each stack copy to `each`.
 pub fn drain_stack_copies(ring: &mut RingBuf<MapData>, mut each: impl FnMut(&SiteStackCopy)) {
     while let Some(item) = ring.next() {
-        if item.len() == size_of::<SiteStackCopy>() {
-            // SAFETY: the kernel wrote a whole SiteStackCopy (plain data) in
-            // this record; it may be unaligned in the ring.
-            let copy = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<SiteStackCopy>()) };
+        if let Some(copy) = read_record::<SiteStackCopy>(&item) {
             each(&copy);
         }
     }
 }
 
-/// Ids of every Python stack stored so far.
-pub fn python_stack_ids(tracer: &Tracer) -> Result<Vec<u64>> {
-    let stacks: HashMap<&MapData, u64, PythonStack> = HashMap::try_from(map(tracer, "PYTHON_STACKS")?)?;
-    Ok(stacks.keys().filter_map(Result::ok).collect())
+/// A ring record holding exactly one `T`.
+fn read_record<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+    // SAFETY: the length is checked, T is plain data (Pod) for which any
+    // bytes are a value, and the record may be unaligned in the ring.
+    (bytes.len() == size_of::<T>()).then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
 /// Outstanding (bytes, count) per site of `pid`'s live allocations made
 /// before `before_ns` (CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns).
 pub fn outstanding_older_than(tracer: &Tracer, pid: u32, before_ns: u64) -> Result<StdHashMap<SiteKey, (u64, u64)>> {
-    let allocs: HashMap<&MapData, AllocKey, AllocInfo> = HashMap::try_from(map(tracer, "ALLOCS")?)?;
+    let allocs: HashMap<&MapData, AllocKey, AllocInfo> = HashMap::try_from(map(tracer, map_name::ALLOCS)?)?;
     let mut out: StdHashMap<SiteKey, (u64, u64)> = StdHashMap::new();
     for entry in allocs.iter() {
         let Ok((key, info)) = entry else { continue };

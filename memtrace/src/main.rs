@@ -7,13 +7,17 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use memtrace::{cli, session};
 
-/// Exit statuses besides 0 (stopped by a signal, --count or --duration).
+/// Exit statuses besides 0 (stopped by a signal, --count or --duration);
+/// 3 when every traced process exited.
 const EXIT_ERROR: u8 = 1;
 const EXIT_TARGET_EXITED: u8 = 3;
 const EXIT_MAPS_FULL: u8 = 4;
 
 fn main() -> ExitCode {
     let options = cli::Options::parse();
+    if options.verbose {
+        log::set_logger(&kernel_log::STDERR).map(|()| log::set_max_level(log::LevelFilter::Info)).ok();
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => return fail(&anyhow::Error::from(e)),
@@ -28,17 +32,31 @@ fn main() -> ExitCode {
                 return ExitCode::from(EXIT_MAPS_FULL);
             }
             match outcome.end {
-                session::End::TargetExited => {
-                    eprintln!(
-                        "memtrace: pid {} exited; the final report above covers its whole life since attach",
-                        outcome.pid
-                    );
-                    ExitCode::from(EXIT_TARGET_EXITED)
-                }
+                session::End::TargetExited => ExitCode::from(EXIT_TARGET_EXITED),
                 session::End::Interrupted | session::End::Limit => ExitCode::SUCCESS,
             }
         }
         Err(e) => fail(&e),
+    }
+}
+
+/// Where the kernel side's diagnostics go under `--verbose` (aya-log hands
+/// them to the `log` crate): one line each on stderr.
+mod kernel_log {
+    pub struct Stderr;
+
+    pub static STDERR: Stderr = Stderr;
+
+    impl log::Log for Stderr {
+        fn enabled(&self, _: &log::Metadata) -> bool {
+            true
+        }
+
+        fn log(&self, record: &log::Record) {
+            eprintln!("memtrace: kernel: {}", record.args());
+        }
+
+        fn flush(&self) {}
     }
 }
 

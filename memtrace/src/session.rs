@@ -1,189 +1,248 @@
-//! One tracing session, end to end: validate the target, plan and attach
-//! the probes, then every interval read the kernel maps into a snapshot and
-//! print its difference from the previous one, until a signal, a limit or the
-//! target's exit; then a final report, and detach (dropping the tracer).
+//! One tracing session over one or more processes, end to end: validate
+//! each process, plan and attach its probes, then every interval read the
+//! kernel maps into a snapshot per process and hand its report to the
+//! writer, until a signal, a limit or every process's exit; then the final
+//! reports, and detach (dropping the tracer). Everything per process (its
+//! symbolizer, counters, previous snapshot, report header) is kept by pid,
+//! so processes never share state.
 
 use std::{
-    io::Write as _,
+    collections::BTreeMap,
+    io,
     os::fd::{AsRawFd, FromRawFd as _, OwnedFd},
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{MapData, RingBuf};
-use memtrace_common::{KernelConfig, SiteStats, TargetConfig, counter};
+use memtrace_common::{KernelConfig, SiteStats, StackKey, TargetConfig};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
+    sync::mpsc,
     time::{MissedTickBehavior, interval, sleep_until},
 };
 
 use crate::{
     binary::elf::ElfFile,
-    cli::Options,
+    cli::{Format, Options},
     collect,
     coverage::Coverage,
     probes::{
         attach::Tracer,
         inlined, kernel,
-        plan::{self, ProbedBinary, PythonProbes},
+        plan::{self, AttachPoint, ProbedBinary, PythonProbes},
     },
-    process::{Target, proc_maps::host_path},
+    process::{Target, proc_maps::host_path, source::SourceFiles},
     python::{self, Detection},
-    report::text::{Header, SourceFiles, TextReport},
+    report::{ProcessInfo, Report, Writer, json::JsonWriter, text::TextWriter},
     snapshot::{GroupBy, Snapshot, Stat},
     symbolize::Symbolizer,
 };
 
-/// How often the memory map is refreshed and Python stacks the kernel could
+/// How often memory maps are refreshed and Python stacks the kernel could
 /// not announce (its ring was full) are resolved.
 const SWEEP_EVERY: Duration = Duration::from_millis(500);
 
 /// Why the session ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum End {
     Interrupted,
+    /// Every traced process exited.
     TargetExited,
     Limit,
 }
 
 pub struct Outcome {
-    pub pid: u32,
     pub end: End,
-    /// Allocations the kernel side could not track (a map was full).
+    /// Allocations the kernel side could not track (a map was full), summed
+    /// over the processes.
     pub untracked: u64,
 }
 
 pub async fn run(options: Options) -> Result<Outcome> {
     kernel::check_privileges()?;
     kernel::check_kernel()?;
-    let pid = options.pid;
-    let target = Target::open(pid)?;
-    let python = python::detect(&target)?;
-    let libc_path = plan::find_libc(&target)?;
-    let libc_elf = ElfFile::open(&host_path(pid, libc_path))?;
-    let mut notes = Vec::new();
-    let interpreter = match &python {
-        Detection::Supported(interpreter) => Some(interpreter),
-        Detection::Unsupported(reason) => {
-            eprintln!("memtrace: {reason}; reporting native frames only");
-            notes.push(format!("{reason}; native frames only"));
-            None
-        }
-        Detection::NotPython => None,
-    };
-    let inlined = interpreter.map(|i| inlined::find(&i.elf)).unwrap_or_default();
-    if let (Some(i), Some(sites)) = (interpreter, &inlined.pymalloc) {
-        notes.push(format!(
-            "CPython {} inlines pymalloc's fast path into its callers; memtrace probes those copies ({} pops, {} pushes) instead of the allocator's functions; where a copy's request is a compile-time constant ({} of the pops), a block's size is its pymalloc size class (the request rounded up to 16 bytes)",
-            i.version,
-            sites.pops.len(),
-            sites.pushes.len(),
-            sites.pops.iter().filter(|pop| pop.request.is_none()).count()
-        ));
-    }
-    let points = plan::plan(
-        pid,
-        ProbedBinary { path: libc_path, elf: &libc_elf },
-        interpreter.map(|i| PythonProbes { binary: ProbedBinary { path: &i.path, elf: &i.elf }, inlined: &inlined }),
-    )?;
-    if options.verbose {
-        if interpreter.is_some() {
-            let found = &inlined.new_references;
-            eprintln!(
-                "memtrace: {} inlined copies of _Py_NewReference found, from {} references to tracemalloc's flag",
-                found.sites.len(),
-                found.tracing_references
-            );
-        }
-        for p in points.iter().filter(|p| p.program != plan::Program::AllocEntry) {
-            eprintln!(
-                "memtrace: probe {} {}+{:#x} in {} ({}): {}",
-                p.program.name(),
-                p.symbol,
-                p.placement.offset,
-                p.binary,
-                if p.placement.emulated { "emulated" } else { "single-stepped" },
-                p.placement.reason
-            );
-        }
-    }
-
+    let mut pids = options.pids.clone();
+    pids.dedup();
+    let prepared = pids.iter().map(|&pid| Prepared::new(pid, &options)).collect::<Result<Vec<_>>>()?;
     let kernel_config = KernelConfig { task_fsbase: kernel::task_fsbase_offset()? };
     let mut tracer = Tracer::load(kernel_config, options.max_allocs, options.verbose)?;
-    let exited = open_pidfd(pid)?;
-    if let Err(e) = tracer.attach(pid, &points) {
-        if !Target::is_alive(pid) {
-            bail!("pid {pid} ({}) exited before tracing started", target.comm);
-        }
-        return Err(e);
+    let (exits, exited) = mpsc::unbounded_channel();
+    let mut processes = BTreeMap::new();
+    for prepared in prepared {
+        let pid = prepared.target.pid;
+        watch_exit(pid, exits.clone())?;
+        processes.insert(pid, prepared.attach(&mut tracer, &options)?);
     }
-    let wants_stacks = options.group_by == GroupBy::Traceback;
-    let config = TargetConfig {
-        min_size: options.min_size,
-        max_size: options.max_size,
-        // --native unwinds each site's stack copy; without it, a native
-        // target's traceback comes from the kernel's frame-pointer walk.
-        native_frames: if interpreter.is_none() && wants_stacks && !options.native { options.frames } else { 1 },
-        python_frames: if interpreter.is_some() { options.frames } else { 0 },
-        copy_stacks: u32::from(options.native),
-        _pad: 0,
-        python: interpreter.map(|i| i.walk()).unwrap_or_default(),
-    };
-    tracer.set_target(pid, &config)?;
-    eprintln!(
-        "memtrace: tracing pid {pid} ({}){}: {} probes; a report every {} s; Ctrl-C to stop",
-        target.comm,
-        interpreter.map(|i| format!(", CPython {}", i.version)).unwrap_or_default(),
-        points.len(),
-        options.interval
-    );
-
-    // Function-level probes count pymalloc's large blocks in its layer;
-    // with inlined sites those are libc's.
-    let includes_raw = inlined.pymalloc.is_none();
-    let coverage = interpreter.and_then(|i| i.pymalloc).and_then(|state| Coverage::start(state, pid, includes_raw));
-    let mut session = Session {
-        coverage,
-        symbolizer: Symbolizer::new(&target, interpreter.map(|i| i.code_resolver(pid)), options.native),
-        target,
-        source: SourceFiles::new(pid),
-        options: &options,
-        previous: Snapshot::default(),
-        sequence: 0,
-        notes,
+    let writer: Box<dyn Writer> = match options.format {
+        Format::Text => Box::new(TextWriter::new(io::stdout(), SourceFiles::default(), options.group_by, options.top)),
+        Format::Json => Box::new(JsonWriter::new(io::stdout(), options.group_by, options.top)),
     };
     let rings = Rings {
         new_stacks: watch(collect::new_python_stacks(&mut tracer)?, "the kernel's stack ring")?,
         site_stacks: watch(collect::site_stacks(&mut tracer)?, "the kernel's stack copy ring")?,
+        log: if options.verbose { Some(watch(tracer.take_logger()?, "the kernel's log")?) } else { None },
     };
-    let end = session.run_loop(&tracer, exited, rings).await?;
-    let counters = collect::counters(&tracer)?;
-    let untracked = counters.get(counter::ALLOC_MAP_FULL) + counters.get(counter::SITE_MAP_FULL);
-    Ok(Outcome { pid, end, untracked })
+    let mut session = Session { options: &options, tracer, processes, writer, intervals: 0 };
+    let end = session.run_loop(exited, rings).await?;
+    let mut untracked = 0;
+    for &pid in session.processes.keys() {
+        untracked += collect::counters(&session.tracer, pid)?.untracked();
+    }
+    Ok(Outcome { end, untracked })
+}
+
+/// A process validated and planned, not attached yet: every mistake a user
+/// can make about it is found before anything is loaded.
+struct Prepared {
+    target: Target,
+    interpreter: Option<python::Interpreter>,
+    points: Vec<AttachPoint>,
+    notes: Vec<String>,
+    /// Whether pymalloc's large blocks count in the probed pymalloc layer
+    /// (function-level probes; with inlined sites those are libc's).
+    includes_raw: bool,
+}
+
+impl Prepared {
+    fn new(pid: u32, options: &Options) -> Result<Self> {
+        let target = Target::open(pid)?;
+        let python = python::detect(&target)?;
+        let libc_path = plan::find_libc(&target)?;
+        let libc_elf = ElfFile::open(&host_path(pid, libc_path))?;
+        let mut notes = Vec::new();
+        let interpreter = match python {
+            Detection::Supported(interpreter) => Some(*interpreter),
+            Detection::Unsupported(reason) => {
+                eprintln!("memtrace: pid {pid}: {reason}; reporting native frames only");
+                notes.push(format!("{reason}; native frames only"));
+                None
+            }
+            Detection::NotPython => None,
+        };
+        let inlined = interpreter.as_ref().map(|i| inlined::find(&i.elf)).unwrap_or_default();
+        if let (Some(i), Some(sites)) = (&interpreter, &inlined.pymalloc) {
+            notes.push(format!(
+                "CPython {} inlines pymalloc's fast path into its callers; memtrace probes those copies ({} pops, {} pushes) instead of the allocator's functions; where a copy's request is a compile-time constant ({} of the pops), a block's size is its pymalloc size class (the request rounded up to 16 bytes)",
+                i.version,
+                sites.pops.len(),
+                sites.pushes.len(),
+                sites.pops.iter().filter(|pop| pop.request.is_none()).count()
+            ));
+        }
+        let points = plan::plan(
+            pid,
+            ProbedBinary { path: libc_path, elf: &libc_elf },
+            interpreter
+                .as_ref()
+                .map(|i| PythonProbes { binary: ProbedBinary { path: &i.path, elf: &i.elf }, inlined: &inlined }),
+        )?;
+        if options.verbose {
+            if interpreter.is_some() {
+                let found = &inlined.new_references;
+                eprintln!(
+                    "memtrace: {} inlined copies of _Py_NewReference found, from {} references to tracemalloc's flag",
+                    found.sites.len(),
+                    found.tracing_references
+                );
+            }
+            for p in points.iter().filter(|p| p.program != plan::Program::AllocEntry) {
+                eprintln!(
+                    "memtrace: probe {} {}+{:#x} in {} ({}): {}",
+                    p.program.name(),
+                    p.symbol,
+                    p.placement.offset,
+                    p.binary,
+                    if p.placement.emulated { "emulated" } else { "single-stepped" },
+                    p.placement.reason
+                );
+            }
+        }
+        let includes_raw = inlined.pymalloc.is_none();
+        Ok(Self { target, interpreter, points, notes, includes_raw })
+    }
+
+    /// Attaches the probes and starts counting.
+    fn attach(self, tracer: &mut Tracer, options: &Options) -> Result<Traced> {
+        let Self { target, interpreter, points, notes, includes_raw } = self;
+        let pid = target.pid;
+        if let Err(e) = tracer.attach(pid, &points) {
+            if !Target::is_alive(pid) {
+                bail!("pid {pid} ({}) exited before tracing started", target.comm);
+            }
+            return Err(e);
+        }
+        let wants_stacks = options.group_by == GroupBy::Traceback;
+        let config = TargetConfig {
+            min_size: options.min_size,
+            max_size: options.max_size,
+            // --native unwinds each site's stack copy; without it, a native
+            // target's traceback comes from the kernel's frame-pointer walk.
+            native_frames: if interpreter.is_none() && wants_stacks && !options.native { options.frames } else { 1 },
+            python_frames: if interpreter.is_some() { options.frames } else { 0 },
+            copy_stacks: u32::from(options.native),
+            _pad: 0,
+            python: interpreter.as_ref().map(|i| i.walk()).unwrap_or_default(),
+        };
+        tracer.set_target(pid, &config)?;
+        let described = interpreter.as_ref().map(|i| format!("CPython {}", i.version));
+        eprintln!(
+            "memtrace: tracing pid {pid} ({}){}: {} probes; a report every {} s; Ctrl-C to stop",
+            target.comm,
+            described.as_ref().map(|d| format!(", {d}")).unwrap_or_default(),
+            points.len(),
+            options.interval
+        );
+        let coverage =
+            interpreter.as_ref().and_then(|i| i.pymalloc).and_then(|state| Coverage::start(state, pid, includes_raw));
+        Ok(Traced {
+            info: ProcessInfo { pid, comm: target.comm.clone(), interpreter: described },
+            symbolizer: Symbolizer::new(&target, interpreter.as_ref().map(|i| i.code_resolver(pid)), options.native),
+            coverage,
+            notes,
+            previous: Snapshot::default(),
+            sequence: 0,
+            exited: false,
+        })
+    }
+}
+
+/// What the session keeps for one traced process.
+struct Traced {
+    info: ProcessInfo,
+    symbolizer: Symbolizer,
+    coverage: Option<Coverage>,
+    /// Said under every report's header.
+    notes: Vec<String>,
+    previous: Snapshot,
+    sequence: u32,
+    /// Its final report is written; nothing more is.
+    exited: bool,
 }
 
 /// The kernel's announcements, drained as they come so that what they name
-/// is read while the target still has it.
+/// is read while the process still has it.
 struct Rings {
-    /// Ids of new Python stacks.
+    /// Keys of new Python stacks.
     new_stacks: AsyncFd<RingBuf<MapData>>,
     /// Stack copies of new sites (`--native`).
     site_stacks: AsyncFd<RingBuf<MapData>>,
+    /// The kernel side's diagnostics (`--verbose`).
+    log: Option<AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>>,
 }
 
 struct Session<'a> {
     options: &'a Options,
-    coverage: Option<Coverage>,
-    target: Target,
-    symbolizer: Symbolizer,
-    source: SourceFiles,
-    previous: Snapshot,
-    sequence: u32,
-    notes: Vec<String>,
+    tracer: Tracer,
+    processes: BTreeMap<u32, Traced>,
+    writer: Box<dyn Writer>,
+    /// Report intervals passed, for `--count`.
+    intervals: u32,
 }
 
 impl Session<'_> {
-    async fn run_loop(&mut self, tracer: &Tracer, exited: AsyncFd<OwnedFd>, mut rings: Rings) -> Result<End> {
+    async fn run_loop(&mut self, mut exited: mpsc::UnboundedReceiver<u32>, mut rings: Rings) -> Result<End> {
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
         let start = Instant::now();
@@ -200,43 +259,108 @@ impl Session<'_> {
                     None => std::future::pending().await,
                 }
             };
+            let kernel_log = async {
+                match rings.log.as_mut() {
+                    Some(log) => log.readable_mut().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = reports.tick() => {
                     // The last report allowed by --count is the final one.
-                    if self.options.count.is_some_and(|n| self.sequence + 1 >= n) {
+                    if self.options.count.is_some_and(|n| self.intervals + 1 >= n) {
                         break End::Limit;
                     }
-                    self.report(tracer, false)?;
+                    self.intervals += 1;
+                    let live: Vec<u32> = self.live().collect();
+                    for pid in live {
+                        self.report(pid, false)?;
+                    }
                 }
                 ready = rings.new_stacks.readable_mut() => {
                     let mut guard = ready?;
-                    for id in collect::drain_stack_ids(guard.get_inner_mut()) {
-                        self.symbolizer.resolve_python_stack(tracer, id);
+                    for key in collect::drain_stack_keys(guard.get_inner_mut()) {
+                        self.resolve_python_stack(key);
                     }
                     guard.clear_ready();
                 }
                 ready = rings.site_stacks.readable_mut() => {
                     let mut guard = ready?;
-                    collect::drain_stack_copies(guard.get_inner_mut(), |copy| self.symbolizer.unwind_site(copy));
+                    let processes = &mut self.processes;
+                    collect::drain_stack_copies(guard.get_inner_mut(), |copy| {
+                        if let Some(traced) = processes.get_mut(&copy.site.pid) {
+                            traced.symbolizer.unwind_site(copy);
+                        }
+                    });
                     guard.clear_ready();
                 }
-                _ = sweep.tick() => self.symbolizer.refresh(tracer),
+                ready = kernel_log => {
+                    let mut guard = ready?;
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+                _ = sweep.tick() => self.sweep(),
+                Some(pid) = exited.recv() => {
+                    self.exited(pid)?;
+                    if self.live().next().is_none() {
+                        return Ok(End::TargetExited);
+                    }
+                }
                 _ = sigint.recv() => break End::Interrupted,
                 _ = sigterm.recv() => break End::Interrupted,
-                _ = exited.readable() => break End::TargetExited,
                 _ = until_deadline => break End::Limit,
             }
         };
-        self.report(tracer, true)?;
+        let live: Vec<u32> = self.live().collect();
+        for pid in live {
+            self.report(pid, true)?;
+        }
         Ok(end)
     }
 
-    fn report(&mut self, tracer: &Tracer, is_final: bool) -> Result<()> {
-        self.sequence += 1;
-        self.symbolizer.refresh(tracer);
-        let pid = self.target.pid;
+    fn live(&self) -> impl Iterator<Item = u32> + '_ {
+        self.processes.iter().filter(|(_, t)| !t.exited).map(|(&pid, _)| pid)
+    }
+
+    /// A process exited: its final report, covering its whole life since attach.
+    fn exited(&mut self, pid: u32) -> Result<()> {
+        if self.processes.get(&pid).is_none_or(|t| t.exited) {
+            return Ok(());
+        }
+        self.report(pid, true)?;
+        eprintln!("memtrace: pid {pid} exited; the final report above covers its whole life since attach");
+        Ok(())
+    }
+
+    /// Catches up with every live process: fresh memory maps, and any
+    /// Python stack the kernel could not announce.
+    fn sweep(&mut self) {
+        for traced in self.processes.values_mut().filter(|t| !t.exited) {
+            traced.symbolizer.refresh_map();
+        }
+        if let Ok(keys) = collect::python_stack_keys(&self.tracer) {
+            for key in keys {
+                self.resolve_python_stack(key);
+            }
+        }
+    }
+
+    fn resolve_python_stack(&mut self, key: StackKey) {
+        let Some(traced) = self.processes.get_mut(&key.pid) else { return };
+        if traced.exited || !traced.symbolizer.wants_python_stack(key.id) {
+            return;
+        }
+        if let Some(stack) = collect::python_stack(&self.tracer, key) {
+            traced.symbolizer.resolve_python_stack(key.id, &stack);
+        }
+    }
+
+    /// Reads `pid`'s sites into a snapshot and writes its report.
+    fn report(&mut self, pid: u32, is_final: bool) -> Result<()> {
+        self.sweep();
+        let tracer = &self.tracer;
         let sites = collect::sites(tracer, pid)?;
-        let counters = collect::counters(tracer)?;
+        let counters = collect::counters(tracer, pid)?;
         let older = match self.options.older_than {
             Some(ms) => Some(collect::outstanding_older_than(
                 tracer,
@@ -245,6 +369,7 @@ impl Session<'_> {
             )?),
             None => None,
         };
+        let Some(traced) = self.processes.get_mut(&pid) else { return Ok(()) };
         let mut allocated = Stat::default();
         let mut entries = Vec::new();
         for (site, stats) in &sites {
@@ -255,34 +380,29 @@ impl Session<'_> {
                 None => outstanding(stats),
             };
             if outstanding.count > 0 {
-                entries.push((self.symbolizer.traceback(tracer, site), outstanding));
+                let traceback = traced.symbolizer.traceback(site, |key| collect::native_stack(tracer, key));
+                entries.push((traceback, outstanding));
             }
         }
-        let current = Snapshot::group(entries.iter().map(|(t, s)| (t, *s)), self.options.group_by);
-        let mut notes = self.notes.clone();
-        notes.extend(self.coverage.as_ref().and_then(|c| c.note(&counters)));
-        let report = TextReport {
-            header: Header {
-                time: SystemTime::now(),
-                pid,
-                comm: &self.target.comm,
-                sequence: self.sequence,
-                is_final,
-                allocated,
-                losses: losses(&counters),
-                other: other_counters(&counters),
-                notes: &notes,
-            },
-            current: &current,
-            previous: &self.previous,
-            group_by: self.options.group_by,
-            top: self.options.top,
+        let current = Snapshot::from_entries(entries);
+        let mut notes = traced.notes.clone();
+        notes.extend(traced.coverage.as_ref().and_then(|c| c.note(&counters)));
+        traced.sequence += 1;
+        traced.exited |= is_final;
+        let report = Report {
+            time: SystemTime::now(),
+            process: traced.info.clone(),
+            sequence: traced.sequence,
+            is_final,
+            allocated,
+            losses: counters.losses(),
+            counters: counters.notable(),
+            notes,
+            current,
+            previous: std::mem::take(&mut traced.previous),
         };
-        let stdout = std::io::stdout();
-        let mut out = stdout.lock();
-        report.write(&mut out, &mut |file, line| self.source.line(file, line)).context("cannot write the report")?;
-        out.flush()?;
-        self.previous = current;
+        self.writer.write(&report).context("cannot write the report")?;
+        traced.previous = report.current;
         Ok(())
     }
 }
@@ -291,38 +411,21 @@ fn outstanding(stats: &SiteStats) -> Stat {
     Stat { size: stats.outstanding_bytes, count: stats.outstanding_count }
 }
 
-/// Every loss counter a report shows, with names a user can read: what the
-/// kernel side could not account.
-fn losses(c: &collect::Counters) -> Vec<(&'static str, u64)> {
-    vec![
-        ("alloc-map-full", c.get(counter::ALLOC_MAP_FULL)),
-        ("site-map-full", c.get(counter::SITE_MAP_FULL)),
-        ("stack-map-full", c.get(counter::STACK_MAP_FULL)),
-        ("stack-reads", c.get(counter::STACK_FAILED)),
-        ("python-reads", c.get(counter::PYTHON_READ_FAULT)),
-        ("native-copies", c.get(counter::STACK_COPY_LOST)),
-    ]
-}
-
-/// Counters that are not losses but say how to read the report.
-fn other_counters(c: &collect::Counters) -> Vec<(&'static str, u64)> {
-    vec![
-        ("truncated-python-stacks", c.get(counter::PYTHON_TRUNCATED)),
-        ("unknown-frees", c.all_layers(counter::UNKNOWN_FREE)),
-        ("missed-frees", c.get(counter::MISSED_FREE)),
-        ("failed-allocs", c.get(counter::FAILED_ALLOC)),
-    ]
-}
-
-/// A descriptor that becomes readable when `pid` exits.
-fn open_pidfd(pid: u32) -> Result<AsyncFd<OwnedFd>> {
+/// Sends `pid` on `exits` when the process exits.
+fn watch_exit(pid: u32, exits: mpsc::UnboundedSender<u32>) -> Result<()> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
     if fd < 0 {
         bail!("pid {pid} exited before tracing started");
     }
     // SAFETY: the descriptor was just created and is owned by nobody else.
-    watch(unsafe { OwnedFd::from_raw_fd(fd as i32) }, &format!("pid {pid}"))
+    let pidfd = watch(unsafe { OwnedFd::from_raw_fd(fd as i32) }, &format!("pid {pid}"))?;
+    tokio::spawn(async move {
+        // A pidfd becomes readable when its process exits.
+        let _ = pidfd.readable().await;
+        let _ = exits.send(pid);
+    });
+    Ok(())
 }
 
 /// Registers a descriptor-owning value with the runtime.

@@ -1,8 +1,9 @@
-//! Snapshots and their differences, with tracemalloc's semantics: a
-//! snapshot maps a grouping key (a traceback cut to what the grouping keeps)
-//! to the size and count of outstanding blocks; `compare_to` pairs two
-//! snapshots and sorts like `tracemalloc.Snapshot.compare_to`. Plain values,
-//! no eBPF: report writers read these.
+//! Snapshots and their differences, with tracemalloc's semantics. A
+//! snapshot maps each whole traceback to the size and count of its
+//! outstanding blocks, ungrouped, as collected; a writer groups it
+//! (`Snapshot::group`: by line, file or traceback, tracemalloc's
+//! `key_type`) and `Grouped::compare_to` pairs two groupings and sorts like
+//! `tracemalloc.Snapshot.compare_to`. Plain values, no eBPF.
 
 use std::{cmp::Ordering, collections::HashMap};
 
@@ -57,7 +58,7 @@ impl PartialOrd for Traceback {
 }
 
 /// What a snapshot groups by (tracemalloc's `key_type`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GroupBy {
     /// The innermost frame's file and line.
     Lineno,
@@ -68,6 +69,17 @@ pub enum GroupBy {
 }
 
 impl GroupBy {
+    pub const ALL: [GroupBy; 3] = [GroupBy::Lineno, GroupBy::Filename, GroupBy::Traceback];
+
+    /// tracemalloc's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            GroupBy::Lineno => "lineno",
+            GroupBy::Filename => "filename",
+            GroupBy::Traceback => "traceback",
+        }
+    }
+
     pub fn key(self, traceback: &Traceback) -> Traceback {
         let innermost = traceback.0.first().cloned();
         match self {
@@ -86,30 +98,55 @@ pub struct Stat {
     pub count: u64,
 }
 
+impl Stat {
+    fn add(&mut self, other: Stat) {
+        self.size += other.size;
+        self.count += other.count;
+    }
+}
+
+/// Outstanding blocks by whole traceback.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub stats: HashMap<Traceback, Stat>,
 }
 
 impl Snapshot {
-    /// Groups (traceback, size, count) entries by `group_by`.
-    pub fn group<'a>(entries: impl IntoIterator<Item = (&'a Traceback, Stat)>, group_by: GroupBy) -> Self {
+    /// Adds up (traceback, size, count) entries; equal tracebacks merge.
+    pub fn from_entries(entries: impl IntoIterator<Item = (Traceback, Stat)>) -> Self {
         let mut stats: HashMap<Traceback, Stat> = HashMap::new();
         for (traceback, stat) in entries {
-            let slot = stats.entry(group_by.key(traceback)).or_default();
-            slot.size += stat.size;
-            slot.count += stat.count;
+            stats.entry(traceback).or_default().add(stat);
         }
         Self { stats }
     }
 
     pub fn total(&self) -> Stat {
-        self.stats.values().fold(Stat::default(), |a, s| Stat { size: a.size + s.size, count: a.count + s.count })
+        let mut total = Stat::default();
+        self.stats.values().for_each(|s| total.add(*s));
+        total
     }
 
+    /// The snapshot grouped by `group_by`.
+    pub fn group(&self, group_by: GroupBy) -> Grouped {
+        let mut stats: HashMap<Traceback, Stat> = HashMap::new();
+        for (traceback, stat) in &self.stats {
+            stats.entry(group_by.key(traceback)).or_default().add(*stat);
+        }
+        Grouped { stats }
+    }
+}
+
+/// A snapshot grouped by one key type: key traceback -> size and count.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Grouped {
+    pub stats: HashMap<Traceback, Stat>,
+}
+
+impl Grouped {
     /// Differences from `old`, biggest change first (tracemalloc's
     /// `Snapshot.compare_to`): groups only in `old` appear with size 0.
-    pub fn compare_to(&self, old: &Snapshot) -> Vec<StatDiff> {
+    pub fn compare_to(&self, old: &Grouped) -> Vec<StatDiff> {
         let mut diffs: Vec<StatDiff> = self
             .stats
             .iter()
@@ -168,13 +205,18 @@ mod tests {
         let a = tb(&[("x.py", 4), ("x.py", 8)]);
         let b = tb(&[("x.py", 4), ("x.py", 9)]);
         let c = tb(&[("y.py", 1)]);
-        let entries =
-            [(&a, Stat { size: 10, count: 1 }), (&b, Stat { size: 5, count: 1 }), (&c, Stat { size: 1, count: 1 })];
-        let by_line = Snapshot::group(entries, GroupBy::Lineno);
-        assert_eq!(by_line.stats[&tb(&[("x.py", 4)])], Stat { size: 15, count: 2 });
-        let by_file = Snapshot::group(entries, GroupBy::Filename);
-        assert_eq!(by_file.stats[&tb(&[("x.py", 0)])], Stat { size: 15, count: 2 });
-        let by_tb = Snapshot::group(entries, GroupBy::Traceback);
+        let snapshot = Snapshot::from_entries([
+            (a.clone(), Stat { size: 10, count: 1 }),
+            (b, Stat { size: 5, count: 1 }),
+            (c, Stat { size: 1, count: 1 }),
+            (a.clone(), Stat { size: 2, count: 1 }),
+        ]);
+        assert_eq!(snapshot.stats[&a], Stat { size: 12, count: 2 });
+        let by_line = snapshot.group(GroupBy::Lineno);
+        assert_eq!(by_line.stats[&tb(&[("x.py", 4)])], Stat { size: 17, count: 3 });
+        let by_file = snapshot.group(GroupBy::Filename);
+        assert_eq!(by_file.stats[&tb(&[("x.py", 0)])], Stat { size: 17, count: 3 });
+        let by_tb = snapshot.group(GroupBy::Traceback);
         assert_eq!(by_tb.stats.len(), 3);
         // Printed as the oldest frame, as tracemalloc does.
         assert_eq!(a.to_string(), "x.py:8");
@@ -182,12 +224,12 @@ mod tests {
 
     #[test]
     fn compare_to_sorts_by_absolute_change_and_keeps_vanished_groups() {
-        let old = Snapshot::group([(&tb(&[("a", 1)]), Stat { size: 100, count: 2 })], GroupBy::Lineno);
-        let new = Snapshot::group(
-            [(&tb(&[("b", 1)]), Stat { size: 50, count: 1 }), (&tb(&[("c", 1)]), Stat { size: 70, count: 1 })],
-            GroupBy::Lineno,
-        );
-        let diffs = new.compare_to(&old);
+        let old = Snapshot::from_entries([(tb(&[("a", 1)]), Stat { size: 100, count: 2 })]);
+        let new = Snapshot::from_entries([
+            (tb(&[("b", 1)]), Stat { size: 50, count: 1 }),
+            (tb(&[("c", 1)]), Stat { size: 70, count: 1 }),
+        ]);
+        let diffs = new.group(GroupBy::Lineno).compare_to(&old.group(GroupBy::Lineno));
         let order: Vec<String> = diffs.iter().map(|d| d.traceback.to_string()).collect();
         assert_eq!(order, ["a:1", "c:1", "b:1"]);
         assert_eq!((diffs[0].size, diffs[0].size_diff, diffs[0].count_diff), (0, -100, -2));

@@ -1,7 +1,8 @@
 //! Support for memtrace's integration tests: start real target processes (C
 //! programs compiled here, Python scripts on real interpreters) that pause
-//! at known points, run the memtrace binary against them, and parse its
-//! reports. Tests that need eBPF fail, never skip, when they cannot run.
+//! at known points, run the memtrace binary against them, and read its
+//! reports (its `--format json` lines, with memtrace's own document type).
+//! Tests that need eBPF fail, never skip, when they cannot run.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -182,16 +183,24 @@ pub struct Memtrace {
 impl Memtrace {
     /// Starts memtrace with `args` and waits until it reports that it is
     /// tracing (probes attached, counting on).
+    /// With several pids, waits until it traces every one.
     pub fn attach(args: &[&str]) -> Self {
+        let pids = args
+            .windows(2)
+            .filter(|w| w[0] == "--pid" || w[0] == "-p")
+            .map(|w| w[1].split(',').count())
+            .sum::<usize>()
+            .max(1);
         let mut m = Self::start(args);
         let deadline = Instant::now() + TIMEOUT;
+        let mut tracing = 0;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match m.stderr.recv_timeout(left) {
                 Ok(line) => {
-                    let ready = line.starts_with("memtrace: tracing pid");
+                    tracing += usize::from(line.starts_with("memtrace: tracing pid"));
                     m.stderr_lines.push(line);
-                    if ready {
+                    if tracing == pids {
                         return m;
                     }
                 }
@@ -248,7 +257,8 @@ pub fn run_memtrace(cmd: &mut Command) -> (Option<i32>, String, String) {
     )
 }
 
-/// One `location: size=..., count=...` line of a report.
+/// One `location: size=..., count=...` line of tracemalloc's
+/// `compare_to` output, which memtrace's text format repeats.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReportLine {
     pub location: String,
@@ -276,24 +286,19 @@ pub fn parse_line(line: &str) -> Option<ReportLine> {
     })
 }
 
-/// The reports in memtrace's stdout: each is its header and its lines.
-pub fn reports(stdout: &str) -> Vec<(String, Vec<String>)> {
-    let mut out: Vec<(String, Vec<String>)> = Vec::new();
-    for line in stdout.lines() {
-        if line.starts_with('[') && line.contains("] memtrace pid ") {
-            out.push((line.to_owned(), Vec::new()));
-        } else if let Some(last) = out.last_mut()
-            && !line.is_empty()
-        {
-            last.1.push(line.to_owned());
-        }
-    }
-    out
+pub use memtrace::report::json::{JsonReport, Row};
+
+/// memtrace's reports, from its stdout under `--format json`.
+pub fn json_reports(stdout: &str) -> Vec<JsonReport> {
+    stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON report ({e}): {line}")))
+        .collect()
 }
 
-/// The parsed statistic lines of the last (final) report.
-pub fn final_report(stdout: &str) -> (String, Vec<ReportLine>) {
-    let (header, lines) = reports(stdout).pop().unwrap_or_else(|| panic!("no report in memtrace's output:\n{stdout}"));
-    assert!(header.contains("final report"), "last report is not final: {header}");
-    (header, lines.iter().filter_map(|l| parse_line(l)).collect())
+/// The last report, which must be the final one.
+pub fn final_report(stdout: &str) -> JsonReport {
+    let report = json_reports(stdout).pop().unwrap_or_else(|| panic!("no report in memtrace's output:\n{stdout}"));
+    assert!(report.is_final, "last report is not final: {report:?}");
+    report
 }

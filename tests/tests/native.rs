@@ -6,7 +6,7 @@
 
 use std::process::Command;
 
-use memtrace_tests::{Memtrace, Target, TempDir, compile_c, final_report, line_of, require_root};
+use memtrace_tests::{Memtrace, Target, TempDir, compile_c, final_report, json_reports, line_of, require_root};
 
 /// Waits for "go" on stdin before each round; each round keeps 10,000
 /// blocks of 100 bytes from one line and allocates and frees 10,000 from
@@ -106,7 +106,7 @@ fn start(built: &Built) -> Target {
 /// stopped with SIGINT `hold` after the round: memtrace's stdout.
 fn traced_round(target: &mut Target, options: &[&str], hold: std::time::Duration) -> String {
     let pid = target.pid().to_string();
-    let mut args = vec!["--pid", &pid, "--interval", "60"];
+    let mut args = vec!["--pid", &pid, "--interval", "60", "--format", "json"];
     args.extend_from_slice(options);
     let memtrace = Memtrace::attach(&args);
     target.send("go");
@@ -130,25 +130,25 @@ fn leaking_site_ranks_first_with_exact_numbers_and_churn_shows_nothing() {
     require_root();
     let built = build();
     let stdout = traced_round(&mut start(&built), &[], NOW);
-    let (header, lines) = final_report(&stdout);
+    let report = final_report(&stdout);
+    let rows = &report.rows;
 
-    let first = &lines[0];
+    let first = &rows[0];
     assert_eq!(first.location, site(&built, "LEAK"), "report:\n{stdout}");
-    assert_eq!((first.size.as_str(), first.size_diff.as_str()), ("977 KiB", "+977 KiB"));
+    assert_eq!((first.size, first.size_diff), (1_000_000, 1_000_000));
     assert_eq!((first.count, first.count_diff), (10_000, 10_000));
-    assert_eq!(first.average.as_deref(), Some("100 B"));
 
-    let find = |marker: &str| lines.iter().find(|l| l.location == site(&built, marker));
+    let find = |marker: &str| rows.iter().find(|l| l.location == site(&built, marker));
     assert!(find("CHURN").is_none(), "the churn site has nothing outstanding:\n{stdout}");
     // realloc moves the block to its own site; the 10-byte malloc is gone.
     let realloc = find("REALLOC").expect("realloc site reported");
-    assert_eq!((realloc.count, realloc.size.as_str()), (100, "391 KiB"));
+    assert_eq!((realloc.count, realloc.size), (100, 400_000));
     let calloc = find("CALLOC").expect("calloc site reported");
-    assert_eq!((calloc.count, calloc.size.as_str()), (100, "19.5 KiB"));
+    assert_eq!((calloc.count, calloc.size), (100, 20_000));
     let memalign = find("MEMALIGN").expect("posix_memalign site reported");
-    assert_eq!((memalign.count, memalign.size.as_str()), (100, "25.0 KiB"));
-    assert!(header.contains("failed-allocs=0"), "{header}");
-    assert!(header.contains(" alloc-map-full=0"), "{header}");
+    assert_eq!((memalign.count, memalign.size), (100, 25_600));
+    assert_eq!(report.counters["failed-allocs"], 0);
+    assert_eq!(report.losses.values().sum::<u64>(), 0, "{:?}", report.losses);
 }
 
 #[test]
@@ -200,7 +200,7 @@ fn target_exit_ends_tracing_with_a_final_report() {
     let built = build();
     let mut target = start(&built);
     let pid = target.pid().to_string();
-    let memtrace = Memtrace::attach(&["--pid", &pid, "--interval", "60"]);
+    let memtrace = Memtrace::attach(&["--pid", &pid, "--interval", "60", "--format", "json"]);
     target.send("go");
     target.expect_line_prefix("done ");
     assert!(target.finish().success());
@@ -208,9 +208,9 @@ fn target_exit_ends_tracing_with_a_final_report() {
     assert_eq!(status.code(), Some(3), "exit status 3 says the target exited; stderr: {stderr:?}");
     assert!(stderr.iter().any(|l| l.contains(&format!("pid {pid} exited"))), "{stderr:?}");
     // Symbolized after the process is gone, from the saved memory map.
-    let (_, lines) = final_report(&stdout);
-    assert_eq!(lines[0].location, site(&built, "LEAK"));
-    assert_eq!(lines[0].count, 10_000);
+    let rows = final_report(&stdout).rows;
+    assert_eq!(rows[0].location, site(&built, "LEAK"));
+    assert_eq!(rows[0].count, 10_000);
 }
 
 #[test]
@@ -220,18 +220,18 @@ fn count_and_duration_limit_the_session() {
     let target = start(&built);
     let pid = target.pid().to_string();
     let started = std::time::Instant::now();
-    let memtrace = Memtrace::attach(&["--pid", &pid, "--interval", "0.3", "--count", "3"]);
+    let memtrace = Memtrace::attach(&["--pid", &pid, "--interval", "0.3", "--count", "3", "--format", "json"]);
     let (status, stdout, _) = memtrace.finish();
     assert_eq!(status.code(), Some(0));
-    let reports = memtrace_tests::reports(&stdout);
-    assert_eq!(reports.len(), 3, "{stdout}");
-    assert!(reports[2].0.contains("final report 3"), "{}", reports[2].0);
+    let reports = json_reports(&stdout);
+    let shape: Vec<(u32, bool)> = reports.iter().map(|r| (r.sequence, r.is_final)).collect();
+    assert_eq!(shape, [(1, false), (2, false), (3, true)], "{stdout}");
     assert!(started.elapsed().as_secs_f64() >= 0.9);
 
-    let memtrace = Memtrace::attach(&["--pid", &pid, "--interval", "60", "--duration", "0.5"]);
+    let memtrace = Memtrace::attach(&["--pid", &pid, "--interval", "60", "--duration", "0.5", "--format", "json"]);
     let (status, stdout, _) = memtrace.finish();
     assert_eq!(status.code(), Some(0));
-    assert_eq!(memtrace_tests::reports(&stdout).len(), 1);
+    assert_eq!(json_reports(&stdout).len(), 1);
 }
 
 #[test]
@@ -241,14 +241,14 @@ fn size_filters_and_top_limit_what_is_shown() {
     let mut target = start(&built);
     // Only the 200-byte calloc and 256-byte posix_memalign blocks fit.
     let stdout = traced_round(&mut target, &["--min-size", "150", "--max-size", "300"], NOW);
-    let (_, lines) = final_report(&stdout);
-    let locations: Vec<&str> = lines.iter().map(|l| l.location.as_str()).collect();
+    let rows = final_report(&stdout).rows;
+    let locations: Vec<&str> = rows.iter().map(|l| l.location.as_str()).collect();
     assert_eq!(locations, [site(&built, "MEMALIGN"), site(&built, "CALLOC")], "{stdout}");
 
     let stdout = traced_round(&mut target, &["--top", "1"], NOW);
-    let (_, lines) = final_report(&stdout);
-    assert_eq!(lines.len(), 1);
-    assert_eq!(lines[0].location, site(&built, "LEAK"));
+    let rows = final_report(&stdout).rows;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].location, site(&built, "LEAK"));
 }
 
 #[test]
@@ -258,13 +258,12 @@ fn older_than_hides_young_blocks() {
     let mut target = start(&built);
     // Nothing is 1.5 s old yet: the report is empty.
     let stdout = traced_round(&mut target, &["--older-than", "1500"], NOW);
-    let (_, lines) = final_report(&stdout);
-    assert!(lines.is_empty(), "{stdout}");
+    assert!(final_report(&stdout).rows.is_empty(), "{stdout}");
 
     let stdout = traced_round(&mut target, &["--older-than", "300"], std::time::Duration::from_millis(600));
-    let (_, lines) = final_report(&stdout);
-    assert_eq!(lines[0].location, site(&built, "LEAK"));
-    assert_eq!(lines[0].count, 10_000);
+    let rows = final_report(&stdout).rows;
+    assert_eq!(rows[0].location, site(&built, "LEAK"));
+    assert_eq!(rows[0].count, 10_000);
 }
 
 /// Without frame pointers the kernel's stack walk is blind past the
@@ -278,15 +277,13 @@ fn native_unwinds_code_without_frame_pointers() {
     let exe = compile_c(&dir, "alloc_patterns", PROGRAM, &["-O1", "-fomit-frame-pointer"]);
     let built = Built { _dir: dir, exe };
     let stdout = traced_round(&mut start(&built), &["--native", "--group-by", "traceback"], NOW);
-    let (_, lines) = final_report(&stdout);
-    assert_eq!((lines[0].count, lines[0].size.as_str()), (10_000, "977 KiB"), "{stdout}");
-    // The biggest offender's traceback, oldest first: main's call of leak(),
-    // then leak's call of malloc.
-    let frames: Vec<&str> =
-        stdout.lines().skip_while(|l| !l.contains("count=10000")).skip(1).take_while(|l| l.starts_with("  ")).collect();
-    let text = frames.join("\n");
-    let call = format!("File \"{}.c\", line {}", built.exe.display(), line_of(PROGRAM, "char *p = leak();"));
-    let leak = format!("File \"{}.c\", line {}", built.exe.display(), line_of(PROGRAM, "LEAK"));
-    let (at_call, at_leak) = (text.find(&call), text.find(&leak));
-    assert!(at_call.is_some() && at_leak.is_some() && at_call < at_leak, "{text}");
+    let rows = final_report(&stdout).rows;
+    assert_eq!((rows[0].count, rows[0].size), (10_000, 1_000_000), "{stdout}");
+    // The biggest offender's traceback, innermost first: leak's call of
+    // malloc, then main's call of leak().
+    let frames: Vec<String> = rows[0].frames.iter().map(|f| format!("{}:{}", f.filename, f.lineno)).collect();
+    let source = format!("{}.c", built.exe.display());
+    let leak = frames.iter().position(|f| *f == format!("{source}:{}", line_of(PROGRAM, "LEAK")));
+    let call = frames.iter().position(|f| *f == format!("{source}:{}", line_of(PROGRAM, "char *p = leak();")));
+    assert!(leak.is_some() && call.is_some() && leak < call, "{frames:?}");
 }

@@ -10,7 +10,7 @@ use std::{
     process::Command,
 };
 
-use memtrace_tests::{Memtrace, ReportLine, Target, final_report, parse_line, require_root};
+use memtrace_tests::{JsonReport, Memtrace, ReportLine, Row, Target, final_report, parse_line, require_root};
 
 const WORKLOADS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/workloads.py");
 
@@ -65,14 +65,22 @@ fn tracemalloc_truth(python: &Path, workload: &str) -> Truth {
 /// memtrace's final report on one untraced run of `workload`, and its
 /// whole stdout; `extra` are more memtrace options.
 struct Observed {
-    header: String,
-    lines: Vec<ReportLine>,
+    report: JsonReport,
     stdout: String,
     /// What the workload printed besides its protocol.
     said: Vec<String>,
 }
 
 fn memtrace_view(python: &Path, workload: &str, extra: &[&str]) -> Observed {
+    let mut args = vec!["--format", "json"];
+    args.extend_from_slice(extra);
+    let (stdout, said) = memtrace_run(python, workload, &args);
+    Observed { report: final_report(&stdout), stdout, said }
+}
+
+/// memtrace's stdout over one untraced run of `workload`, and what the
+/// workload printed besides its protocol.
+fn memtrace_run(python: &Path, workload: &str, extra: &[&str]) -> (String, Vec<String>) {
     assert!(python.exists(), "{} is missing: it is a supported interpreter", python.display());
     let mut target = Target::spawn(Command::new(python).args([WORKLOADS, "plain", workload]));
     target.expect_line("ready");
@@ -97,8 +105,7 @@ fn memtrace_view(python: &Path, workload: &str, extra: &[&str]) -> Observed {
         "{} must be supported: {stderr:?}",
         python.display()
     );
-    let (header, lines) = final_report(&stdout);
-    Observed { header, lines, stdout, said }
+    (stdout, said)
 }
 
 fn bytes(size: &str) -> f64 {
@@ -113,17 +120,17 @@ fn bytes(size: &str) -> f64 {
     value.parse::<f64>().unwrap() * scale
 }
 
-/// memtrace's line agrees with tracemalloc's: same place, count within 2%,
-/// size within 5% (plus the rounding of the printed sizes). Counts are
+/// memtrace's row agrees with tracemalloc's line: same place, count within
+/// 2%, size within 5% (plus the rounding of tracemalloc's printed size). Counts are
 /// integers, and CPython's free lists hold a few blocks whose state differs
 /// between any two processes (a dict keys object one process allocates
 /// fresh at a line, another reuses), so a one-block difference is allowed
 /// where 2% is less than a block.
-fn assert_close(truth: &ReportLine, seen: &ReportLine, context: &str) {
+fn assert_close(truth: &ReportLine, seen: &Row, context: &str) {
     assert_eq!(seen.location, truth.location, "{context}");
     let (want, got) = (truth.count as f64, seen.count as f64);
     assert!((got - want).abs() <= (0.02 * want).max(1.0), "{context}: count {got} vs tracemalloc's {want}");
-    let (want, got) = (bytes(&truth.size), bytes(&seen.size));
+    let (want, got) = (bytes(&truth.size), seen.size as f64);
     let rounding = if truth.size.ends_with(" B") { 0.0 } else { 0.001 * want };
     assert!((got - want).abs() <= 0.05 * want + rounding, "{context}: size {got} vs tracemalloc's {want}");
 }
@@ -139,11 +146,12 @@ fn ground_truth(python: &Path, workload: &str, markers: [&str; 3]) {
     let mut sorted = expected.clone();
     sorted.sort();
     assert_eq!(truth_top, sorted, "tracemalloc's top 3 are the workload's lines: {:?}", truth.top);
-    assert!(seen.lines.len() >= 3, "memtrace reported fewer than 3 lines:\n{}", seen.stdout);
-    for i in 0..3 {
-        assert_close(&truth.top[i], &seen.lines[i], &format!("{workload} line {i}:\n{}", seen.stdout));
+    let rows = &seen.report.rows;
+    assert!(rows.len() >= 3, "memtrace reported fewer than 3 lines:\n{}", seen.stdout);
+    for (i, (truth, seen_row)) in truth.top.iter().zip(rows).take(3).enumerate() {
+        assert_close(truth, seen_row, &format!("{workload} line {i}:\n{}", seen.stdout));
     }
-    assert!(seen.header.contains(" alloc-map-full=0"), "{}", seen.header);
+    assert_eq!(seen.report.losses["alloc-map-full"], 0, "{}", seen.stdout);
 }
 
 fn nested_lists(python: &Path) {
@@ -161,20 +169,17 @@ fn closures(python: &Path) {
 /// Pure churn keeps nothing: no line of the workload holds memory.
 fn churn(python: &Path) {
     let seen = memtrace_view(python, "churn", &[]);
-    let held: f64 = seen.lines.iter().filter(|l| l.location.starts_with(WORKLOADS)).map(|l| bytes(&l.size)).sum();
-    assert!(held < 1024.0, "churn holds {held} bytes:\n{}", seen.stdout);
-    assert!(seen.header.contains("allocated since attach"), "{}", seen.header);
-    let allocated = seen.header.split("allocated since attach ").nth(1).unwrap().split(" in ").next().unwrap();
-    assert!(bytes(allocated) > 5.0 * 1024.0 * 1024.0, "the churn was seen: {}", seen.header);
+    let held: u64 = seen.report.rows.iter().filter(|l| l.location.starts_with(WORKLOADS)).map(|l| l.size).sum();
+    assert!(held < 1024, "churn holds {held} bytes:\n{}", seen.stdout);
+    assert!(seen.report.allocated.size > 5 << 20, "the churn was seen: {:?}", seen.report.allocated);
 }
 
 /// `--group-by traceback`: the biggest offender's first four frames are
 /// tracemalloc's.
 fn traceback(python: &Path) {
     let truth = tracemalloc_truth(python, "deep");
-    let seen = memtrace_view(python, "deep", &["--group-by", "traceback", "--top", "1"]);
-    let frames: Vec<String> = seen
-        .stdout
+    let (stdout, _) = memtrace_run(python, "deep", &["--group-by", "traceback", "--top", "1"]);
+    let frames: Vec<String> = stdout
         .lines()
         .filter_map(|l| l.strip_prefix("  File \""))
         .map(|l| {
@@ -182,21 +187,22 @@ fn traceback(python: &Path) {
             format!("{file}:{line}")
         })
         .collect();
-    assert!(truth.traceback.len() >= 4 && frames.len() >= 4, "{:?}\n{}", truth.traceback, seen.stdout);
-    assert_eq!(frames[..4], truth.traceback[..4], "{}", seen.stdout);
-    assert_eq!(frames.last(), Some(&marked("deep")), "innermost frame last: {}", seen.stdout);
+    assert!(truth.traceback.len() >= 4 && frames.len() >= 4, "{:?}\n{stdout}", truth.traceback);
+    assert_eq!(frames[..4], truth.traceback[..4], "{stdout}");
+    assert_eq!(frames.last(), Some(&marked("deep")), "innermost frame last: {stdout}");
     // Each frame is followed by its source line, as Traceback.format() does.
-    assert!(seen.stdout.contains("    deep_leak(depth - 1)  # MARK:deep-recurse"), "{}", seen.stdout);
+    assert!(stdout.contains("    deep_leak(depth - 1)  # MARK:deep-recurse"), "{stdout}");
 }
 
 /// Three threads leaking from their own lines get their own lines.
 fn threads(python: &Path) {
     let truth = tracemalloc_truth(python, "threads");
     let seen = memtrace_view(python, "threads", &[]);
-    for i in 0..3 {
-        assert_close(&truth.top[i], &seen.lines[i], &format!("threads line {i}:\n{}", seen.stdout));
+    let rows = &seen.report.rows;
+    for (i, (truth, seen_row)) in truth.top.iter().zip(rows).take(3).enumerate() {
+        assert_close(truth, seen_row, &format!("threads line {i}:\n{}", seen.stdout));
     }
-    let mut top: Vec<&str> = seen.lines[..3].iter().map(|l| l.location.as_str()).collect();
+    let mut top: Vec<&str> = rows[..3].iter().map(|l| l.location.as_str()).collect();
     top.sort();
     let mut want = [marked("thread-one"), marked("thread-two"), marked("thread-three")];
     want.sort();
@@ -207,15 +213,17 @@ fn threads(python: &Path) {
 /// Python line's; with --native the C frames beneath it are shown.
 fn native_leak(python: &Path) {
     let seen = memtrace_view(python, "native_leak", &[]);
-    let line = seen.lines.iter().find(|l| l.location == marked("ctypes-malloc")).expect("the ctypes line is reported");
-    assert!(line.count >= 1000 && bytes(&line.size) >= 1000.0 * 8192.0, "{}", seen.stdout);
-    assert_eq!(seen.lines[0].location, marked("ctypes-malloc"), "{}", seen.stdout);
+    let rows = &seen.report.rows;
+    let line = rows.iter().find(|l| l.location == marked("ctypes-malloc")).expect("the ctypes line is reported");
+    assert!(line.count >= 1000 && line.size >= 1000 * 8192, "{}", seen.stdout);
+    assert_eq!(rows[0].location, marked("ctypes-malloc"), "{}", seen.stdout);
 
     let seen = memtrace_view(python, "native_leak", &["--native", "--group-by", "traceback", "--top", "1"]);
-    let text = &seen.stdout;
-    let python_frame = text.find(&format!("line {}", marker_line("ctypes-malloc"))).expect(text);
-    let native_frame = text.find("ffi_call").unwrap_or_else(|| panic!("libffi's frame is shown:\n{text}"));
-    assert!(python_frame < native_frame, "native frames come beneath the Python line:\n{text}");
+    let frames = &seen.report.rows[0].frames;
+    let python_frame = frames.iter().position(|f| f.lineno as usize == marker_line("ctypes-malloc"));
+    let native_frame = frames.iter().position(|f| f.filename.contains("ffi_call"));
+    assert!(python_frame.is_some() && native_frame.is_some(), "Python and libffi frames: {frames:?}");
+    assert!(native_frame < python_frame, "native frames come beneath (inside) the Python line: {frames:?}");
 }
 
 /// A freed code object whose address a new function gets is never reported
@@ -225,16 +233,17 @@ fn code_reuse(python: &Path) {
     let seen = memtrace_view(python, "code_reuse", &["--top", "50"]);
     let reused: u32 = seen.said.iter().find_map(|l| l.strip_prefix("REUSED ")).unwrap().parse().unwrap();
     assert!(reused > 0, "the allocator never reused a code object's address; the test proves nothing");
+    let rows = &seen.report.rows;
     for i in 0..12 {
         let location = format!("generated_{i}.py:{}", i + 2);
-        let line = seen.lines.iter().find(|l| l.location == location).unwrap_or_else(|| {
+        let line = rows.iter().find(|l| l.location == location).unwrap_or_else(|| {
             panic!("{location} missing (reused code objects reported under another name?):\n{}", seen.stdout)
         });
         // Ten bytes objects and the list holding them.
         assert!((11..=13).contains(&line.count), "{location}: {line:?}\n{}", seen.stdout);
     }
     assert!(
-        !seen.lines.iter().any(|l| l.location.starts_with("generated_") && l.count > 13),
+        !rows.iter().any(|l| l.location.starts_with("generated_") && l.count > 13),
         "one function got another's allocations:\n{}",
         seen.stdout
     );

@@ -7,18 +7,16 @@
 //! and str objects as userspace will. A missing gdb or interpreter fails the
 //! test: a layout nobody checked is a layout that is wrong somewhere.
 
-#[path = "../../memtrace/src/python/debug_offsets.rs"]
-mod debug_offsets;
-#[path = "../../memtrace/src/python/layouts.rs"]
-mod layouts;
-
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
     process::Command,
 };
 
-use layouts::{EvalEntry, Layout, layout_for};
+use memtrace::python::{
+    debug_offsets,
+    layouts::{self, EvalEntry, Layout, PymallocState, layout_for},
+};
 
 const PYENV: &str = "/root/.pyenv/versions";
 /// Each supported minor version with the pyenv build whose DWARF the table was taken from.
@@ -180,7 +178,43 @@ fn dwarf_checks(layout: &Layout) -> Vec<(String, u64, String)> {
     };
     check("preheader_flags", layout.preheader_flags, preheader.to_string());
 
-    check("pool_szidx", layout.pool_szidx, offset("struct pool_header", "szidx"));
+    let pymalloc = &layout.pymalloc;
+    let pool = &pymalloc.pool_header;
+    check("pool_header.ref_count", pool.ref_count, offset("struct pool_header", "ref"));
+    check("pool_header.freeblock", pool.freeblock, offset("struct pool_header", "freeblock"));
+    check("pool_header.nextpool", pool.nextpool, offset("struct pool_header", "nextpool"));
+    check("pool_header.arenaindex", pool.arenaindex, offset("struct pool_header", "arenaindex"));
+    check("pool_header.szidx", pool.szidx, offset("struct pool_header", "szidx"));
+    // POOL_OVERHEAD rounds the header up to ALIGNMENT.
+    check("pool_header.size", pool.size, "(sizeof(struct pool_header) + 15) / 16 * 16".into());
+    check("arena_object_size", pymalloc.arena_object_size, "sizeof(struct arena_object)".into());
+    match pymalloc.state {
+        PymallocState::Statics => assert!(minor <= 11, "3.{minor} keeps pymalloc in the interpreter"),
+        PymallocState::InMainInterpreter { interpreters_main, interp_obmalloc, mgmt } => {
+            check("interpreters_main", interpreters_main, offset("_PyRuntimeState", "interpreters.main"));
+            check("interp_obmalloc", interp_obmalloc, offset("PyInterpreterState", "obmalloc"));
+            check("mgmt.arenas", mgmt.arenas, offset("struct _obmalloc_state", "mgmt.arenas"));
+            check("mgmt.maxarenas", mgmt.maxarenas, offset("struct _obmalloc_state", "mgmt.maxarenas"));
+            let raw = offset("struct _obmalloc_state", "mgmt.raw_allocated_blocks");
+            check("mgmt.raw_allocated_blocks", mgmt.raw_allocated_blocks, raw);
+        }
+        PymallocState::PointedByMainInterpreter {
+            main_interpreter,
+            interp_obmalloc,
+            runtime_size,
+            interp_size,
+            mgmt,
+        } => {
+            check("main_interpreter", main_interpreter, offset("_PyRuntimeState", "_main_interpreter"));
+            check("interp_obmalloc", interp_obmalloc, offset("PyInterpreterState", "obmalloc"));
+            check("runtime_size", runtime_size, "sizeof(_PyRuntimeState)".into());
+            check("interp_size", interp_size, "sizeof(PyInterpreterState)".into());
+            check("mgmt.arenas", mgmt.arenas, offset("struct _obmalloc_state", "mgmt.arenas"));
+            check("mgmt.maxarenas", mgmt.maxarenas, offset("struct _obmalloc_state", "mgmt.maxarenas"));
+            let raw = offset("struct _obmalloc_state", "mgmt.raw_allocated_blocks");
+            check("mgmt.raw_allocated_blocks", mgmt.raw_allocated_blocks, raw);
+        }
+    }
 
     check("bytes_size", layout.bytes_size, offset("PyBytesObject", "ob_base.ob_size"));
     check("bytes_data", layout.bytes_data, offset("PyBytesObject", "ob_sval"));

@@ -1,5 +1,5 @@
-//! Loads the kernel side, attaches a probe plan to one process, and tells
-//! the kernel side which process to count and how. Dropping the `Tracer`
+//! Loads the kernel side, attaches probe plans to processes, and tells the
+//! kernel side which processes to count and how. Dropping the `Tracer`
 //! detaches everything; so does the kernel if memtrace dies, since every
 //! probe lives only as long as its file descriptor.
 //!
@@ -22,15 +22,19 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData},
+    maps::{HashMap, Map, MapData, PerCpuHashMap, PerCpuValues},
+    util::nr_cpus,
 };
 use aya_obj::{
     btf::BtfFeatures,
     generated::{BPF_F_UPROBE_MULTI_RETURN, bpf_attach_type, bpf_attr, bpf_cmd, bpf_insn, bpf_prog_type},
 };
-use memtrace_common::{KernelConfig, TargetConfig};
+use memtrace_common::{CounterSet, KernelConfig, TargetConfig, map_name};
 
 use super::plan::{AttachPoint, Program};
+
+/// The kernel side, built by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memtrace"));
 
 pub struct Tracer {
     /// Declared first so that the links go before the programs.
@@ -42,15 +46,18 @@ pub struct Tracer {
 impl Tracer {
     /// Creates the maps and loads and verifies the BPF programs. `max_allocs`
     /// sizes the map of live allocations. A program the verifier rejects is
-    /// one line; its log, pages long, is printed only when `verbose`.
+    /// one line; its log, pages long, is printed only when `verbose`, which
+    /// also turns on the kernel side's own diagnostics (aya-log).
     pub fn load(kernel: KernelConfig, max_allocs: u32, verbose: bool) -> Result<Self> {
-        let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memtrace"));
+        // aya-log's levels: 0 is off; 2 is warnings and worse.
+        let log_level: u8 = if verbose { 2 } else { 0 };
         let ebpf = EbpfLoader::new()
             .override_global("KERNEL_CONFIG", &kernel, true)
-            .map_max_entries("ALLOCS", max_allocs)
-            .load(object)
+            .override_global("AYA_LOG_LEVEL", &log_level, true)
+            .map_max_entries(map_name::ALLOCS, max_allocs)
+            .load(OBJECT)
             .context("cannot load memtrace's eBPF maps")?;
-        let programs = load_programs(&ebpf, object, verbose)?;
+        let programs = load_programs(&ebpf, OBJECT, verbose)?;
         Ok(Self { links: Vec::new(), programs, ebpf })
     }
 
@@ -76,12 +83,31 @@ impl Tracer {
     }
 
     /// Starts (or changes) counting for `pid`. Called after attaching, so
-    /// that counting starts with every probe in place.
+    /// that counting starts with every probe in place. The process's
+    /// counters are created first: programs count only processes that have
+    /// them, and never create them.
     pub fn set_target(&mut self, pid: u32, config: &TargetConfig) -> Result<()> {
+        let mut counters: PerCpuHashMap<&mut MapData, u32, CounterSet> =
+            PerCpuHashMap::try_from(self.map_mut(map_name::COUNTERS)?)?;
+        if counters.get(&pid, 0).is_err() {
+            let cpus = nr_cpus().map_err(|(_, e)| anyhow!("cannot count the CPUs: {e}"))?;
+            let zeroes = PerCpuValues::try_from(vec![CounterSet::default(); cpus])?;
+            counters.insert(pid, zeroes, 0).context("cannot create the process's counters")?;
+        }
         let mut targets: HashMap<&mut MapData, u32, TargetConfig> =
-            HashMap::try_from(self.ebpf.map_mut("TARGETS").ok_or_else(|| anyhow!("eBPF object lacks map TARGETS"))?)?;
+            HashMap::try_from(self.map_mut(map_name::TARGETS)?)?;
         targets.insert(pid, config, 0).context("cannot configure the kernel side")?;
         Ok(())
+    }
+
+    fn map_mut(&mut self, name: &str) -> Result<&mut Map> {
+        self.ebpf.map_mut(name).ok_or_else(|| anyhow!("eBPF object lacks map {name}"))
+    }
+
+    /// The kernel side's diagnostics (`--verbose`), read by aya-log into
+    /// the `log` crate. Taken out of the tracer, so the session can wait on it.
+    pub fn take_logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        aya_log::EbpfLogger::init(&mut self.ebpf).context("cannot read the kernel side's log")
     }
 }
 
@@ -125,9 +151,12 @@ fn load_programs(ebpf: &Ebpf, object: &[u8], verbose: bool) -> Result<BTreeMap<P
 /// aya 0.14 does not lend out a map's own descriptor).
 fn map_fd(ebpf: &Ebpf, name: &str) -> Result<OwnedFd> {
     let data = match ebpf.map(name).ok_or_else(|| anyhow!("aya did not create map {name}"))? {
-        Map::Array(data) | Map::HashMap(data) | Map::LruHashMap(data) | Map::PerCpuArray(data) | Map::RingBuf(data) => {
-            data
-        }
+        Map::Array(data)
+        | Map::HashMap(data)
+        | Map::LruHashMap(data)
+        | Map::PerCpuArray(data)
+        | Map::PerCpuHashMap(data)
+        | Map::RingBuf(data) => data,
         other => bail!("map {name} has a type memtrace does not use: {other:?}"),
     };
     let fd = data.info().and_then(|info| info.fd()).with_context(|| format!("cannot reopen map {name}"))?;
@@ -233,4 +262,22 @@ fn link_uprobe_multi(prog: RawFd, is_return: bool, pid: u32, group: &[&AttachPoi
     multi.flags = if is_return { BPF_F_UPROBE_MULTI_RETURN } else { 0 };
     multi.pid = pid;
     bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Userspace opens maps by the names memtrace-common gives; each must
+    /// be a map of the object the kernel side built.
+    #[test]
+    fn every_shared_map_name_is_in_the_object() {
+        let obj = aya_obj::Object::parse(OBJECT).unwrap();
+        for name in map_name::ALL {
+            assert!(obj.maps.contains_key(name), "no map {name} in the eBPF object: {:?}", obj.maps.keys());
+        }
+        for program in Program::ALL {
+            assert!(obj.programs.contains_key(program.name()), "no program {}", program.name());
+        }
+    }
 }

@@ -4,6 +4,7 @@
 
 pub mod memory;
 pub mod proc_maps;
+pub mod source;
 
 use std::fs;
 

@@ -12,7 +12,6 @@ use memtrace_common::{PythonFrame, PythonStack, code_tag};
 use super::{
     layouts::{InstrKind, Layout, UNICODE_ASCII, UNICODE_COMPACT, UNICODE_KIND_MASK, UNICODE_KIND_SHIFT},
     linetable::{self, LineTableFormat},
-    version::Version,
 };
 use crate::{process::memory::ProcessMemory, snapshot::Frame};
 
@@ -32,7 +31,7 @@ struct Code {
 pub struct CodeResolver {
     memory: ProcessMemory,
     layout: Layout,
-    format: Option<LineTableFormat>,
+    format: LineTableFormat,
     /// By (address, tag); None when the object could not be read or had
     /// changed by the time it was.
     codes: HashMap<(u64, u64), Option<Code>>,
@@ -51,13 +50,8 @@ pub struct ResolvedFrame {
 pub const UNREADABLE_CODE: &str = "<code object freed before it could be read>";
 
 impl CodeResolver {
-    pub fn new(memory: ProcessMemory, layout: Layout, version: Version) -> Self {
-        Self {
-            memory,
-            layout,
-            format: LineTableFormat::for_version(version.major, version.minor),
-            codes: HashMap::new(),
-        }
+    pub fn new(memory: ProcessMemory, layout: Layout) -> Self {
+        Self { memory, layout, format: layout.line_table, codes: HashMap::new() }
     }
 
     /// The stack's frames, innermost first.
@@ -72,10 +66,7 @@ impl CodeResolver {
                 Some(code) if offset < code.first_traceable => None,
                 Some(code) => Some(Frame {
                     filename: code.filename.clone(),
-                    lineno: format
-                        .and_then(|fmt| {
-                            linetable::line_for_offset(fmt, code.firstlineno, &code.linetable, offset.max(0) as u32)
-                        })
+                    lineno: linetable::line_for_offset(format, code.firstlineno, &code.linetable, offset.max(0) as u32)
                         .map_or(0, |l| l.max(0) as u32),
                 }),
                 None => Some(Frame { filename: UNREADABLE_CODE.to_owned(), lineno: 0 }),

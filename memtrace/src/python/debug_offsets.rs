@@ -124,9 +124,7 @@ pub fn parse(bytes: &[u8]) -> Result<Layout, Error> {
         frame_code: at(FRAME_EXECUTABLE),
         frame_previous: at(FRAME_PREVIOUS),
         frame_instr: at(FRAME_INSTR_PTR),
-        instr_kind: PY313.instr_kind,
         frame_owner_cstack: PY313.frame_owner_cstack.map(|(_, cstack)| (at(FRAME_OWNER), cstack)),
-        eval_entry: PY313.eval_entry,
         code_filename: at(CODE_FILENAME),
         code_name: at(CODE_NAME),
         code_qualname: Some(at(CODE_QUALNAME)),
@@ -139,13 +137,7 @@ pub fn parse(bytes: &[u8]) -> Result<Layout, Error> {
         unicode_state: at(UNICODE_STATE),
         unicode_ascii_data: at(UNICODE_ASCIIOBJECT_SIZE),
         unicode_compact_data: compact_data,
-        code_firsttraceable: PY313.code_firsttraceable,
-        type_flags: PY313.type_flags,
-        gc_head_size: PY313.gc_head_size,
-        preheader_flags: PY313.preheader_flags,
-        pool_size: PY313.pool_size,
-        pool_szidx: PY313.pool_szidx,
-        size_class_shift: PY313.size_class_shift,
+        ..PY313
     })
 }
 

@@ -1,12 +1,16 @@
-//! Where CPython 3.8 to 3.13 keep what memtrace reads: the path from
-//! `_PyRuntime` to the thread state holding the GIL and on to its innermost
-//! frame (walked by the BPF program), and the fields of code, bytes and str
-//! objects (read by userspace to name a frame's file, function and line).
-//! One table per minor version, as plain data, for x86-64 Linux builds: the
-//! pthread mutexes and condition variables inside `_PyRuntime` make its
-//! offsets differ on other targets. The numbers are the DWARF of
-//! 3.8.18/3.9.18/3.10.13/3.11.7/3.12.1/3.13.0, which tests/tests/python_layouts.rs
-//! checks against gdb and against live interpreters.
+//! Every per-version fact memtrace knows about CPython 3.8 to 3.13, as data:
+//! the path from `_PyRuntime` to the thread state holding the GIL and on to
+//! its innermost frame (walked by the BPF program), the fields of code,
+//! bytes and str objects and the line-table format (read by userspace to
+//! name a frame's file, function and line), and pymalloc's arenas, pools and
+//! where its bookkeeping lives (for its count read from outside). One table
+//! per minor version, each written as its difference from the one before,
+//! for x86-64 Linux builds: the pthread mutexes and condition variables
+//! inside `_PyRuntime` make its offsets differ on other targets. The numbers
+//! are the DWARF of 3.8.18/3.9.18/3.10.13/3.11.7/3.12.1/3.13.0, which the
+//! tests crate's python_layouts checks against gdb and live interpreters.
+
+use super::linetable::LineTableFormat;
 
 /// How a frame records its current instruction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,9 +117,9 @@ pub struct Layout {
     pub code_qualname: Option<u64>,
     /// An `int`.
     pub code_firstlineno: u64,
-    /// `co_lnotab` (3.8, 3.9) or `co_linetable` (3.10's PEP 626 format,
-    /// 3.11+'s location table): the version says how to decode it.
+    /// `co_lnotab` (3.8, 3.9) or `co_linetable`, in `line_table`'s format.
     pub code_linetable: u64,
+    pub line_table: LineTableFormat,
     /// Where the bytecode starts: for <=3.10 the offset of the `co_code`
     /// bytes-object pointer; for 3.11+ the offset of the inline
     /// `co_code_adaptive` array in the code object.
@@ -143,13 +147,97 @@ pub struct Layout {
     /// Type flags whose objects carry two more words before them (managed
     /// dict and weakref slots, 3.11+), as `_PyType_PreHeaderSize` counts.
     pub preheader_flags: u64,
-    /// pymalloc's pools (Objects/obmalloc.c): POOL_SIZE, the offset of
-    /// `szidx` in `struct pool_header`, and ALIGNMENT_SHIFT (size classes
-    /// are multiples of 16 bytes).
-    pub pool_size: u64,
-    pub pool_szidx: u64,
-    pub size_class_shift: u64,
+    pub pymalloc: Pymalloc,
 }
+
+/// pymalloc (Objects/obmalloc.c) as a version builds it on x86-64.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pymalloc {
+    /// POOL_SIZE: 4 KiB before 3.10, 16 KiB since (a 3.10+ build without
+    /// the radix tree keeps 4 KiB: the locator checks the code's own mask).
+    pub pool_size: u64,
+    /// ARENA_SIZE: 256 KiB before 3.10, 1 MiB since.
+    pub arena_size: u64,
+    /// ALIGNMENT_SHIFT: size classes are multiples of 16 bytes...
+    pub size_class_shift: u64,
+    /// ...up to SMALL_REQUEST_THRESHOLD (512), 32 classes.
+    pub size_classes: u32,
+    pub pool_header: PoolHeader,
+    /// sizeof(struct arena_object): `address` at 0, `pool_address` at 8,
+    /// `nfreepools` (u32) at 16, `ntotalpools` at 20, then three pointers.
+    pub arena_object_size: u64,
+    /// What `_Py_GetAllocatedBlocks` adds the pools' count to.
+    pub counter: BlockCounter,
+    /// Where `arenas`, `maxarenas` and the counter are.
+    pub state: PymallocState,
+}
+
+/// `struct pool_header`, laid out alike from 3.8 to 3.13.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolHeader {
+    /// The `ref.count` union: blocks in use, a u32.
+    pub ref_count: u64,
+    pub freeblock: u64,
+    pub nextpool: u64,
+    pub arenaindex: u64,
+    /// The size class index, a u32.
+    pub szidx: u64,
+    /// sizeof(struct pool_header) rounded to ALIGNMENT: where blocks start.
+    pub size: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockCounter {
+    /// 3.8: `_Py_AllocatedBlocks`, every live block, small or raw.
+    AllBlocks,
+    /// 3.9+: `raw_allocated_blocks`, live blocks pymalloc sent to the raw
+    /// allocator (requests over 512 bytes).
+    RawBlocks,
+}
+
+impl BlockCounter {
+    /// The counter's name, as the static is called before 3.12.
+    pub const fn symbol(self) -> &'static str {
+        match self {
+            BlockCounter::AllBlocks => "_Py_AllocatedBlocks",
+            BlockCounter::RawBlocks => "raw_allocated_blocks",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PymallocState {
+    /// 3.8 to 3.11: statics named `arenas`, `maxarenas` and the counter's
+    /// symbol, or found in the code of the exported readers when stripped.
+    Statics,
+    /// 3.12: `struct _obmalloc_state` embedded in PyInterpreterState at
+    /// `interp_obmalloc`; the main interpreter is the pointer at
+    /// `_PyRuntime + interpreters_main`.
+    InMainInterpreter { interpreters_main: u64, interp_obmalloc: u64, mgmt: ObmallocMgmt },
+    /// 3.13: a pointer to it at `interp_obmalloc` in the main interpreter,
+    /// which is embedded in `_PyRuntime` at `main_interpreter`. Trusted only
+    /// where sizeof(_PyRuntimeState) and sizeof(PyInterpreterState), as the
+    /// build's `_Py_DebugOffsets` state them, are `runtime_size` and
+    /// `interp_size`.
+    PointedByMainInterpreter {
+        main_interpreter: u64,
+        interp_obmalloc: u64,
+        runtime_size: u64,
+        interp_size: u64,
+        mgmt: ObmallocMgmt,
+    },
+}
+
+/// Where `_obmalloc_state.mgmt` (3.12+) keeps `arenas`, `maxarenas` and
+/// `raw_allocated_blocks`, from the state's start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ObmallocMgmt {
+    pub arenas: u64,
+    pub maxarenas: u64,
+    pub raw_allocated_blocks: u64,
+}
+
+const MGMT: ObmallocMgmt = ObmallocMgmt { arenas: 0x200, maxarenas: 0x208, raw_allocated_blocks: 0x440 };
 
 // `PyASCIIObject.state` bits, at the same places in 3.8-3.13 (interned:2,
 // kind:3, compact:1, ascii:1, then ready or statically_allocated).
@@ -165,7 +253,7 @@ pub const UNICODE_ASCII: u32 = 1 << 6;
 const MANAGED_DICT: u64 = 1 << 4;
 const MANAGED_WEAKREF: u64 = 1 << 3;
 
-pub static PY38: Layout = Layout {
+pub const PY38: Layout = Layout {
     version: (3, 8),
     tstate_chain: Chain::new(&[1368]),
     tstate_thread_id: 176,
@@ -183,6 +271,7 @@ pub static PY38: Layout = Layout {
     code_qualname: None,
     code_firstlineno: 40,
     code_linetable: 120,
+    line_table: LineTableFormat::Lnotab,
     code_bytecode: 48,
     bytes_size: 16,
     bytes_data: 32,
@@ -194,187 +283,113 @@ pub static PY38: Layout = Layout {
     type_flags: 168,
     gc_head_size: 16,
     preheader_flags: 0,
-    pool_size: 4096,
-    pool_szidx: 36,
-    size_class_shift: 4,
+    pymalloc: Pymalloc {
+        pool_size: 4 << 10,
+        arena_size: 256 << 10,
+        size_class_shift: 4,
+        size_classes: 32,
+        pool_header: PoolHeader { ref_count: 0, freeblock: 8, nextpool: 0x10, arenaindex: 0x20, szidx: 0x24, size: 48 },
+        arena_object_size: 48,
+        counter: BlockCounter::AllBlocks,
+        state: PymallocState::Statics,
+    },
 };
 
-/// 3.9 moved the GC state out of `_PyRuntime`, hence the shorter first step.
-pub static PY39: Layout = Layout {
+/// 3.9 moved the GC state out of `_PyRuntime`, hence the shorter first
+/// step; its block counter counts only raw blocks.
+pub const PY39: Layout = Layout {
     version: (3, 9),
     tstate_chain: Chain::new(&[568]),
-    tstate_thread_id: 176,
-    threads_chain: Chain::new(&[32, 8]),
-    tstate_next: 8,
-    frame_chain: Chain::new(&[24]),
-    frame_code: 32,
-    frame_previous: 24,
-    frame_instr: 104,
-    instr_kind: InstrKind::LastiBytes,
-    frame_owner_cstack: None,
-    eval_entry: EvalEntry::EveryFrame,
-    code_filename: 104,
-    code_name: 112,
-    code_qualname: None,
-    code_firstlineno: 40,
-    code_linetable: 120,
-    code_bytecode: 48,
-    bytes_size: 16,
-    bytes_data: 32,
-    unicode_length: 16,
-    unicode_state: 32,
-    unicode_ascii_data: 48,
-    unicode_compact_data: 72,
-    code_firsttraceable: None,
-    type_flags: 168,
-    gc_head_size: 16,
-    preheader_flags: 0,
-    pool_size: 4096,
-    pool_szidx: 36,
-    size_class_shift: 4,
+    pymalloc: Pymalloc { counter: BlockCounter::RawBlocks, ..PY38.pymalloc },
+    ..PY38
 };
 
-pub static PY310: Layout = Layout {
+/// 3.10: `f_lasti` counts code units, PEP 626's line table, bigger pools and arenas.
+pub const PY310: Layout = Layout {
     version: (3, 10),
-    tstate_chain: Chain::new(&[568]),
-    tstate_thread_id: 176,
-    threads_chain: Chain::new(&[32, 8]),
-    tstate_next: 8,
-    frame_chain: Chain::new(&[24]),
-    frame_code: 32,
-    frame_previous: 24,
     frame_instr: 96,
     instr_kind: InstrKind::LastiCodeUnits,
-    frame_owner_cstack: None,
-    eval_entry: EvalEntry::EveryFrame,
-    code_filename: 104,
-    code_name: 112,
-    code_qualname: None,
-    code_firstlineno: 40,
-    code_linetable: 120,
-    code_bytecode: 48,
-    bytes_size: 16,
-    bytes_data: 32,
-    unicode_length: 16,
-    unicode_state: 32,
-    unicode_ascii_data: 48,
-    unicode_compact_data: 72,
-    code_firsttraceable: None,
-    type_flags: 168,
-    gc_head_size: 16,
-    preheader_flags: 0,
-    pool_size: 16384,
-    pool_szidx: 36,
-    size_class_shift: 4,
+    line_table: LineTableFormat::LineTable310,
+    pymalloc: Pymalloc { pool_size: 16 << 10, arena_size: 1 << 20, ..PY39.pymalloc },
+    ..PY39
 };
 
-pub static PY311: Layout = Layout {
+/// 3.11: frames are `_PyInterpreterFrame`s reached through the cframe, code
+/// objects hold their bytecode inline and carry the location table.
+pub const PY311: Layout = Layout {
     version: (3, 11),
     tstate_chain: Chain::new(&[576]),
     tstate_thread_id: 152,
     threads_chain: Chain::new(&[40, 16]),
-    tstate_next: 8,
     frame_chain: Chain::new(&[56, 8]),
-    frame_code: 32,
     frame_previous: 48,
     frame_instr: 56,
     instr_kind: InstrKind::PrevInstrPointer,
-    frame_owner_cstack: None,
     eval_entry: EvalEntry::Flag(68),
     code_filename: 112,
     code_name: 120,
     code_qualname: Some(128),
     code_firstlineno: 72,
     code_linetable: 136,
+    line_table: LineTableFormat::Locations,
     code_bytecode: 184,
-    bytes_size: 16,
-    bytes_data: 32,
-    unicode_length: 16,
-    unicode_state: 32,
-    unicode_ascii_data: 48,
-    unicode_compact_data: 72,
     code_firsttraceable: Some(168),
-    type_flags: 168,
-    gc_head_size: 16,
     preheader_flags: MANAGED_DICT,
-    pool_size: 16384,
-    pool_szidx: 36,
-    size_class_shift: 4,
+    ..PY310
 };
 
 /// 3.12 keeps the current thread state in a thread-local, not in
-/// `_PyRuntime`, so the GIL's last holder stands in for it; str lost `wstr`.
-pub static PY312: Layout = Layout {
+/// `_PyRuntime`, so the GIL's last holder stands in for it; C-stack shim
+/// frames appear; str lost `wstr`; pymalloc moved into the interpreter.
+pub const PY312: Layout = Layout {
     version: (3, 12),
     tstate_chain: Chain::new(&[48, 384, 8]),
     tstate_thread_id: 136,
     threads_chain: Chain::new(&[40, 72]),
-    tstate_next: 8,
     frame_chain: Chain::new(&[56, 0]),
     frame_code: 0,
     frame_previous: 8,
-    frame_instr: 56,
-    instr_kind: InstrKind::PrevInstrPointer,
     frame_owner_cstack: Some((70, 3)),
     eval_entry: EvalEntry::BeforeShim,
-    code_filename: 112,
-    code_name: 120,
-    code_qualname: Some(128),
     code_firstlineno: 68,
-    code_linetable: 136,
     code_bytecode: 192,
-    bytes_size: 16,
-    bytes_data: 32,
-    unicode_length: 16,
-    unicode_state: 32,
     unicode_ascii_data: 40,
     unicode_compact_data: 56,
     code_firsttraceable: Some(176),
-    type_flags: 168,
-    gc_head_size: 16,
     preheader_flags: MANAGED_DICT | MANAGED_WEAKREF,
-    pool_size: 16384,
-    pool_szidx: 36,
-    size_class_shift: 4,
+    pymalloc: Pymalloc {
+        state: PymallocState::InMainInterpreter { interpreters_main: 0x30, interp_obmalloc: 0xf78, mgmt: MGMT },
+        ..PY311.pymalloc
+    },
+    ..PY311
 };
 
-/// Also what `debug_offsets::parse` falls back on for what 3.13's
+/// 3.13: `tstate->current_frame`, `instr_ptr`, and pymalloc's state behind a
+/// pointer. Also what `debug_offsets::parse` falls back on for what 3.13's
 /// `_Py_DebugOffsets` does not say.
-pub static PY313: Layout = Layout {
+pub const PY313: Layout = Layout {
     version: (3, 13),
     tstate_chain: Chain::new(&[640, 16, 8]),
     tstate_thread_id: 152,
     threads_chain: Chain::new(&[632, 7344]),
-    tstate_next: 8,
     frame_chain: Chain::new(&[72]),
-    frame_code: 0,
-    frame_previous: 8,
-    frame_instr: 56,
     instr_kind: InstrKind::InstrPointer,
-    frame_owner_cstack: Some((70, 3)),
-    eval_entry: EvalEntry::BeforeShim,
-    code_filename: 112,
-    code_name: 120,
-    code_qualname: Some(128),
-    code_firstlineno: 68,
-    code_linetable: 136,
     code_bytecode: 200,
-    bytes_size: 16,
-    bytes_data: 32,
-    unicode_length: 16,
-    unicode_state: 32,
-    unicode_ascii_data: 40,
-    unicode_compact_data: 56,
     code_firsttraceable: Some(184),
-    type_flags: 168,
-    gc_head_size: 16,
-    preheader_flags: MANAGED_DICT | MANAGED_WEAKREF,
-    pool_size: 16384,
-    pool_szidx: 36,
-    size_class_shift: 4,
+    pymalloc: Pymalloc {
+        state: PymallocState::PointedByMainInterpreter {
+            main_interpreter: 0x15920,
+            interp_obmalloc: 0x2a30,
+            runtime_size: 0x452b8,
+            interp_size: 0x2f998,
+            mgmt: MGMT,
+        },
+        ..PY312.pymalloc
+    },
+    ..PY312
 };
 
-static LAYOUTS: [&Layout; 6] = [&PY38, &PY39, &PY310, &PY311, &PY312, &PY313];
+static LAYOUTS: [Layout; 6] = [PY38, PY39, PY310, PY311, PY312, PY313];
 
 /// The table for CPython `major.minor`, or None when there is none for it
 /// on this target.
@@ -382,7 +397,7 @@ pub fn layout_for(major: u8, minor: u8) -> Option<&'static Layout> {
     if !cfg!(target_arch = "x86_64") {
         return None;
     }
-    LAYOUTS.iter().copied().find(|layout| layout.version == (major, minor))
+    LAYOUTS.iter().find(|layout| layout.version == (major, minor))
 }
 
 #[cfg(test)]
@@ -416,7 +431,7 @@ mod tests {
 
     #[test]
     fn int_instruction_fields_are_masked() {
-        for layout in LAYOUTS {
+        for layout in &LAYOUTS {
             let int_field = layout.version <= (3, 10);
             assert_eq!(layout.instr_kind.mask() == 0xffff_ffff, int_field, "{:?}", layout.version);
         }
@@ -424,7 +439,7 @@ mod tests {
 
     #[test]
     fn shim_frames_exactly_from_312() {
-        for layout in LAYOUTS {
+        for layout in &LAYOUTS {
             assert_eq!(layout.frame_owner_cstack.is_some(), layout.version >= (3, 12), "{:?}", layout.version);
             assert_eq!(layout.code_qualname.is_some(), layout.version >= (3, 11), "{:?}", layout.version);
         }

@@ -5,7 +5,8 @@
 //! from another process's memory and may be torn or garbage, so every decoder
 //! is bounded by the table's length and answers `None` rather than panicking.
 
-/// Which line-number table format a code object carries.
+/// Which line-number table format a code object carries (each version's
+/// is in its layout table).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LineTableFormat {
     /// `co_lnotab` of CPython 3.8 and 3.9.
@@ -14,18 +15,6 @@ pub enum LineTableFormat {
     LineTable310,
     /// The location table (`co_linetable`) of CPython 3.11 and later.
     Locations,
-}
-
-impl LineTableFormat {
-    /// The format used by CPython `major.minor`, for the versions memtrace supports.
-    pub fn for_version(major: u8, minor: u8) -> Option<Self> {
-        match (major, minor) {
-            (3, 8 | 9) => Some(Self::Lnotab),
-            (3, 10) => Some(Self::LineTable310),
-            (3, 11..=13) => Some(Self::Locations),
-            _ => None,
-        }
-    }
 }
 
 /// The source line of the instruction at `byte_offset` (offset in bytes into co_code,
@@ -268,7 +257,8 @@ print("END", count)
         );
         let mut rows = stdout.lines();
         let version: Vec<u8> = rows.next().unwrap().split(' ').map(|v| v.parse().unwrap()).collect();
-        assert_eq!(LineTableFormat::for_version(version[0], version[1]), Some(format), "{python}");
+        let table_format = crate::python::layouts::layout_for(version[0], version[1]).map(|l| l.line_table);
+        assert_eq!(table_format, Some(format), "{python}");
 
         let (mut codes, mut offsets, mut lineless) = (0usize, 0usize, 0usize);
         let mut mismatches = Vec::new();
@@ -340,15 +330,6 @@ print("END", count)
     #[test]
     fn matches_cpython_3_13() {
         check_interpreter("/root/.pyenv/versions/3.13.0/bin/python", Locations);
-    }
-
-    #[test]
-    fn versions() {
-        assert_eq!(LineTableFormat::for_version(3, 7), None);
-        assert_eq!(LineTableFormat::for_version(3, 9), Some(Lnotab));
-        assert_eq!(LineTableFormat::for_version(3, 10), Some(LineTable310));
-        assert_eq!(LineTableFormat::for_version(3, 13), Some(Locations));
-        assert_eq!(LineTableFormat::for_version(2, 11), None);
     }
 
     fn lines(format: LineTableFormat, first: i32, table: &[u8], offsets: &[u32]) -> Vec<Option<i32>> {

@@ -40,7 +40,7 @@ pub enum Detection {
     NotPython,
     /// A CPython memtrace cannot walk, with the reason in a sentence.
     Unsupported(String),
-    Supported(Interpreter),
+    Supported(Box<Interpreter>),
 }
 
 /// Symbols every CPython 2.x/3.x exports, to recognise interpreters whose
@@ -90,7 +90,7 @@ fn inspect(target: &Target, path: &str, elf: ElfFile) -> Detection {
         return unsupported("lays out its frames wider than memtrace reads in one copy");
     }
     let pymalloc = PymallocState::locate(&elf, bias, (version.major, version.minor));
-    Detection::Supported(Interpreter { path: path.to_owned(), elf, version, runtime, layout, pymalloc })
+    Detection::Supported(Box::new(Interpreter { path: path.to_owned(), elf, version, runtime, layout, pymalloc }))
 }
 
 /// The version the binary states: `Py_Version` (3.11+), else the
@@ -143,9 +143,10 @@ fn walk_recipe(layout: &Layout, runtime: u64) -> Option<PythonWalk> {
         type_flags: l.type_flags,
         gc_head_size: l.gc_head_size,
         preheader_flags: l.preheader_flags,
-        pool_mask: !(l.pool_size - 1),
-        pool_szidx: l.pool_szidx,
-        size_class_shift: l.size_class_shift,
+        pool_mask: !(l.pymalloc.pool_size - 1),
+        pool_freeblock: l.pymalloc.pool_header.freeblock,
+        pool_szidx: l.pymalloc.pool_header.szidx,
+        size_class_shift: l.pymalloc.size_class_shift,
         ..PythonWalk::default()
     };
     walk.tstate_chain[..l.tstate_chain.len()].copy_from_slice(&l.tstate_chain);
@@ -192,7 +193,7 @@ impl Interpreter {
     }
 
     pub fn code_resolver(&self, pid: u32) -> code::CodeResolver {
-        code::CodeResolver::new(ProcessMemory::new(pid), self.layout, self.version)
+        code::CodeResolver::new(ProcessMemory::new(pid), self.layout)
     }
 }
 

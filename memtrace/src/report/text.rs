@@ -1,78 +1,71 @@
-//! The text report: a header line (time, process, totals, every loss
-//! counter), optional coverage notes, then the top-N groups in tracemalloc's
-//! `compare_to` format; with traceback grouping, each group's traceback in
-//! the layout of tracemalloc's `Traceback.format()`.
+//! The text report, memtrace's default output: a header line (time,
+//! process, totals, every loss counter), the notes, then the top-N groups in
+//! tracemalloc's `compare_to` format; with traceback grouping, each group's
+//! traceback in the layout of tracemalloc's `Traceback.format()`, with the
+//! source lines a [`SourceLines`] gives.
 
-use std::{collections::HashMap, io::Write, time::SystemTime};
+use std::{io::Write, time::SystemTime};
 
-use super::format::{format_size, stat_diff_line};
-use crate::snapshot::{GroupBy, Snapshot, Stat};
+use super::{
+    Report, Writer,
+    format::{format_size, stat_diff_line},
+};
+use crate::snapshot::GroupBy;
 
-/// What a report says about its process and the collection itself.
-pub struct Header<'a> {
-    pub time: SystemTime,
-    pub pid: u32,
-    pub comm: &'a str,
-    pub sequence: u32,
-    pub is_final: bool,
-    /// Allocated since attach, freed or not.
-    pub allocated: Stat,
-    /// (name, value) of every loss counter, in print order.
-    pub losses: Vec<(&'static str, u64)>,
-    /// (name, value) of counters that are not losses (frees of blocks
-    /// allocated before attach, allocator calls that failed, ...).
-    pub other: Vec<(&'static str, u64)>,
-    /// Sentences about what the probes cannot see, printed under the header.
-    pub notes: &'a [String],
+/// Source text by file and line, as the process sees its files.
+pub trait SourceLines {
+    /// Line `lineno` of `filename` in process `pid`, stripped as linecache
+    /// + `.strip()` do; None for blank lines and unreadable files.
+    fn line(&mut self, pid: u32, filename: &str, lineno: u32) -> Option<String>;
 }
 
-pub struct TextReport<'a> {
-    pub header: Header<'a>,
-    pub current: &'a Snapshot,
-    pub previous: &'a Snapshot,
-    pub group_by: GroupBy,
-    pub top: usize,
+pub struct TextWriter<W, S> {
+    out: W,
+    sources: S,
+    group_by: GroupBy,
+    top: usize,
 }
 
-impl TextReport<'_> {
-    /// `source` gives the text of a file's line (for tracebacks).
-    pub fn write(
-        &self,
-        out: &mut impl Write,
-        source: &mut dyn FnMut(&str, u32) -> Option<String>,
-    ) -> std::io::Result<()> {
-        let h = &self.header;
-        let now = self.current.total();
-        let before = self.previous.total();
+impl<W: Write, S: SourceLines> TextWriter<W, S> {
+    pub fn new(out: W, sources: S, group_by: GroupBy, top: usize) -> Self {
+        Self { out, sources, group_by, top }
+    }
+}
+
+impl<W: Write, S: SourceLines> Writer for TextWriter<W, S> {
+    fn write(&mut self, report: &Report) -> std::io::Result<()> {
+        let out = &mut self.out;
+        let now = report.current.total();
+        let before = report.previous.total();
         let fields = |counters: &[(&str, u64)]| {
             counters.iter().map(|(name, value)| format!("{name}={value}")).collect::<Vec<_>>().join(" ")
         };
         writeln!(
             out,
             "[{}] memtrace pid {} ({}) {}{}: outstanding {} in {} blocks ({}, {:+} blocks); allocated since attach {} in {} blocks | lost: {} | {}",
-            clock_time(h.time),
-            h.pid,
-            h.comm,
-            if h.is_final { "final report " } else { "report " },
-            h.sequence,
+            clock_time(report.time),
+            report.process.pid,
+            report.process.comm,
+            if report.is_final { "final report " } else { "report " },
+            report.sequence,
             format_size(now.size as f64, false),
             now.count,
             format_size(now.size as f64 - before.size as f64, true),
             now.count as i64 - before.count as i64,
-            format_size(h.allocated.size as f64, false),
-            h.allocated.count,
-            fields(&h.losses),
-            fields(&h.other),
+            format_size(report.allocated.size as f64, false),
+            report.allocated.count,
+            fields(&report.losses),
+            fields(&report.counters),
         )?;
-        for note in h.notes {
+        for note in &report.notes {
             writeln!(out, "note: {note}")?;
         }
-        for diff in self.current.compare_to(self.previous).iter().take(self.top) {
+        for diff in report.rows(self.group_by).iter().take(self.top) {
             writeln!(out, "{}", stat_diff_line(diff))?;
             if self.group_by == GroupBy::Traceback {
                 for frame in diff.traceback.oldest_first() {
                     writeln!(out, "  File \"{}\", line {}", frame.filename, frame.lineno)?;
-                    if let Some(text) = source(&frame.filename, frame.lineno) {
+                    if let Some(text) = self.sources.line(report.process.pid, &frame.filename, frame.lineno) {
                         writeln!(out, "    {text}")?;
                     }
                 }
@@ -83,35 +76,81 @@ impl TextReport<'_> {
     }
 }
 
-/// Reads source lines as the target sees its files (through
-/// /proc/PID/root), caching each file once.
-pub struct SourceFiles {
-    root: String,
-    files: HashMap<String, Option<Vec<String>>>,
-}
-
-impl SourceFiles {
-    pub fn new(pid: u32) -> Self {
-        Self { root: format!("/proc/{pid}/root"), files: HashMap::new() }
-    }
-
-    /// Line `lineno` of `filename`, stripped as linecache + `.strip()` do;
-    /// None for blank lines and unreadable files.
-    pub fn line(&mut self, filename: &str, lineno: u32) -> Option<String> {
-        let lines = self.files.entry(filename.to_owned()).or_insert_with(|| {
-            let path = if filename.starts_with('/') { format!("{}{filename}", self.root) } else { filename.to_owned() };
-            std::fs::read_to_string(path).ok().map(|text| text.lines().map(str::to_owned).collect())
-        });
-        let text = lines.as_ref()?.get((lineno as usize).checked_sub(1)?)?.trim();
-        (!text.is_empty()).then(|| text.to_owned())
-    }
-}
-
 /// HH:MM:SS in local time.
 fn clock_time(time: SystemTime) -> String {
     let secs = time.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as libc::time_t;
-    // SAFETY: localtime_r fills the tm we pass and reads only `secs`.
+    // SAFETY: all zeroes is a valid `tm`, which localtime_r overwrites.
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: localtime_r fills the tm we pass and reads only `secs`.
     unsafe { libc::localtime_r(&secs, &mut tm) };
     format!("{:02}:{:02}:{:02}", tm.tm_hour, tm.tm_min, tm.tm_sec)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::{
+        report::ProcessInfo,
+        snapshot::{Frame, Snapshot, Stat, Traceback},
+    };
+
+    /// Gives one made-up source line.
+    struct OneLine;
+
+    impl SourceLines for OneLine {
+        fn line(&mut self, _pid: u32, filename: &str, lineno: u32) -> Option<String> {
+            (lineno == 27).then(|| format!("source of {filename}:{lineno}"))
+        }
+    }
+
+    /// A report of a leak at line 16, one block freed at a native site and
+    /// one new at line 20, shared with the JSON writer's tests.
+    pub(crate) fn sample(is_final: bool) -> Report {
+        let tb = |frames: &[(&str, u32)]| {
+            Traceback(frames.iter().map(|&(f, l)| Frame { filename: f.into(), lineno: l }).collect())
+        };
+        let leak = tb(&[("/w/app.py", 16), ("/w/app.py", 27), ("/w/app.py", 33)]);
+        let new = tb(&[("/w/app.py", 20), ("/w/app.py", 33)]);
+        let native = tb(&[("malloc+0x1c (libc.so.6)", 0)]);
+        Report {
+            time: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_764_571_025),
+            process: ProcessInfo { pid: 24733, comm: "python".into(), interpreter: Some("CPython 3.12.1".into()) },
+            sequence: 2,
+            is_final,
+            allocated: Stat { size: 5_200_000, count: 42_790 },
+            losses: vec![("alloc-map-full", 0), ("python-reads", 3)],
+            counters: vec![("unknown-frees", 1)],
+            notes: vec!["pymalloc's own count of live blocks changed by +25500 since attach; memtrace's probes account for +25500 (100.0%)".into()],
+            current: Snapshot::from_entries([
+                (leak.clone(), Stat { size: 3_708_000, count: 51_734 }),
+                (new, Stat { size: 40, count: 1 }),
+            ]),
+            previous: Snapshot::from_entries([
+                (leak, Stat { size: 1_850_000, count: 25_501 }),
+                (native, Stat { size: 64, count: 1 }),
+            ]),
+        }
+    }
+
+    /// The text of the sample under each grouping is what memtrace printed
+    /// before the report model existed, byte for byte (its clock aside).
+    #[test]
+    fn matches_the_reports_memtrace_always_printed() {
+        let mut out = Vec::new();
+        for group_by in GroupBy::ALL {
+            let report = sample(group_by == GroupBy::Traceback);
+            TextWriter::new(&mut out, OneLine, group_by, 10).write(&report).unwrap();
+        }
+        let clock = format!("[{}]", clock_time(sample(false).time));
+        let golden = include_str!("testdata/golden.txt").replace("[06:37:05]", &clock);
+        assert_eq!(String::from_utf8(out).unwrap(), golden);
+    }
+
+    #[test]
+    fn top_limits_the_groups() {
+        let mut out = Vec::new();
+        TextWriter::new(&mut out, OneLine, GroupBy::Lineno, 1).write(&sample(false)).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.lines().filter(|l| l.contains(": size=")).count(), 1, "{text}");
+    }
 }

@@ -1,21 +1,20 @@
-//! Turns kernel site keys into tracebacks a report can print: Python frames
-//! when the allocation was made by Python code, native frames otherwise, and
-//! with `--native` both, merged the way the stack really nests. Native frames
-//! resolve from files and a saved memory map, so they work after the target
-//! exits; Python frames and stack copies must be read while the process
-//! lives, so they are resolved as soon as the kernel announces them.
+//! Turns one process's kernel site keys into tracebacks a report can print:
+//! Python frames when the allocation was made by Python code, native frames
+//! otherwise, and with `--native` both, merged the way the stack really
+//! nests. It is handed the stacks `collect` read, never the maps. Native
+//! frames resolve from files and a saved memory map, so they work after the
+//! process exits; Python frames and stack copies must be read while the
+//! process lives, so they are resolved as soon as the kernel announces them.
 
 pub mod native;
 pub mod unwind;
 
 use std::collections::HashMap;
 
-use memtrace_common::{SiteKey, SiteStackCopy};
+use memtrace_common::{NativeStack, PythonStack, SiteKey, SiteStackCopy, StackKey};
 
 use self::{native::NativeSymbolizer, unwind::Unwinder};
 use crate::{
-    collect,
-    probes::attach::Tracer,
     process::{
         Target,
         proc_maps::{MemoryMap, root_prefix},
@@ -59,34 +58,25 @@ impl Symbolizer {
         }
     }
 
-    /// Catches up with the live process: a fresh memory map (for libraries
-    /// loaded since) and any Python stack not resolved yet. Does nothing once
-    /// the target is gone.
-    pub fn refresh(&mut self, tracer: &Tracer) {
-        if !Target::is_alive(self.pid) {
-            return;
-        }
-        if let Ok(map) = MemoryMap::read(self.pid) {
-            self.map = map;
-        }
-        if self.python.is_some()
-            && let Ok(ids) = collect::python_stack_ids(tracer)
+    /// Catches up with the live process's memory map (for libraries loaded
+    /// since). Does nothing once the process is gone.
+    pub fn refresh_map(&mut self) {
+        if Target::is_alive(self.pid)
+            && let Ok(map) = MemoryMap::read(self.pid)
         {
-            for id in ids {
-                self.resolve_python_stack(tracer, id);
-            }
+            self.map = map;
         }
     }
 
-    /// Reads the code objects of Python stack `id` from the target, once.
-    pub fn resolve_python_stack(&mut self, tracer: &Tracer, id: u64) {
+    /// Whether Python stack `id` still needs its code objects read.
+    pub fn wants_python_stack(&self, id: u64) -> bool {
+        self.python.is_some() && !self.python_stacks.contains_key(&id)
+    }
+
+    /// Reads the code objects of Python stack `id` from the process, once.
+    pub fn resolve_python_stack(&mut self, id: u64, stack: &PythonStack) {
         let Some(resolver) = &mut self.python else { return };
-        if self.python_stacks.contains_key(&id) {
-            return;
-        }
-        if let Some(stack) = collect::python_stack(tracer, id) {
-            self.python_stacks.insert(id, resolver.frames(&stack));
-        }
+        self.python_stacks.entry(id).or_insert_with(|| resolver.frames(stack));
     }
 
     /// Unwinds a new site's stack copy, while its libraries are mapped.
@@ -95,13 +85,19 @@ impl Symbolizer {
         self.unwound.insert(copy.site, pcs);
     }
 
-    pub fn traceback(&mut self, tracer: &Tracer, site: &SiteKey) -> Traceback {
+    /// The site's traceback; `native_stack` gives the stored native stack
+    /// of a key, read when the site's traceback is first asked for.
+    pub fn traceback(
+        &mut self,
+        site: &SiteKey,
+        native_stack: impl FnOnce(StackKey) -> Option<NativeStack>,
+    ) -> Traceback {
         if let Some(traceback) = self.tracebacks.get(site) {
             return traceback.clone();
         }
         let python = (site.python_stack != 0).then(|| self.python_stacks.get(&site.python_stack).cloned()).flatten();
         let resolved = site.python_stack == 0 || python.is_some();
-        let native = self.native_pcs(tracer, site);
+        let native = self.native_pcs(site, native_stack);
         let frames = match python {
             Some(python) if python.iter().any(|f| f.frame.is_some()) => {
                 if self.mixed {
@@ -123,14 +119,13 @@ impl Symbolizer {
     /// The site's native return addresses, innermost first: unwound from
     /// its stack copy when there is one, else the caller and whatever the
     /// kernel's frame-pointer walk found.
-    fn native_pcs(&self, tracer: &Tracer, site: &SiteKey) -> Vec<u64> {
+    fn native_pcs(&self, site: &SiteKey, native_stack: impl FnOnce(StackKey) -> Option<NativeStack>) -> Vec<u64> {
         if let Some(pcs) = self.unwound.get(site) {
             return pcs.clone();
         }
         let mut pcs = vec![site.caller];
-        if let Some(stack) =
-            (site.native_stack != 0).then(|| collect::native_stack(tracer, site.native_stack)).flatten()
-        {
+        let key = StackKey { pid: site.pid, _pad: 0, id: site.native_stack };
+        if let Some(stack) = (site.native_stack != 0).then(|| native_stack(key)).flatten() {
             // The kernel's stack starts at the caller too.
             pcs.extend(stack.frames.iter().take(stack.len as usize).skip(1));
         }

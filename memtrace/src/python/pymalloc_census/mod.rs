@@ -128,7 +128,7 @@ impl PymallocState {
     /// allocator, which every interpreter shares unless created with its own.
     pub fn locate(elf: &ElfFile, load_bias: u64, version: (u8, u8)) -> Option<Self> {
         let (3, minor @ 8..=13) = version else { return None };
-        let pool_size = layouts::layout_for(3, minor)?.pool_size;
+        let pool_size = layouts::layout_for(3, minor)?.pymalloc.pool_size;
         // ARENA_SIZE is 256 KiB before 3.10, 1 MiB on 64-bit builds since.
         let arena_size = if minor < 10 { 256 << 10 } else { 1 << 20 };
         let (anchor, [arenas, maxarenas, counter], code) = match minor {
@@ -695,7 +695,7 @@ os.read(0, 1)
             let elf = libpython(version);
             let symbols = statics_from_symbols(&elf, minor).unwrap();
             assert_eq!(statics_from_code(&elf, minor), Some(symbols), "{version}");
-            let expected = layouts::layout_for(3, minor).unwrap().pool_size;
+            let expected = layouts::layout_for(3, minor).unwrap().pymalloc.pool_size;
             assert_eq!(walker_code(&elf, minor).unwrap().pool_size(), Some(expected), "{version}");
         }
     }

@@ -1,0 +1,45 @@
+//! Source files as a traced process sees them (through /proc/PID/root, so
+//! a process in a container shows its own files), read once each, for the
+//! text report's tracebacks.
+
+use std::collections::HashMap;
+
+use crate::report::text::SourceLines;
+
+#[derive(Default)]
+pub struct SourceFiles {
+    /// By (pid, file name); None for a file that could not be read.
+    files: HashMap<(u32, String), Option<Vec<String>>>,
+}
+
+impl SourceLines for SourceFiles {
+    fn line(&mut self, pid: u32, filename: &str, lineno: u32) -> Option<String> {
+        let lines = self.files.entry((pid, filename.to_owned())).or_insert_with(|| {
+            let path =
+                if filename.starts_with('/') { format!("/proc/{pid}/root{filename}") } else { filename.to_owned() };
+            std::fs::read_to_string(path).ok().map(|text| text.lines().map(str::to_owned).collect())
+        });
+        let text = lines.as_ref()?.get((lineno as usize).checked_sub(1)?)?.trim();
+        (!text.is_empty()).then(|| text.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_as_linecache_strips_them() {
+        let path = std::env::temp_dir().join(format!("memtrace-source-{}.py", std::process::id()));
+        std::fs::write(&path, "def f():\n    x = [1]  \n\n").unwrap();
+        let mut files = SourceFiles::default();
+        let (me, name) = (std::process::id(), path.to_str().unwrap());
+        assert_eq!(files.line(me, name, 2).as_deref(), Some("x = [1]"));
+        assert_eq!(files.line(me, name, 3), None, "blank");
+        assert_eq!(files.line(me, name, 9), None, "past the end");
+        assert_eq!(files.line(me, name, 0), None);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(files.line(me, name, 1).as_deref(), Some("def f():"), "read once");
+        assert_eq!(files.line(me, "/nonexistent/x.py", 1), None);
+    }
+}

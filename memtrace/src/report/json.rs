@@ -1,0 +1,183 @@
+//! `--format json`: one JSON object per report per process, on one line,
+//! for log pipelines, `jq` and programs (memtrace's own tests and bench read
+//! memtrace this way). [`JsonReport`] is the document, field by field as
+//! the README documents it; it reads back with serde as well as it writes.
+
+use std::{collections::BTreeMap, io::Write, time::SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Report, Writer};
+use crate::snapshot::{GroupBy, Stat, StatDiff};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JsonReport {
+    /// Seconds since the Unix epoch.
+    pub time: f64,
+    pub pid: u32,
+    pub comm: String,
+    /// "CPython 3.12.1", or null for a native process.
+    pub interpreter: Option<String>,
+    /// 1 for the process's first report.
+    pub sequence: u32,
+    #[serde(rename = "final")]
+    pub is_final: bool,
+    /// "lineno", "filename" or "traceback": what the rows group by.
+    pub group_by: String,
+    /// Allocated since attach and not freed, and its change since the
+    /// previous report.
+    pub outstanding: Size,
+    pub outstanding_change: Change,
+    /// Allocated since attach, freed or not.
+    pub allocated: Size,
+    /// Every loss counter by name: what could not be accounted.
+    pub losses: BTreeMap<String, u64>,
+    /// Counters that are not losses but say how to read the report.
+    pub counters: BTreeMap<String, u64>,
+    pub notes: Vec<String>,
+    /// The top groups, biggest change first.
+    pub rows: Vec<Row>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Size {
+    pub size: u64,
+    pub count: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub size: i64,
+    pub count: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Row {
+    /// The group as tracemalloc prints it (`app.py:6`).
+    pub location: String,
+    /// The group's frames, innermost (where the allocation was made) first:
+    /// one frame for lineno and filename grouping.
+    pub frames: Vec<JsonFrame>,
+    pub size: u64,
+    pub size_diff: i64,
+    pub count: u64,
+    pub count_diff: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JsonFrame {
+    pub filename: String,
+    /// 0 when unknown.
+    pub lineno: u32,
+}
+
+impl JsonReport {
+    pub fn new(report: &Report, group_by: GroupBy, top: usize) -> Self {
+        let (now, before) = (report.current.total(), report.previous.total());
+        let named = |counters: &[(&str, u64)]| counters.iter().map(|&(n, v)| (n.to_owned(), v)).collect();
+        Self {
+            time: report.time.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
+            pid: report.process.pid,
+            comm: report.process.comm.clone(),
+            interpreter: report.process.interpreter.clone(),
+            sequence: report.sequence,
+            is_final: report.is_final,
+            group_by: group_by.name().to_owned(),
+            outstanding: Size::of(now),
+            outstanding_change: Change {
+                size: now.size as i64 - before.size as i64,
+                count: now.count as i64 - before.count as i64,
+            },
+            allocated: Size::of(report.allocated),
+            losses: named(&report.losses),
+            counters: named(&report.counters),
+            notes: report.notes.clone(),
+            rows: report.rows(group_by).iter().take(top).map(Row::of).collect(),
+        }
+    }
+}
+
+impl Size {
+    fn of(stat: Stat) -> Self {
+        Self { size: stat.size, count: stat.count }
+    }
+}
+
+impl Row {
+    fn of(diff: &StatDiff) -> Self {
+        Self {
+            location: diff.traceback.to_string(),
+            frames: diff
+                .traceback
+                .0
+                .iter()
+                .map(|f| JsonFrame { filename: f.filename.clone(), lineno: f.lineno })
+                .collect(),
+            size: diff.size,
+            size_diff: diff.size_diff,
+            count: diff.count,
+            count_diff: diff.count_diff,
+        }
+    }
+}
+
+pub struct JsonWriter<W> {
+    out: W,
+    group_by: GroupBy,
+    top: usize,
+}
+
+impl<W: Write> JsonWriter<W> {
+    pub fn new(out: W, group_by: GroupBy, top: usize) -> Self {
+        Self { out, group_by, top }
+    }
+}
+
+impl<W: Write> Writer for JsonWriter<W> {
+    fn write(&mut self, report: &Report) -> std::io::Result<()> {
+        serde_json::to_writer(&mut self.out, &JsonReport::new(report, self.group_by, self.top))?;
+        writeln!(self.out)?;
+        self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::text::tests::sample;
+
+    #[test]
+    fn one_line_per_report_that_reads_back() {
+        let mut out = Vec::new();
+        let mut writer = JsonWriter::new(&mut out, GroupBy::Traceback, 10);
+        writer.write(&sample(false)).unwrap();
+        writer.write(&sample(true)).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        let first: JsonReport = serde_json::from_str(lines[0]).unwrap();
+        assert_eq!(first, JsonReport::new(&sample(false), GroupBy::Traceback, 10));
+        assert!(!first.is_final && serde_json::from_str::<JsonReport>(lines[1]).unwrap().is_final);
+        assert_eq!((first.pid, first.sequence, first.time), (24733, 2, 1_764_571_025.0));
+        assert_eq!(first.outstanding, Size { size: 3_708_040, count: 51_735 });
+        assert_eq!(first.outstanding_change, Change { size: 1_857_976, count: 26_233 });
+        assert_eq!(first.losses["python-reads"], 3);
+        assert_eq!(first.counters["unknown-frees"], 1);
+        // The leak first; its innermost frame first; printed as its oldest.
+        let leak = &first.rows[0];
+        assert_eq!((leak.location.as_str(), leak.count, leak.count_diff), ("/w/app.py:33", 51_734, 26_233));
+        let lines: Vec<u32> = leak.frames.iter().map(|f| f.lineno).collect();
+        assert_eq!(lines, [16, 27, 33]);
+        assert_eq!(first.rows.len(), 3);
+        assert!(text.contains(r#""final":true"#), "{text}");
+    }
+
+    #[test]
+    fn rows_follow_the_grouping_and_the_top() {
+        let by_line = JsonReport::new(&sample(false), GroupBy::Lineno, 2);
+        let locations: Vec<&str> = by_line.rows.iter().map(|r| r.location.as_str()).collect();
+        assert_eq!(locations, ["/w/app.py:16", "malloc+0x1c (libc.so.6):0"]);
+        assert_eq!(by_line.group_by, "lineno");
+        assert_eq!(by_line.rows[1].size_diff, -64);
+    }
+}

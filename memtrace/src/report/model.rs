@@ -1,0 +1,50 @@
+//! The report: what memtrace found in one process at one moment, as a
+//! plain value that every writer reads. It keeps the whole ungrouped
+//! snapshot and the previous report's, so that each writer groups and
+//! compares as its format needs (lines for text, whole tracebacks for
+//! profiles).
+
+use std::time::SystemTime;
+
+use crate::snapshot::{GroupBy, Snapshot, Stat, StatDiff};
+
+/// The process a report is about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    /// The command name.
+    pub comm: String,
+    /// "CPython 3.12.1", when memtrace reads its interpreter.
+    pub interpreter: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub time: SystemTime,
+    pub process: ProcessInfo,
+    /// 1 for the first report of the process.
+    pub sequence: u32,
+    /// The last report of the session, or of the process's life.
+    pub is_final: bool,
+    /// Allocated since attach, freed or not.
+    pub allocated: Stat,
+    /// (name, value) of every loss counter, in print order.
+    pub losses: Vec<(&'static str, u64)>,
+    /// (name, value) of counters that are not losses (frees of blocks
+    /// allocated before attach, allocator calls that failed, ...).
+    pub counters: Vec<(&'static str, u64)>,
+    /// Sentences about what the probes cannot see.
+    pub notes: Vec<String>,
+    /// Outstanding blocks now, and at the previous report (at attach, for
+    /// the first).
+    pub current: Snapshot,
+    pub previous: Snapshot,
+}
+
+impl Report {
+    /// The groups of `group_by` with their changes since the previous
+    /// report, biggest change first (tracemalloc's `compare_to`).
+    pub fn rows(&self, group_by: GroupBy) -> Vec<StatDiff> {
+        self.current.group(group_by).compare_to(&self.previous.group(group_by))
+    }
+}
