@@ -15,7 +15,7 @@ use std::{
 
 use memtrace::python::{
     debug_offsets,
-    layouts::{self, EvalEntry, Layout, PymallocState, layout_for},
+    layouts::{self, EvalEntry, GcState, Layout, PymallocState, layout_for},
 };
 
 const PYENV: &str = "/root/.pyenv/versions";
@@ -178,6 +178,24 @@ fn dwarf_checks(layout: &Layout) -> Vec<(String, u64, String)> {
     };
     check("preheader_flags", layout.preheader_flags, preheader.to_string());
 
+    check("type_name", layout.type_name, offset("PyTypeObject", "tp_name"));
+    check("interpreters_head", layout.interpreters_head, offset("_PyRuntimeState", "interpreters.head"));
+    check("interp_next", layout.interp_next, offset("PyInterpreterState", "next"));
+    let gc = &layout.gc;
+    match gc.state {
+        GcState::InRuntime(at) => check("gc", at, offset("_PyRuntimeState", "gc")),
+        GcState::InInterpreter(at) => check("gc", at, offset("PyInterpreterState", "gc")),
+    }
+    check("gc.generations", gc.generations, offset("struct _gc_runtime_state", "generations"));
+    check("gc.generation_size", gc.generation_size, "sizeof(struct gc_generation)".into());
+    let count = "sizeof(((struct _gc_runtime_state *)0)->generations) / sizeof(struct gc_generation)";
+    check("gc.generation_count", gc.generation_count, count.into());
+    check(
+        "gc.permanent_generation",
+        gc.permanent_generation,
+        offset("struct _gc_runtime_state", "permanent_generation"),
+    );
+    check("gc head of a generation", 0, offset("struct gc_generation", "head"));
     let pymalloc = &layout.pymalloc;
     let pool = &pymalloc.pool_header;
     check("pool_header.ref_count", pool.ref_count, offset("struct pool_header", "ref"));
@@ -185,6 +203,7 @@ fn dwarf_checks(layout: &Layout) -> Vec<(String, u64, String)> {
     check("pool_header.nextpool", pool.nextpool, offset("struct pool_header", "nextpool"));
     check("pool_header.arenaindex", pool.arenaindex, offset("struct pool_header", "arenaindex"));
     check("pool_header.szidx", pool.szidx, offset("struct pool_header", "szidx"));
+    check("pool_header.nextoffset", pool.nextoffset, offset("struct pool_header", "nextoffset"));
     // POOL_OVERHEAD rounds the header up to ALIGNMENT.
     check("pool_header.size", pool.size, "(sizeof(struct pool_header) + 15) / 16 * 16".into());
     check("arena_object_size", pymalloc.arena_object_size, "sizeof(struct arena_object)".into());

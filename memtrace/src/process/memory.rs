@@ -1,9 +1,11 @@
 //! Reads another process's memory with process_vm_readv: no ptrace stop, no
-//! write, the target never notices. Used to read interpreter state and code
-//! objects; every read may fail (the target can exit or free the memory at
-//! any time) and callers treat failure as "unknown", never as a crash.
+//! write, the target never notices. Used to read interpreter state, code
+//! objects and the heap; every read may fail (the target can exit or free
+//! the memory at any time) and callers treat failure as "unknown", never as
+//! a crash. [`PageCache`] serves walks that read millions of small objects:
+//! it copies 64 KiB at a time and answers from its copy, within a budget.
 
-use std::io;
+use std::{collections::HashMap, io};
 
 #[derive(Clone, Copy, Debug)]
 pub struct ProcessMemory {
@@ -29,6 +31,16 @@ impl ProcessMemory {
         }
     }
 
+    /// Copies what it can of `buf.len()` bytes at `addr`, stopping at the
+    /// first unreadable byte; returns how many it copied.
+    pub fn read_partial(&self, addr: u64, buf: &mut [u8]) -> usize {
+        let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+        let remote = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: buf.len() };
+        // SAFETY: as in `read`.
+        let n = unsafe { libc::process_vm_readv(self.pid as libc::pid_t, &local, 1, &remote, 1, 0) };
+        n.max(0) as usize
+    }
+
     pub fn read_vec(&self, addr: u64, len: usize) -> io::Result<Vec<u8>> {
         let mut buf = vec![0; len];
         self.read(addr, &mut buf)?;
@@ -48,6 +60,111 @@ impl ProcessMemory {
     }
 }
 
+/// Where a [`PageCache`] gets its bytes: a live process, or (in tests and
+/// fuzzing) an image of one.
+pub trait AddressSpace {
+    /// As [`ProcessMemory::read_partial`].
+    fn read_partial(&self, addr: u64, buf: &mut [u8]) -> usize;
+}
+
+impl AddressSpace for ProcessMemory {
+    fn read_partial(&self, addr: u64, buf: &mut [u8]) -> usize {
+        ProcessMemory::read_partial(self, addr, buf)
+    }
+}
+
+pub const PAGE: usize = 4096;
+/// Pages copied at once when one is missing: one system call per 64 KiB.
+const RUN: usize = 16;
+
+/// Why a cached read failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The address is not mapped (or the process is gone).
+    Unmapped,
+    /// The cache holds as much as it may.
+    OverBudget,
+}
+
+/// Pages of another address space, copied on first use and kept: a walk
+/// over a linked structure reads each page once instead of each node
+/// separately. The copy is not atomic: pages read at different moments of
+/// a running process may disagree, which walkers must detect.
+pub struct PageCache<A> {
+    space: A,
+    /// By page address; None for a page that could not be read.
+    pages: HashMap<u64, Option<Box<[u8; PAGE]>>>,
+    max_pages: usize,
+}
+
+impl<A: AddressSpace> PageCache<A> {
+    /// A cache of at most `max_bytes` of copied memory.
+    pub fn new(space: A, max_bytes: usize) -> Self {
+        Self { space, pages: HashMap::new(), max_pages: max_bytes / PAGE }
+    }
+
+    /// Bytes copied so far.
+    pub fn copied(&self) -> usize {
+        self.pages.values().flatten().count() * PAGE
+    }
+
+    /// Fills `buf` from `addr`, which may span pages.
+    pub fn read(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), Fault> {
+        let mut done = 0;
+        while done < buf.len() {
+            let at = addr.checked_add(done as u64).ok_or(Fault::Unmapped)?;
+            let page = at & !(PAGE as u64 - 1);
+            let offset = (at - page) as usize;
+            let bytes = self.page(page)?;
+            let n = (PAGE - offset).min(buf.len() - done);
+            buf[done..done + n].copy_from_slice(&bytes[offset..offset + n]);
+            done += n;
+        }
+        Ok(())
+    }
+
+    pub fn u64(&mut self, addr: u64) -> Result<u64, Fault> {
+        let mut word = [0; 8];
+        self.read(addr, &mut word)?;
+        Ok(u64::from_le_bytes(word))
+    }
+
+    pub fn u32(&mut self, addr: u64) -> Result<u32, Fault> {
+        let mut word = [0; 4];
+        self.read(addr, &mut word)?;
+        Ok(u32::from_le_bytes(word))
+    }
+
+    fn page(&mut self, page: u64) -> Result<&[u8; PAGE], Fault> {
+        if !self.pages.contains_key(&page) {
+            self.copy_run(page)?;
+        }
+        self.pages.get(&page).and_then(Option::as_deref).ok_or(Fault::Unmapped)
+    }
+
+    /// Copies the pages from `first` on that are readable and not cached,
+    /// up to a run of them; marks `first` unreadable if it is.
+    fn copy_run(&mut self, first: u64) -> Result<(), Fault> {
+        let wanted = (0..RUN as u64)
+            .map(|i| first.wrapping_add(i * PAGE as u64))
+            .take_while(|p| *p >= first && !self.pages.contains_key(p))
+            .count();
+        if self.pages.len() + wanted > self.max_pages {
+            return Err(Fault::OverBudget);
+        }
+        let mut run = vec![0u8; wanted * PAGE];
+        let copied = self.space.read_partial(first, &mut run) / PAGE;
+        for (i, bytes) in run.chunks_exact(PAGE).take(copied).enumerate() {
+            let page: Box<[u8; PAGE]> = Box::new(bytes.try_into().expect("a page"));
+            self.pages.insert(first + (i * PAGE) as u64, Some(page));
+        }
+        if copied == 0 {
+            self.pages.insert(first, None);
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,5 +175,42 @@ mod tests {
         let me = ProcessMemory::new(std::process::id());
         assert_eq!(me.read_u64(&value as *const u64 as u64).unwrap(), value);
         assert!(me.read_u64(8).is_err());
+    }
+
+    /// An address space of a few pages, for walkers' tests.
+    struct Image(HashMap<u64, [u8; PAGE]>);
+
+    impl AddressSpace for Image {
+        fn read_partial(&self, addr: u64, buf: &mut [u8]) -> usize {
+            let mut done = 0;
+            while done < buf.len() {
+                let at = addr + done as u64;
+                let Some(page) = self.0.get(&(at & !(PAGE as u64 - 1))) else { break };
+                let offset = at as usize % PAGE;
+                let n = (PAGE - offset).min(buf.len() - done);
+                buf[done..done + n].copy_from_slice(&page[offset..offset + n]);
+                done += n;
+            }
+            done
+        }
+    }
+
+    #[test]
+    fn pages_are_copied_once_and_reads_span_them() {
+        let mut image = HashMap::new();
+        for (page, fill) in [(0x10000, 1u8), (0x11000, 2), (0x13000, 3)] {
+            image.insert(page, [fill; PAGE]);
+        }
+        let mut cache = PageCache::new(Image(image), 1 << 20);
+        let mut buf = [0; 4];
+        cache.read(0x10ffe, &mut buf).unwrap();
+        assert_eq!(buf, [1, 1, 2, 2]);
+        // One run copied both mapped pages and stopped at the hole.
+        assert_eq!(cache.copied(), 2 * PAGE);
+        assert_eq!(cache.read(0x12000, &mut buf), Err(Fault::Unmapped));
+        assert_eq!(cache.u32(0x13000), Ok(0x0303_0303));
+        assert_eq!(cache.read(0x11ffe, &mut buf), Err(Fault::Unmapped), "into the hole");
+        let mut small = PageCache::new(Image(HashMap::from([(0x10000, [0; PAGE])])), PAGE);
+        assert_eq!(small.u64(0x10000), Err(Fault::OverBudget), "a run of 16 pages does not fit");
     }
 }

@@ -140,6 +140,9 @@ pub struct Layout {
     /// A frame before it is still being set up (CPython's "incomplete"
     /// frames), and tracemalloc blames its caller instead.
     pub code_firsttraceable: Option<u64>,
+    /// PyTypeObject `tp_name`, a C string: the class name of a heap type,
+    /// the dotted name (`collections.OrderedDict`) of a static one.
+    pub type_name: u64,
     /// PyTypeObject `tp_flags`.
     pub type_flags: u64,
     /// sizeof(PyGC_Head): what precedes a GC object in its memory block.
@@ -147,7 +150,34 @@ pub struct Layout {
     /// Type flags whose objects carry two more words before them (managed
     /// dict and weakref slots, 3.11+), as `_PyType_PreHeaderSize` counts.
     pub preheader_flags: u64,
+    /// `_PyRuntime.interpreters.head`, and a PyInterpreterState's `next`.
+    pub interpreters_head: u64,
+    pub interp_next: u64,
+    pub gc: Gc,
     pub pymalloc: Pymalloc,
+}
+
+/// The garbage collector's lists (Modules/gcmodule.c): each generation is a
+/// `struct gc_generation` whose first member is the PyGC_Head of a circular
+/// list of the tracked objects, each object right after its PyGC_Head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gc {
+    /// Where `struct _gc_runtime_state` is.
+    pub state: GcState,
+    /// Its `generations[generation_count]`, each `generation_size` bytes.
+    pub generations: u64,
+    pub generation_count: u64,
+    pub generation_size: u64,
+    /// Its `permanent_generation` (objects frozen by gc.freeze()).
+    pub permanent_generation: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GcState {
+    /// 3.8: `_PyRuntime.gc`, at this offset; one for every interpreter.
+    InRuntime(u64),
+    /// 3.9+: each interpreter's own `gc`, at this offset in PyInterpreterState.
+    InInterpreter(u64),
 }
 
 /// pymalloc (Objects/obmalloc.c) as a version builds it on x86-64.
@@ -182,6 +212,9 @@ pub struct PoolHeader {
     pub arenaindex: u64,
     /// The size class index, a u32.
     pub szidx: u64,
+    /// Bytes from the pool's start to its first never-used block, a u32:
+    /// blocks below it are allocated unless on the `freeblock` list.
+    pub nextoffset: u64,
     /// sizeof(struct pool_header) rounded to ALIGNMENT: where blocks start.
     pub size: u64,
 }
@@ -280,26 +313,45 @@ pub const PY38: Layout = Layout {
     unicode_ascii_data: 48,
     unicode_compact_data: 72,
     code_firsttraceable: None,
+    type_name: 24,
     type_flags: 168,
     gc_head_size: 16,
     preheader_flags: 0,
+    interpreters_head: 32,
+    interp_next: 0,
+    gc: Gc {
+        state: GcState::InRuntime(344),
+        generations: 24,
+        generation_count: 3,
+        generation_size: 24,
+        permanent_generation: 104,
+    },
     pymalloc: Pymalloc {
         pool_size: 4 << 10,
         arena_size: 256 << 10,
         size_class_shift: 4,
         size_classes: 32,
-        pool_header: PoolHeader { ref_count: 0, freeblock: 8, nextpool: 0x10, arenaindex: 0x20, szidx: 0x24, size: 48 },
+        pool_header: PoolHeader {
+            ref_count: 0,
+            freeblock: 8,
+            nextpool: 0x10,
+            arenaindex: 0x20,
+            szidx: 0x24,
+            nextoffset: 0x28,
+            size: 48,
+        },
         arena_object_size: 48,
         counter: BlockCounter::AllBlocks,
         state: PymallocState::Statics,
     },
 };
 
-/// 3.9 moved the GC state out of `_PyRuntime`, hence the shorter first
-/// step; its block counter counts only raw blocks.
+/// 3.9 moved the GC state out of `_PyRuntime` into each interpreter, hence
+/// the shorter first step; its block counter counts only raw blocks.
 pub const PY39: Layout = Layout {
     version: (3, 9),
     tstate_chain: Chain::new(&[568]),
+    gc: Gc { state: GcState::InInterpreter(616), ..PY38.gc },
     pymalloc: Pymalloc { counter: BlockCounter::RawBlocks, ..PY38.pymalloc },
     ..PY38
 };
@@ -335,6 +387,8 @@ pub const PY311: Layout = Layout {
     code_bytecode: 184,
     code_firsttraceable: Some(168),
     preheader_flags: MANAGED_DICT,
+    interpreters_head: 40,
+    gc: Gc { state: GcState::InInterpreter(648), ..PY310.gc },
     ..PY310
 };
 
@@ -357,6 +411,7 @@ pub const PY312: Layout = Layout {
     unicode_compact_data: 56,
     code_firsttraceable: Some(176),
     preheader_flags: MANAGED_DICT | MANAGED_WEAKREF,
+    gc: Gc { state: GcState::InInterpreter(112), ..PY311.gc },
     pymalloc: Pymalloc {
         state: PymallocState::InMainInterpreter { interpreters_main: 0x30, interp_obmalloc: 0xf78, mgmt: MGMT },
         ..PY311.pymalloc
@@ -376,6 +431,9 @@ pub const PY313: Layout = Layout {
     instr_kind: InstrKind::InstrPointer,
     code_bytecode: 200,
     code_firsttraceable: Some(184),
+    interpreters_head: 632,
+    interp_next: 7264,
+    gc: Gc { state: GcState::InInterpreter(7400), ..PY312.gc },
     pymalloc: Pymalloc {
         state: PymallocState::PointedByMainInterpreter {
             main_interpreter: 0x15920,
@@ -427,6 +485,13 @@ mod tests {
     #[should_panic(expected = "longer than the kernel side follows")]
     fn chains_refuse_too_many_steps() {
         Chain::<2>::new(&[1, 2, 3]);
+    }
+
+    #[test]
+    fn the_thread_list_starts_at_the_interpreter_list() {
+        for layout in &LAYOUTS {
+            assert_eq!(layout.threads_chain[0], layout.interpreters_head, "{:?}", layout.version);
+        }
     }
 
     #[test]
