@@ -24,36 +24,7 @@
 const MAX_INSNS: usize = 16;
 const MAX_BYTES: usize = 64;
 
-/// An x86-64 integer argument register, in SysV order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ArgReg {
-    Rdi,
-    Rsi,
-    Rdx,
-    Rcx,
-    R8,
-    R9,
-}
-
-impl ArgReg {
-    /// The `n`th integer argument, counting from 0; None from the seventh on,
-    /// which travels on the stack.
-    pub fn nth(n: u8) -> Option<Self> {
-        [Self::Rdi, Self::Rsi, Self::Rdx, Self::Rcx, Self::R8, Self::R9].get(usize::from(n)).copied()
-    }
-
-    /// The register's number in x86 encodings.
-    fn number(self) -> u8 {
-        match self {
-            Self::Rdi => 7,
-            Self::Rsi => 6,
-            Self::Rdx => 2,
-            Self::Rcx => 1,
-            Self::R8 => 8,
-            Self::R9 => 9,
-        }
-    }
-}
+use memtrace_common::Reg;
 
 /// Where a probe goes within a function, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -85,7 +56,7 @@ pub struct Placement {
 /// `je` if it passed one, which is emulated but also hit by free(NULL), or
 /// else to the entry. It never picks a spot that a direct branch elsewhere in
 /// the function may jump back into.
-pub fn entry_only(code: &[u8], reads: &[ArgReg], null_checked: Option<ArgReg>) -> Placement {
+pub fn entry_only(code: &[u8], reads: &[Reg], null_checked: Option<Reg>) -> Placement {
     let Some(first) = decode(code, 0) else {
         return Placement {
             offset: 0,
@@ -99,7 +70,7 @@ pub fn entry_only(code: &[u8], reads: &[ArgReg], null_checked: Option<ArgReg>) -
         return Placement { offset: 0, emulated: true, instruction: first.text, reason };
     }
     let watched = reads.iter().fold(0u16, |mask, r| mask | 1 << r.number());
-    let names: Vec<String> = reads.iter().map(|r| format!("%{}", REG64[usize::from(r.number())])).collect();
+    let names: Vec<String> = reads.iter().map(|r| format!("%{}", r.name())).collect();
     let intact = match reads {
         [] => "no argument register to keep".to_owned(),
         _ => format!("{} intact", names.join(",")),
@@ -807,13 +778,13 @@ mod tests {
     use std::process::Command;
 
     use super::*;
-    use ArgReg::{Rdi, Rsi};
+    use Reg::{Rdi, Rsi};
 
     fn hex(text: &str) -> Vec<u8> {
         text.split_whitespace().map(|b| u8::from_str_radix(b, 16).unwrap()).collect()
     }
 
-    fn free_like(code: &[u8], reg: ArgReg) -> Placement {
+    fn free_like(code: &[u8], reg: Reg) -> Placement {
         entry_only(code, &[reg], Some(reg))
     }
 
@@ -831,7 +802,7 @@ mod tests {
 
     struct Case {
         symbol: &'static str,
-        reads: Option<ArgReg>,
+        reads: Option<Reg>,
         offset: u64,
         emulated: bool,
         instruction: String,
@@ -1094,15 +1065,6 @@ mod tests {
     }
 
     #[test]
-    fn argument_registers_in_sysv_order() {
-        assert_eq!(ArgReg::nth(0), Some(Rdi));
-        assert_eq!(ArgReg::nth(1), Some(Rsi));
-        assert_eq!(ArgReg::nth(5), Some(ArgReg::R9));
-        assert_eq!(ArgReg::nth(6), None);
-        assert_eq!(ArgReg::nth(0xff), None);
-    }
-
-    #[test]
     fn an_emulated_entry_stays() {
         let p = free_like(&hex("55 48 85 ff 74 02 53"), Rdi);
         assert_eq!((p.offset, p.emulated, p.reason.as_str()), (0, true, "the entry instruction is emulated"));
@@ -1142,7 +1104,7 @@ mod tests {
         // mov $0x1,%dh writes rdx, not rsi; mov $0x1,%sil writes rsi.
         let dh = hex("b6 01 55");
         assert_eq!(entry_only(&dh, &[Rsi], None).offset, 2);
-        assert_eq!(entry_only(&dh, &[ArgReg::Rdx], None).offset, 0);
+        assert_eq!(entry_only(&dh, &[Reg::Rdx], None).offset, 0);
         assert_eq!(entry_only(&hex("40 b6 01 55"), &[Rsi], None).offset, 0);
     }
 
