@@ -13,8 +13,11 @@
 
 use iced_x86::{Code, ConditionCode, FlowControl, Instruction, OpKind, Register};
 
-use super::text::{Gpr, Text, writes_register};
-use crate::binary::elf::ElfFile;
+use super::pointer_register;
+use crate::binary::{
+    elf::ElfFile,
+    x86::{Reg, Text, writes_register},
+};
 
 /// `struct _PyTraceMalloc_Config { int initialized; int tracing; ... }`,
 /// from 3.8 to 3.11; 3.12 moved it into `_PyRuntime` and made
@@ -32,7 +35,7 @@ const NEAR: usize = 8;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NewReferenceSite {
     pub vaddr: u64,
-    pub object: Gpr,
+    pub object: Reg,
 }
 
 /// The inlined copies found, and how many instructions refer to `tracing`:
@@ -186,14 +189,14 @@ fn refcount_store(text: &Text, start: usize) -> Option<NewReferenceSite> {
 }
 
 /// For `movq $1,(%reg)`, which sets `ob_refcnt` (offset 0): the register.
-fn sets_refcount_to_one(ins: &Instruction) -> Option<Gpr> {
+fn sets_refcount_to_one(ins: &Instruction) -> Option<Reg> {
     (ins.code() == Code::Mov_rm64_imm32
         && ins.op0_kind() == OpKind::Memory
         && ins.memory_index() == Register::None
         && ins.segment_prefix() == Register::None
         && ins.memory_displacement64() == 0
         && ins.immediate(1) == 1)
-        .then(|| Gpr::of(ins.memory_base()))
+        .then(|| pointer_register(ins.memory_base()))
         .flatten()
 }
 
@@ -217,7 +220,7 @@ mod tests {
         let found = found("/usr/bin/python3.11");
         assert_eq!(found.tracing_references, 286);
         assert!(found.sites.len() >= 200, "{} sites", found.sites.len());
-        assert!(found.sites.contains(&NewReferenceSite { vaddr: 0x428eb9, object: Gpr::Rbx }), "{found:?}");
+        assert!(found.sites.contains(&NewReferenceSite { vaddr: 0x428eb9, object: Reg::Rbx }), "{found:?}");
         let function = 0x4fb8a0..0x4fb8e0;
         assert!(!found.sites.iter().any(|s| function.contains(&s.vaddr)), "_Py_NewReference itself is probed");
     }

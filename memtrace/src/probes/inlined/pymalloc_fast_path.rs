@@ -20,13 +20,13 @@
 
 use std::collections::{HashMap, HashSet};
 
-use iced_x86::{
-    Code, ConditionCode, Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpKind,
-    Register,
-};
+use iced_x86::{Code, ConditionCode, FlowControl, Instruction, Mnemonic, OpKind, Register};
 
-use super::text::{Gpr, Text, addresses, load64, memory_writes, store64, writes, writes_register};
-use crate::binary::elf::ElfFile;
+use super::pointer_register;
+use crate::binary::{
+    elf::ElfFile,
+    x86::{Reg, Text, addresses, decode, gpr, load64, memory_writes, store64, writes_register, written},
+};
 
 // `struct pool_header` (Objects/obmalloc.c), laid out alike from 3.8 to
 // 3.13: the `ref.count` union, then `freeblock`, then `nextpool`.
@@ -58,8 +58,8 @@ const REQUEST_REACH: usize = 24;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PopSite {
     pub vaddr: u64,
-    pub pool: Gpr,
-    pub request: Option<Gpr>,
+    pub pool: Reg,
+    pub request: Option<Reg>,
 }
 
 /// An inlined `pymalloc_free`, probed at its `pool->freeblock = p` (`mov
@@ -67,8 +67,8 @@ pub struct PopSite {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PushSite {
     pub vaddr: u64,
-    pub block: Gpr,
-    pub pool: Gpr,
+    pub block: Reg,
+    pub pool: Reg,
 }
 
 /// How many guards compare an allocator pointer with its default function:
@@ -214,13 +214,12 @@ const KINDS: [Kind; 4] = [Kind::Malloc, Kind::Calloc, Kind::Realloc, Kind::Free]
 fn default_allocator(elf: &ElfFile) -> Option<[u64; 4]> {
     let symbol = elf.symbol("PyObject_Malloc")?;
     let code = elf.symbol_bytes(symbol).ok()?;
-    let mut info = InstructionInfoFactory::new();
     // Register -> the RIP-relative slot it was last loaded from.
     let mut loaded = HashMap::new();
-    for ins in Decoder::with_ip(64, code, symbol.vaddr, DecoderOptions::NONE) {
+    for ins in decode(code, symbol.vaddr) {
         if let Some(default) = compared_immediate(&ins)
             && ins.op0_kind() == OpKind::Register
-            && let Some(&slot) = loaded.get(&ins.op0_register())
+            && let Some(&slot) = gpr(ins.op0_register()).and_then(|reg| loaded.get(&reg))
         {
             let mut slots = [0; 4];
             for (k, value) in slots.iter_mut().enumerate() {
@@ -229,13 +228,14 @@ fn default_allocator(elf: &ElfFile) -> Option<[u64; 4]> {
             }
             return (slots[0] == default && slots.iter().all(|&f| f != 0)).then_some(slots);
         }
-        for used in info.info(&ins).used_registers() {
-            if writes(used.access()) {
-                loaded.remove(&used.register().full_register());
-            }
+        for reg in written(&ins) {
+            loaded.remove(&reg);
         }
-        if ins.code() == Code::Mov_r64_rm64 && ins.is_ip_rel_memory_operand() {
-            loaded.insert(ins.op0_register(), ins.ip_rel_memory_address());
+        if ins.code() == Code::Mov_r64_rm64
+            && ins.is_ip_rel_memory_operand()
+            && let Some(reg) = gpr(ins.op0_register())
+        {
+            loaded.insert(reg, ins.ip_rel_memory_address());
         }
     }
     None
@@ -356,7 +356,11 @@ impl Text {
         }
         let empty = self.index_of(self.insns[branch].near_branch_target())?;
         Some(Pop {
-            site: PopSite { vaddr: self.insns[i].ip(), pool: Gpr::of(pool)?, request: self.request_register(i) },
+            site: PopSite {
+                vaddr: self.insns[i].ip(),
+                pool: pointer_register(pool)?,
+                request: self.request_register(i),
+            },
             slow_call: self.call_reached(empty),
         })
     }
@@ -366,7 +370,7 @@ impl Text {
     /// `sub $1,%r; shr $4,%r`, on the code that falls through to `i`: the
     /// request is `N`, or a copy of it made before, whichever is unchanged
     /// at `i`.
-    fn request_register(&self, i: usize) -> Option<Gpr> {
+    fn request_register(&self, i: usize) -> Option<Reg> {
         let path: Vec<usize> = self.path_to(i).collect();
         let shr = *path.iter().find(|&&k| {
             let ins = &self.insns[k];
@@ -391,7 +395,7 @@ impl Text {
             return None;
         };
         if !self.writes_register(computation..i, value) {
-            return Gpr::of(value);
+            return pointer_register(value);
         }
         // A copy, `mov %value,%copy`, made while `value` held the request.
         path.iter().filter(|&&k| k < computation).find_map(|&k| {
@@ -401,7 +405,7 @@ impl Text {
                 && copy.op1_register() == value;
             let copied = copy.op0_register();
             (copies && !self.writes_register(k + 1..computation, value) && !self.writes_register(k + 1..i, copied))
-                .then(|| Gpr::of(copied))
+                .then(|| pointer_register(copied))
                 .flatten()
         })
     }
@@ -469,7 +473,7 @@ impl Text {
         if pool == block {
             return None;
         }
-        let site = PushSite { vaddr: ins.ip(), block: Gpr::of(block)?, pool: Gpr::of(pool)? };
+        let site = PushSite { vaddr: ins.ip(), block: pointer_register(block)?, pool: pointer_register(pool)? };
         let start = self.line_start(i);
         // The link is the last store before the site.
         let link = (start..i).rev().find(|&k| !memory_writes(&self.insns[k]).is_empty())?;
@@ -477,7 +481,7 @@ impl Text {
         let (lastfree, offset) = store64(&self.insns[link], base)?;
         let links_block = base == block && offset == 0 && !self.writes_register(link..i, block);
         let links_gc_head =
-            base != block && base != pool && Gpr::of(base).is_some() && offset == GC_HEAD.wrapping_neg();
+            base != block && base != pool && pointer_register(base).is_some() && offset == GC_HEAD.wrapping_neg();
         if !(links_block || links_gc_head) {
             return None;
         }
@@ -541,7 +545,7 @@ fn count_increment(ins: &Instruction) -> Option<Register> {
         && ins.memory_index() == Register::None
         && ins.segment_prefix() == Register::None
         && ins.memory_displacement64() == REF_COUNT
-        && Gpr::of(base).is_some())
+        && pointer_register(base).is_some())
     .then_some(base)
 }
 
@@ -601,26 +605,6 @@ mod tests {
     /// rsp.
     const NOT_PUSHES: [u64; 6] = [0x50ca70, 0x620e5f, 0x4285d1, 0x430910, 0x51bd0e, 0x44d749];
 
-    fn name(gpr: Gpr) -> &'static str {
-        match gpr {
-            Gpr::Rax => "rax",
-            Gpr::Rcx => "rcx",
-            Gpr::Rdx => "rdx",
-            Gpr::Rbx => "rbx",
-            Gpr::Rbp => "rbp",
-            Gpr::Rsi => "rsi",
-            Gpr::Rdi => "rdi",
-            Gpr::R8 => "r8",
-            Gpr::R9 => "r9",
-            Gpr::R10 => "r10",
-            Gpr::R11 => "r11",
-            Gpr::R12 => "r12",
-            Gpr::R13 => "r13",
-            Gpr::R14 => "r14",
-            Gpr::R15 => "r15",
-        }
-    }
-
     fn debian_python311() -> (ElfFile, InlinedPymalloc) {
         let elf = ElfFile::open(Path::new(DEBIAN_PYTHON311)).expect("Debian's python3.11 is installed");
         let found = find(&elf, &Text::decode(&elf).unwrap()).expect("Debian's python3.11 inlines pymalloc");
@@ -633,10 +617,10 @@ mod tests {
         // 190 `cmp $_PyObject_Malloc,%reg` and one comparing the slot in memory.
         assert_eq!(found.guards, Guards { malloc: 191, calloc: 6, realloc: 15, free: 52 });
         assert_eq!(found.new_pool, 0x4fb540, "allocate_from_new_pool");
-        let pops: Vec<String> = found.pops.iter().map(|s| format!("{:x}:{}", s.vaddr, name(s.pool))).collect();
+        let pops: Vec<String> = found.pops.iter().map(|s| format!("{:x}:{}", s.vaddr, s.pool.name())).collect();
         assert_eq!(pops, RESEARCH_POPS.split_whitespace().collect::<Vec<_>>());
         let pushes: Vec<String> =
-            found.pushes.iter().map(|s| format!("{:x}:{}:{}", s.vaddr, name(s.block), name(s.pool))).collect();
+            found.pushes.iter().map(|s| format!("{:x}:{}:{}", s.vaddr, s.block.name(), s.pool.name())).collect();
         assert_eq!(pushes, RESEARCH_PUSHES.split_whitespace().collect::<Vec<_>>());
         for vaddr in NOT_PUSHES {
             assert!(found.pushes.iter().all(|s| s.vaddr != vaddr), "{vaddr:#x} is not a push");
@@ -644,8 +628,8 @@ mod tests {
         let request = |vaddr: u64| found.pops.iter().find(|p| p.vaddr == vaddr).unwrap().request;
         // _PyObject_GC_New's basic size, _PyLong_New's digits, and
         // PyUnicode_New's constant-size empty string, whose request was folded.
-        assert_eq!(request(0x4fb148), Some(Gpr::R12));
-        assert_eq!(request(0x509772), Some(Gpr::Rbp));
+        assert_eq!(request(0x4fb148), Some(Reg::R12));
+        assert_eq!(request(0x509772), Some(Reg::Rbp));
         assert_eq!(request(0x5a3115), None);
         // The other 59 take their pool from a constant slot of `usedpools`:
         // a size fixed at compile time, folded into its class.
@@ -726,18 +710,10 @@ os.write(marker, b"end"); after = sys.getallocatedblocks()
 print(after - before, flush=True)
 "#;
 
-    /// The register's name in uprobe_events' fetch arguments.
-    fn tracefs_register(gpr: Gpr) -> &'static str {
-        match gpr {
-            Gpr::Rax => "ax",
-            Gpr::Rcx => "cx",
-            Gpr::Rdx => "dx",
-            Gpr::Rbx => "bx",
-            Gpr::Rbp => "bp",
-            Gpr::Rsi => "si",
-            Gpr::Rdi => "di",
-            _ => name(gpr),
-        }
+    /// The register's name in uprobe_events' fetch arguments: the legacy
+    /// registers' without the `r` (`%di`), r8 to r15 as they are.
+    fn tracefs_register(reg: Reg) -> &'static str {
+        if reg.number() < 8 { &reg.name()[1..] } else { reg.name() }
     }
 
     /// uprobe events of one group, enabled in a tracing instance of their
