@@ -155,3 +155,29 @@ pub fn store64(ins: &Instruction, base: Register) -> Option<(Register, u64)> {
         && ins.segment_prefix() == Register::None)
         .then(|| (ins.op1_register(), ins.memory_displacement64()))
 }
+
+/// Whether `register` is used as a memory operand's base in `code`
+/// (straight-line, as decoded) before an instruction replaces its value
+/// (a plain write: arithmetic on it keeps it an address). Only real
+/// accesses count: `lea` and long `nop`s have memory operands too.
+pub fn dereferences(code: &[Instruction], register: Register) -> bool {
+    let mut info = InstructionInfoFactory::new();
+    for ins in code {
+        let info = info.info(ins);
+        if info
+            .used_memory()
+            .iter()
+            .any(|m| m.access() != OpAccess::NoMemAccess && m.base().full_register() == register)
+        {
+            return true;
+        }
+        if info
+            .used_registers()
+            .iter()
+            .any(|r| r.access() == OpAccess::Write && r.register().full_register() == register)
+        {
+            return false;
+        }
+    }
+    false
+}
