@@ -102,7 +102,7 @@ pub fn gpr(register: Register) -> Option<Reg> {
 }
 
 /// Whether `access` may change the operand.
-pub fn writes(access: OpAccess) -> bool {
+fn writes(access: OpAccess) -> bool {
     matches!(access, OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite)
 }
 
@@ -114,15 +114,12 @@ pub fn written(ins: &Instruction) -> Vec<Reg> {
     used.iter().filter(|used| writes(used.access())).filter_map(|used| gpr(used.register().full_register())).collect()
 }
 
-/// Whether `ins` may change any part of the 64-bit `register`.
+/// Whether `ins` may change any part of the 64-bit general `register`.
 pub fn writes_register(ins: &Instruction, register: Register) -> bool {
-    InstructionInfoFactory::new()
-        .info(ins)
-        .used_registers()
-        .iter()
-        .any(|used| writes(used.access()) && used.register().full_register() == register)
+    gpr(register).is_some_and(|reg| written(ins).contains(&reg))
 }
 
+/// The memory operands `ins` may write.
 pub fn memory_writes(ins: &Instruction) -> Vec<UsedMemory> {
     InstructionInfoFactory::new().info(ins).used_memory().iter().filter(|m| writes(m.access())).copied().collect()
 }

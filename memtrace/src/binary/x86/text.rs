@@ -21,9 +21,9 @@ pub struct Text {
     /// Every instruction of every function, in address order.
     pub insns: Vec<Instruction>,
     /// (start, end) of each function, from the FDEs, in address order.
-    pub functions: Vec<(u64, u64)>,
+    functions: Vec<(u64, u64)>,
     /// Target -> the direct calls and jumps to it, by instruction index.
-    pub transfers: HashMap<u64, Vec<usize>>,
+    transfers: HashMap<u64, Vec<usize>>,
 }
 
 impl Text {
@@ -69,10 +69,12 @@ impl Text {
         (!text.insns.is_empty()).then_some(text)
     }
 
+    /// The index of the instruction at `vaddr`, if one starts there.
     pub fn index_of(&self, vaddr: u64) -> Option<usize> {
         self.insns.binary_search_by_key(&vaddr, Instruction::ip).ok()
     }
 
+    /// Whether an FDE describes a function starting at `vaddr`.
     pub fn starts_function(&self, vaddr: u64) -> bool {
         self.functions.binary_search_by_key(&vaddr, |&(start, _)| start).is_ok()
     }
@@ -115,10 +117,12 @@ impl Text {
         (from..to).rev().find(|&k| writes_register(&self.insns[k], register))
     }
 
+    /// Whether an instruction in `range` may change `register`.
     pub fn writes_register(&self, range: impl IntoIterator<Item = usize>, register: Register) -> bool {
         range.into_iter().any(|k| writes_register(&self.insns[k], register))
     }
 
+    /// Whether an instruction in `range` writes `offset(%base)`.
     pub fn writes_field(&self, range: impl IntoIterator<Item = usize>, base: Register, offset: u64) -> bool {
         range.into_iter().any(|k| memory_writes(&self.insns[k]).iter().any(|m| addresses(m, base, offset)))
     }
@@ -131,6 +135,7 @@ impl Text {
             .then(|| ins.near_branch_target())
     }
 
+    /// The direct calls and jumps to `target`, by instruction index.
     pub fn transfers_to(&self, target: u64) -> &[usize] {
         self.transfers.get(&target).map_or(&[], Vec::as_slice)
     }

@@ -1,9 +1,9 @@
 //! Finds the code that LTO and PGO inline into CPython's callers, where
 //! probes on function entries see nothing: the copies of pymalloc's fast
-//! path (`pymalloc`) and of `_Py_NewReference` (`new_reference`). Both
-//! match instruction patterns on the decoded `.text` (`binary::x86::Text`)
-//! and answer only what they can prove, so that memtrace never probes a
-//! guess.
+//! path (`pymalloc_fast_path`) and of `_Py_NewReference` (`new_reference`).
+//! Both match instruction patterns on the decoded `.text`
+//! (`binary::x86::Text`) and answer only what they can prove, so that
+//! memtrace never probes a guess.
 
 pub mod new_reference;
 pub mod pymalloc_fast_path;
