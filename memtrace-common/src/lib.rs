@@ -34,20 +34,67 @@ pub mod op {
     pub const POOL_NEW: u8 = 8;
 }
 
-/// x86-64 general registers by hardware number, as cookies name them.
-pub mod reg {
-    pub const RAX: u8 = 0;
-    pub const RCX: u8 = 1;
-    pub const RDX: u8 = 2;
-    pub const RBX: u8 = 3;
-    pub const RSP: u8 = 4;
-    pub const RBP: u8 = 5;
-    pub const RSI: u8 = 6;
-    pub const RDI: u8 = 7;
-    pub const R8: u8 = 8;
-    pub const R9: u8 = 9;
+/// An x86-64 general register, numbered by its hardware encoding (rax 0,
+/// rcx 1, ..., r15 15): the number x86 instructions encode and the kernel
+/// side's register file (read from pt_regs) is indexed by. Cookies carry the
+/// number, [`Reg::number`], since the kernel side picks registers at run time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Reg {
+    Rax = 0,
+    Rcx = 1,
+    Rdx = 2,
+    Rbx = 3,
+    Rsp = 4,
+    Rbp = 5,
+    Rsi = 6,
+    Rdi = 7,
+    R8 = 8,
+    R9 = 9,
+    R10 = 10,
+    R11 = 11,
+    R12 = 12,
+    R13 = 13,
+    R14 = 14,
+    R15 = 15,
+}
+
+impl Reg {
     /// Integer arguments in the SysV order.
-    pub const ARGS: [u8; 6] = [RDI, RSI, RDX, RCX, R8, R9];
+    pub const ARGS: [Reg; 6] = [Reg::Rdi, Reg::Rsi, Reg::Rdx, Reg::Rcx, Reg::R8, Reg::R9];
+
+    /// The hardware number.
+    pub const fn number(self) -> u8 {
+        self as u8
+    }
+
+    /// The `n`th integer argument, counting from 0; None from the seventh
+    /// on, which travels on the stack (and for [`NO_ARG`]).
+    pub fn arg(n: u8) -> Option<Reg> {
+        Self::ARGS.get(usize::from(n)).copied()
+    }
+
+    /// The 64-bit name, as AT&T syntax spells it after its `%`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reg::Rax => "rax",
+            Reg::Rcx => "rcx",
+            Reg::Rdx => "rdx",
+            Reg::Rbx => "rbx",
+            Reg::Rsp => "rsp",
+            Reg::Rbp => "rbp",
+            Reg::Rsi => "rsi",
+            Reg::Rdi => "rdi",
+            Reg::R8 => "r8",
+            Reg::R9 => "r9",
+            Reg::R10 => "r10",
+            Reg::R11 => "r11",
+            Reg::R12 => "r12",
+            Reg::R13 => "r13",
+            Reg::R14 => "r14",
+            Reg::R15 => "r15",
+        }
+    }
 }
 
 /// Which allocator layer a probed function belongs to. A site's layer says
@@ -65,7 +112,7 @@ pub const NO_ARG: u8 = 0xff;
 /// The BPF cookie of every allocator probe. One entry program, one return
 /// program and one free program serve all allocator functions: the verifier
 /// rejects reading `ctx.arg(i)` with a run-time `i`, so the programs read
-/// the registers and pick the ones this cookie names (by [`reg`] number).
+/// the registers and pick the ones this cookie names (by [`Reg::number`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProbeCookie {
     pub op: u8,
@@ -494,11 +541,20 @@ mod tests {
         let c = ProbeCookie {
             op: op::REALLOC,
             layer: layer::PYMALLOC,
-            size_reg: reg::RDX,
+            size_reg: Reg::Rdx.number(),
             count_reg: NO_ARG,
-            ptr_reg: reg::RSI,
+            ptr_reg: Reg::Rsi.number(),
             function: 17,
         };
         assert_eq!(ProbeCookie::from_u64(c.to_u64()), c);
+    }
+
+    #[test]
+    fn argument_registers_in_sysv_order() {
+        assert_eq!(Reg::arg(0), Some(Reg::Rdi));
+        assert_eq!(Reg::arg(1), Some(Reg::Rsi));
+        assert_eq!(Reg::arg(5), Some(Reg::R9));
+        assert_eq!(Reg::arg(6), None);
+        assert_eq!(Reg::arg(NO_ARG), None);
     }
 }

@@ -24,7 +24,7 @@ use aya_ebpf::{
     maps::PerCpuArray,
     programs::{ProbeContext, RetProbeContext},
 };
-use memtrace_common::{NO_ARG, PendingCall, ProbeCookie, SiteKey, TargetConfig, counter, layer, op, reg};
+use memtrace_common::{NO_ARG, PendingCall, ProbeCookie, Reg, SiteKey, TargetConfig, counter, layer, op};
 
 use crate::{
     accounting::{Recorded, is_tracked, move_block, record_alloc, record_free, restore},
@@ -47,7 +47,7 @@ const PROT_NONE: u64 = 0;
 const MMAP_ERROR_FLOOR: u64 = -4096i64 as u64;
 
 /// The general registers at the probe, read once with fixed offsets, by
-/// hardware number (`memtrace_common::reg`).
+/// hardware number (`memtrace_common::Reg`).
 struct Regs([u64; 16]);
 
 impl Regs {
@@ -168,7 +168,11 @@ pub fn alloc_entry(ctx: ProbeContext) -> u32 {
         // File mappings are not allocations, nor are PROT_NONE reservations
         // of address space (glibc reserves 64 MiB per thread arena that
         // way, even from free(), and uncovers it bit by bit as it is used).
-        op::MMAP if regs.get(reg::ARGS[3]) & MAP_ANONYMOUS == 0 || regs.get(reg::ARGS[2]) == PROT_NONE => return 0,
+        op::MMAP
+            if regs.get(Reg::ARGS[3].number()) & MAP_ANONYMOUS == 0 || regs.get(Reg::ARGS[2].number()) == PROT_NONE =>
+        {
+            return 0;
+        }
         op::POSIX_MEMALIGN => call.ptr = regs.get(cookie.ptr_reg),
         op::REALLOC => {
             call.ptr = regs.get(cookie.ptr_reg);

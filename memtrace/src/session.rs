@@ -121,7 +121,7 @@ impl Prepared {
             }
             Detection::NotPython => None,
         };
-        let inlined = interpreter.as_ref().map(|i| inlined::find(&i.elf)).unwrap_or_default();
+        let inlined = interpreter.as_ref().map(|i| inlined::find(&i.elf, &i.layout)).unwrap_or_default();
         if let (Some(i), Some(sites)) = (&interpreter, &inlined.pymalloc) {
             notes.push(format!(
                 "CPython {} inlines pymalloc's fast path into its callers; memtrace probes those copies ({} pops, {} pushes) instead of the allocator's functions; where a copy's request is a compile-time constant ({} of the pops), a block's size is its pymalloc size class (the request rounded up to 16 bytes)",

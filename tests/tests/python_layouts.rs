@@ -15,7 +15,7 @@ use std::{
 
 use memtrace::python::{
     debug_offsets,
-    layouts::{self, EvalEntry, GcState, Layout, PymallocState, layout_for},
+    layouts::{self, EvalEntry, GcState, Layout, ObmallocLocation, layout_for},
 };
 
 const PYENV: &str = "/root/.pyenv/versions";
@@ -206,10 +206,15 @@ fn dwarf_checks(layout: &Layout) -> Vec<(String, u64, String)> {
     check("pool_header.nextoffset", pool.nextoffset, offset("struct pool_header", "nextoffset"));
     // POOL_OVERHEAD rounds the header up to ALIGNMENT.
     check("pool_header.size", pool.size, "(sizeof(struct pool_header) + 15) / 16 * 16".into());
-    check("arena_object_size", pymalloc.arena_object_size, "sizeof(struct arena_object)".into());
+    let arena = &pymalloc.arena_object;
+    check("arena_object.address", arena.address, offset("struct arena_object", "address"));
+    check("arena_object.pool_address", arena.pool_address, offset("struct arena_object", "pool_address"));
+    check("arena_object.nfreepools", arena.nfreepools, offset("struct arena_object", "nfreepools"));
+    check("arena_object.ntotalpools", arena.ntotalpools, offset("struct arena_object", "ntotalpools"));
+    check("arena_object.size", arena.size, "sizeof(struct arena_object)".into());
     match pymalloc.state {
-        PymallocState::Statics => assert!(minor <= 11, "3.{minor} keeps pymalloc in the interpreter"),
-        PymallocState::InMainInterpreter { interpreters_main, interp_obmalloc, mgmt } => {
+        ObmallocLocation::Statics => assert!(minor <= 11, "3.{minor} keeps pymalloc in the interpreter"),
+        ObmallocLocation::InMainInterpreter { interpreters_main, interp_obmalloc, mgmt } => {
             check("interpreters_main", interpreters_main, offset("_PyRuntimeState", "interpreters.main"));
             check("interp_obmalloc", interp_obmalloc, offset("PyInterpreterState", "obmalloc"));
             check("mgmt.arenas", mgmt.arenas, offset("struct _obmalloc_state", "mgmt.arenas"));
@@ -217,7 +222,7 @@ fn dwarf_checks(layout: &Layout) -> Vec<(String, u64, String)> {
             let raw = offset("struct _obmalloc_state", "mgmt.raw_allocated_blocks");
             check("mgmt.raw_allocated_blocks", mgmt.raw_allocated_blocks, raw);
         }
-        PymallocState::PointedByMainInterpreter {
+        ObmallocLocation::PointedByMainInterpreter {
             main_interpreter,
             interp_obmalloc,
             runtime_size,

@@ -2,7 +2,7 @@
 //! and where its arguments are. The kernel programs read this through each
 //! probe's cookie; adding an allocator is one row here.
 
-use memtrace_common::{NO_ARG, ProbeCookie, layer, op, reg};
+use memtrace_common::{NO_ARG, ProbeCookie, Reg, layer, op};
 
 #[derive(Clone, Copy, Debug)]
 pub struct AllocatorFn {
@@ -23,7 +23,7 @@ impl AllocatorFn {
 
     pub fn cookie(&self, function: u8) -> ProbeCookie {
         // The kernel reads registers; the catalog speaks of arguments.
-        let register = |arg: u8| reg::ARGS.get(arg as usize).copied().unwrap_or(NO_ARG);
+        let register = |arg: u8| Reg::arg(arg).map_or(NO_ARG, Reg::number);
         ProbeCookie {
             op: self.op,
             layer: self.layer,

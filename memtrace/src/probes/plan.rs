@@ -7,12 +7,12 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 
-use memtrace_common::{NO_ARG, ProbeCookie, layer, op};
+use memtrace_common::{NO_ARG, ProbeCookie, Reg, layer, op};
 
 use super::{
     catalog::{AllocatorFn, LIBC_FUNCTIONS, POOL_NEW_FUNCTION, PYMALLOC_EXPORTED, PYMALLOC_INTERNAL, PYTHON_OBJECTS},
     inlined::InlinedCode,
-    placement::{self, ArgReg, Placement},
+    placement::{self, Placement},
 };
 use crate::{
     binary::elf::ElfFile,
@@ -145,7 +145,7 @@ pub fn plan(pid: u32, libc: ProbedBinary, python: Option<PythonProbes>) -> Resul
         seen.push((probe.binary.path, probe.vaddr));
         let function = &probe.function;
         let placement = if function.entry_only() {
-            let pointer = ArgReg::nth(function.ptr_arg);
+            let pointer = Reg::arg(function.ptr_arg);
             // Releasing NULL is a no-op, so a probe may skip that path.
             let null_is_noop = if function.op == op::NEW_REFERENCE { None } else { pointer };
             placement::entry_only(probe.code, pointer.as_slice(), null_is_noop)

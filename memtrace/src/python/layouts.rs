@@ -193,13 +193,25 @@ pub struct Pymalloc {
     /// ...up to SMALL_REQUEST_THRESHOLD (512), 32 classes.
     pub size_classes: u32,
     pub pool_header: PoolHeader,
-    /// sizeof(struct arena_object): `address` at 0, `pool_address` at 8,
-    /// `nfreepools` (u32) at 16, `ntotalpools` at 20, then three pointers.
-    pub arena_object_size: u64,
+    pub arena_object: ArenaObject,
     /// What `_Py_GetAllocatedBlocks` adds the pools' count to.
     pub counter: BlockCounter,
     /// Where `arenas`, `maxarenas` and the counter are.
-    pub state: PymallocState,
+    pub state: ObmallocLocation,
+}
+
+/// `struct arena_object`, an entry of `arenas[]`, laid out alike from 3.8
+/// to 3.13.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ArenaObject {
+    /// The arena's memory, 0 for an unused entry.
+    pub address: u64,
+    /// Where the next pool to carve starts.
+    pub pool_address: u64,
+    /// u32s.
+    pub nfreepools: u64,
+    pub ntotalpools: u64,
+    pub size: u64,
 }
 
 /// `struct pool_header`, laid out alike from 3.8 to 3.13.
@@ -239,7 +251,7 @@ impl BlockCounter {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PymallocState {
+pub enum ObmallocLocation {
     /// 3.8 to 3.11: statics named `arenas`, `maxarenas` and the counter's
     /// symbol, or found in the code of the exported readers when stripped.
     Statics,
@@ -340,9 +352,9 @@ pub const PY38: Layout = Layout {
             nextoffset: 0x28,
             size: 48,
         },
-        arena_object_size: 48,
+        arena_object: ArenaObject { address: 0, pool_address: 8, nfreepools: 16, ntotalpools: 20, size: 48 },
         counter: BlockCounter::AllBlocks,
-        state: PymallocState::Statics,
+        state: ObmallocLocation::Statics,
     },
 };
 
@@ -413,7 +425,7 @@ pub const PY312: Layout = Layout {
     preheader_flags: MANAGED_DICT | MANAGED_WEAKREF,
     gc: Gc { state: GcState::InInterpreter(112), ..PY311.gc },
     pymalloc: Pymalloc {
-        state: PymallocState::InMainInterpreter { interpreters_main: 0x30, interp_obmalloc: 0xf78, mgmt: MGMT },
+        state: ObmallocLocation::InMainInterpreter { interpreters_main: 0x30, interp_obmalloc: 0xf78, mgmt: MGMT },
         ..PY311.pymalloc
     },
     ..PY311
@@ -435,7 +447,7 @@ pub const PY313: Layout = Layout {
     interp_next: 7264,
     gc: Gc { state: GcState::InInterpreter(7400), ..PY312.gc },
     pymalloc: Pymalloc {
-        state: PymallocState::PointedByMainInterpreter {
+        state: ObmallocLocation::PointedByMainInterpreter {
             main_interpreter: 0x15920,
             interp_obmalloc: 0x2a30,
             runtime_size: 0x452b8,

@@ -13,8 +13,11 @@
 
 use iced_x86::{Code, ConditionCode, FlowControl, Instruction, OpKind, Register};
 
-use super::text::{Gpr, Text, writes_register};
-use crate::binary::elf::ElfFile;
+use super::pointer_register;
+use crate::binary::{
+    elf::ElfFile,
+    x86::{Reg, Text, writes_register},
+};
 
 /// `struct _PyTraceMalloc_Config { int initialized; int tracing; ... }`,
 /// from 3.8 to 3.11; 3.12 moved it into `_PyRuntime` and made
@@ -32,7 +35,7 @@ const NEAR: usize = 8;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NewReferenceSite {
     pub vaddr: u64,
-    pub object: Gpr,
+    pub object: Reg,
 }
 
 /// The inlined copies found, and how many instructions refer to `tracing`:
@@ -54,7 +57,7 @@ struct Tracing {
 
 /// The inlined `_Py_NewReference` copies in `elf`, outside the out-of-line
 /// function (which is probed by its symbol). Empty for 3.12 and later.
-pub(super) fn find(elf: &ElfFile, text: &Text) -> InlinedNewReferences {
+pub fn find(elf: &ElfFile, text: &Text) -> InlinedNewReferences {
     let Some(config) = elf.symbol(TRACEMALLOC_CONFIG) else { return InlinedNewReferences::default() };
     let tracing = Tracing { address: config.vaddr + TRACING, got_slot: elf.got_slot(TRACEMALLOC_CONFIG) };
     let function = elf.symbol("_Py_NewReference").map(|s| s.vaddr);
@@ -186,51 +189,13 @@ fn refcount_store(text: &Text, start: usize) -> Option<NewReferenceSite> {
 }
 
 /// For `movq $1,(%reg)`, which sets `ob_refcnt` (offset 0): the register.
-fn sets_refcount_to_one(ins: &Instruction) -> Option<Gpr> {
+fn sets_refcount_to_one(ins: &Instruction) -> Option<Reg> {
     (ins.code() == Code::Mov_rm64_imm32
         && ins.op0_kind() == OpKind::Memory
         && ins.memory_index() == Register::None
         && ins.segment_prefix() == Register::None
         && ins.memory_displacement64() == 0
         && ins.immediate(1) == 1)
-        .then(|| Gpr::of(ins.memory_base()))
+        .then(|| pointer_register(ins.memory_base()))
         .flatten()
-}
-
-#[cfg(test)]
-mod tests {
-    use std::path::Path;
-
-    use super::*;
-
-    fn found(path: &str) -> InlinedNewReferences {
-        let elf = ElfFile::open(Path::new(path)).unwrap_or_else(|e| panic!("{path}: {e:#}"));
-        find(&elf, &Text::decode(&elf).unwrap())
-    }
-
-    /// Debian's LTO python3.11 refers to `tracing` 286 times; the copies on
-    /// its free-list paths (e.g. PyType_GetModuleState's neighbour at
-    /// 0x428eb9, `movq $1,(%rbx)`) are among the sites, and the function's
-    /// own store is not.
-    #[test]
-    fn finds_inlined_copies_in_debian_python311() {
-        let found = found("/usr/bin/python3.11");
-        assert_eq!(found.tracing_references, 286);
-        assert!(found.sites.len() >= 200, "{} sites", found.sites.len());
-        assert!(found.sites.contains(&NewReferenceSite { vaddr: 0x428eb9, object: Gpr::Rbx }), "{found:?}");
-        let function = 0x4fb8a0..0x4fb8e0;
-        assert!(!found.sites.iter().any(|s| function.contains(&s.vaddr)), "_Py_NewReference itself is probed");
-    }
-
-    /// 3.8's header inlines it everywhere; 3.12 and 3.13 have no copies.
-    #[test]
-    fn static_inline_in_3_8_and_none_from_3_12() {
-        let root = std::env::var("PYENV_ROOT").unwrap_or_else(|_| "/root/.pyenv".into());
-        let libpython = |v: &str, minor: &str| format!("{root}/versions/{v}/lib/libpython{minor}.so.1.0");
-        let in_3_8 = found(&libpython("3.8.18", "3.8"));
-        assert!(in_3_8.sites.len() > 30, "{in_3_8:?}");
-        for (v, minor) in [("3.12.1", "3.12"), ("3.13.0", "3.13")] {
-            assert_eq!(found(&libpython(v, minor)), InlinedNewReferences::default(), "{v}");
-        }
-    }
 }
