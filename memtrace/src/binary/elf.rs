@@ -21,6 +21,16 @@ pub struct ElfFile {
     symbols: HashMap<String, Symbol>,
     /// (vaddr, memory size, file offset, file size) of each PT_LOAD segment.
     segments: Vec<(u64, u64, u64, u64)>,
+    /// The section headers, read once: the unwinder asks for .eh_frame on
+    /// every step.
+    sections: Vec<Section>,
+}
+
+struct Section {
+    name: String,
+    address: u64,
+    /// (file offset, size); None for sections without file data (.bss).
+    file_range: Option<(u64, u64)>,
 }
 
 impl ElfFile {
@@ -47,7 +57,15 @@ impl ElfFile {
                 (s.address(), s.size(), offset, file_size)
             })
             .collect();
-        Ok(Self { data, symbols, segments })
+        let sections = file
+            .sections()
+            .map(|s| Section {
+                name: s.name().unwrap_or_default().to_owned(),
+                address: s.address(),
+                file_range: s.file_range(),
+            })
+            .collect();
+        Ok(Self { data, symbols, segments, sections })
     }
 
     pub fn symbol(&self, name: &str) -> Option<Symbol> {
@@ -82,10 +100,10 @@ impl ElfFile {
     /// The bytes of every section whose name is in `names` (for scanning
     /// read-only data).
     pub fn sections(&self, names: &[&str]) -> Vec<&[u8]> {
-        let Ok(file) = object::File::parse(&*self.data) else { return Vec::new() };
-        file.sections()
-            .filter(|s| s.name().is_ok_and(|n| names.contains(&n)))
-            .filter_map(|s| s.file_range())
+        self.sections
+            .iter()
+            .filter(|s| names.contains(&s.name.as_str()))
+            .filter_map(|s| s.file_range)
             .filter_map(|(offset, size)| self.data.get(offset as usize..(offset + size) as usize))
             .collect()
     }
@@ -117,8 +135,7 @@ impl ElfFile {
 
     /// The virtual address of section `name`, if the file has it.
     pub fn section_address(&self, name: &str) -> Option<u64> {
-        let file = object::File::parse(&*self.data).ok()?;
-        file.section_by_name(name).map(|s| s.address())
+        self.sections.iter().find(|s| s.name == name).map(|s| s.address)
     }
 }
 

@@ -16,9 +16,9 @@
 
 use std::io;
 
-use gimli::{BaseAddresses, EhFrame, LittleEndian, UnwindSection as _};
 use iced_x86::{Decoder, DecoderOptions, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register};
 
+use crate::binary::eh_frame::CallFrames;
 use crate::python::layouts;
 use crate::{
     binary::elf::{ElfFile, Symbol},
@@ -462,13 +462,8 @@ impl Code {
 /// The size of the function (or function part) starting at `vaddr`, from
 /// its .eh_frame entry.
 fn function_size(elf: &ElfFile, vaddr: u64) -> Option<u64> {
-    let section = elf.sections(&[".eh_frame"]).into_iter().next()?;
-    let eh_frame = EhFrame::new(section, LittleEndian);
-    let bases = BaseAddresses::default()
-        .set_eh_frame(elf.section_address(".eh_frame")?)
-        .set_text(elf.section_address(".text")?);
-    let entry = eh_frame.fde_for_address(&bases, vaddr, EhFrame::cie_from_offset).ok()?;
-    (entry.initial_address() == vaddr && entry.len() <= MAX_PART).then(|| entry.len())
+    let (start, end) = CallFrames::of(elf)?.function_containing(vaddr)?;
+    (start == vaddr && end - start <= MAX_PART).then(|| end - start)
 }
 
 /// Whether `register` is used as a memory operand's base in `code`
