@@ -1,19 +1,18 @@
-//! Support for memtrace's integration tests: start real target processes (C
-//! programs compiled here, Python scripts on real interpreters) that pause
-//! at known points, run the memtrace binary against them, and parse its
-//! reports. Tests that need eBPF fail, never skip, when they cannot run.
+//! Support for memtrace's integration tests (and its bench, which drives
+//! the same processes): start real target processes (C programs compiled
+//! here, Python scripts on real interpreters) that pause at known points,
+//! run the memtrace binary against them, and parse its reports. Tests that
+//! need eBPF fail, never skip, when they cannot run.
+
+mod processes;
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
     path::{Path, PathBuf},
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
-    sync::mpsc,
+    process::Command,
     thread,
-    time::{Duration, Instant},
 };
 
-/// How long any single wait in a test may take before it fails.
-pub const TIMEOUT: Duration = Duration::from_secs(60);
+pub use processes::{KillOnDrop, Line, Memtrace, TIMEOUT, Target, Tracer, wait_for_exit};
 
 /// The memtrace binary under test: $MEMTRACE_BIN (set by `cargo xtask test`)
 /// or the release build.
@@ -79,163 +78,6 @@ pub fn compile_c(dir: &TempDir, name: &str, source: &str, extra: &[&str]) -> Pat
 pub fn line_of(source: &str, marker: &str) -> u32 {
     source.lines().position(|l| l.contains(marker)).unwrap_or_else(|| panic!("marker {marker:?} not in source")) as u32
         + 1
-}
-
-/// A target process driven through its stdin/stdout: it prints lines to
-/// say where it is and waits for a line before each phase.
-pub struct Target {
-    pub child: Child,
-    stdin: Option<ChildStdin>,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Target {
-    pub fn spawn(cmd: &mut Command) -> Self {
-        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("target starts");
-        let stdout = child.stdout.take().unwrap();
-        let stdin = child.stdin.take();
-        Self { child, stdin, lines: line_reader(stdout) }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Waits for a line equal to `want`.
-    pub fn expect_line(&mut self, want: &str) {
-        self.wait_for(want, |line| line == want);
-    }
-
-    /// Waits for a line starting with `prefix` and returns it.
-    pub fn expect_line_prefix(&mut self, prefix: &str) -> String {
-        self.wait_for(prefix, |line| line.starts_with(prefix))
-    }
-
-    fn wait_for(&mut self, what: &str, matches: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + TIMEOUT;
-        let mut before = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if matches(&line) => return line,
-                Ok(line) => before.push(line),
-                Err(_) => panic!("target never printed {what:?}; it printed {before:?}"),
-            }
-        }
-    }
-
-    pub fn send(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().expect("stdin open");
-        writeln!(stdin, "{line}").unwrap();
-        stdin.flush().unwrap();
-    }
-
-    /// Closes stdin and waits for the exit status.
-    pub fn finish(mut self) -> std::process::ExitStatus {
-        drop(self.stdin.take());
-        wait_with_timeout(&mut self.child)
-    }
-}
-
-impl Drop for Target {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn line_reader(stream: impl Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-pub fn wait_with_timeout(child: &mut Child) -> std::process::ExitStatus {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("process {} did not exit within {TIMEOUT:?}", child.id());
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A running memtrace.
-pub struct Memtrace {
-    pub child: Child,
-    stderr: mpsc::Receiver<String>,
-    stdout: Option<ChildStdout>,
-    pub stderr_lines: Vec<String>,
-}
-
-impl Memtrace {
-    /// Starts memtrace with `args` and waits until it reports that it is
-    /// tracing (probes attached, counting on).
-    pub fn attach(args: &[&str]) -> Self {
-        let mut m = Self::start(args);
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match m.stderr.recv_timeout(left) {
-                Ok(line) => {
-                    let ready = line.starts_with("memtrace: tracing pid");
-                    m.stderr_lines.push(line);
-                    if ready {
-                        return m;
-                    }
-                }
-                Err(_) => {
-                    let _ = m.child.kill();
-                    panic!("memtrace did not start tracing; stderr: {:?}", m.stderr_lines);
-                }
-            }
-        }
-    }
-
-    pub fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(memtrace_bin())
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("memtrace starts");
-        let stderr = line_reader(child.stderr.take().unwrap());
-        let stdout = child.stdout.take();
-        Self { child, stderr, stdout, stderr_lines: Vec::new() }
-    }
-
-    pub fn signal(&self, signal: i32) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, signal) };
-    }
-
-    /// Waits for exit; returns (status, stdout, stderr lines).
-    pub fn finish(mut self) -> (std::process::ExitStatus, String, Vec<String>) {
-        let mut stdout = self.stdout.take().unwrap();
-        let reader = thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stdout.read_to_string(&mut s);
-            s
-        });
-        let status = wait_with_timeout(&mut self.child);
-        let out = reader.join().unwrap();
-        let mut err = std::mem::take(&mut self.stderr_lines);
-        while let Ok(line) = self.stderr.recv_timeout(Duration::from_millis(200)) {
-            err.push(line);
-        }
-        (status, out, err)
-    }
 }
 
 /// Runs memtrace to completion with `args` (for failures before tracing).
