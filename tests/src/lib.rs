@@ -9,8 +9,11 @@ mod processes;
 use std::{
     path::{Path, PathBuf},
     process::Command,
+    sync::{Mutex, PoisonError},
     thread,
 };
+
+use anyhow::Context as _;
 
 pub use processes::{KillOnDrop, Line, Memtrace, TIMEOUT, Target, Tracer, wait_for_exit};
 
@@ -20,7 +23,11 @@ pub fn memtrace_bin() -> PathBuf {
     let path = std::env::var_os("MEMTRACE_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target/release/memtrace"));
-    assert!(path.exists(), "memtrace binary {} not found: run the tests with `cargo xtask test`", path.display());
+    assert!(
+        path.exists(),
+        "memtrace binary {} not found: build it first (`cargo xtask test` and `cargo xtask bench` do)",
+        path.display()
+    );
     path
 }
 
@@ -33,6 +40,32 @@ pub fn workspace_root() -> PathBuf {
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(unsafe { libc::geteuid() }, 0, "memtrace's integration tests load eBPF programs and must run as root");
+}
+
+/// Installs Debian package `package` with apt-get unless `command` already
+/// runs; apt-get update runs once per process, before the first install.
+/// Serialised, since dpkg takes one install at a time.
+pub fn ensure_package(command: &str, package: &str) -> anyhow::Result<()> {
+    static UPDATED: Mutex<bool> = Mutex::new(false);
+    let runs = || Command::new(command).arg("--version").output().is_ok_and(|o| o.status.success());
+    if runs() {
+        return Ok(());
+    }
+    let mut updated = UPDATED.lock().unwrap_or_else(PoisonError::into_inner);
+    if runs() {
+        return Ok(());
+    }
+    eprintln!("installing {package} with apt-get, for `{command}`");
+    let apt_get = |args: &[&str]| -> anyhow::Result<()> {
+        let status = Command::new("apt-get").args(args).status()?;
+        anyhow::ensure!(status.success(), "apt-get {} failed: {status}", args.join(" "));
+        Ok(())
+    };
+    if !*updated {
+        apt_get(&["update", "--quiet"]).with_context(|| format!("cannot install {package}"))?;
+        *updated = true;
+    }
+    apt_get(&["install", "--yes", "--quiet", package]).with_context(|| format!("cannot install {package}"))
 }
 
 /// A scratch directory removed when dropped.
