@@ -138,25 +138,3 @@ impl ElfFile {
         self.sections.iter().find(|s| s.name == name).map(|s| s.address)
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_libc_allocator_symbols_and_their_offsets() {
-        let libc = ElfFile::open(Path::new("/lib/x86_64-linux-gnu/libc.so.6")).unwrap();
-        let malloc = libc.symbol("malloc").expect("libc has malloc");
-        assert!(malloc.size > 0);
-        let offset = libc.file_offset(malloc.vaddr).unwrap();
-        assert_eq!(libc.vaddr_of_offset(offset), Some(malloc.vaddr));
-        assert!(!libc.symbol_bytes(malloc).unwrap().is_empty());
-    }
-
-    #[test]
-    fn prefers_symtab_locals_over_nothing() {
-        let lib = ElfFile::open(Path::new("/root/.pyenv/versions/3.12.1/lib/libpython3.12.so.1.0")).unwrap();
-        assert!(lib.symbol("_PyObject_Malloc").is_some(), "pyenv builds keep local symbols");
-        assert!(lib.symbol("_PyRuntime").is_some());
-    }
-}
