@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::Context as _;
 
-pub use processes::{KillOnDrop, Line, Memtrace, TIMEOUT, Target, Tracer, wait_for_exit};
+pub use processes::{KillOnDrop, Line, Memtrace, TIMEOUT, Target, Tracer};
 
 /// The memtrace binary under test: $MEMTRACE_BIN (set by `cargo xtask test`)
 /// or the release build.
@@ -57,15 +57,19 @@ pub fn ensure_package(command: &str, package: &str) -> anyhow::Result<()> {
     }
     eprintln!("installing {package} with apt-get, for `{command}`");
     let apt_get = |args: &[&str]| -> anyhow::Result<()> {
-        let status = Command::new("apt-get").args(args).status()?;
+        // Wait for another install on this machine rather than fail.
+        let status = Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600"]).args(args).status()?;
         anyhow::ensure!(status.success(), "apt-get {} failed: {status}", args.join(" "));
         Ok(())
     };
-    if !*updated {
-        apt_get(&["update", "--quiet"]).with_context(|| format!("cannot install {package}"))?;
-        *updated = true;
-    }
-    apt_get(&["install", "--yes", "--quiet", package]).with_context(|| format!("cannot install {package}"))
+    let mut install = || {
+        if !*updated {
+            apt_get(&["update", "--quiet"])?;
+            *updated = true;
+        }
+        apt_get(&["install", "--yes", "--quiet", package])
+    };
+    install().with_context(|| format!("cannot install {package}"))
 }
 
 /// A scratch directory removed when dropped.

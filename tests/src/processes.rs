@@ -49,7 +49,7 @@ impl Drop for KillOnDrop {
 }
 
 /// Waits at most `timeout` for `child` to exit; kills it when it does not.
-pub fn wait_for_exit(child: &mut Child, timeout: Duration) -> Result<ExitStatus> {
+fn wait_for_exit(child: &mut Child, timeout: Duration) -> Result<ExitStatus> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(status) = child.try_wait().context("cannot wait for a child")? {
