@@ -1,7 +1,8 @@
-//! Reads what memtrace needs from an ELF file on disk: symbol addresses and
-//! sizes (from .symtab when present, else .dynsym), the bytes of a function
-//! (to choose where a probe goes), and the mapping from virtual addresses to
-//! file offsets (uprobes are attached by file offset).
+//! Reads what memtrace needs from an ELF file on disk, the one place that
+//! parses one: symbol addresses and sizes (from .symtab when present, else
+//! .dynsym), the bytes of a function (to choose where a probe goes) or of a
+//! section (read-only data, call frame information), and the mapping from
+//! virtual addresses to file offsets (uprobes are attached by file offset).
 
 use std::{collections::HashMap, path::Path};
 
