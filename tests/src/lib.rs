@@ -1,20 +1,22 @@
-//! Support for memtrace's integration tests: start real target processes (C
-//! programs compiled here, Python scripts on real interpreters) that pause
-//! at known points, run the memtrace binary against them, and read its
-//! reports (its `--format json` lines, with memtrace's own document type).
-//! Tests that need eBPF fail, never skip, when they cannot run.
+//! Support for memtrace's integration tests (and its bench, which drives
+//! the same processes): start real target processes (C programs compiled
+//! here, Python scripts on real interpreters) that pause at known points,
+//! run the memtrace binary against them, and read its reports (its
+//! `--format json` lines, with memtrace's own document type). Tests that
+//! need eBPF fail, never skip, when they cannot run.
+
+mod processes;
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
     path::{Path, PathBuf},
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
-    sync::mpsc,
+    process::Command,
+    sync::{Mutex, PoisonError},
     thread,
-    time::{Duration, Instant},
 };
 
-/// How long any single wait in a test may take before it fails.
-pub const TIMEOUT: Duration = Duration::from_secs(60);
+use anyhow::Context as _;
+
+pub use processes::{KillOnDrop, Line, Memtrace, TIMEOUT, Target, Tracer};
 
 /// The memtrace binary under test: $MEMTRACE_BIN (set by `cargo xtask test`)
 /// or the release build.
@@ -22,7 +24,11 @@ pub fn memtrace_bin() -> PathBuf {
     let path = std::env::var_os("MEMTRACE_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target/release/memtrace"));
-    assert!(path.exists(), "memtrace binary {} not found: run the tests with `cargo xtask test`", path.display());
+    assert!(
+        path.exists(),
+        "memtrace binary {} not found: build it first (`cargo xtask test` and `cargo xtask bench` do)",
+        path.display()
+    );
     path
 }
 
@@ -35,6 +41,36 @@ pub fn workspace_root() -> PathBuf {
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(unsafe { libc::geteuid() }, 0, "memtrace's integration tests load eBPF programs and must run as root");
+}
+
+/// Installs Debian package `package` with apt-get unless `command` already
+/// runs; apt-get update runs once per process, before the first install.
+/// Serialised, since dpkg takes one install at a time.
+pub fn ensure_package(command: &str, package: &str) -> anyhow::Result<()> {
+    static UPDATED: Mutex<bool> = Mutex::new(false);
+    let runs = || Command::new(command).arg("--version").output().is_ok_and(|o| o.status.success());
+    if runs() {
+        return Ok(());
+    }
+    let mut updated = UPDATED.lock().unwrap_or_else(PoisonError::into_inner);
+    if runs() {
+        return Ok(());
+    }
+    eprintln!("installing {package} with apt-get, for `{command}`");
+    let apt_get = |args: &[&str]| -> anyhow::Result<()> {
+        // Wait for another install on this machine rather than fail.
+        let status = Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600"]).args(args).status()?;
+        anyhow::ensure!(status.success(), "apt-get {} failed: {status}", args.join(" "));
+        Ok(())
+    };
+    let mut install = || {
+        if !*updated {
+            apt_get(&["update", "--quiet"])?;
+            *updated = true;
+        }
+        apt_get(&["install", "--yes", "--quiet", package])
+    };
+    install().with_context(|| format!("cannot install {package}"))
 }
 
 /// A scratch directory removed when dropped.
@@ -80,171 +116,6 @@ pub fn compile_c(dir: &TempDir, name: &str, source: &str, extra: &[&str]) -> Pat
 pub fn line_of(source: &str, marker: &str) -> u32 {
     source.lines().position(|l| l.contains(marker)).unwrap_or_else(|| panic!("marker {marker:?} not in source")) as u32
         + 1
-}
-
-/// A target process driven through its stdin/stdout: it prints lines to
-/// say where it is and waits for a line before each phase.
-pub struct Target {
-    pub child: Child,
-    stdin: Option<ChildStdin>,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Target {
-    pub fn spawn(cmd: &mut Command) -> Self {
-        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("target starts");
-        let stdout = child.stdout.take().unwrap();
-        let stdin = child.stdin.take();
-        Self { child, stdin, lines: line_reader(stdout) }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Waits for a line equal to `want`.
-    pub fn expect_line(&mut self, want: &str) {
-        self.wait_for(want, |line| line == want);
-    }
-
-    /// Waits for a line starting with `prefix` and returns it.
-    pub fn expect_line_prefix(&mut self, prefix: &str) -> String {
-        self.wait_for(prefix, |line| line.starts_with(prefix))
-    }
-
-    fn wait_for(&mut self, what: &str, matches: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + TIMEOUT;
-        let mut before = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if matches(&line) => return line,
-                Ok(line) => before.push(line),
-                Err(_) => panic!("target never printed {what:?}; it printed {before:?}"),
-            }
-        }
-    }
-
-    pub fn send(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().expect("stdin open");
-        writeln!(stdin, "{line}").unwrap();
-        stdin.flush().unwrap();
-    }
-
-    /// Closes stdin and waits for the exit status.
-    pub fn finish(mut self) -> std::process::ExitStatus {
-        drop(self.stdin.take());
-        wait_with_timeout(&mut self.child)
-    }
-}
-
-impl Drop for Target {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn line_reader(stream: impl Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-pub fn wait_with_timeout(child: &mut Child) -> std::process::ExitStatus {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("process {} did not exit within {TIMEOUT:?}", child.id());
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A running memtrace.
-pub struct Memtrace {
-    pub child: Child,
-    stderr: mpsc::Receiver<String>,
-    stdout: Option<ChildStdout>,
-    pub stderr_lines: Vec<String>,
-}
-
-impl Memtrace {
-    /// Starts memtrace with `args` and waits until it reports that it is
-    /// tracing (probes attached, counting on).
-    /// With several pids, waits until it traces every one.
-    pub fn attach(args: &[&str]) -> Self {
-        let pids = args
-            .windows(2)
-            .filter(|w| w[0] == "--pid" || w[0] == "-p")
-            .map(|w| w[1].split(',').count())
-            .sum::<usize>()
-            .max(1);
-        let mut m = Self::start(args);
-        let deadline = Instant::now() + TIMEOUT;
-        let mut tracing = 0;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match m.stderr.recv_timeout(left) {
-                Ok(line) => {
-                    tracing += usize::from(line.starts_with("memtrace: tracing pid"));
-                    m.stderr_lines.push(line);
-                    if tracing == pids {
-                        return m;
-                    }
-                }
-                Err(_) => {
-                    let _ = m.child.kill();
-                    panic!("memtrace did not start tracing; stderr: {:?}", m.stderr_lines);
-                }
-            }
-        }
-    }
-
-    pub fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(memtrace_bin())
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("memtrace starts");
-        let stderr = line_reader(child.stderr.take().unwrap());
-        let stdout = child.stdout.take();
-        Self { child, stderr, stdout, stderr_lines: Vec::new() }
-    }
-
-    pub fn signal(&self, signal: i32) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, signal) };
-    }
-
-    /// Waits for exit; returns (status, stdout, stderr lines).
-    pub fn finish(mut self) -> (std::process::ExitStatus, String, Vec<String>) {
-        let mut stdout = self.stdout.take().unwrap();
-        let reader = thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stdout.read_to_string(&mut s);
-            s
-        });
-        let status = wait_with_timeout(&mut self.child);
-        let out = reader.join().unwrap();
-        let mut err = std::mem::take(&mut self.stderr_lines);
-        while let Ok(line) = self.stderr.recv_timeout(Duration::from_millis(200)) {
-            err.push(line);
-        }
-        (status, out, err)
-    }
 }
 
 /// Runs memtrace to completion with `args` (for failures before tracing).

@@ -13,9 +13,12 @@ use std::{
     process::Command,
 };
 
-use memtrace::python::{
-    debug_offsets,
-    layouts::{self, EvalEntry, GcState, Layout, ObmallocLocation, layout_for},
+use memtrace::{
+    binary::elf::ElfFile,
+    python::{
+        debug_offsets,
+        layouts::{self, EvalEntry, GcState, Layout, ObmallocLocation, layout_for},
+    },
 };
 
 const PYENV: &str = "/root/.pyenv/versions";
@@ -301,53 +304,11 @@ fn tables_match_dwarf() {
     assert!(wrong.is_empty(), "layouts differ from DWARF:\n{}", wrong.join("\n"));
 }
 
-/// File offset of a symbol's initial value, from the section headers and
-/// symbol tables of a little-endian ELF64 file.
-fn symbol_file_offset(elf: &[u8], wanted: &str) -> usize {
-    let u16_at = |at: usize| u16::from_le_bytes(elf[at..at + 2].try_into().unwrap()) as usize;
-    let u32_at = |at: usize| u32::from_le_bytes(elf[at..at + 4].try_into().unwrap()) as usize;
-    let u64_at = |at: usize| u64::from_le_bytes(elf[at..at + 8].try_into().unwrap()) as usize;
-    assert_eq!(&elf[..5], b"\x7fELF\x02", "not an ELF64 file");
-    let (shoff, shentsize, shnum) = (u64_at(0x28), u16_at(0x3a), u16_at(0x3c));
-    // (type, address, file offset, size, link, entry size) of each section.
-    let sections: Vec<_> = (0..shnum)
-        .map(|i| shoff + i * shentsize)
-        .map(|header| {
-            (
-                u32_at(header + 4),
-                u64_at(header + 16),
-                u64_at(header + 24),
-                u64_at(header + 32),
-                u32_at(header + 40),
-                u64_at(header + 56),
-            )
-        })
-        .collect();
-    const SHT_SYMTAB: usize = 2;
-    const SHT_DYNSYM: usize = 11;
-    for &(kind, _, offset, size, link, entsize) in &sections {
-        if kind != SHT_SYMTAB && kind != SHT_DYNSYM {
-            continue;
-        }
-        let strings = sections[link].2;
-        for symbol in (offset..offset + size).step_by(entsize) {
-            let name_at = strings + u32_at(symbol);
-            let name_len = elf[name_at..].iter().position(|&byte| byte == 0).unwrap();
-            if &elf[name_at..name_at + name_len] == wanted.as_bytes() {
-                let (_, address, file_offset, ..) = sections[u16_at(symbol + 6)];
-                return file_offset + (u64_at(symbol + 8) - address);
-            }
-        }
-    }
-    panic!("no symbol {wanted}");
-}
-
 #[test]
 fn debug_offsets_of_313_give_the_313_table() {
-    let library = libpython("3.13.0", 13);
-    let elf = std::fs::read(&library).unwrap();
-    let runtime = symbol_file_offset(&elf, "_PyRuntime");
-    let bytes = &elf[runtime..runtime + debug_offsets::LEN];
+    let elf = ElfFile::open(&libpython("3.13.0", 13)).unwrap();
+    let runtime = elf.symbol("_PyRuntime").expect("libpython3.13 has _PyRuntime");
+    let bytes = elf.bytes_at(runtime.vaddr, debug_offsets::LEN as u64).expect("_PyRuntime starts initialised");
     assert_eq!(&bytes[..8], debug_offsets::COOKIE);
     assert_eq!(debug_offsets::parse(bytes).as_ref(), Ok(table(13)));
 }

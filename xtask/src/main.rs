@@ -6,9 +6,10 @@
 //!                                        no --pid is given)
 //!   cargo xtask test                     set up, build, run every test
 //!   cargo xtask setup                    only install the toolchain pieces
-//!   cargo xtask bench [--repeat N]       time memtrace against untraced,
-//!                                        the kernel's floor and peers;
-//!                                        writes BENCHMARKS.md
+//!   cargo xtask bench [--repeat N]       set up, build, and run the bench
+//!                                        (bench/): memtrace against
+//!                                        untraced, the kernel's floor and
+//!                                        peers; writes BENCHMARKS.md
 //!
 //! Setup is idempotent and fast once done: the nightly toolchain's rust-src
 //! (the eBPF crate builds `core` itself) and bpf-linker built against the
@@ -25,8 +26,6 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-mod bench;
-
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 fn main() -> ExitCode {
@@ -40,7 +39,7 @@ fn main() -> ExitCode {
         "build" => build().map(|_| ()),
         "run" => run(rest),
         "test" => test(rest),
-        "bench" => bench::run(rest),
+        "bench" => bench(rest),
         _ => {
             eprintln!("usage: cargo xtask <setup|build|run|test|bench> [args]");
             return ExitCode::from(2);
@@ -55,7 +54,7 @@ fn main() -> ExitCode {
     }
 }
 
-pub fn workspace_root() -> PathBuf {
+fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
@@ -139,14 +138,14 @@ fn install_bpf_linker() -> Result<()> {
 }
 
 /// Builds memtrace (release) and returns the binary's path.
-pub fn build() -> Result<PathBuf> {
+fn build() -> Result<PathBuf> {
     setup()?;
     check(cargo().args(["build", "--release", "--package", "memtrace"]))?;
     Ok(workspace_root().join("target/release/memtrace"))
 }
 
 /// The interpreter the bundled example runs on: pyenv's 3.12 when present.
-pub fn example_python() -> PathBuf {
+fn example_python() -> PathBuf {
     let pyenv = PathBuf::from(env::var("PYENV_ROOT").unwrap_or_else(|_| "/root/.pyenv".into()));
     let preferred = pyenv.join("versions/3.12.1/bin/python");
     if preferred.exists() { preferred } else { PathBuf::from("python3") }
@@ -191,4 +190,16 @@ fn test(args: &[String]) -> Result<()> {
     // The workspace's default members: memtrace-ebpf only builds for the bpf
     // target (memtrace's build script builds it), never as a host test.
     check(cargo().args(["test", "--release"]).args(args).env("MEMTRACE_BIN", &memtrace))
+}
+
+/// The bench links memtrace's library, whose build needs the bpf-linker
+/// setup installs: it is a crate of its own, run once memtrace is built.
+fn bench(args: &[String]) -> Result<()> {
+    let memtrace = build()?;
+    check(
+        cargo()
+            .args(["run", "--release", "--package", "memtrace-bench", "--"])
+            .args(args)
+            .env("MEMTRACE_BIN", &memtrace),
+    )
 }

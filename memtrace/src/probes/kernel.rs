@@ -184,15 +184,3 @@ impl<'a> Btf<'a> {
         None
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_fsbase_in_this_kernels_btf() {
-        let offset = task_fsbase_offset().unwrap();
-        // task_struct is several KiB; thread comes near its end.
-        assert!(offset > 1000 && offset < 16384, "implausible offset {offset}");
-    }
-}

@@ -6,11 +6,10 @@
 
 use std::collections::HashMap;
 
-use gimli::{BaseAddresses, CieOrFde, EhFrame, LittleEndian, UnwindSection as _};
 use iced_x86::{FlowControl, Instruction, OpKind, Register};
 
 use super::{addresses, decode, memory_writes, writes_register};
-use crate::binary::elf::ElfFile;
+use crate::binary::{eh_frame::CallFrames, elf::ElfFile};
 
 /// How many instructions around a site its pattern may spread over (the
 /// copies found need three).
@@ -33,20 +32,9 @@ impl Text {
     pub fn decode(elf: &ElfFile) -> Option<Self> {
         let text_address = elf.section_address(".text")?;
         let code = *elf.sections(&[".text"]).first()?;
-        let eh_frame_address = elf.section_address(".eh_frame")?;
-        let eh_frame = EhFrame::new(elf.sections(&[".eh_frame"]).first()?, LittleEndian);
-        let bases = BaseAddresses::default().set_eh_frame(eh_frame_address).set_text(text_address);
-        let mut functions = Vec::new();
-        let mut entries = eh_frame.entries(&bases);
-        while let Some(entry) = entries.next().ok()? {
-            if let CieOrFde::Fde(partial) = entry {
-                let fde = partial.parse(EhFrame::cie_from_offset).ok()?;
-                let (start, end) = (fde.initial_address(), fde.end_address());
-                if start >= text_address && end <= text_address + code.len() as u64 && start < end {
-                    functions.push((start, end));
-                }
-            }
-        }
+        let mut functions = CallFrames::of(elf)?.functions()?;
+        functions
+            .retain(|&(start, end)| start >= text_address && end <= text_address + code.len() as u64 && start < end);
         functions.sort_unstable();
         // Overlapping FDEs would decode some bytes twice; keep the first.
         let mut covered = 0;

@@ -5,12 +5,12 @@
 //! the main interpreter, at offsets from these builds' DWARF that the binary
 //! must confirm.
 
-use gimli::{BaseAddresses, EhFrame, LittleEndian, UnwindSection as _};
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 
 use super::{Anchor, PymallocState, u64_at};
 use crate::{
     binary::{
+        eh_frame::CallFrames,
         elf::{ElfFile, Symbol},
         x86,
     },
@@ -229,11 +229,6 @@ impl Code {
 /// The size of the function (or function part) starting at `vaddr`, from
 /// its .eh_frame entry.
 fn function_size(elf: &ElfFile, vaddr: u64) -> Option<u64> {
-    let section = elf.sections(&[".eh_frame"]).into_iter().next()?;
-    let eh_frame = EhFrame::new(section, LittleEndian);
-    let bases = BaseAddresses::default()
-        .set_eh_frame(elf.section_address(".eh_frame")?)
-        .set_text(elf.section_address(".text")?);
-    let entry = eh_frame.fde_for_address(&bases, vaddr, EhFrame::cie_from_offset).ok()?;
-    (entry.initial_address() == vaddr && entry.len() <= MAX_PART).then(|| entry.len())
+    let (start, end) = CallFrames::of(elf)?.function_containing(vaddr)?;
+    (start == vaddr && end - start <= MAX_PART).then(|| end - start)
 }
