@@ -7,7 +7,7 @@
 use std::{collections::BTreeMap, process::Command, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
-use memtrace_tests::{Line, Memtrace, Target, Tracer};
+use memtrace_tests::{JsonReport, Line, Memtrace, Target, Tracer};
 
 use crate::setup::{Setup, probe_count};
 
@@ -204,7 +204,7 @@ fn run_once(setup: &Setup, workload: &Workload, config: Config) -> Result<(f64, 
 
 fn memtrace(setup: &Setup, pid: u32, frames: Option<u32>) -> Result<Memtrace> {
     let (pid, frames) = (pid.to_string(), frames.map(|n| n.to_string()));
-    let mut args = vec!["--pid", &pid];
+    let mut args = vec!["--pid", &pid, "--format", "json"];
     if let Some(n) = &frames {
         args.extend(["--frames", n]);
     }
@@ -249,28 +249,20 @@ fn parse_hits(log: &[Line]) -> Result<BTreeMap<String, u64>> {
 /// What memtrace's final report says it counted: the allocations since
 /// attach, the Python stacks cut at --frames (`truncated-python-stacks`)
 /// and the Python stack walks that failed on a read fault
-/// (`python-reads`). Read from the text report's header, `... allocated
-/// since attach 12.4 MiB in 375663 blocks | lost: ... python-reads=0 ... |
-/// truncated-python-stacks=0 ...`; this is the one place that reads it.
+/// (`python-reads`), from its `--format json` line.
 fn final_report_counts(log: &[Line]) -> Result<MemtraceCounts> {
-    let header = log
+    let report: JsonReport = log
         .iter()
-        .find(|l| !l.stderr && l.text.contains(" final report "))
-        .map(|l| l.text.as_str())
+        .filter(|l| !l.stderr)
+        .filter_map(|l| serde_json::from_str::<JsonReport>(&l.text).ok())
+        .find(|r| r.is_final)
         .context("memtrace printed no final report")?;
-    let allocations = header
-        .split_once("allocated since attach ")
-        .and_then(|(_, rest)| rest.split_once(" in ")?.1.split_whitespace().next()?.parse().ok())
-        .with_context(|| format!("no allocation count in memtrace's final report `{header}`"))?;
-    let counter = |name: &str| {
-        header
-            .split_whitespace()
-            .find_map(|word| word.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
-            .with_context(|| format!("no {name} counter in memtrace's final report `{header}`"))
+    let count = |counters: &BTreeMap<String, u64>, name: &str| {
+        counters.get(name).copied().with_context(|| format!("no {name} counter in memtrace's final report"))
     };
     Ok(MemtraceCounts {
-        allocations,
-        truncated: counter("truncated-python-stacks")?,
-        read_faults: counter("python-reads")?,
+        allocations: report.allocated.count,
+        truncated: count(&report.counters, "truncated-python-stacks")?,
+        read_faults: count(&report.losses, "python-reads")?,
     })
 }

@@ -26,8 +26,6 @@ use iced_x86::{Code, FlowControl, Mnemonic, OpKind, Register};
 use crate::binary::x86::{self, Reg};
 
 #[cfg(test)]
-mod fixtures;
-#[cfg(test)]
 mod tests;
 
 /// How far the scan looks, in instructions and bytes: the prologues it is

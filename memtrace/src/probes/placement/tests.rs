@@ -1,40 +1,23 @@
-//! The placement policy's tests on bytes: the functions embedded in
-//! `fixtures` and hand-assembled prologues, each for one rule.
+//! The placement policy's tests on hand-assembled prologues, each for one
+//! rule. The functions of the platform's binaries are the tests crate's
+//! `placement` test.
 
-use super::{fixtures::*, *};
+use super::*;
 use Reg::{Rdi, Rsi};
 
 fn free_like(code: &[u8], reg: Reg) -> Placement {
     entry_only(code, &[reg], Some(reg))
 }
 
-#[test]
-fn embedded_functions() {
-    for binary in &BINARIES {
-        for case in binary.cases() {
-            case.check(binary.path, &case.place(&case.code));
-        }
-    }
-}
-
-#[test]
-fn reasons_say_why() {
-    let (glibc, python) = (GLIBC.cases(), PYENV_3_12_1.cases());
-    assert!(free_like(&glibc[0].code, Rdi).reason.contains("NULL pointers return before it"));
-    assert!(free_like(&glibc[1].code, Rdi).reason.contains("`syscall` ends the straight-line code"));
-    assert!(free_like(&python[1].code, Rdi).reason.contains("`mov 0xb0(%rax),%rdi` overwrites"));
+/// Bytes written as hex pairs separated by white space.
+fn hex(text: &str) -> Vec<u8> {
+    text.split_whitespace().map(|b| u8::from_str_radix(b, 16).unwrap()).collect()
 }
 
 #[test]
 fn an_emulated_entry_stays() {
     let p = free_like(&hex("55 48 85 ff 74 02 53"), Rdi);
     assert_eq!((p.offset, p.emulated, p.reason.as_str()), (0, true, "the entry instruction is emulated"));
-}
-
-#[test]
-fn return_probes_keep_the_entry() {
-    let p = at_entry(&GLIBC.cases()[0].code);
-    assert_eq!((p.offset, p.emulated, p.instruction.as_str()), (0, false, "test %rdi,%rdi"));
 }
 
 #[test]

@@ -1,23 +1,22 @@
-//! Probe placement against the binaries themselves: the functions embedded
-//! in memtrace's placement fixtures are read from the files on this machine
+//! Probe placement on the platform's binaries: each function embedded in
+//! `fixtures` gets its expected placement, and is read from the files on this machine
 //! (Debian 12's glibc and python3.11, pyenv's CPython builds), which must
 //! still hold the embedded bytes, and the x86 layer's decoding and the
 //! placement's emulated flag are checked against objdump's listing of
 //! them. The binaries and objdump are part of the platform memtrace
 //! supports: their absence fails the test.
 
-#[path = "../../memtrace/src/probes/placement/fixtures.rs"]
 mod fixtures;
 
 use std::{path::Path, process::Command};
 
-use fixtures::{BINARIES, hex};
+use fixtures::{BINARIES, GLIBC, PYENV_3_12_1, hex};
 use memtrace::{
     binary::{
         elf::ElfFile,
         x86::{self, Reg},
     },
-    probes::placement::{KERNEL_NOPS, MAX_BYTES, MAX_INSNS, Placement, at_entry, entry_only},
+    probes::placement::{KERNEL_NOPS, MAX_BYTES, MAX_INSNS, at_entry, entry_only},
 };
 
 /// One line of `objdump -d`: offset from the function's start, bytes, text.
@@ -147,4 +146,29 @@ fn live_binaries() {
             }
         }
     }
+}
+
+/// Every embedded function gets its expected placement.
+#[test]
+fn embedded_functions() {
+    for binary in &BINARIES {
+        for case in binary.cases() {
+            case.check(binary.path, &case.place(&case.code));
+        }
+    }
+}
+
+#[test]
+fn reasons_say_why() {
+    let free_like = |code: &[u8]| entry_only(code, &[Reg::Rdi], Some(Reg::Rdi));
+    let (glibc, python) = (GLIBC.cases(), PYENV_3_12_1.cases());
+    assert!(free_like(&glibc[0].code).reason.contains("NULL pointers return before it"));
+    assert!(free_like(&glibc[1].code).reason.contains("`syscall` ends the straight-line code"));
+    assert!(free_like(&python[1].code).reason.contains("`mov 0xb0(%rax),%rdi` overwrites"));
+}
+
+#[test]
+fn return_probes_keep_the_entry() {
+    let p = at_entry(&GLIBC.cases()[0].code);
+    assert_eq!((p.offset, p.emulated, p.instruction.as_str()), (0, false, "test %rdi,%rdi"));
 }

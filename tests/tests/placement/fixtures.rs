@@ -1,11 +1,12 @@
 //! Functions of the binaries memtrace's platform ships (Debian 12's glibc
 //! and python3.11, pyenv's CPython builds), each with its first bytes and
-//! the placement it gets: the unit tests place the embedded bytes, and the
-//! integration test `tests/tests/placement.rs` (which includes this file)
-//! checks them against the files and objdump. The includer brings `Reg`,
-//! `Placement`, `entry_only` and `at_entry` into scope.
+//! the placement it gets: `placement.rs` places the embedded bytes, and
+//! checks that the files still hold them and that objdump agrees.
 
-use super::{Placement, Reg, at_entry, entry_only};
+use memtrace::{
+    binary::x86::Reg,
+    probes::placement::{Placement, at_entry, entry_only},
+};
 
 /// Bytes written as hex pairs separated by white space.
 pub fn hex(text: &str) -> Vec<u8> {
