@@ -7,18 +7,18 @@
 use std::{collections::BTreeMap, process::Command, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
-use memtrace_tests::{JsonReport, Line, Memtrace, Target, Tracer};
+use memtrace_tests::{JsonReport, Line, Memtrace, Tracer};
 
-use crate::setup::{Setup, probe_count};
+use crate::{
+    setup::{Setup, probe_count},
+    workload::{RUN_TIMEOUT, start_workload},
+};
 
 /// Deep enough that `--frames 16` truncates every walk.
 pub const DEEP_DEPTH: u32 = 20;
 /// bpftrace compiles its program with LLVM before attaching; a loaded
 /// 2-core machine can make that slow.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(120);
-/// Longer than any workload start, loop or tracer detach takes: past it, a
-/// run has hung and fails the bench rather than stall it.
-const RUN_TIMEOUT: Duration = Duration::from_secs(600);
 /// The line bpftrace's own test hook prints once every probe is attached
 /// (it prints "Attaching N probes..." before it starts).
 const BPFTRACE_ATTACHED: &str = "__BPFTRACE_NOTIFY_PROBES_ATTACHED";
@@ -145,14 +145,6 @@ pub fn run(setup: &Setup, repeat: u64) -> Result<Vec<Vec<Samples>>> {
         }
     }
     Ok(samples)
-}
-
-/// The workload: it prints `ready`, starts the loop on a line on stdin,
-/// prints `elapsed SECONDS`, then waits for stdin to close.
-pub fn start_workload(cmd: &mut Command) -> Result<Target> {
-    let mut target = Target::try_spawn(cmd)?;
-    target.wait_line("ready", RUN_TIMEOUT, |line| line == "ready")?;
-    Ok(target)
 }
 
 /// A tracer attached to one run.

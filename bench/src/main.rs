@@ -19,6 +19,7 @@
 mod harness;
 mod report;
 mod setup;
+mod workload;
 
 use std::{fs, process::Command, process::ExitCode};
 

@@ -16,7 +16,7 @@ use anyhow::{Context as _, Result, bail};
 use memtrace::binary::elf::ElfFile;
 use memtrace_tests::{ensure_package, memtrace_bin};
 
-use crate::{harness::start_workload, output};
+use crate::{output, workload::start_workload};
 
 /// What the runs use, and what the report says about them.
 pub struct Setup {
