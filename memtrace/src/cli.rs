@@ -69,6 +69,16 @@ pub struct Options {
     #[arg(long, value_name = "N", default_value_t = 1 << 20, value_parser = clap::value_parser!(u32).range(1024..))]
     pub max_allocs: u32,
 
+    /// Attach no probe: every interval report only the process's memory and
+    /// its object census (as gc.get_objects() and objgraph.show_growth()
+    /// would), read from its memory, at no cost to it.
+    #[arg(long)]
+    pub census_only: bool,
+
+    /// Types shown per census, biggest growth first.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub types_limit: usize,
+
     /// How reports are written to stdout: text (tracemalloc's format) or
     /// json (one object per report per process, one per line).
     #[arg(long, value_enum, default_value_t = Format::Text)]
@@ -102,6 +112,11 @@ impl ValueEnum for GroupBy {
 }
 
 impl Options {
+    /// What of each report the writers show.
+    pub fn view(&self) -> crate::report::View {
+        crate::report::View { group_by: self.group_by, top: self.top, types: self.types_limit }
+    }
+
     pub fn interval(&self) -> Duration {
         Duration::from_secs_f64(self.interval)
     }

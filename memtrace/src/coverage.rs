@@ -8,9 +8,9 @@
 use memtrace_common::layer;
 
 use crate::{
+    census::pymalloc::{Census, PymallocState},
     collect::Counters,
     process::memory::ProcessMemory,
-    python::pymalloc_census::{Census, PymallocState},
 };
 
 /// Below this change, a percentage says nothing.

@@ -15,6 +15,7 @@
 //! `cli` holds the command-line options; the binary only runs a session.
 
 pub mod binary;
+pub mod census;
 pub mod cli;
 pub mod collect;
 pub mod coverage;

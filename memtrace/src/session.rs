@@ -1,10 +1,11 @@
-//! One tracing session over one or more processes, end to end: validate
-//! each process, plan and attach its probes, then every interval read the
-//! kernel maps into a snapshot per process and hand its report to the
-//! writer, until a signal, a limit or every process's exit; then the final
-//! reports, and detach (dropping the tracer). Everything per process (its
-//! symbolizer, counters, previous snapshot, report header) is kept by pid,
-//! so processes never share state.
+//! One session over one or more processes, end to end: validate each
+//! process, plan and attach its probes (none with `--census-only`), then
+//! every interval read the kernel maps into a snapshot per process, take
+//! its census, and hand its report to the writer, until a signal, a limit
+//! or every process's exit; then the final reports, and detach (dropping
+//! the tracer). Everything per process (its symbolizer, counters, census,
+//! previous snapshot, report header) is kept by pid, so processes never
+//! share state.
 
 use std::{
     collections::BTreeMap,
@@ -25,6 +26,7 @@ use tokio::{
 
 use crate::{
     binary::elf::ElfFile,
+    census::{Census, CensusTaker},
     cli::{Format, Options},
     collect,
     coverage::Coverage,
@@ -35,7 +37,7 @@ use crate::{
     },
     process::{Target, proc_maps::host_path, source::SourceFiles},
     python::{self, Detection},
-    report::{ProcessInfo, Report, Writer, json::JsonWriter, text::TextWriter},
+    report::{CensusChange, ProcessInfo, Report, Writer, json::JsonWriter, text::TextWriter},
     snapshot::{GroupBy, Snapshot, Stat},
     symbolize::Symbolizer,
 };
@@ -61,34 +63,47 @@ pub struct Outcome {
 }
 
 pub async fn run(options: Options) -> Result<Outcome> {
-    kernel::check_privileges()?;
-    kernel::check_kernel()?;
+    if options.census_only {
+        kernel::check_read_privileges()?;
+    } else {
+        kernel::check_privileges()?;
+        kernel::check_kernel()?;
+    }
     let mut pids = options.pids.clone();
     pids.dedup();
     let prepared = pids.iter().map(|&pid| Prepared::new(pid, &options)).collect::<Result<Vec<_>>>()?;
-    let kernel_config = KernelConfig { task_fsbase: kernel::task_fsbase_offset()? };
-    let mut tracer = Tracer::load(kernel_config, options.max_allocs, options.verbose)?;
+    let mut tracer = if options.census_only {
+        None
+    } else {
+        let kernel_config = KernelConfig { task_fsbase: kernel::task_fsbase_offset()? };
+        Some(Tracer::load(kernel_config, options.max_allocs, options.verbose)?)
+    };
     let (exits, exited) = mpsc::unbounded_channel();
     let mut processes = BTreeMap::new();
     for prepared in prepared {
         let pid = prepared.target.pid;
         watch_exit(pid, exits.clone())?;
-        processes.insert(pid, prepared.attach(&mut tracer, &options)?);
+        processes.insert(pid, prepared.attach(tracer.as_mut(), &options)?);
     }
     let writer: Box<dyn Writer> = match options.format {
-        Format::Text => Box::new(TextWriter::new(io::stdout(), SourceFiles::default(), options.group_by, options.top)),
-        Format::Json => Box::new(JsonWriter::new(io::stdout(), options.group_by, options.top)),
+        Format::Text => Box::new(TextWriter::new(io::stdout(), SourceFiles::default(), options.view())),
+        Format::Json => Box::new(JsonWriter::new(io::stdout(), options.view())),
     };
-    let rings = Rings {
-        new_stacks: watch(collect::new_python_stacks(&mut tracer)?, "the kernel's stack ring")?,
-        site_stacks: watch(collect::site_stacks(&mut tracer)?, "the kernel's stack copy ring")?,
-        log: if options.verbose { Some(watch(tracer.take_logger()?, "the kernel's log")?) } else { None },
+    let rings = match &mut tracer {
+        Some(tracer) => Some(Rings {
+            new_stacks: watch(collect::new_python_stacks(tracer)?, "the kernel's stack ring")?,
+            site_stacks: watch(collect::site_stacks(tracer)?, "the kernel's stack copy ring")?,
+            log: if options.verbose { Some(watch(tracer.take_logger()?, "the kernel's log")?) } else { None },
+        }),
+        None => None,
     };
     let mut session = Session { options: &options, tracer, processes, writer, intervals: 0 };
     let end = session.run_loop(exited, rings).await?;
     let mut untracked = 0;
-    for &pid in session.processes.keys() {
-        untracked += collect::counters(&session.tracer, pid)?.untracked();
+    if let Some(tracer) = &session.tracer {
+        for &pid in session.processes.keys() {
+            untracked += collect::counters(tracer, pid)?.untracked();
+        }
     }
     Ok(Outcome { end, untracked })
 }
@@ -109,8 +124,6 @@ impl Prepared {
     fn new(pid: u32, options: &Options) -> Result<Self> {
         let target = Target::open(pid)?;
         let python = python::detect(&target)?;
-        let libc_path = plan::find_libc(&target)?;
-        let libc_elf = ElfFile::open(&host_path(pid, libc_path))?;
         let mut notes = Vec::new();
         let interpreter = match python {
             Detection::Supported(interpreter) => Some(*interpreter),
@@ -121,6 +134,11 @@ impl Prepared {
             }
             Detection::NotPython => None,
         };
+        if options.census_only {
+            return Ok(Self { target, interpreter, points: Vec::new(), notes, includes_raw: true });
+        }
+        let libc_path = plan::find_libc(&target)?;
+        let libc_elf = ElfFile::open(&host_path(pid, libc_path))?;
         let inlined = interpreter.as_ref().map(|i| inlined::find(&i.elf, &i.layout)).unwrap_or_default();
         if let (Some(i), Some(sites)) = (&interpreter, &inlined.pymalloc) {
             notes.push(format!(
@@ -163,10 +181,38 @@ impl Prepared {
         Ok(Self { target, interpreter, points, notes, includes_raw })
     }
 
-    /// Attaches the probes and starts counting.
-    fn attach(self, tracer: &mut Tracer, options: &Options) -> Result<Traced> {
+    /// Takes the first census and, with a tracer, attaches the probes and
+    /// starts counting.
+    fn attach(self, tracer: Option<&mut Tracer>, options: &Options) -> Result<Traced> {
         let Self { target, interpreter, points, notes, includes_raw } = self;
         let pid = target.pid;
+        let mut census = CensusTaker::new(
+            pid,
+            interpreter.as_ref().map(|i| (i.layout, i.runtime)),
+            interpreter.as_ref().and_then(|i| i.pymalloc),
+        );
+        let baseline = census.take();
+        let described = interpreter.as_ref().map(|i| format!("CPython {}", i.version));
+        let info = ProcessInfo { pid, comm: target.comm.clone(), interpreter: described.clone() };
+        let Some(tracer) = tracer else {
+            eprintln!(
+                "memtrace: census of pid {pid} ({}){}: no probes; a report every {} s; Ctrl-C to stop",
+                target.comm,
+                described.as_ref().map(|d| format!(", {d}")).unwrap_or_default(),
+                options.interval
+            );
+            return Ok(Traced {
+                info,
+                symbolizer: Symbolizer::new(&target, None, false),
+                coverage: None,
+                census,
+                census_before: baseline,
+                notes,
+                previous: Snapshot::default(),
+                sequence: 0,
+                exited: false,
+            });
+        };
         if let Err(e) = tracer.attach(pid, &points) {
             if !Target::is_alive(pid) {
                 bail!("pid {pid} ({}) exited before tracing started", target.comm);
@@ -186,7 +232,6 @@ impl Prepared {
             python: interpreter.as_ref().map(|i| i.walk()).unwrap_or_default(),
         };
         tracer.set_target(pid, &config)?;
-        let described = interpreter.as_ref().map(|i| format!("CPython {}", i.version));
         eprintln!(
             "memtrace: tracing pid {pid} ({}){}: {} probes; a report every {} s; Ctrl-C to stop",
             target.comm,
@@ -197,9 +242,11 @@ impl Prepared {
         let coverage =
             interpreter.as_ref().and_then(|i| i.pymalloc).and_then(|state| Coverage::start(state, pid, includes_raw));
         Ok(Traced {
-            info: ProcessInfo { pid, comm: target.comm.clone(), interpreter: described },
+            info,
             symbolizer: Symbolizer::new(&target, interpreter.as_ref().map(|i| i.code_resolver(pid)), options.native),
             coverage,
+            census,
+            census_before: baseline,
             notes,
             previous: Snapshot::default(),
             sequence: 0,
@@ -213,6 +260,9 @@ struct Traced {
     info: ProcessInfo,
     symbolizer: Symbolizer,
     coverage: Option<Coverage>,
+    census: CensusTaker,
+    /// The census of the previous report (of attach, for the first).
+    census_before: Census,
     /// Said under every report's header.
     notes: Vec<String>,
     previous: Snapshot,
@@ -234,7 +284,8 @@ struct Rings {
 
 struct Session<'a> {
     options: &'a Options,
-    tracer: Tracer,
+    /// None with `--census-only`.
+    tracer: Option<Tracer>,
     processes: BTreeMap<u32, Traced>,
     writer: Box<dyn Writer>,
     /// Report intervals passed, for `--count`.
@@ -242,7 +293,7 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
-    async fn run_loop(&mut self, mut exited: mpsc::UnboundedReceiver<u32>, mut rings: Rings) -> Result<End> {
+    async fn run_loop(&mut self, mut exited: mpsc::UnboundedReceiver<u32>, mut rings: Option<Rings>) -> Result<End> {
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
         let start = Instant::now();
@@ -259,12 +310,14 @@ impl Session<'_> {
                     None => std::future::pending().await,
                 }
             };
-            let kernel_log = async {
-                match rings.log.as_mut() {
-                    Some(log) => log.readable_mut().await,
-                    None => std::future::pending().await,
-                }
+            // Without probes there are no rings: their branches wait forever.
+            let (new_stacks, site_stacks, kernel_log) = match rings.as_mut() {
+                Some(Rings { new_stacks, site_stacks, log }) => (Some(new_stacks), Some(site_stacks), log.as_mut()),
+                None => (None, None, None),
             };
+            let new_stacks = readable(new_stacks);
+            let site_stacks = readable(site_stacks);
+            let kernel_log = readable(kernel_log);
             tokio::select! {
                 _ = reports.tick() => {
                     // The last report allowed by --count is the final one.
@@ -277,14 +330,14 @@ impl Session<'_> {
                         self.report(pid, false)?;
                     }
                 }
-                ready = rings.new_stacks.readable_mut() => {
+                ready = new_stacks => {
                     let mut guard = ready?;
                     for key in collect::drain_stack_keys(guard.get_inner_mut()) {
                         self.resolve_python_stack(key);
                     }
                     guard.clear_ready();
                 }
-                ready = rings.site_stacks.readable_mut() => {
+                ready = site_stacks => {
                     let mut guard = ready?;
                     let processes = &mut self.processes;
                     collect::drain_stack_copies(guard.get_inner_mut(), |copy| {
@@ -335,10 +388,11 @@ impl Session<'_> {
     /// Catches up with every live process: fresh memory maps, and any
     /// Python stack the kernel could not announce.
     fn sweep(&mut self) {
+        let Some(tracer) = &self.tracer else { return };
         for traced in self.processes.values_mut().filter(|t| !t.exited) {
             traced.symbolizer.refresh_map();
         }
-        if let Ok(keys) = collect::python_stack_keys(&self.tracer) {
+        if let Ok(keys) = collect::python_stack_keys(tracer) {
             for key in keys {
                 self.resolve_python_stack(key);
             }
@@ -346,19 +400,42 @@ impl Session<'_> {
     }
 
     fn resolve_python_stack(&mut self, key: StackKey) {
-        let Some(traced) = self.processes.get_mut(&key.pid) else { return };
+        let (Some(tracer), Some(traced)) = (&self.tracer, self.processes.get_mut(&key.pid)) else { return };
         if traced.exited || !traced.symbolizer.wants_python_stack(key.id) {
             return;
         }
-        if let Some(stack) = collect::python_stack(&self.tracer, key) {
+        if let Some(stack) = collect::python_stack(tracer, key) {
             traced.symbolizer.resolve_python_stack(key.id, &stack);
         }
     }
 
-    /// Reads `pid`'s sites into a snapshot and writes its report.
+    /// Reads `pid`'s sites into a snapshot, takes its census, and writes
+    /// its report.
     fn report(&mut self, pid: u32, is_final: bool) -> Result<()> {
         self.sweep();
-        let tracer = &self.tracer;
+        let Some(traced) = self.processes.get_mut(&pid) else { return Ok(()) };
+        let census = traced.census.take();
+        let Some(tracer) = &self.tracer else {
+            traced.sequence += 1;
+            traced.exited |= is_final;
+            let report = Report {
+                time: SystemTime::now(),
+                process: traced.info.clone(),
+                sequence: traced.sequence,
+                is_final,
+                allocated: Stat::default(),
+                losses: Vec::new(),
+                counters: Vec::new(),
+                notes: traced.notes.clone(),
+                traced: false,
+                current: Snapshot::default(),
+                previous: Snapshot::default(),
+                census: Some(CensusChange { now: census, before: std::mem::take(&mut traced.census_before) }),
+            };
+            self.writer.write(&report).context("cannot write the report")?;
+            traced.census_before = report.census.map(|c| c.now).unwrap_or_default();
+            return Ok(());
+        };
         let sites = collect::sites(tracer, pid)?;
         let counters = collect::counters(tracer, pid)?;
         let older = match self.options.older_than {
@@ -369,7 +446,6 @@ impl Session<'_> {
             )?),
             None => None,
         };
-        let Some(traced) = self.processes.get_mut(&pid) else { return Ok(()) };
         let mut allocated = Stat::default();
         let mut entries = Vec::new();
         for (site, stats) in &sites {
@@ -398,17 +474,28 @@ impl Session<'_> {
             losses: counters.losses(),
             counters: counters.notable(),
             notes,
+            traced: true,
             current,
             previous: std::mem::take(&mut traced.previous),
+            census: Some(CensusChange { now: census, before: std::mem::take(&mut traced.census_before) }),
         };
         self.writer.write(&report).context("cannot write the report")?;
         traced.previous = report.current;
+        traced.census_before = report.census.map(|c| c.now).unwrap_or_default();
         Ok(())
     }
 }
 
 fn outstanding(stats: &SiteStats) -> Stat {
     Stat { size: stats.outstanding_bytes, count: stats.outstanding_count }
+}
+
+/// Readiness of an optional descriptor; never, without one.
+async fn readable<T: AsRawFd>(fd: Option<&mut AsyncFd<T>>) -> io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, T>> {
+    match fd {
+        Some(fd) => fd.readable_mut().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Sends `pid` on `exits` when the process exits.

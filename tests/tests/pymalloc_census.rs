@@ -15,17 +15,15 @@ use std::{
 
 use memtrace::{
     binary::elf::ElfFile,
+    census::pymalloc::{
+        Census, PymallocState,
+        locate::{Code, debug_offsets_sizes_match, statics_from_code, statics_from_symbols, walker_code},
+    },
     process::{
         memory::ProcessMemory,
         proc_maps::{MemoryMap, host_path},
     },
-    python::{
-        layouts::{self, ObmallocLocation},
-        pymalloc_census::{
-            Census, PymallocState,
-            locate::{Code, debug_offsets_sizes_match, statics_from_code, statics_from_symbols, walker_code},
-        },
-    },
+    python::layouts::{self, ObmallocLocation},
 };
 use memtrace_tests::Target;
 

@@ -22,12 +22,7 @@ const CAP_SYS_PTRACE: u32 = 19;
 /// Fails unless this process may load BPF programs, open uprobes and read
 /// other processes' memory.
 pub fn check_privileges() -> Result<()> {
-    let status = fs::read_to_string("/proc/self/status").context("cannot read /proc/self/status")?;
-    let effective = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
+    let effective = effective_capabilities()?;
     let has = |cap: u32| effective & (1 << cap) != 0;
     let can_trace = has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON));
     if !can_trace || !has(CAP_SYS_PTRACE) {
@@ -36,6 +31,24 @@ pub fn check_privileges() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Fails unless this process may read other processes' memory, all that
+/// `--census-only` needs.
+pub fn check_read_privileges() -> Result<()> {
+    if effective_capabilities()? & (1 << CAP_SYS_PTRACE) == 0 {
+        bail!("insufficient privileges: memtrace needs root (or CAP_SYS_PTRACE) to read the target's memory; try sudo");
+    }
+    Ok(())
+}
+
+fn effective_capabilities() -> Result<u64> {
+    let status = fs::read_to_string("/proc/self/status").context("cannot read /proc/self/status")?;
+    Ok(status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0))
 }
 
 /// Fails unless the kernel is new enough and has BTF and the uprobe event

@@ -5,7 +5,9 @@
 //! a crash. [`PageCache`] serves walks that read millions of small objects:
 //! it copies 64 KiB at a time and answers from its copy, within a budget.
 
-use std::{collections::HashMap, io};
+use std::io;
+
+use rustc_hash::FxHashMap;
 
 #[derive(Clone, Copy, Debug)]
 pub struct ProcessMemory {
@@ -92,20 +94,24 @@ pub enum Fault {
 /// a running process may disagree, which walkers must detect.
 pub struct PageCache<A> {
     space: A,
-    /// By page address; None for a page that could not be read.
-    pages: HashMap<u64, Option<Box<[u8; PAGE]>>>,
+    /// Index into `copies` by page address; None for a page that could not
+    /// be read.
+    pages: FxHashMap<u64, Option<u32>>,
+    copies: Vec<Box<[u8; PAGE]>>,
+    /// The page read last and its copy: walks read neighbouring words.
+    last: Option<(u64, u32)>,
     max_pages: usize,
 }
 
 impl<A: AddressSpace> PageCache<A> {
     /// A cache of at most `max_bytes` of copied memory.
     pub fn new(space: A, max_bytes: usize) -> Self {
-        Self { space, pages: HashMap::new(), max_pages: max_bytes / PAGE }
+        Self { space, pages: FxHashMap::default(), copies: Vec::new(), last: None, max_pages: max_bytes / PAGE }
     }
 
     /// Bytes copied so far.
     pub fn copied(&self) -> usize {
-        self.pages.values().flatten().count() * PAGE
+        self.copies.len() * PAGE
     }
 
     /// Fills `buf` from `addr`, which may span pages.
@@ -124,6 +130,11 @@ impl<A: AddressSpace> PageCache<A> {
     }
 
     pub fn u64(&mut self, addr: u64) -> Result<u64, Fault> {
+        let offset = (addr % PAGE as u64) as usize;
+        if offset <= PAGE - 8 {
+            let bytes = self.page(addr - offset as u64)?;
+            return Ok(u64::from_le_bytes(bytes[offset..offset + 8].try_into().expect("8 bytes")));
+        }
         let mut word = [0; 8];
         self.read(addr, &mut word)?;
         Ok(u64::from_le_bytes(word))
@@ -136,10 +147,17 @@ impl<A: AddressSpace> PageCache<A> {
     }
 
     fn page(&mut self, page: u64) -> Result<&[u8; PAGE], Fault> {
+        if let Some((last, index)) = self.last
+            && last == page
+        {
+            return Ok(&self.copies[index as usize]);
+        }
         if !self.pages.contains_key(&page) {
             self.copy_run(page)?;
         }
-        self.pages.get(&page).and_then(Option::as_deref).ok_or(Fault::Unmapped)
+        let index = self.pages.get(&page).copied().flatten().ok_or(Fault::Unmapped)?;
+        self.last = Some((page, index));
+        Ok(&self.copies[index as usize])
     }
 
     /// Copies the pages from `first` on that are readable and not cached,
@@ -149,14 +167,14 @@ impl<A: AddressSpace> PageCache<A> {
             .map(|i| first.wrapping_add(i * PAGE as u64))
             .take_while(|p| *p >= first && !self.pages.contains_key(p))
             .count();
-        if self.pages.len() + wanted > self.max_pages {
+        if self.copies.len() + wanted > self.max_pages {
             return Err(Fault::OverBudget);
         }
         let mut run = vec![0u8; wanted * PAGE];
         let copied = self.space.read_partial(first, &mut run) / PAGE;
         for (i, bytes) in run.chunks_exact(PAGE).take(copied).enumerate() {
-            let page: Box<[u8; PAGE]> = Box::new(bytes.try_into().expect("a page"));
-            self.pages.insert(first + (i * PAGE) as u64, Some(page));
+            self.pages.insert(first + (i * PAGE) as u64, Some(self.copies.len() as u32));
+            self.copies.push(Box::new(bytes.try_into().expect("a page")));
         }
         if copied == 0 {
             self.pages.insert(first, None);
@@ -166,7 +184,9 @@ impl<A: AddressSpace> PageCache<A> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     #[test]
@@ -178,7 +198,23 @@ mod tests {
     }
 
     /// An address space of a few pages, for walkers' tests.
-    struct Image(HashMap<u64, [u8; PAGE]>);
+    #[derive(Default)]
+    pub(crate) struct Image(HashMap<u64, [u8; PAGE]>);
+
+    impl Image {
+        /// Stores `value` at `addr`, mapping its page.
+        pub(crate) fn write_u64(&mut self, addr: u64, value: u64) {
+            self.write_bytes(addr, &value.to_le_bytes());
+        }
+
+        /// Stores `bytes` at `addr`, mapping their pages.
+        pub(crate) fn write_bytes(&mut self, addr: u64, bytes: &[u8]) {
+            for (i, &byte) in bytes.iter().enumerate() {
+                let at = addr + i as u64;
+                self.0.entry(at & !(PAGE as u64 - 1)).or_insert([0; PAGE])[at as usize % PAGE] = byte;
+            }
+        }
+    }
 
     impl AddressSpace for Image {
         fn read_partial(&self, addr: u64, buf: &mut [u8]) -> usize {

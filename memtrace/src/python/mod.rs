@@ -8,7 +8,6 @@ pub mod code;
 pub mod debug_offsets;
 pub mod layouts;
 pub mod linetable;
-pub mod pymalloc_census;
 pub mod version;
 
 use anyhow::Result;
@@ -16,11 +15,11 @@ use memtrace_common::{NO_OFFSET, PythonWalk, WINDOW_MAX, Window};
 
 use self::{
     layouts::{EvalEntry, Layout},
-    pymalloc_census::PymallocState,
     version::Version,
 };
 use crate::{
     binary::elf::ElfFile,
+    census::pymalloc::PymallocState,
     process::{Target, memory::ProcessMemory, proc_maps::host_path},
 };
 

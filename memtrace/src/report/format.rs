@@ -1,8 +1,8 @@
-//! tracemalloc's number formatting, byte for byte: `_format_size` and
-//! `StatisticDiff.__str__`, so that memtrace's lines read exactly like the
-//! ones Python developers already know.
+//! The formats Python developers already know, byte for byte:
+//! tracemalloc's `_format_size` and `StatisticDiff.__str__`, and objgraph's
+//! `show_growth()` lines, so that memtrace's lines read exactly like theirs.
 
-use crate::snapshot::StatDiff;
+use crate::{census::ObjectCensus, snapshot::StatDiff};
 
 /// tracemalloc's `_format_size(size, sign)`: B below 10 KiB, then KiB, MiB,
 /// ..., with one decimal when fewer than 100 units.
@@ -34,6 +34,43 @@ pub fn stat_diff_line(diff: &StatDiff) -> String {
         line.push_str(&format!(", average={}", format_size(diff.size as f64 / diff.count as f64, false)));
     }
     line
+}
+
+/// A type's count now and its change, as the census compares them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TypeGrowth {
+    pub name: String,
+    pub count: u64,
+    pub change: i64,
+}
+
+/// Every type of `now` or `before`, biggest growth first, then biggest
+/// count (objgraph's `show_growth` order, and what it leaves out: nothing).
+pub fn type_growth(now: &ObjectCensus, before: Option<&ObjectCensus>) -> Vec<TypeGrowth> {
+    let count_before =
+        |name: &str| before.and_then(|b| b.types.iter().find(|t| t.name == name)).map_or(0, |t| t.count());
+    let mut rows: Vec<TypeGrowth> = now
+        .types
+        .iter()
+        .map(|t| TypeGrowth {
+            name: t.name.clone(),
+            count: t.count(),
+            change: t.count() as i64 - count_before(&t.name) as i64,
+        })
+        .collect();
+    if let Some(before) = before {
+        let gone = before.types.iter().filter(|b| !now.types.iter().any(|t| t.name == b.name));
+        rows.extend(gone.map(|b| TypeGrowth { name: b.name.clone(), count: 0, change: -(b.count() as i64) }));
+    }
+    rows.sort_by(|a, b| b.change.cmp(&a.change).then(b.count.cmp(&a.count)).then_with(|| a.name.cmp(&b.name)));
+    rows
+}
+
+/// objgraph's `show_growth()` lines: `'%-*s%9d %+9d' % (width, name, count, delta)`,
+/// the names padded to the longest shown.
+pub fn growth_lines(rows: &[TypeGrowth]) -> Vec<String> {
+    let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(0);
+    rows.iter().map(|r| format!("{:<width$}{:>9} {:>+9}", r.name, r.count, r.change)).collect()
 }
 
 #[cfg(test)]
@@ -73,5 +110,28 @@ mod tests {
             count_diff: 1001,
         };
         assert_eq!(stat_diff_line(&diff), "/tmp/tm.py:4: size=138 KiB (+138 KiB), count=1001 (+1001), average=141 B");
+    }
+
+    #[test]
+    fn growth_reads_like_objgraph() {
+        use crate::census::TypeCount;
+        let census = |types: &[(&str, u64)]| ObjectCensus {
+            types: types.iter().map(|&(n, c)| TypeCount { name: n.into(), tracked: c, untracked: 0 }).collect(),
+            ..ObjectCensus::default()
+        };
+        let before = census(&[("dict", 5000), ("function", 3000), ("weakref", 10)]);
+        let now = census(&[("dict", 5123), ("function", 3000), ("MyObject", 10000)]);
+        let rows = type_growth(&now, Some(&before));
+        // Printed by objgraph 3.6's show_growth() format string.
+        assert_eq!(
+            growth_lines(&rows),
+            [
+                "MyObject    10000    +10000",
+                "dict         5123      +123",
+                "function     3000        +0",
+                "weakref         0       -10",
+            ]
+        );
+        assert_eq!(type_growth(&now, None)[0], TypeGrowth { name: "MyObject".into(), count: 10000, change: 10000 });
     }
 }

@@ -7,8 +7,8 @@ use std::{collections::BTreeMap, io::Write, time::SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Report, Writer};
-use crate::snapshot::{GroupBy, Stat, StatDiff};
+use super::{Report, View, Writer, format::type_growth};
+use crate::snapshot::{Stat, StatDiff};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JsonReport {
@@ -35,8 +35,59 @@ pub struct JsonReport {
     /// Counters that are not losses but say how to read the report.
     pub counters: BTreeMap<String, u64>,
     pub notes: Vec<String>,
+    /// Whether probes counted allocations; false under `--census-only`,
+    /// where the totals and rows are empty.
+    pub traced: bool,
     /// The top groups, biggest change first.
     pub rows: Vec<Row>,
+    /// The process's memory as the kernel counts it, in bytes.
+    pub memory: Option<MemoryJson>,
+    /// pymalloc's own count of its live blocks.
+    pub heap: Option<HeapJson>,
+    /// The object census.
+    pub census: Option<CensusJson>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryJson {
+    pub rss: u64,
+    pub anonymous: u64,
+    pub swap: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeapJson {
+    /// Blocks in pymalloc's pools, and their bytes by size class.
+    pub blocks: u64,
+    pub bytes: u64,
+    /// Blocks pymalloc passed to malloc (over 512 bytes).
+    pub raw_blocks: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CensusJson {
+    /// Objects on the GC's generations (`len(gc.get_objects())`) and on
+    /// its permanent generation.
+    pub gc_tracked: u64,
+    pub gc_permanent: u64,
+    /// Objects the GC does not track, found in pymalloc's pools.
+    pub untracked: u64,
+    pub took_ms: u64,
+    /// Why the census is partial, if it is.
+    pub incomplete: Vec<String>,
+    /// The top types, biggest growth first.
+    pub types: Vec<TypeJson>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TypeJson {
+    pub name: String,
+    pub count: u64,
+    /// Since the previous report (since attach, for the first).
+    pub change: i64,
+    /// Of `count`, those on the GC's lists and those found in the pools.
+    pub tracked: u64,
+    pub untracked: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,8 +123,9 @@ pub struct JsonFrame {
 }
 
 impl JsonReport {
-    pub fn new(report: &Report, group_by: GroupBy, top: usize) -> Self {
+    pub fn new(report: &Report, view: View) -> Self {
         let (now, before) = (report.current.total(), report.previous.total());
+        let census = report.census.as_ref();
         let named = |counters: &[(&str, u64)]| counters.iter().map(|&(n, v)| (n.to_owned(), v)).collect();
         Self {
             time: report.time.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
@@ -82,7 +134,7 @@ impl JsonReport {
             interpreter: report.process.interpreter.clone(),
             sequence: report.sequence,
             is_final: report.is_final,
-            group_by: group_by.name().to_owned(),
+            group_by: view.group_by.name().to_owned(),
             outstanding: Size::of(now),
             outstanding_change: Change {
                 size: now.size as i64 - before.size as i64,
@@ -92,7 +144,43 @@ impl JsonReport {
             losses: named(&report.losses),
             counters: named(&report.counters),
             notes: report.notes.clone(),
-            rows: report.rows(group_by).iter().take(top).map(Row::of).collect(),
+            traced: report.traced,
+            rows: report.rows(view.group_by).iter().take(view.top).map(Row::of).collect(),
+            memory: census.and_then(|c| c.now.memory).map(|m| MemoryJson {
+                rss: m.rss,
+                anonymous: m.anonymous,
+                swap: m.swap,
+            }),
+            heap: census.and_then(|c| c.now.heap).map(|h| HeapJson {
+                blocks: h.blocks,
+                bytes: h.bytes,
+                raw_blocks: h.raw_blocks,
+            }),
+            census: census.and_then(|c| {
+                let objects = c.now.objects.as_ref()?;
+                let types = type_growth(objects, c.before.objects.as_ref())
+                    .into_iter()
+                    .take(view.types)
+                    .map(|row| {
+                        let found = objects.types.iter().find(|t| t.name == row.name);
+                        TypeJson {
+                            tracked: found.map_or(0, |t| t.tracked),
+                            untracked: found.map_or(0, |t| t.untracked),
+                            name: row.name,
+                            count: row.count,
+                            change: row.change,
+                        }
+                    })
+                    .collect();
+                Some(CensusJson {
+                    gc_tracked: objects.gc_tracked,
+                    gc_permanent: objects.gc_permanent,
+                    untracked: objects.untracked,
+                    took_ms: objects.took.as_millis() as u64,
+                    incomplete: objects.incomplete.clone(),
+                    types,
+                })
+            }),
         }
     }
 }
@@ -123,19 +211,18 @@ impl Row {
 
 pub struct JsonWriter<W> {
     out: W,
-    group_by: GroupBy,
-    top: usize,
+    view: View,
 }
 
 impl<W: Write> JsonWriter<W> {
-    pub fn new(out: W, group_by: GroupBy, top: usize) -> Self {
-        Self { out, group_by, top }
+    pub fn new(out: W, view: View) -> Self {
+        Self { out, view }
     }
 }
 
 impl<W: Write> Writer for JsonWriter<W> {
     fn write(&mut self, report: &Report) -> std::io::Result<()> {
-        serde_json::to_writer(&mut self.out, &JsonReport::new(report, self.group_by, self.top))?;
+        serde_json::to_writer(&mut self.out, &JsonReport::new(report, self.view))?;
         writeln!(self.out)?;
         self.out.flush()
     }
@@ -144,19 +231,23 @@ impl<W: Write> Writer for JsonWriter<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::text::tests::sample;
+    use crate::{report::text::tests::sample, snapshot::GroupBy};
+
+    fn view(group_by: GroupBy, top: usize) -> View {
+        View { group_by, top, types: 10 }
+    }
 
     #[test]
     fn one_line_per_report_that_reads_back() {
         let mut out = Vec::new();
-        let mut writer = JsonWriter::new(&mut out, GroupBy::Traceback, 10);
+        let mut writer = JsonWriter::new(&mut out, view(GroupBy::Traceback, 10));
         writer.write(&sample(false)).unwrap();
         writer.write(&sample(true)).unwrap();
         let text = String::from_utf8(out).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2);
         let first: JsonReport = serde_json::from_str(lines[0]).unwrap();
-        assert_eq!(first, JsonReport::new(&sample(false), GroupBy::Traceback, 10));
+        assert_eq!(first, JsonReport::new(&sample(false), view(GroupBy::Traceback, 10)));
         assert!(!first.is_final && serde_json::from_str::<JsonReport>(lines[1]).unwrap().is_final);
         assert_eq!((first.pid, first.sequence, first.time), (24733, 2, 1_764_571_025.0));
         assert_eq!(first.outstanding, Size { size: 3_708_040, count: 51_735 });
@@ -174,7 +265,7 @@ mod tests {
 
     #[test]
     fn rows_follow_the_grouping_and_the_top() {
-        let by_line = JsonReport::new(&sample(false), GroupBy::Lineno, 2);
+        let by_line = JsonReport::new(&sample(false), view(GroupBy::Lineno, 2));
         let locations: Vec<&str> = by_line.rows.iter().map(|r| r.location.as_str()).collect();
         assert_eq!(locations, ["/w/app.py:16", "malloc+0x1c (libc.so.6):0"]);
         assert_eq!(by_line.group_by, "lineno");

@@ -11,7 +11,18 @@ pub mod text;
 
 use std::io;
 
-pub use model::{ProcessInfo, Report};
+pub use model::{CensusChange, ProcessInfo, Report};
+
+use crate::snapshot::GroupBy;
+
+/// What of a report a writer shows: the grouping and how many groups, and
+/// how many of the census's types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct View {
+    pub group_by: GroupBy,
+    pub top: usize,
+    pub types: usize,
+}
 
 /// Something that writes reports somewhere, in its own format.
 pub trait Writer {

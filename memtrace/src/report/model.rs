@@ -6,7 +6,10 @@
 
 use std::time::SystemTime;
 
-use crate::snapshot::{GroupBy, Snapshot, Stat, StatDiff};
+use crate::{
+    census::Census,
+    snapshot::{GroupBy, Snapshot, Stat, StatDiff},
+};
 
 /// The process a report is about.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,12 +36,23 @@ pub struct Report {
     /// (name, value) of counters that are not losses (frees of blocks
     /// allocated before attach, allocator calls that failed, ...).
     pub counters: Vec<(&'static str, u64)>,
-    /// Sentences about what the probes cannot see.
+    /// Sentences about what the probes or the census cannot see.
     pub notes: Vec<String>,
+    /// Whether probes counted allocations (not `--census-only`): without
+    /// them the snapshots are empty and the totals zero.
+    pub traced: bool,
     /// Outstanding blocks now, and at the previous report (at attach, for
     /// the first).
     pub current: Snapshot,
     pub previous: Snapshot,
+    /// The census now and at the previous report (at attach, for the first).
+    pub census: Option<CensusChange>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct CensusChange {
+    pub now: Census,
+    pub before: Census,
 }
 
 impl Report {

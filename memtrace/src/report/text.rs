@@ -2,13 +2,15 @@
 //! process, totals, every loss counter), the notes, then the top-N groups in
 //! tracemalloc's `compare_to` format; with traceback grouping, each group's
 //! traceback in the layout of tracemalloc's `Traceback.format()`, with the
-//! source lines a [`SourceLines`] gives.
+//! source lines a [`SourceLines`] gives. The census follows: the process's
+//! memory, its objects' totals, and its types in objgraph's `show_growth()`
+//! format. Without probes (`--census-only`) the census is the report.
 
 use std::{io::Write, time::SystemTime};
 
 use super::{
-    Report, Writer,
-    format::{format_size, stat_diff_line},
+    CensusChange, Report, View, Writer,
+    format::{format_size, growth_lines, stat_diff_line, type_growth},
 };
 use crate::snapshot::GroupBy;
 
@@ -22,18 +24,15 @@ pub trait SourceLines {
 pub struct TextWriter<W, S> {
     out: W,
     sources: S,
-    group_by: GroupBy,
-    top: usize,
+    view: View,
 }
 
 impl<W: Write, S: SourceLines> TextWriter<W, S> {
-    pub fn new(out: W, sources: S, group_by: GroupBy, top: usize) -> Self {
-        Self { out, sources, group_by, top }
+    pub fn new(out: W, sources: S, view: View) -> Self {
+        Self { out, sources, view }
     }
-}
 
-impl<W: Write, S: SourceLines> Writer for TextWriter<W, S> {
-    fn write(&mut self, report: &Report) -> std::io::Result<()> {
+    fn write_traced(&mut self, report: &Report) -> std::io::Result<()> {
         let out = &mut self.out;
         let now = report.current.total();
         let before = report.previous.total();
@@ -60,9 +59,9 @@ impl<W: Write, S: SourceLines> Writer for TextWriter<W, S> {
         for note in &report.notes {
             writeln!(out, "note: {note}")?;
         }
-        for diff in report.rows(self.group_by).iter().take(self.top) {
+        for diff in report.rows(self.view.group_by).iter().take(self.view.top) {
             writeln!(out, "{}", stat_diff_line(diff))?;
-            if self.group_by == GroupBy::Traceback {
+            if self.view.group_by == GroupBy::Traceback {
                 for frame in diff.traceback.oldest_first() {
                     writeln!(out, "  File \"{}\", line {}", frame.filename, frame.lineno)?;
                     if let Some(text) = self.sources.line(report.process.pid, &frame.filename, frame.lineno) {
@@ -71,8 +70,90 @@ impl<W: Write, S: SourceLines> Writer for TextWriter<W, S> {
                 }
             }
         }
-        writeln!(out)?;
-        out.flush()
+        Ok(())
+    }
+
+    /// `--census-only`'s header: the process and its memory.
+    fn write_census_header(&mut self, report: &Report) -> std::io::Result<()> {
+        writeln!(
+            self.out,
+            "[{}] memtrace pid {} ({}) {}census {}",
+            clock_time(report.time),
+            report.process.pid,
+            report.process.comm,
+            if report.is_final { "final " } else { "" },
+            report.sequence,
+        )?;
+        for note in &report.notes {
+            writeln!(self.out, "note: {note}")?;
+        }
+        Ok(())
+    }
+
+    fn write_census(&mut self, change: &CensusChange) -> std::io::Result<()> {
+        let (now, before) = (&change.now, &change.before);
+        let out = &mut self.out;
+        let signed = |a: u64, b: Option<u64>| format_size(a as f64 - b.unwrap_or(a) as f64, true);
+        if let Some(memory) = now.memory {
+            let old = before.memory;
+            write!(
+                out,
+                "memory: rss {} ({}), anonymous {} ({}), swap {}",
+                format_size(memory.rss as f64, false),
+                signed(memory.rss, old.map(|m| m.rss)),
+                format_size(memory.anonymous as f64, false),
+                signed(memory.anonymous, old.map(|m| m.anonymous)),
+                format_size(memory.swap as f64, false),
+            )?;
+            if let Some(heap) = now.heap {
+                let blocks_before = before.heap.map_or(heap.blocks, |h| h.blocks);
+                write!(
+                    out,
+                    "; Python heap {} in {} blocks ({:+} blocks), {} blocks above pymalloc's limit",
+                    format_size(heap.bytes as f64, false),
+                    heap.blocks,
+                    heap.blocks as i64 - blocks_before as i64,
+                    heap.raw_blocks,
+                )?;
+            }
+            writeln!(out)?;
+        }
+        let Some(objects) = &now.objects else { return Ok(()) };
+        let tracked_before = before.objects.as_ref().map_or(objects.gc_tracked, |o| o.gc_tracked);
+        let untracked_before = before.objects.as_ref().map_or(objects.untracked, |o| o.untracked);
+        writeln!(
+            out,
+            "objects: {} ({:+}) on the GC's lists, {} permanent; {} ({:+}) untracked in pymalloc's pools; census took {} ms",
+            objects.gc_tracked,
+            objects.gc_tracked as i64 - tracked_before as i64,
+            objects.gc_permanent,
+            objects.untracked,
+            objects.untracked as i64 - untracked_before as i64,
+            objects.took.as_millis(),
+        )?;
+        for why in &objects.incomplete {
+            writeln!(out, "note: census incomplete: {why}")?;
+        }
+        let rows = type_growth(objects, before.objects.as_ref());
+        for line in growth_lines(&rows[..rows.len().min(self.view.types)]) {
+            writeln!(out, "{line}")?;
+        }
+        Ok(())
+    }
+}
+
+impl<W: Write, S: SourceLines> Writer for TextWriter<W, S> {
+    fn write(&mut self, report: &Report) -> std::io::Result<()> {
+        if report.traced {
+            self.write_traced(report)?;
+        } else {
+            self.write_census_header(report)?;
+        }
+        if let Some(change) = &report.census {
+            self.write_census(change)?;
+        }
+        writeln!(self.out)?;
+        self.out.flush()
     }
 }
 
@@ -121,6 +202,8 @@ pub(crate) mod tests {
             losses: vec![("alloc-map-full", 0), ("python-reads", 3)],
             counters: vec![("unknown-frees", 1)],
             notes: vec!["pymalloc's own count of live blocks changed by +25500 since attach; memtrace's probes account for +25500 (100.0%)".into()],
+            traced: true,
+            census: None,
             current: Snapshot::from_entries([
                 (leak.clone(), Stat { size: 3_708_000, count: 51_734 }),
                 (new, Stat { size: 40, count: 1 }),
@@ -139,7 +222,7 @@ pub(crate) mod tests {
         let mut out = Vec::new();
         for group_by in GroupBy::ALL {
             let report = sample(group_by == GroupBy::Traceback);
-            TextWriter::new(&mut out, OneLine, group_by, 10).write(&report).unwrap();
+            TextWriter::new(&mut out, OneLine, View { group_by, top: 10, types: 10 }).write(&report).unwrap();
         }
         let clock = format!("[{}]", clock_time(sample(false).time));
         let golden = include_str!("testdata/golden.txt").replace("[06:37:05]", &clock);
@@ -149,7 +232,9 @@ pub(crate) mod tests {
     #[test]
     fn top_limits_the_groups() {
         let mut out = Vec::new();
-        TextWriter::new(&mut out, OneLine, GroupBy::Lineno, 1).write(&sample(false)).unwrap();
+        TextWriter::new(&mut out, OneLine, View { group_by: GroupBy::Lineno, top: 1, types: 10 })
+            .write(&sample(false))
+            .unwrap();
         let text = String::from_utf8(out).unwrap();
         assert_eq!(text.lines().filter(|l| l.contains(": size=")).count(), 1, "{text}");
     }

@@ -63,13 +63,37 @@ pub struct Census {
     pub raw_blocks: u64,
 }
 
+/// A pool with blocks in use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pool {
+    pub address: u64,
+    /// Its size class, in bytes.
+    pub block_size: u64,
+    /// Blocks in use (`ref.count`).
+    pub used: u64,
+}
+
 impl PymallocState {
     /// Walks the arenas and pools now.
     pub fn census(&self, memory: &ProcessMemory) -> io::Result<Census> {
+        Ok(self.walk_consistently(memory)?.1)
+    }
+
+    /// The pools with blocks in use now, with the census they add up to.
+    pub fn pools(&self, memory: &ProcessMemory) -> io::Result<(Vec<Pool>, Census)> {
+        self.walk_consistently(memory)
+    }
+
+    /// The version's pymalloc, with the pool size this binary uses.
+    pub fn layout(&self) -> &Pymalloc {
+        &self.layout
+    }
+
+    fn walk_consistently(&self, memory: &ProcessMemory) -> io::Result<(Vec<Pool>, Census)> {
         let mut why = "";
         for _ in 0..ATTEMPTS {
             match self.walk(memory) {
-                Ok(census) => return Ok(census),
+                Ok(found) => return Ok(found),
                 Err(Miss::Io(error)) => return Err(error),
                 Err(Miss::Inconsistent(reason)) => why = reason,
             }
@@ -77,7 +101,7 @@ impl PymallocState {
         Err(io::Error::new(io::ErrorKind::InvalidData, format!("pymalloc's state is not consistent: {why}")))
     }
 
-    fn walk(&self, memory: &ProcessMemory) -> Result<Census, Miss> {
+    fn walk(&self, memory: &ProcessMemory) -> Result<(Vec<Pool>, Census), Miss> {
         let base = match self.anchor {
             Anchor::Fixed => 0,
             Anchor::Pointer(at) => match memory.read_u64(at)? {
@@ -92,6 +116,7 @@ impl PymallocState {
             return Err(Miss::Inconsistent("the block counter is negative"));
         }
         let mut census = Census::default();
+        let mut pools = Vec::new();
         // No arena yet (or the allocator is not pymalloc): nothing to walk.
         if maxarenas != 0 {
             if !maxarenas.is_power_of_two() || !(INITIAL_ARENA_OBJECTS..=MAX_ARENAS).contains(&maxarenas) || arenas == 0
@@ -104,24 +129,26 @@ impl PymallocState {
                 .read_vec(arenas, maxarenas as usize * entry)
                 .map_err(|_| Miss::Inconsistent("arenas[] could not be read"))?;
             for (index, object) in table.chunks_exact(entry).enumerate() {
-                self.count_arena(memory, index, object, &mut census)?;
+                self.count_arena(memory, index, object, &mut pools)?;
             }
         }
+        census.blocks = pools.iter().map(|p| p.used).sum();
+        census.bytes = pools.iter().map(|p| p.used * p.block_size).sum();
         census.raw_blocks = match self.layout.counter {
             BlockCounter::RawBlocks => counter,
             BlockCounter::AllBlocks => counter.saturating_sub(census.blocks),
         };
-        Ok(census)
+        Ok((pools, census))
     }
 
-    /// Adds the live blocks of the arena `object` describes, checking it
+    /// Adds the pools in use of the arena `object` describes, checking it
     /// against how new_arena() and the pool carving in obmalloc.c set it up.
     fn count_arena(
         &self,
         memory: &ProcessMemory,
         index: usize,
         object: &[u8],
-        census: &mut Census,
+        pools: &mut Vec<Pool>,
     ) -> Result<(), Miss> {
         let (layout, arena) = (&self.layout, &self.layout.arena_object);
         let address = u64_at(object, arena.address);
@@ -136,9 +163,9 @@ impl PymallocState {
         // loses one pool to the alignment.
         let excess = address % pool_size;
         let first = address.checked_add((pool_size - excess) % pool_size).ok_or(Miss::Inconsistent("arena address"))?;
-        let pools = layout.arena_size / pool_size - u64::from(excess != 0);
-        let end = first.checked_add(pools * pool_size).ok_or(Miss::Inconsistent("arena address"))?;
-        if ntotalpools != pools
+        let carved = layout.arena_size / pool_size - u64::from(excess != 0);
+        let end = first.checked_add(carved * pool_size).ok_or(Miss::Inconsistent("arena address"))?;
+        if ntotalpools != carved
             || nfreepools > ntotalpools
             || !(first..=end).contains(&pool_address)
             || !(pool_address - first).is_multiple_of(pool_size)
@@ -167,8 +194,7 @@ impl PymallocState {
             if count > (pool_size - fields.size) / size {
                 return Err(Miss::Inconsistent("a pool holds more blocks than fit"));
             }
-            census.blocks += count;
-            census.bytes += count * size;
+            pools.push(Pool { address: pool, block_size: size, used: count });
         }
         Ok(())
     }

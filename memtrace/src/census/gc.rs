@@ -1,0 +1,215 @@
+//! Walks the garbage collector's lists of a CPython process from outside:
+//! every generation and the permanent generation of every interpreter,
+//! counting the objects by type, as `gc.get_objects()` would see them. The
+//! lists belong to a running process that may be changing them: each node
+//! is checked (its `_gc_prev` must name the node before it), every walk is
+//! bounded in steps, and a list that stops making sense ends the census
+//! with the reason, never with a partial count passed off as complete.
+
+use rustc_hash::FxHashMap;
+
+use crate::{
+    process::memory::{AddressSpace, Fault, PageCache},
+    python::layouts::{GcState, Layout},
+};
+
+/// Objects counted before a census gives up: far more than any process
+/// memtrace has met, and a bound on a list that cycles without its head.
+pub const MAX_OBJECTS: u64 = 50_000_000;
+/// Interpreters followed along `_PyRuntime.interpreters`.
+const MAX_INTERPRETERS: usize = 64;
+/// `_gc_prev` keeps flags in its two low bits (`_PyGC_PREV_MASK`).
+const PREV_MASK: u64 = !3;
+/// `_gc_next`'s low bit marks an object the collector is moving between
+/// lists (`NEXT_MASK_UNREACHABLE`): set only while a collection runs.
+const NEXT_UNREACHABLE: u64 = 1;
+
+/// What one walk found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GcCensus {
+    /// Objects by the address of their type.
+    pub by_type: FxHashMap<u64, u64>,
+    /// Objects in generations 0, 1, 2 of every interpreter: what
+    /// `gc.get_objects()` returns.
+    pub tracked: u64,
+    /// Objects in the permanent generations (frozen by `gc.freeze()`).
+    pub permanent: u64,
+    /// Why the walk stopped early, if it did: the counts are then partial.
+    pub stopped: Option<String>,
+}
+
+/// Counts the objects on every GC list of the process whose `_PyRuntime`
+/// is at `runtime`, through `memory`.
+pub fn walk<A: AddressSpace>(memory: &mut PageCache<A>, layout: &Layout, runtime: u64) -> GcCensus {
+    let mut census = GcCensus::default();
+    if let Err(stop) = walk_all(memory, layout, runtime, &mut census) {
+        census.stopped = Some(stop);
+    }
+    census
+}
+
+fn walk_all<A: AddressSpace>(
+    memory: &mut PageCache<A>,
+    layout: &Layout,
+    runtime: u64,
+    census: &mut GcCensus,
+) -> Result<(), String> {
+    let gc = &layout.gc;
+    let states: Vec<u64> = match gc.state {
+        // One collector for every interpreter.
+        GcState::InRuntime(offset) => vec![runtime + offset],
+        GcState::InInterpreter(offset) => interpreters(memory, layout, runtime)?.iter().map(|i| i + offset).collect(),
+    };
+    for state in states {
+        for generation in 0..gc.generation_count {
+            let head = state + gc.generations + generation * gc.generation_size;
+            census.tracked += walk_list(memory, layout, head, census)?;
+        }
+        census.permanent += walk_list(memory, layout, state + gc.permanent_generation, census)?;
+    }
+    Ok(())
+}
+
+/// The interpreters, main first, along `_PyRuntime.interpreters.head`.
+fn interpreters<A: AddressSpace>(memory: &mut PageCache<A>, layout: &Layout, runtime: u64) -> Result<Vec<u64>, String> {
+    let mut found = Vec::new();
+    let mut next = memory.u64(runtime + layout.interpreters_head).map_err(|f| read_failure(f, "_PyRuntime"))?;
+    while next != 0 {
+        if found.len() == MAX_INTERPRETERS || found.contains(&next) {
+            return Err("the interpreter list does not end".into());
+        }
+        found.push(next);
+        next = memory.u64(next + layout.interp_next).map_err(|f| read_failure(f, "an interpreter"))?;
+    }
+    if found.is_empty() {
+        return Err("the process has no interpreter yet".into());
+    }
+    Ok(found)
+}
+
+/// Counts one circular list from its head; returns how many objects it
+/// holds, adding each to `census.by_type`.
+fn walk_list<A: AddressSpace>(
+    memory: &mut PageCache<A>,
+    layout: &Layout,
+    head: u64,
+    census: &mut GcCensus,
+) -> Result<u64, String> {
+    let gc_head = layout.gc_head_size;
+    let mut previous = head;
+    let mut node = memory.u64(head).map_err(|f| read_failure(f, "a generation's list head"))?;
+    let mut count = 0;
+    while node != head {
+        if node & NEXT_UNREACHABLE != 0 {
+            return Err("a collection was running".into());
+        }
+        if census.tracked + census.permanent + count >= MAX_OBJECTS {
+            return Err(format!("more than {MAX_OBJECTS} objects: the list may cycle"));
+        }
+        // PyGC_Head {_gc_next, _gc_prev}; the object, whose ob_type follows
+        // ob_refcnt, right after it.
+        let fault = |f| read_failure(f, "an object on a GC list");
+        let (next, prev) = (memory.u64(node).map_err(fault)?, memory.u64(node + 8).map_err(fault)?);
+        if prev & PREV_MASK != previous {
+            return Err("list changed under the reader".into());
+        }
+        let object_type = memory.u64(node + gc_head + 8).map_err(fault)?;
+        *census.by_type.entry(object_type).or_default() += 1;
+        count += 1;
+        previous = node;
+        node = next;
+    }
+    Ok(count)
+}
+
+fn read_failure(fault: Fault, what: &str) -> String {
+    match fault {
+        Fault::Unmapped => format!("{what} could not be read (a pointer into unmapped memory, or the process exited)"),
+        Fault::OverBudget => format!("the census read more of the process's memory than it may ({what})"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{process::memory::tests::Image, python::layouts::PY312};
+
+    /// A 3.12 process image: `_PyRuntime` at 0x1000 naming one interpreter
+    /// at 0x10000, whose generation 0 holds `objects` (each the type of one
+    /// object) and whose other lists are empty.
+    fn image(types: &[u64]) -> (Image, u64) {
+        let runtime = 0x1000;
+        let interp = 0x10000;
+        let GcState::InInterpreter(gc) = PY312.gc.state else { unreachable!() };
+        let state = interp + gc;
+        let mut image = Image::default();
+        image.write_u64(runtime + PY312.interpreters_head, interp);
+        image.write_u64(interp + PY312.interp_next, 0);
+        let heads: Vec<u64> = (0..PY312.gc.generation_count)
+            .map(|g| state + PY312.gc.generations + g * PY312.gc.generation_size)
+            .chain([state + PY312.gc.permanent_generation])
+            .collect();
+        for &head in &heads {
+            image.write_u64(head, head);
+            image.write_u64(head + 8, head);
+        }
+        let nodes: Vec<u64> = (0..types.len() as u64).map(|i| 0x100000 + i * 64).collect();
+        let mut previous = heads[0];
+        for (&node, &object_type) in nodes.iter().zip(types) {
+            image.write_u64(previous, node);
+            image.write_u64(node + 8, previous | 2);
+            image.write_u64(node + 16, 1);
+            image.write_u64(node + 24, object_type);
+            previous = node;
+        }
+        image.write_u64(previous, heads[0]);
+        image.write_u64(heads[0] + 8, previous);
+        (image, runtime)
+    }
+
+    fn census_of(image: Image, runtime: u64) -> GcCensus {
+        walk(&mut PageCache::new(image, 1 << 30), &PY312, runtime)
+    }
+
+    #[test]
+    fn counts_every_object_by_type() {
+        let (image, runtime) = image(&[0xa000, 0xb000, 0xa000, 0xa000]);
+        let census = census_of(image, runtime);
+        assert_eq!(census.stopped, None);
+        assert_eq!((census.tracked, census.permanent), (4, 0));
+        assert_eq!(census.by_type, FxHashMap::from_iter([(0xa000, 3), (0xb000, 1)]));
+    }
+
+    #[test]
+    fn a_list_that_changed_is_reported_not_counted_as_complete() {
+        let (mut image, runtime) = image(&[0xa000, 0xa000, 0xa000]);
+        // The second node's back pointer names another node.
+        image.write_u64(0x100000 + 64 + 8, 0x200000);
+        let census = census_of(image, runtime);
+        assert_eq!(census.stopped.as_deref(), Some("list changed under the reader"));
+    }
+
+    #[test]
+    fn a_cycle_that_skips_the_head_stops() {
+        let (mut image, runtime) = image(&[0xa000, 0xa000]);
+        // The second node points back to the first, which points on to it.
+        image.write_u64(0x100000 + 64, 0x100000);
+        let census = census_of(image, runtime);
+        assert_eq!(census.stopped.as_deref(), Some("list changed under the reader"));
+    }
+
+    #[test]
+    fn a_pointer_into_unmapped_memory_stops() {
+        let (mut image, runtime) = image(&[0xa000]);
+        image.write_u64(0x100000, 0xdead_0000);
+        let census = census_of(image, runtime);
+        assert!(census.stopped.as_deref().unwrap().contains("unmapped"), "{census:?}");
+    }
+
+    #[test]
+    fn a_collection_in_progress_stops() {
+        let (mut image, runtime) = image(&[0xa000, 0xa000]);
+        image.write_u64(0x100000, (0x100000 + 64) | NEXT_UNREACHABLE);
+        assert_eq!(census_of(image, runtime).stopped.as_deref(), Some("a collection was running"));
+    }
+}

@@ -1,0 +1,154 @@
+//! Type objects of a CPython process, by address: each read once, checked
+//! to be a type (its own type is a type, its name a short printable C
+//! string), and named as `type(o).__name__` gives it (`MyObject`, `dict`,
+//! `OrderedDict`). The target owns these bytes: a type that fails the
+//! checks is not named, and what points to it is not counted as an object.
+
+use rustc_hash::FxHashMap;
+
+use crate::{
+    process::memory::{AddressSpace, PageCache},
+    python::layouts::Layout,
+};
+
+/// Longest type name read; CPython's are short.
+const MAX_NAME: usize = 256;
+/// `Py_TPFLAGS_TYPE_SUBCLASS`: set on `type` and every metaclass.
+const TYPE_SUBCLASS: u64 = 1 << 31;
+/// `Py_TPFLAGS_HAVE_GC`.
+pub const HAVE_GC: u64 = 1 << 14;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TypeInfo {
+    /// `__name__`: the part of `tp_name` after its last dot.
+    pub name: String,
+    pub flags: u64,
+    /// Where `tp_name` pointed when the type was read: a type freed and
+    /// replaced at the same address names itself elsewhere.
+    name_pointer: u64,
+}
+
+#[derive(Default)]
+pub struct TypeNames {
+    /// By address, with the census that last checked it; None for an
+    /// address that is not a type.
+    types: FxHashMap<u64, (Option<TypeInfo>, u64)>,
+    census: u64,
+}
+
+impl TypeNames {
+    /// Starts a census: types seen in an earlier one are checked again,
+    /// once, when next asked for.
+    pub fn next_census(&mut self) {
+        self.census += 1;
+    }
+
+    /// The type at `address` if it was found to be one in this census:
+    /// the cheap question to ask of many candidates before checking one.
+    pub fn known(&self, address: u64) -> Option<&TypeInfo> {
+        match self.types.get(&address) {
+            Some((Some(info), checked)) if *checked == self.census => Some(info),
+            _ => None,
+        }
+    }
+
+    /// The type at `address`, if it is one. A type seen in an earlier
+    /// census is trusted again only if its name pointer is unchanged.
+    pub fn get<A: AddressSpace>(
+        &mut self,
+        memory: &mut PageCache<A>,
+        layout: &Layout,
+        address: u64,
+    ) -> Option<&TypeInfo> {
+        let census = self.census;
+        let fresh = match self.types.get(&address) {
+            Some((_, checked)) if *checked == census => true,
+            Some((Some(info), _)) => memory.u64(address + layout.type_name).ok() == Some(info.name_pointer),
+            Some((None, _)) | None => false,
+        };
+        if fresh {
+            let entry = self.types.get_mut(&address).expect("present");
+            entry.1 = census;
+        } else {
+            self.types.insert(address, (read_type(memory, layout, address), census));
+        }
+        self.types.get(&address)?.0.as_ref()
+    }
+}
+
+fn read_type<A: AddressSpace>(memory: &mut PageCache<A>, layout: &Layout, address: u64) -> Option<TypeInfo> {
+    if address == 0 || !address.is_multiple_of(8) {
+        return None;
+    }
+    // ob_type follows ob_refcnt.
+    let metatype = memory.u64(address + 8).ok()?;
+    if memory.u64(metatype + layout.type_flags).ok()? & TYPE_SUBCLASS == 0 {
+        return None;
+    }
+    let flags = memory.u64(address + layout.type_flags).ok()?;
+    let name_pointer = memory.u64(address + layout.type_name).ok()?;
+    let full = c_string(memory, name_pointer)?;
+    let name = full.rsplit('.').next().unwrap_or(&full).to_owned();
+    Some(TypeInfo { name, flags, name_pointer })
+}
+
+/// A NUL-terminated, printable ASCII string of at most [`MAX_NAME`] bytes.
+fn c_string<A: AddressSpace>(memory: &mut PageCache<A>, address: u64) -> Option<String> {
+    let mut bytes = Vec::new();
+    for at in address..address + MAX_NAME as u64 {
+        let mut byte = [0];
+        memory.read(at, &mut byte).ok()?;
+        match byte[0] {
+            0 => break,
+            b if b.is_ascii_graphic() || b == b' ' => bytes.push(b),
+            _ => return None,
+        }
+    }
+    (!bytes.is_empty() && bytes.len() < MAX_NAME).then(|| String::from_utf8(bytes).expect("ASCII"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{process::memory::tests::Image, python::layouts::PY312};
+
+    /// `type` at 0x1000 (its own type), `Record` at 0x2000 whose name is
+    /// at 0x3000, and a word of garbage at 0x4000.
+    fn image() -> Image {
+        let mut image = Image::default();
+        image.write_u64(0x1000 + 8, 0x1000);
+        image.write_u64(0x1000 + PY312.type_flags, TYPE_SUBCLASS);
+        image.write_u64(0x1000 + PY312.type_name, 0x3100);
+        image.write_bytes(0x3100, b"type\0");
+        image.write_u64(0x2000 + 8, 0x1000);
+        image.write_u64(0x2000 + PY312.type_flags, HAVE_GC);
+        image.write_u64(0x2000 + PY312.type_name, 0x3000);
+        image.write_bytes(0x3000, b"app.Record\0");
+        image.write_u64(0x4000 + 8, 0x4000);
+        image
+    }
+
+    #[test]
+    fn names_checked_types_by_their_short_name() {
+        let mut memory = PageCache::new(image(), 1 << 20);
+        let mut names = TypeNames::default();
+        let record = names.get(&mut memory, &PY312, 0x2000).unwrap();
+        assert_eq!((record.name.as_str(), record.flags), ("Record", HAVE_GC));
+        assert_eq!(names.get(&mut memory, &PY312, 0x1000).unwrap().name, "type");
+        assert!(names.get(&mut memory, &PY312, 0x4000).is_none(), "its type is no type");
+        assert!(names.get(&mut memory, &PY312, 0x9000).is_none(), "unmapped");
+        assert!(names.get(&mut memory, &PY312, 0x2001).is_none(), "misaligned");
+    }
+
+    #[test]
+    fn garbage_names_are_refused() {
+        let mut image = image();
+        image.write_bytes(0x3000, b"app\x01Record\0");
+        let mut memory = PageCache::new(image, 1 << 20);
+        assert!(TypeNames::default().get(&mut memory, &PY312, 0x2000).is_none());
+        let mut image = self::image();
+        image.write_bytes(0x3000, &[b'x'; 300]);
+        let mut memory = PageCache::new(image, 1 << 20);
+        assert!(TypeNames::default().get(&mut memory, &PY312, 0x2000).is_none(), "too long");
+    }
+}
