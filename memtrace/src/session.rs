@@ -69,6 +69,9 @@ pub async fn run(options: Options) -> Result<Outcome> {
         kernel::check_privileges()?;
         kernel::check_kernel()?;
     }
+    // Before anything says it is tracing: a signal from then on must end
+    // the session with its final reports, not kill the process.
+    let stops = Stops { sigint: signal(SignalKind::interrupt())?, sigterm: signal(SignalKind::terminate())? };
     let mut pids = options.pids.clone();
     pids.dedup();
     let prepared = pids.iter().map(|&pid| Prepared::new(pid, &options)).collect::<Result<Vec<_>>>()?;
@@ -98,7 +101,7 @@ pub async fn run(options: Options) -> Result<Outcome> {
         None => None,
     };
     let mut session = Session { options: &options, tracer, processes, writer, intervals: 0 };
-    let end = session.run_loop(exited, rings).await?;
+    let end = session.run_loop(stops, exited, rings).await?;
     let mut untracked = 0;
     if let Some(tracer) = &session.tracer {
         for &pid in session.processes.keys() {
@@ -196,7 +199,7 @@ impl Prepared {
         let info = ProcessInfo { pid, comm: target.comm.clone(), interpreter: described.clone() };
         let Some(tracer) = tracer else {
             eprintln!(
-                "memtrace: census of pid {pid} ({}){}: no probes; a report every {} s; Ctrl-C to stop",
+                "memtrace: tracing pid {pid} ({}){}: census only, no probes; a report every {} s; Ctrl-C to stop",
                 target.comm,
                 described.as_ref().map(|d| format!(", {d}")).unwrap_or_default(),
                 options.interval
@@ -271,6 +274,12 @@ struct Traced {
     exited: bool,
 }
 
+/// The signals that end a session.
+struct Stops {
+    sigint: tokio::signal::unix::Signal,
+    sigterm: tokio::signal::unix::Signal,
+}
+
 /// The kernel's announcements, drained as they come so that what they name
 /// is read while the process still has it.
 struct Rings {
@@ -293,9 +302,13 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
-    async fn run_loop(&mut self, mut exited: mpsc::UnboundedReceiver<u32>, mut rings: Option<Rings>) -> Result<End> {
-        let mut sigint = signal(SignalKind::interrupt())?;
-        let mut sigterm = signal(SignalKind::terminate())?;
+    async fn run_loop(
+        &mut self,
+        mut stops: Stops,
+        mut exited: mpsc::UnboundedReceiver<u32>,
+        mut rings: Option<Rings>,
+    ) -> Result<End> {
+        let Stops { sigint, sigterm } = &mut stops;
         let start = Instant::now();
         let deadline = self.options.duration().map(|d| start + d);
         let mut reports = interval(self.options.interval());

@@ -110,6 +110,19 @@ impl Target {
         self.child.id()
     }
 
+    /// Waits until the process is blocked reading its stdin: between a
+    /// line it printed and its next read it may still allocate and free,
+    /// and a census of it then would see a moving heap.
+    pub fn wait_reading_stdin(&self) {
+        let syscall = format!("/proc/{}/syscall", self.pid());
+        let deadline = Instant::now() + TIMEOUT;
+        // read(2) is system call 0 on x86-64; its first argument, fd 0.
+        while !std::fs::read_to_string(&syscall).is_ok_and(|s| s.starts_with("0 0x0 ")) {
+            assert!(Instant::now() < deadline, "pid {} never blocked reading stdin", self.pid());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// The next line that `matches` (`what` names it in errors), within
     /// `timeout`; the lines before it are passed over.
     pub fn wait_line(&mut self, what: &str, timeout: Duration, matches: impl Fn(&str) -> bool) -> Result<String> {

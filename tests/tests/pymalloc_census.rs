@@ -10,7 +10,6 @@ use std::{
     io,
     path::{Path, PathBuf},
     process::Command,
-    time::{Duration, Instant},
 };
 
 use memtrace::{
@@ -54,14 +53,7 @@ fn start(python: &str) -> (Target, u64) {
     // The count is the script's only line.
     let line = target.expect_line_prefix("");
     let count = line.trim().parse().unwrap_or_else(|_| panic!("{python} printed {line:?}"));
-    // Between its write and its read the target still frees and
-    // allocates; blocked in read(0, ...) it does neither.
-    let syscall = format!("/proc/{}/syscall", target.pid());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(&syscall).is_ok_and(|s| s.starts_with("0 0x0 ")) {
-        assert!(Instant::now() < deadline, "{python} never blocked reading stdin");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    target.wait_reading_stdin();
     (target, count)
 }
 
