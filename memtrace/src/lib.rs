@@ -19,6 +19,7 @@ pub mod cli;
 pub mod collect;
 pub mod coverage;
 pub mod probes;
+pub mod filter;
 pub mod process;
 pub mod python;
 pub mod report;

@@ -1,19 +1,18 @@
 //! One tracing session over one or more processes, end to end: validate
 //! each process, plan and attach its probes, then every interval read the
-//! kernel maps into a snapshot per process and hand its report to the
-//! writer, until a signal, a limit or every process's exit; then the final
+//! kernel maps into a snapshot per process and hand its report to every
+//! output, until a signal, a limit or every process's exit; then the final
 //! reports, and detach (dropping the tracer). Everything per process (its
 //! symbolizer, counters, previous snapshot, report header) is kept by pid,
 //! so processes never share state.
 
 use std::{
     collections::BTreeMap,
-    io,
     os::fd::{AsRawFd, FromRawFd as _, OwnedFd},
     time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Result, anyhow, bail};
 use aya::maps::{MapData, RingBuf};
 use memtrace_common::{KernelConfig, SiteStats, StackKey, TargetConfig};
 use tokio::{
@@ -25,18 +24,19 @@ use tokio::{
 
 use crate::{
     binary::elf::ElfFile,
-    cli::{Format, Options},
+    cli::Options,
     collect,
     coverage::Coverage,
+    filter::Filters,
     probes::{
         attach::Tracer,
         inlined, kernel,
         plan::{self, AttachPoint, ProbedBinary, PythonProbes},
     },
-    process::{Target, proc_maps::host_path, source::SourceFiles},
+    process::{Target, proc_maps::host_path},
     python::{self, Detection},
-    report::{ProcessInfo, Report, Writer, json::JsonWriter, text::TextWriter},
-    snapshot::{GroupBy, Snapshot, Stat},
+    report::{Output, ProcessInfo, Report, trend::History},
+    snapshot::{Snapshot, Stat},
     symbolize::Symbolizer,
 };
 
@@ -63,6 +63,8 @@ pub struct Outcome {
 pub async fn run(options: Options) -> Result<Outcome> {
     kernel::check_privileges()?;
     kernel::check_kernel()?;
+    let outputs = options.outputs()?;
+    let filters = options.filters()?;
     let mut pids = options.pids.clone();
     pids.dedup();
     let prepared = pids.iter().map(|&pid| Prepared::new(pid, &options)).collect::<Result<Vec<_>>>()?;
@@ -75,17 +77,16 @@ pub async fn run(options: Options) -> Result<Outcome> {
         watch_exit(pid, exits.clone())?;
         processes.insert(pid, prepared.attach(&mut tracer, &options)?);
     }
-    let writer: Box<dyn Writer> = match options.format {
-        Format::Text => Box::new(TextWriter::new(io::stdout(), SourceFiles::default(), options.group_by, options.top)),
-        Format::Json => Box::new(JsonWriter::new(io::stdout(), options.group_by, options.top)),
-    };
     let rings = Rings {
         new_stacks: watch(collect::new_python_stacks(&mut tracer)?, "the kernel's stack ring")?,
         site_stacks: watch(collect::site_stacks(&mut tracer)?, "the kernel's stack copy ring")?,
         log: if options.verbose { Some(watch(tracer.take_logger()?, "the kernel's log")?) } else { None },
     };
-    let mut session = Session { options: &options, tracer, processes, writer, intervals: 0 };
+    let mut session = Session { options: &options, filters, tracer, processes, outputs, failed: None, intervals: 0 };
     let end = session.run_loop(exited, rings).await?;
+    if let Some(failure) = session.failed {
+        return Err(failure);
+    }
     let mut untracked = 0;
     for &pid in session.processes.keys() {
         untracked += collect::counters(&session.tracer, pid)?.untracked();
@@ -173,7 +174,7 @@ impl Prepared {
             }
             return Err(e);
         }
-        let wants_stacks = options.group_by == GroupBy::Traceback;
+        let wants_stacks = options.wants_tracebacks();
         let config = TargetConfig {
             min_size: options.min_size,
             max_size: options.max_size,
@@ -202,6 +203,7 @@ impl Prepared {
             coverage,
             notes,
             previous: Snapshot::default(),
+            history: History::default(),
             sequence: 0,
             exited: false,
         })
@@ -216,6 +218,7 @@ struct Traced {
     /// Said under every report's header.
     notes: Vec<String>,
     previous: Snapshot,
+    history: History,
     sequence: u32,
     /// Its final report is written; nothing more is.
     exited: bool,
@@ -235,8 +238,13 @@ struct Rings {
 struct Session<'a> {
     options: &'a Options,
     tracer: Tracer,
+    filters: Filters,
     processes: BTreeMap<u32, Traced>,
-    writer: Box<dyn Writer>,
+    /// The outputs still working; one that failed is dropped from here.
+    outputs: Vec<Output>,
+    /// The first output's failure: the session then ends, with final
+    /// reports to the outputs that still work, and fails.
+    failed: Option<anyhow::Error>,
     /// Report intervals passed, for `--count`.
     intervals: u32,
 }
@@ -276,6 +284,9 @@ impl Session<'_> {
                     for pid in live {
                         self.report(pid, false)?;
                     }
+                    if self.failed.is_some() {
+                        break End::Limit;
+                    }
                 }
                 ready = rings.new_stacks.readable_mut() => {
                     let mut guard = ready?;
@@ -302,6 +313,9 @@ impl Session<'_> {
                 _ = sweep.tick() => self.sweep(),
                 Some(pid) = exited.recv() => {
                     self.exited(pid)?;
+                    if self.failed.is_some() {
+                        break End::Limit;
+                    }
                     if self.live().next().is_none() {
                         return Ok(End::TargetExited);
                     }
@@ -384,25 +398,42 @@ impl Session<'_> {
                 entries.push((traceback, outstanding));
             }
         }
+        if !self.filters.is_empty() {
+            entries.retain(|(traceback, _)| self.filters.keeps(traceback));
+        }
         let current = Snapshot::from_entries(entries);
         let mut notes = traced.notes.clone();
         notes.extend(traced.coverage.as_ref().and_then(|c| c.note(&counters)));
         traced.sequence += 1;
         traced.exited |= is_final;
+        let time = SystemTime::now();
+        traced.history.push(time, &current);
         let report = Report {
-            time: SystemTime::now(),
+            time,
             process: traced.info.clone(),
             sequence: traced.sequence,
             is_final,
             allocated,
-            losses: counters.losses(),
-            counters: counters.notable(),
+            losses: counters.losses().into_iter().map(|(n, v)| (n.into(), v)).collect(),
+            counters: counters.notable().into_iter().map(|(n, v)| (n.into(), v)).collect(),
             notes,
             current,
             previous: std::mem::take(&mut traced.previous),
+            history: std::mem::take(&mut traced.history),
         };
-        self.writer.write(&report).context("cannot write the report")?;
+        self.outputs.retain_mut(|output| match output.writer.write(&report) {
+            Ok(()) => true,
+            Err(e) => {
+                let error = anyhow!("cannot write {}: {e}", output.name);
+                match &self.failed {
+                    None => self.failed = Some(error),
+                    Some(_) => eprintln!("memtrace: {error}"),
+                }
+                false
+            }
+        });
         traced.previous = report.current;
+        traced.history = report.history;
         Ok(())
     }
 }

@@ -7,8 +7,8 @@ use std::{collections::BTreeMap, io::Write, time::SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Report, Writer};
-use crate::snapshot::{GroupBy, Stat, StatDiff};
+use super::{Report, Writer, model::Counters};
+use crate::snapshot::{Frame, GroupBy, Stat, StatDiff};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JsonReport {
@@ -51,7 +51,7 @@ pub struct Change {
     pub count: i64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Row {
     /// The group as tracemalloc prints it (`app.py:6`).
     pub location: String,
@@ -62,6 +62,18 @@ pub struct Row {
     pub size_diff: i64,
     pub count: u64,
     pub count_diff: i64,
+    /// The group's largest outstanding size at any report since attach
+    /// (sampled at reports, not between them); null when unknown.
+    #[serde(default)]
+    pub peak_at_reports: Option<u64>,
+    /// "growing", "plateau", "churn" or "freed" (see report/trend.rs), null
+    /// before there are enough reports.
+    #[serde(default)]
+    pub verdict: Option<String>,
+    /// Least-squares slope of the group's outstanding bytes over the last
+    /// reports, in bytes per second; null with the verdict.
+    #[serde(default)]
+    pub slope_bytes_per_second: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,7 +86,7 @@ pub struct JsonFrame {
 impl JsonReport {
     pub fn new(report: &Report, group_by: GroupBy, top: usize) -> Self {
         let (now, before) = (report.current.total(), report.previous.total());
-        let named = |counters: &[(&str, u64)]| counters.iter().map(|&(n, v)| (n.to_owned(), v)).collect();
+        let named = |counters: &Counters| counters.iter().map(|(n, v)| (n.to_string(), *v)).collect();
         Self {
             time: report.time.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
             pid: report.process.pid,
@@ -92,7 +104,22 @@ impl JsonReport {
             losses: named(&report.losses),
             counters: named(&report.counters),
             notes: report.notes.clone(),
-            rows: report.rows(group_by).iter().take(top).map(Row::of).collect(),
+            rows: {
+                let trends = report.history.trends(group_by);
+                let rows = report.rows(group_by);
+                rows.iter()
+                    .take(top)
+                    .map(|diff| {
+                        let trend = trends.get(&diff.traceback);
+                        Row {
+                            peak_at_reports: report.history.peak(group_by, &diff.traceback),
+                            verdict: trend.map(|t| t.verdict.name().to_owned()),
+                            slope_bytes_per_second: trend.map(|t| t.slope),
+                            ..Row::of(diff)
+                        }
+                    })
+                    .collect()
+            },
         }
     }
 }
@@ -107,17 +134,21 @@ impl Row {
     fn of(diff: &StatDiff) -> Self {
         Self {
             location: diff.traceback.to_string(),
-            frames: diff
-                .traceback
-                .0
-                .iter()
-                .map(|f| JsonFrame { filename: f.filename.clone(), lineno: f.lineno })
-                .collect(),
+            frames: diff.traceback.0.iter().map(JsonFrame::of).collect(),
             size: diff.size,
             size_diff: diff.size_diff,
             count: diff.count,
             count_diff: diff.count_diff,
+            peak_at_reports: None,
+            verdict: None,
+            slope_bytes_per_second: None,
         }
+    }
+}
+
+impl JsonFrame {
+    pub fn of(frame: &Frame) -> Self {
+        Self { filename: frame.filename.clone(), lineno: frame.lineno }
     }
 }
 

@@ -2,13 +2,16 @@
 //! process, totals, every loss counter), the notes, then the top-N groups in
 //! tracemalloc's `compare_to` format; with traceback grouping, each group's
 //! traceback in the layout of tracemalloc's `Traceback.format()`, with the
-//! source lines a [`SourceLines`] gives.
+//! source lines a [`SourceLines`] gives; then one `growing:` line per group
+//! whose verdict is growing (see `trend`), once there are enough reports.
 
 use std::{io::Write, time::SystemTime};
 
 use super::{
     Report, Writer,
     format::{format_size, stat_diff_line},
+    model::Counters,
+    trend::Verdict,
 };
 use crate::snapshot::GroupBy;
 
@@ -37,7 +40,7 @@ impl<W: Write, S: SourceLines> Writer for TextWriter<W, S> {
         let out = &mut self.out;
         let now = report.current.total();
         let before = report.previous.total();
-        let fields = |counters: &[(&str, u64)]| {
+        let fields = |counters: &Counters| {
             counters.iter().map(|(name, value)| format!("{name}={value}")).collect::<Vec<_>>().join(" ")
         };
         writeln!(
@@ -60,7 +63,8 @@ impl<W: Write, S: SourceLines> Writer for TextWriter<W, S> {
         for note in &report.notes {
             writeln!(out, "note: {note}")?;
         }
-        for diff in report.rows(self.group_by).iter().take(self.top) {
+        let rows = report.rows(self.group_by);
+        for diff in rows.iter().take(self.top) {
             writeln!(out, "{}", stat_diff_line(diff))?;
             if self.group_by == GroupBy::Traceback {
                 for frame in diff.traceback.oldest_first() {
@@ -70,6 +74,23 @@ impl<W: Write, S: SourceLines> Writer for TextWriter<W, S> {
                     }
                 }
             }
+        }
+        let trends = report.history.trends(self.group_by);
+        let growing = rows
+            .iter()
+            .filter_map(|d| Some((d, trends.get(&d.traceback)?)))
+            .filter(|(_, t)| t.verdict == Verdict::Growing);
+        for (diff, trend) in growing.take(self.top) {
+            writeln!(
+                out,
+                "growing: {} by {}/s over the last {} reports, in {} of {} intervals; peak at reports {}",
+                diff.traceback,
+                format_size(trend.slope, true),
+                trend.intervals + 1,
+                trend.grew,
+                trend.intervals,
+                format_size(report.history.peak(self.group_by, &diff.traceback).unwrap_or(diff.size) as f64, false),
+            )?;
         }
         writeln!(out)?;
         out.flush()
@@ -118,9 +139,10 @@ pub(crate) mod tests {
             sequence: 2,
             is_final,
             allocated: Stat { size: 5_200_000, count: 42_790 },
-            losses: vec![("alloc-map-full", 0), ("python-reads", 3)],
-            counters: vec![("unknown-frees", 1)],
+            losses: vec![("alloc-map-full".into(), 0), ("python-reads".into(), 3)],
+            counters: vec![("unknown-frees".into(), 1)],
             notes: vec!["pymalloc's own count of live blocks changed by +25500 since attach; memtrace's probes account for +25500 (100.0%)".into()],
+            history: Default::default(),
             current: Snapshot::from_entries([
                 (leak.clone(), Stat { size: 3_708_000, count: 51_734 }),
                 (new, Stat { size: 40, count: 1 }),
