@@ -240,9 +240,12 @@ impl Options {
     }
 
     /// Whether sites need whole tracebacks: for the grouping, or for the
-    /// outputs that always show them.
+    /// outputs that always keep them.
     pub fn wants_tracebacks(&self) -> bool {
-        self.view.group_by == GroupBy::Traceback || self.pprof.is_some() || self.flamegraph.is_some()
+        self.view.group_by == GroupBy::Traceback
+            || self.pprof.is_some()
+            || self.flamegraph.is_some()
+            || self.save.is_some()
     }
 
     pub fn filters(&self) -> Result<Filters> {
