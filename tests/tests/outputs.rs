@@ -94,6 +94,14 @@ impl Built {
         target
     }
 
+    /// The program dripping, under a memtrace started with `options`.
+    fn drip(&self, options: &[&str]) -> (Target, Memtrace) {
+        let target = self.start(&["drip"]);
+        let pid = target.pid().to_string();
+        let memtrace = Memtrace::attach(&[&["--pid", &pid][..], options].concat());
+        (target, memtrace)
+    }
+
     fn path(&self, name: &str) -> String {
         self.dir.0.join(name).to_str().unwrap().to_owned()
     }
@@ -287,12 +295,11 @@ fn text_reports(stdout: &str) -> Vec<String> {
 fn saved_snapshots_rebuild_the_live_reports_byte_for_byte() {
     require_root();
     let built = build("save");
-    let target = built.start(&["drip"]);
-    let pid = target.pid().to_string();
     let saved = built.path("saved");
     // Three reports: fewer than a verdict needs, so the live text has no
     // `growing:` lines, which need a history that two snapshots lack.
-    let memtrace = Memtrace::attach(&["--pid", &pid, "--interval", "0.4", "--count", "3", "--save", &saved]);
+    let (target, memtrace) = built.drip(&["--interval", "0.4", "--count", "3", "--save", &saved]);
+    let pid = target.pid();
     let (status, stdout, stderr) = memtrace.finish();
     assert_eq!(status.code(), Some(0), "{stderr:?}");
     let live = text_reports(&stdout);
@@ -318,9 +325,7 @@ fn saved_snapshots_rebuild_the_live_reports_byte_for_byte() {
 fn a_leak_is_growing_and_churn_never_is() {
     require_root();
     let built = build("verdict");
-    let target = built.start(&["drip"]);
-    let pid = target.pid().to_string();
-    let memtrace = Memtrace::attach(&["--pid", &pid, "--interval", "0.25", "--count", "10", "--format", "json"]);
+    let (target, memtrace) = built.drip(&["--interval", "0.25", "--count", "10", "--format", "json"]);
     let (status, stdout, stderr) = memtrace.finish();
     assert_eq!(status.code(), Some(0), "{stderr:?}");
     let reports = json_reports(&stdout);
@@ -410,23 +415,11 @@ fn output_mistakes_are_one_line_before_tracing() {
 fn a_failing_output_loses_nothing_else() {
     require_root();
     let built = build("fail");
-    let target = built.start(&["drip"]);
-    let pid = target.pid().to_string();
     let dir = built.path("gone");
     std::fs::create_dir(&dir).unwrap();
     let profile = format!("{dir}/heap.pb.gz");
-    let memtrace = Memtrace::attach(&[
-        "--pid",
-        &pid,
-        "--interval",
-        "0.3",
-        "--count",
-        "20",
-        "--format",
-        "json",
-        "--pprof",
-        &profile,
-    ]);
+    let (target, memtrace) =
+        built.drip(&["--interval", "0.3", "--count", "20", "--format", "json", "--pprof", &profile]);
     let deadline = Instant::now() + TIMEOUT;
     while !Path::new(&profile).exists() {
         assert!(Instant::now() < deadline, "no profile written");

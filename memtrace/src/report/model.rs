@@ -15,7 +15,7 @@ use crate::snapshot::{GroupBy, Snapshot, Stat, StatDiff};
 pub type Counters = Vec<(Cow<'static, str>, u64)>;
 
 /// The process a report is about.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ProcessInfo {
     pub pid: u32,
     /// The command name.

@@ -15,12 +15,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use super::{
-    ProcessInfo, Report, Writer,
-    json::{JsonFrame, Size},
-    model::Counters,
-    replace_file,
-};
+use super::{ProcessInfo, Report, Writer, json::JsonFrame, model::Counters, replace_file};
 use crate::snapshot::{Frame, Snapshot, Stat, Traceback};
 
 /// The format's version; a reader refuses any other.
@@ -33,16 +28,14 @@ pub struct SavedSnapshot {
     /// nanoseconds, exactly.
     pub time_secs: u64,
     pub time_nanos: u32,
-    pub pid: u32,
-    pub comm: String,
-    pub interpreter: Option<String>,
+    pub process: ProcessInfo,
     pub sequence: u32,
     #[serde(rename = "final")]
     pub is_final: bool,
-    pub allocated: Size,
+    pub allocated: Stat,
     /// (name, value) in the report's order.
-    pub losses: Vec<(String, u64)>,
-    pub counters: Vec<(String, u64)>,
+    pub losses: Counters,
+    pub counters: Counters,
     pub notes: Vec<String>,
     /// Every traceback with something outstanding, sorted by traceback.
     pub stats: Vec<SavedStat>,
@@ -59,21 +52,18 @@ pub struct SavedStat {
 impl SavedSnapshot {
     pub fn of(report: &Report) -> Self {
         let since = report.time.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-        let own = |counters: &Counters| counters.iter().map(|(n, v)| (n.to_string(), *v)).collect();
         let mut stats: Vec<(&Traceback, &Stat)> = report.current.stats.iter().collect();
         stats.sort_by(|a, b| a.0.cmp(b.0));
         Self {
             version: VERSION,
             time_secs: since.as_secs(),
             time_nanos: since.subsec_nanos(),
-            pid: report.process.pid,
-            comm: report.process.comm.clone(),
-            interpreter: report.process.interpreter.clone(),
+            process: report.process.clone(),
             sequence: report.sequence,
             is_final: report.is_final,
-            allocated: Size { size: report.allocated.size, count: report.allocated.count },
-            losses: own(&report.losses),
-            counters: own(&report.counters),
+            allocated: report.allocated,
+            losses: report.losses.clone(),
+            counters: report.counters.clone(),
             notes: report.notes.clone(),
             stats: stats
                 .into_iter()
@@ -106,15 +96,14 @@ impl SavedSnapshot {
     /// This snapshot's report, with its changes since `previous` (from
     /// nothing when None). It has no history, so no verdicts or peaks.
     pub fn report(&self, previous: Option<&SavedSnapshot>) -> Report {
-        let own = |counters: &[(String, u64)]| counters.iter().map(|(n, v)| (n.clone().into(), *v)).collect();
         Report {
             time: SystemTime::UNIX_EPOCH + Duration::new(self.time_secs, self.time_nanos),
-            process: ProcessInfo { pid: self.pid, comm: self.comm.clone(), interpreter: self.interpreter.clone() },
+            process: self.process.clone(),
             sequence: self.sequence,
             is_final: self.is_final,
-            allocated: Stat { size: self.allocated.size, count: self.allocated.count },
-            losses: own(&self.losses),
-            counters: own(&self.counters),
+            allocated: self.allocated,
+            losses: self.losses.clone(),
+            counters: self.counters.clone(),
             notes: self.notes.clone(),
             current: self.snapshot(),
             previous: previous.map(SavedSnapshot::snapshot).unwrap_or_default(),
