@@ -36,7 +36,9 @@ pub enum Command {
     /// Compares two snapshots saved with --save: the report of NEW with its
     /// changes since OLD, as the live report would have printed it.
     Diff {
+        /// The earlier snapshot (DIR/PID-SEQUENCE.json).
         old: PathBuf,
+        /// The later snapshot, whose report is printed.
         new: PathBuf,
         #[command(flatten)]
         view: View,
@@ -44,6 +46,7 @@ pub enum Command {
     /// Prints a snapshot saved with --save as a report of everything
     /// outstanding in it (its changes counted from nothing).
     Show {
+        /// A snapshot saved with --save (DIR/PID-SEQUENCE.json).
         snapshot: PathBuf,
         #[command(flatten)]
         view: View,
