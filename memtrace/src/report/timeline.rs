@@ -151,12 +151,10 @@ impl TimelineWriter {
             .map_err(error)?;
         let mut color = 0;
         for lines in self.processes.values() {
-            let mut series: Vec<(String, &Vec<(f64, u64)>, u32)> =
-                vec![(format!("{} total", lines.name), &lines.total, 3)];
-            for key in &lines.largest {
-                series.push((key.to_string(), &lines.groups[key], 1));
-            }
-            for (label, points, width) in series {
+            // The total thick, its groups thin.
+            let total = std::iter::once((format!("{} total", lines.name), &lines.total, 3));
+            let groups = lines.largest.iter().map(|key| (key.to_string(), &lines.groups[key], 1));
+            for (label, points, width) in total.chain(groups) {
                 let style = Palette99::pick(color).stroke_width(width);
                 color += 1;
                 chart
