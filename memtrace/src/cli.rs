@@ -1,17 +1,99 @@
-//! Command-line options. Names follow bcc memleak and tracemalloc where they
-//! have one (`--top`, `--older-than`, `--group-by lineno`).
+//! Command-line options, and the one place that turns them into the
+//! outputs a session writes. Names follow bcc memleak and tracemalloc where
+//! they have one (`--top`, `--older-than`, `--group-by lineno`).
 
-use std::time::Duration;
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Parser, ValueEnum, builder::PossibleValue};
+use anyhow::{Context as _, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum, builder::PossibleValue};
 
-use crate::snapshot::GroupBy;
+use crate::{
+    filter::Filters,
+    process::source::SourceFiles,
+    report::{
+        self, Output, Writer, check_writable, flamegraph::FlamegraphWriter, json::JsonWriter, pprof::PprofWriter,
+        prometheus::MetricsServer, saved::SnapshotSaver, text::TextWriter, timeline::TimelineWriter,
+    },
+    snapshot::GroupBy,
+};
 
 /// Finds what grows, and where, in a running process: traces its libc and
 /// CPython allocator calls with eBPF, without restarting or modifying it, and
 /// prints tracemalloc-style reports of what is still allocated since attach.
+///
+/// Without a subcommand, traces the processes given with --pid.
 #[derive(Parser, Debug)]
-#[command(name = "memtrace", version)]
+#[command(name = "memtrace", version, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub trace: Options,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Compares two snapshots saved with --save: the report of NEW with its
+    /// changes since OLD, as the live report would have printed it.
+    Diff {
+        /// The earlier snapshot (DIR/PID-SEQUENCE.json).
+        old: PathBuf,
+        /// The later snapshot, whose report is printed.
+        new: PathBuf,
+        #[command(flatten)]
+        view: View,
+    },
+    /// Prints a snapshot saved with --save as a report of everything
+    /// outstanding in it (its changes counted from nothing).
+    Show {
+        /// A snapshot saved with --save (DIR/PID-SEQUENCE.json).
+        snapshot: PathBuf,
+        #[command(flatten)]
+        view: View,
+    },
+}
+
+/// How reports are grouped and printed, live and from saved snapshots.
+#[derive(Args, Debug, Clone)]
+pub struct View {
+    /// Groups shown per report.
+    #[arg(long, short = 'T', value_name = "N", default_value_t = 10)]
+    pub top: usize,
+
+    /// How allocations are grouped: by line of the innermost frame, by its
+    /// file, or by whole traceback (printed like tracemalloc's
+    /// Traceback.format()).
+    #[arg(long, value_enum, default_value_t = GroupBy::Lineno)]
+    pub group_by: GroupBy,
+
+    /// How reports are written to stdout: text (tracemalloc's format) or
+    /// json (one object per report per process, one per line).
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+
+    /// Types shown per census, biggest growth first.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub types_limit: usize,
+}
+
+impl View {
+    /// What of each report the writers show.
+    pub fn report(&self) -> report::View {
+        report::View { group_by: self.group_by, top: self.top, types: self.types_limit }
+    }
+
+    /// The writer of reports to stdout, with source lines from `sources`.
+    pub fn stdout_writer(&self, sources: SourceFiles) -> Output {
+        let out = std::io::stdout();
+        let writer: Box<dyn Writer> = match self.format {
+            Format::Text => Box::new(TextWriter::new(out, sources, self.report())),
+            Format::Json => Box::new(JsonWriter::new(out, self.report())),
+        };
+        Output { name: "stdout".into(), writer }
+    }
+}
+
+#[derive(Args, Debug)]
 pub struct Options {
     /// Process to trace; repeat it, or separate pids with commas, to trace
     /// several at once (each gets its own reports).
@@ -30,10 +112,6 @@ pub struct Options {
     #[arg(long, short = 'd', value_name = "SECS", value_parser = positive_seconds)]
     pub duration: Option<f64>,
 
-    /// Groups shown per report.
-    #[arg(long, short = 'T', value_name = "N", default_value_t = 10)]
-    pub top: usize,
-
     /// Ignore allocations smaller than this many bytes.
     #[arg(long, value_name = "BYTES", default_value_t = 0)]
     pub min_size: u64,
@@ -47,11 +125,8 @@ pub struct Options {
     #[arg(long, short = 'o', value_name = "MS")]
     pub older_than: Option<u64>,
 
-    /// How allocations are grouped: by line of the innermost frame, by its
-    /// file, or by whole traceback (printed like tracemalloc's
-    /// Traceback.format()).
-    #[arg(long, value_enum, default_value_t = GroupBy::Lineno)]
-    pub group_by: GroupBy,
+    #[command(flatten)]
+    pub view: View,
 
     /// Python frames kept per allocation (1 is the cheapest); native frames
     /// kept per allocation when there are no Python frames.
@@ -75,14 +150,45 @@ pub struct Options {
     #[arg(long)]
     pub census_only: bool,
 
-    /// Types shown per census, biggest growth first.
-    #[arg(long, value_name = "N", default_value_t = 10)]
-    pub types_limit: usize,
+    /// Keep only allocations made in files matching this glob
+    /// (tracemalloc's Filter: fnmatch on the innermost frame's file name);
+    /// repeat it to keep any of several.
+    #[arg(long, value_name = "GLOB")]
+    pub include: Vec<String>,
 
-    /// How reports are written to stdout: text (tracemalloc's format) or
-    /// json (one object per report per process, one per line).
-    #[arg(long, value_enum, default_value_t = Format::Text)]
-    pub format: Format,
+    /// Drop allocations made in files matching this glob; repeatable.
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
+
+    /// Match --include and --exclude against every frame of a traceback,
+    /// not only the innermost.
+    #[arg(long)]
+    pub filter_all_frames: bool,
+
+    /// Also write a pprof heap profile (gzipped protobuf) of what is
+    /// outstanding, replaced at every report, for go tool pprof, Pyroscope
+    /// or Parca.
+    #[arg(long, value_name = "FILE")]
+    pub pprof: Option<PathBuf>,
+
+    /// Also write an SVG flame graph of outstanding bytes by traceback,
+    /// replaced at every report.
+    #[arg(long, value_name = "FILE.svg")]
+    pub flamegraph: Option<PathBuf>,
+
+    /// Also plot outstanding bytes over time, per process and for the top
+    /// groups, replaced at every report: SVG, or PNG if FILE ends in .png.
+    #[arg(long, value_name = "FILE")]
+    pub timeline: Option<PathBuf>,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics while tracing.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+
+    /// Save every report's whole snapshot, tracebacks and all, as
+    /// DIR/PID-SEQUENCE.json, for `memtrace diff` and `memtrace show`.
+    #[arg(long, value_name = "DIR")]
+    pub save: Option<PathBuf>,
 
     /// Print the probe placements chosen and other diagnostics, the kernel
     /// side's included, to stderr.
@@ -112,9 +218,56 @@ impl ValueEnum for GroupBy {
 }
 
 impl Options {
-    /// What of each report the writers show.
-    pub fn view(&self) -> crate::report::View {
-        crate::report::View { group_by: self.group_by, top: self.top, types: self.types_limit }
+    /// Every output the options ask for, stdout's first, each checked now
+    /// (files writable, address valid and free) so that a mistake shows
+    /// before anything is traced.
+    pub fn outputs(&self) -> Result<Vec<Output>> {
+        let View { group_by, top, .. } = self.view;
+        let mut outputs = vec![self.view.stdout_writer(SourceFiles::default())];
+        let mut file = |option: &str, path: &PathBuf, writer: Box<dyn Writer>| -> Result<()> {
+            let name = format!("--{option} {}", path.display());
+            check_writable(path).with_context(|| format!("cannot write {name}"))?;
+            outputs.push(Output { name, writer });
+            Ok(())
+        };
+        if let Some(path) = &self.pprof {
+            file("pprof", path, Box::new(PprofWriter::new(path.clone())))?;
+        }
+        if let Some(path) = &self.flamegraph {
+            file("flamegraph", path, Box::new(FlamegraphWriter::new(path.clone())))?;
+        }
+        if let Some(path) = &self.timeline {
+            let writer = TimelineWriter::new(path.clone(), group_by, top)
+                .with_context(|| format!("cannot plot --timeline {}", path.display()))?;
+            file("timeline", path, Box::new(writer))?;
+        }
+        if let Some(dir) = &self.save {
+            let saver =
+                SnapshotSaver::new(dir.clone()).with_context(|| format!("cannot save to --save {}", dir.display()))?;
+            outputs.push(Output { name: format!("--save {}", dir.display()), writer: Box::new(saver) });
+        }
+        if let Some(addr) = &self.listen {
+            let parsed: SocketAddr = addr
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--listen {addr:?} is not an address and port such as 127.0.0.1:9464"))?;
+            let server =
+                MetricsServer::start(parsed, group_by, top).with_context(|| format!("cannot listen on {addr}"))?;
+            outputs.push(Output { name: format!("--listen {addr}"), writer: Box::new(server) });
+        }
+        Ok(outputs)
+    }
+
+    /// Whether sites need whole tracebacks: for the grouping, or for the
+    /// outputs that always keep them.
+    pub fn wants_tracebacks(&self) -> bool {
+        self.view.group_by == GroupBy::Traceback
+            || self.pprof.is_some()
+            || self.flamegraph.is_some()
+            || self.save.is_some()
+    }
+
+    pub fn filters(&self) -> Result<Filters> {
+        Filters::new(&self.include, &self.exclude, self.filter_all_frames)
     }
 
     pub fn interval(&self) -> Duration {

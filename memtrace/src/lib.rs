@@ -19,6 +19,7 @@ pub mod census;
 pub mod cli;
 pub mod collect;
 pub mod coverage;
+pub mod filter;
 pub mod probes;
 pub mod process;
 pub mod python;

@@ -1,11 +1,16 @@
 //! The memtrace command: parses the options, runs a session (see the
-//! library's `session`), and turns its outcome into an exit status and
-//! one-line errors.
+//! library's `session`) or a subcommand on saved snapshots, and turns its
+//! outcome into an exit status and one-line errors.
 
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use memtrace::{cli, session};
+use memtrace::{
+    cli::{self, Command, View},
+    process::source::SourceFiles,
+    report::saved::SavedSnapshot,
+    session,
+};
 
 /// Exit statuses besides 0 (stopped by a signal, --count or --duration);
 /// 3 when every traced process exited.
@@ -14,7 +19,17 @@ const EXIT_TARGET_EXITED: u8 = 3;
 const EXIT_MAPS_FULL: u8 = 4;
 
 fn main() -> ExitCode {
-    let options = cli::Options::parse();
+    let cli = cli::Cli::parse();
+    match cli.command {
+        Some(Command::Diff { old, new, view }) => {
+            return offline(&view, || Ok((Some(SavedSnapshot::load(&old)?), SavedSnapshot::load(&new)?)));
+        }
+        Some(Command::Show { snapshot, view }) => {
+            return offline(&view, || Ok((None, SavedSnapshot::load(&snapshot)?)));
+        }
+        None => {}
+    }
+    let options = cli.trace;
     if options.verbose {
         log::set_logger(&kernel_log::STDERR).map(|()| log::set_max_level(log::LevelFilter::Info)).ok();
     }
@@ -57,6 +72,21 @@ mod kernel_log {
         }
 
         fn flush(&self) {}
+    }
+}
+
+/// `memtrace diff` and `memtrace show`: one report from saved snapshots,
+/// (the earlier one, the later one), written as a live report would be.
+fn offline(view: &View, load: impl FnOnce() -> anyhow::Result<(Option<SavedSnapshot>, SavedSnapshot)>) -> ExitCode {
+    let written = load().and_then(|(old, new)| {
+        // The process may be gone, or its pid reused: sources come from the
+        // host's files as they are now.
+        let mut output = view.stdout_writer(SourceFiles::on_host());
+        output.writer.write(&new.report(old.as_ref())).map_err(|e| anyhow::anyhow!("cannot write the report: {e}"))
+    });
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
     }
 }
 

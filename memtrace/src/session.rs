@@ -1,7 +1,7 @@
 //! One session over one or more processes, end to end: validate each
 //! process, plan and attach its probes (none with `--census-only`), then
 //! every interval read the kernel maps into a snapshot per process, take
-//! its census, and hand its report to the writer, until a signal, a limit
+//! its census, and hand its report to every output, until a signal, a limit
 //! or every process's exit; then the final reports, and detach (dropping
 //! the tracer). Everything per process (its symbolizer, counters, census,
 //! previous snapshot, report header) is kept by pid, so processes never
@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Result, bail};
 use aya::maps::{MapData, RingBuf};
 use memtrace_common::{KernelConfig, SiteStats, StackKey, TargetConfig};
 use tokio::{
@@ -27,18 +27,19 @@ use tokio::{
 use crate::{
     binary::elf::ElfFile,
     census::{Census, CensusTaker},
-    cli::{Format, Options},
+    cli::Options,
     collect,
     coverage::Coverage,
+    filter::Filters,
     probes::{
         attach::Tracer,
         inlined, kernel,
         plan::{self, AttachPoint, ProbedBinary, PythonProbes},
     },
-    process::{Target, proc_maps::host_path, source::SourceFiles},
+    process::{Target, proc_maps::host_path},
     python::{self, Detection},
-    report::{CensusChange, ProcessInfo, Report, Writer, json::JsonWriter, text::TextWriter},
-    snapshot::{GroupBy, Snapshot, Stat},
+    report::{CensusChange, Output, ProcessInfo, Report, trend::History},
+    snapshot::{Snapshot, Stat},
     symbolize::Symbolizer,
 };
 
@@ -69,6 +70,8 @@ pub async fn run(options: Options) -> Result<Outcome> {
         kernel::check_privileges()?;
         kernel::check_kernel()?;
     }
+    let outputs = options.outputs()?;
+    let filters = options.filters()?;
     // Before anything says it is tracing: a signal from then on must end
     // the session with its final reports, not kill the process.
     let stops = Stops { sigint: signal(SignalKind::interrupt())?, sigterm: signal(SignalKind::terminate())? };
@@ -88,10 +91,6 @@ pub async fn run(options: Options) -> Result<Outcome> {
         watch_exit(pid, exits.clone())?;
         processes.insert(pid, prepared.attach(tracer.as_mut(), &options)?);
     }
-    let writer: Box<dyn Writer> = match options.format {
-        Format::Text => Box::new(TextWriter::new(io::stdout(), SourceFiles::default(), options.view())),
-        Format::Json => Box::new(JsonWriter::new(io::stdout(), options.view())),
-    };
     let rings = match &mut tracer {
         Some(tracer) => Some(Rings {
             new_stacks: watch(collect::new_python_stacks(tracer)?, "the kernel's stack ring")?,
@@ -100,8 +99,11 @@ pub async fn run(options: Options) -> Result<Outcome> {
         }),
         None => None,
     };
-    let mut session = Session { options: &options, tracer, processes, writer, intervals: 0 };
+    let mut session = Session { options: &options, filters, tracer, processes, outputs, failed: None, intervals: 0 };
     let end = session.run_loop(stops, exited, rings).await?;
+    if let Some(failure) = session.failed {
+        return Err(failure);
+    }
     let mut untracked = 0;
     if let Some(tracer) = &session.tracer {
         for &pid in session.processes.keys() {
@@ -212,6 +214,7 @@ impl Prepared {
                 census_before: baseline,
                 notes,
                 previous: Snapshot::default(),
+                history: History::default(),
                 sequence: 0,
                 exited: false,
             });
@@ -222,7 +225,7 @@ impl Prepared {
             }
             return Err(e);
         }
-        let wants_stacks = options.group_by == GroupBy::Traceback;
+        let wants_stacks = options.wants_tracebacks();
         let config = TargetConfig {
             min_size: options.min_size,
             max_size: options.max_size,
@@ -252,6 +255,7 @@ impl Prepared {
             census_before: baseline,
             notes,
             previous: Snapshot::default(),
+            history: History::default(),
             sequence: 0,
             exited: false,
         })
@@ -269,6 +273,8 @@ struct Traced {
     /// Said under every report's header.
     notes: Vec<String>,
     previous: Snapshot,
+    /// Its reports so far, for verdicts and peaks.
+    history: History,
     sequence: u32,
     /// Its final report is written; nothing more is.
     exited: bool,
@@ -295,8 +301,13 @@ struct Session<'a> {
     options: &'a Options,
     /// None with `--census-only`.
     tracer: Option<Tracer>,
+    filters: Filters,
     processes: BTreeMap<u32, Traced>,
-    writer: Box<dyn Writer>,
+    /// The outputs still working; one that failed is dropped from here.
+    outputs: Vec<Output>,
+    /// The first output's failure: the session then ends, with final
+    /// reports to the outputs that still work, and fails.
+    failed: Option<anyhow::Error>,
     /// Report intervals passed, for `--count`.
     intervals: u32,
 }
@@ -342,6 +353,9 @@ impl Session<'_> {
                     for pid in live {
                         self.report(pid, false)?;
                     }
+                    if self.failed.is_some() {
+                        break End::Limit;
+                    }
                 }
                 ready = new_stacks => {
                     let mut guard = ready?;
@@ -368,6 +382,9 @@ impl Session<'_> {
                 _ = sweep.tick() => self.sweep(),
                 Some(pid) = exited.recv() => {
                     self.exited(pid)?;
+                    if self.failed.is_some() {
+                        break End::Limit;
+                    }
                     if self.live().next().is_none() {
                         return Ok(End::TargetExited);
                     }
@@ -444,8 +461,9 @@ impl Session<'_> {
                 current: Snapshot::default(),
                 previous: Snapshot::default(),
                 census: Some(CensusChange { now: census, before: std::mem::take(&mut traced.census_before) }),
+                history: History::default(),
             };
-            self.writer.write(&report).context("cannot write the report")?;
+            write_to(&mut self.outputs, &mut self.failed, &report);
             traced.census_before = report.census.map(|c| c.now).unwrap_or_default();
             return Ok(());
         };
@@ -473,30 +491,53 @@ impl Session<'_> {
                 entries.push((traceback, outstanding));
             }
         }
+        if !self.filters.is_empty() {
+            entries.retain(|(traceback, _)| self.filters.keeps(traceback));
+        }
         let current = Snapshot::from_entries(entries);
         let mut notes = traced.notes.clone();
         notes.extend(traced.coverage.as_ref().and_then(|c| c.note(&counters)));
         traced.sequence += 1;
         traced.exited |= is_final;
+        let time = SystemTime::now();
+        traced.history.push(time, &current);
         let report = Report {
-            time: SystemTime::now(),
+            time,
             process: traced.info.clone(),
             sequence: traced.sequence,
             is_final,
             allocated,
-            losses: counters.losses(),
-            counters: counters.notable(),
+            losses: counters.losses().into_iter().map(|(n, v)| (n.into(), v)).collect(),
+            counters: counters.notable().into_iter().map(|(n, v)| (n.into(), v)).collect(),
             notes,
             traced: true,
             current,
             previous: std::mem::take(&mut traced.previous),
             census: Some(CensusChange { now: census, before: std::mem::take(&mut traced.census_before) }),
+            history: std::mem::take(&mut traced.history),
         };
-        self.writer.write(&report).context("cannot write the report")?;
+        write_to(&mut self.outputs, &mut self.failed, &report);
         traced.previous = report.current;
+        traced.history = report.history;
         traced.census_before = report.census.map(|c| c.now).unwrap_or_default();
         Ok(())
     }
+}
+
+/// Hands `report` to every output; one that fails is dropped, its failure
+/// kept in `failed` (the first) or said on stderr (any later one).
+fn write_to(outputs: &mut Vec<Output>, failed: &mut Option<anyhow::Error>, report: &Report) {
+    outputs.retain_mut(|output| match output.writer.write(report) {
+        Ok(()) => true,
+        Err(e) => {
+            let error = anyhow::anyhow!("cannot write {}: {e}", output.name);
+            match failed {
+                None => *failed = Some(error),
+                Some(_) => eprintln!("memtrace: {error}"),
+            }
+            false
+        }
+    });
 }
 
 fn outstanding(stats: &SiteStats) -> Stat {

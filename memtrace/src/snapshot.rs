@@ -92,7 +92,7 @@ impl GroupBy {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Stat {
     pub size: u64,
     pub count: u64,

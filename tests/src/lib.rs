@@ -8,6 +8,7 @@
 mod processes;
 
 use std::{
+    io::{Read as _, Write as _},
     path::{Path, PathBuf},
     process::Command,
     sync::{Mutex, PoisonError},
@@ -172,4 +173,56 @@ pub fn final_report(stdout: &str) -> JsonReport {
     let report = json_reports(stdout).pop().unwrap_or_else(|| panic!("no report in memtrace's output:\n{stdout}"));
     assert!(report.is_final, "last report is not final: {report:?}");
     report
+}
+
+/// Makes sure Debian package `package` is installed, for a test that runs
+/// a real consumer of memtrace's outputs (go tool pprof, prometheus,
+/// chromium, jq): nothing happens when `probe` (a command on PATH, or an
+/// absolute path) already exists; otherwise `apt-get update` runs once per
+/// test process and then `apt-get install -y package`. Tests calling it at
+/// once install one at a time.
+pub fn ensure_debian_package(package: &str, probe: &str) {
+    static APT: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let present = || {
+        if probe.starts_with('/') {
+            Path::new(probe).exists()
+        } else {
+            Command::new("sh").args(["-c", &format!("command -v {probe}")]).output().is_ok_and(|o| o.status.success())
+        }
+    };
+    let mut updated = APT.lock().unwrap_or_else(|e| e.into_inner());
+    if present() {
+        return;
+    }
+    let apt = |args: &[&str]| {
+        let out = Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .output()
+            .expect("apt-get runs (Debian is memtrace's test platform)");
+        assert!(out.status.success(), "apt-get {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    if !*updated {
+        apt(&["update"]);
+        *updated = true;
+    }
+    apt(&["install", "-y", package]);
+    assert!(present(), "{package} is installed but {probe} is still missing");
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The body of an HTTP GET of `path` from `127.0.0.1:port`, or None when
+/// nothing answers there (yet).
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(TIMEOUT)).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.").then(|| body.to_owned())
 }

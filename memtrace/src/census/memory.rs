@@ -3,7 +3,7 @@
 
 use std::{fs, io};
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Memory {
     pub rss: u64,
     pub anonymous: u64,

@@ -16,6 +16,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use serde::{Deserialize, Serialize};
+
 use self::{memory::Memory, pymalloc::PymallocState, types::TypeNames};
 use crate::{
     process::memory::{PageCache, ProcessMemory},
@@ -26,7 +28,7 @@ use crate::{
 const MAX_COPIED: usize = 2 << 30;
 
 /// One process's census at one moment.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Census {
     pub memory: Option<Memory>,
     /// pymalloc's own count, when memtrace can read it.
@@ -35,7 +37,7 @@ pub struct Census {
     pub objects: Option<ObjectCensus>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ObjectCensus {
     /// By type name, biggest first.
     pub types: Vec<TypeCount>,
@@ -54,7 +56,7 @@ pub struct ObjectCensus {
     pub incomplete: Vec<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TypeCount {
     /// As `type(o).__name__`.
     pub name: String,

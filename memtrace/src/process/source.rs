@@ -1,5 +1,6 @@
 //! Source files as a traced process sees them (through /proc/PID/root, so
-//! a process in a container shows its own files), read once each, for the
+//! a process in a container shows its own files), or as the host has them
+//! now for reports rebuilt from saved snapshots, read once each, for the
 //! text report's tracebacks.
 
 use std::collections::HashMap;
@@ -10,13 +11,24 @@ use crate::report::text::SourceLines;
 pub struct SourceFiles {
     /// By (pid, file name); None for a file that could not be read.
     files: HashMap<(u32, String), Option<Vec<String>>>,
+    on_host: bool,
+}
+
+impl SourceFiles {
+    /// Reads the host's files, not the process's.
+    pub fn on_host() -> Self {
+        Self { on_host: true, ..Self::default() }
+    }
 }
 
 impl SourceLines for SourceFiles {
     fn line(&mut self, pid: u32, filename: &str, lineno: u32) -> Option<String> {
         let lines = self.files.entry((pid, filename.to_owned())).or_insert_with(|| {
-            let path =
-                if filename.starts_with('/') { format!("/proc/{pid}/root{filename}") } else { filename.to_owned() };
+            let path = if filename.starts_with('/') && !self.on_host {
+                format!("/proc/{pid}/root{filename}")
+            } else {
+                filename.to_owned()
+            };
             std::fs::read_to_string(path).ok().map(|text| text.lines().map(str::to_owned).collect())
         });
         let text = lines.as_ref()?.get((lineno as usize).checked_sub(1)?)?.trim();
@@ -41,5 +53,10 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         assert_eq!(files.line(me, name, 1).as_deref(), Some("def f():"), "read once");
         assert_eq!(files.line(me, "/nonexistent/x.py", 1), None);
+        // pid 0 has no /proc entry; the host's file is read all the same.
+        std::fs::write(&path, "y = 2\n").unwrap();
+        assert_eq!(SourceFiles::on_host().line(0, name, 1).as_deref(), Some("y = 2"));
+        assert_eq!(SourceFiles::default().line(0, name, 1), None);
+        std::fs::remove_file(&path).unwrap();
     }
 }

@@ -7,8 +7,8 @@ use std::{collections::BTreeMap, io::Write, time::SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Report, View, Writer, format::type_growth};
-use crate::snapshot::{Stat, StatDiff};
+use super::{Report, View, Writer, format::type_growth, model::Counters};
+use crate::snapshot::{Frame, Stat, StatDiff};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JsonReport {
@@ -102,7 +102,7 @@ pub struct Change {
     pub count: i64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Row {
     /// The group as tracemalloc prints it (`app.py:6`).
     pub location: String,
@@ -113,6 +113,18 @@ pub struct Row {
     pub size_diff: i64,
     pub count: u64,
     pub count_diff: i64,
+    /// The group's largest outstanding size at any report since attach
+    /// (sampled at reports, not between them); null when unknown.
+    #[serde(default)]
+    pub peak_at_reports: Option<u64>,
+    /// "growing", "plateau", "churn" or "freed" (see report/trend.rs), null
+    /// before there are enough reports.
+    #[serde(default)]
+    pub verdict: Option<String>,
+    /// Least-squares slope of the group's outstanding bytes over the last
+    /// reports, in bytes per second; null with the verdict.
+    #[serde(default)]
+    pub slope_bytes_per_second: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,7 +138,7 @@ impl JsonReport {
     pub fn new(report: &Report, view: View) -> Self {
         let (now, before) = (report.current.total(), report.previous.total());
         let census = report.census.as_ref();
-        let named = |counters: &[(&str, u64)]| counters.iter().map(|&(n, v)| (n.to_owned(), v)).collect();
+        let named = |counters: &Counters| counters.iter().map(|(n, v)| (n.to_string(), *v)).collect();
         Self {
             time: report.time.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
             pid: report.process.pid,
@@ -145,7 +157,22 @@ impl JsonReport {
             counters: named(&report.counters),
             notes: report.notes.clone(),
             traced: report.traced,
-            rows: report.rows(view.group_by).iter().take(view.top).map(Row::of).collect(),
+            rows: {
+                let trends = report.history.trends(view.group_by);
+                let rows = report.rows(view.group_by);
+                rows.iter()
+                    .take(view.top)
+                    .map(|diff| {
+                        let trend = trends.get(&diff.traceback);
+                        Row {
+                            peak_at_reports: report.history.peak(view.group_by, &diff.traceback),
+                            verdict: trend.map(|t| t.verdict.name().to_owned()),
+                            slope_bytes_per_second: trend.map(|t| t.slope),
+                            ..Row::of(diff)
+                        }
+                    })
+                    .collect()
+            },
             memory: census.and_then(|c| c.now.memory).map(|m| MemoryJson {
                 rss: m.rss,
                 anonymous: m.anonymous,
@@ -195,17 +222,21 @@ impl Row {
     fn of(diff: &StatDiff) -> Self {
         Self {
             location: diff.traceback.to_string(),
-            frames: diff
-                .traceback
-                .0
-                .iter()
-                .map(|f| JsonFrame { filename: f.filename.clone(), lineno: f.lineno })
-                .collect(),
+            frames: diff.traceback.0.iter().map(JsonFrame::of).collect(),
             size: diff.size,
             size_diff: diff.size_diff,
             count: diff.count,
             count_diff: diff.count_diff,
+            peak_at_reports: None,
+            verdict: None,
+            slope_bytes_per_second: None,
         }
+    }
+}
+
+impl JsonFrame {
+    pub fn of(frame: &Frame) -> Self {
+        Self { filename: frame.filename.clone(), lineno: frame.lineno }
     }
 }
 

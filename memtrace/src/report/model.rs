@@ -2,17 +2,23 @@
 //! plain value that every writer reads. It keeps the whole ungrouped
 //! snapshot and the previous report's, so that each writer groups and
 //! compares as its format needs (lines for text, whole tracebacks for
-//! profiles).
+//! profiles), and the history of earlier reports that verdicts and peaks
+//! come from.
 
-use std::time::SystemTime;
+use std::{borrow::Cow, time::SystemTime};
 
+use super::trend::History;
 use crate::{
     census::Census,
     snapshot::{GroupBy, Snapshot, Stat, StatDiff},
 };
 
+/// (name, value) pairs in print order; the names are memtrace's own
+/// unless read back from a saved snapshot.
+pub type Counters = Vec<(Cow<'static, str>, u64)>;
+
 /// The process a report is about.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ProcessInfo {
     pub pid: u32,
     /// The command name.
@@ -32,10 +38,10 @@ pub struct Report {
     /// Allocated since attach, freed or not.
     pub allocated: Stat,
     /// (name, value) of every loss counter, in print order.
-    pub losses: Vec<(&'static str, u64)>,
+    pub losses: Counters,
     /// (name, value) of counters that are not losses (frees of blocks
     /// allocated before attach, allocator calls that failed, ...).
-    pub counters: Vec<(&'static str, u64)>,
+    pub counters: Counters,
     /// Sentences about what the probes or the census cannot see.
     pub notes: Vec<String>,
     /// Whether probes counted allocations (not `--census-only`): without
@@ -47,9 +53,12 @@ pub struct Report {
     pub previous: Snapshot,
     /// The census now and at the previous report (at attach, for the first).
     pub census: Option<CensusChange>,
+    /// The reports so far, this one included; empty for a report rebuilt
+    /// from saved snapshots, which then has no verdicts or peaks.
+    pub history: History,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CensusChange {
     pub now: Census,
     pub before: Census,

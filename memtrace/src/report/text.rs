@@ -5,12 +5,16 @@
 //! source lines a [`SourceLines`] gives. The census follows: the process's
 //! memory, its objects' totals, and its types in objgraph's `show_growth()`
 //! format. Without probes (`--census-only`) the census is the report.
+//! After the groups, one `growing:` line per group whose verdict is growing
+//! (see `trend`), once there are enough reports.
 
 use std::{io::Write, time::SystemTime};
 
 use super::{
     CensusChange, Report, View, Writer,
     format::{format_size, growth_lines, stat_diff_line, type_growth},
+    model::Counters,
+    trend::Verdict,
 };
 use crate::snapshot::GroupBy;
 
@@ -36,7 +40,7 @@ impl<W: Write, S: SourceLines> TextWriter<W, S> {
         let out = &mut self.out;
         let now = report.current.total();
         let before = report.previous.total();
-        let fields = |counters: &[(&str, u64)]| {
+        let fields = |counters: &Counters| {
             counters.iter().map(|(name, value)| format!("{name}={value}")).collect::<Vec<_>>().join(" ")
         };
         writeln!(
@@ -59,7 +63,8 @@ impl<W: Write, S: SourceLines> TextWriter<W, S> {
         for note in &report.notes {
             writeln!(out, "note: {note}")?;
         }
-        for diff in report.rows(self.view.group_by).iter().take(self.view.top) {
+        let rows = report.rows(self.view.group_by);
+        for diff in rows.iter().take(self.view.top) {
             writeln!(out, "{}", stat_diff_line(diff))?;
             if self.view.group_by == GroupBy::Traceback {
                 for frame in diff.traceback.oldest_first() {
@@ -69,6 +74,24 @@ impl<W: Write, S: SourceLines> TextWriter<W, S> {
                     }
                 }
             }
+        }
+        let group_by = self.view.group_by;
+        let trends = report.history.trends(group_by);
+        let growing = rows
+            .iter()
+            .filter_map(|d| Some((d, trends.get(&d.traceback)?)))
+            .filter(|(_, t)| t.verdict == Verdict::Growing);
+        for (diff, trend) in growing.take(self.view.top) {
+            writeln!(
+                out,
+                "growing: {} by {}/s over the last {} reports, in {} of {} intervals; peak at reports {}",
+                diff.traceback,
+                format_size(trend.slope, true),
+                trend.intervals + 1,
+                trend.grew,
+                trend.intervals,
+                format_size(report.history.peak(group_by, &diff.traceback).unwrap_or(diff.size) as f64, false),
+            )?;
         }
         Ok(())
     }
@@ -199,11 +222,12 @@ pub(crate) mod tests {
             sequence: 2,
             is_final,
             allocated: Stat { size: 5_200_000, count: 42_790 },
-            losses: vec![("alloc-map-full", 0), ("python-reads", 3)],
-            counters: vec![("unknown-frees", 1)],
+            losses: vec![("alloc-map-full".into(), 0), ("python-reads".into(), 3)],
+            counters: vec![("unknown-frees".into(), 1)],
             notes: vec!["pymalloc's own count of live blocks changed by +25500 since attach; memtrace's probes account for +25500 (100.0%)".into()],
             traced: true,
             census: None,
+            history: Default::default(),
             current: Snapshot::from_entries([
                 (leak.clone(), Stat { size: 3_708_000, count: 51_734 }),
                 (new, Stat { size: 40, count: 1 }),

@@ -53,7 +53,7 @@ enum Anchor {
 }
 
 /// pymalloc's live blocks at one moment.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Census {
     /// Small blocks allocated from pools.
     pub blocks: u64,

@@ -1,0 +1,227 @@
+//! Verdicts on sites: whether a group's outstanding bytes are growing, on a
+//! plateau, churning or being freed, decided from its size at the last
+//! [`WINDOW`] reports, and each group's peak at reports since attach. The
+//! rule is plain arithmetic on (time, bytes) points so that any mode that
+//! takes periodic snapshots (one process, or host mode later) can share it.
+//!
+//! The rule, over the last `WINDOW` reports (K = 8) of one group:
+//! - no verdict with fewer than [`MIN_REPORTS`] (4) points: three intervals
+//!   are the least that tell a trend from one busy moment;
+//! - **freed**: the group has nothing outstanding now, or it shrank in at
+//!   least [`STEADY_SHARE`] (3/4) of the intervals with a negative slope;
+//! - **growing**: the least-squares slope of bytes over seconds is positive
+//!   and the group grew in at least 3/4 of the intervals;
+//! - **churn**: it both grew and shrank within the window (busy, not
+//!   steadily retaining);
+//! - **plateau**: anything else (unchanged, or an occasional step).
+//!
+//! A group that churns grows in about half its intervals and cannot pass
+//! the 3/4 bar; one that leaks on every interval passes it even when it
+//! also frees some of what it allocates.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::SystemTime;
+
+use crate::snapshot::{GroupBy, Snapshot, Traceback};
+
+/// Reports a verdict looks back over (K).
+pub const WINDOW: usize = 8;
+/// Reports needed before any verdict.
+pub const MIN_REPORTS: usize = 4;
+/// Share of intervals that must move one way for "growing" or "freed".
+pub const STEADY_SHARE: f64 = 0.75;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Growing,
+    Plateau,
+    Churn,
+    Freed,
+}
+
+impl Verdict {
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Growing => "growing",
+            Verdict::Plateau => "plateau",
+            Verdict::Churn => "churn",
+            Verdict::Freed => "freed",
+        }
+    }
+}
+
+/// One group's trend over the window.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Trend {
+    pub verdict: Verdict,
+    /// Least-squares slope of outstanding bytes, per second.
+    pub slope: f64,
+    /// Intervals of the window in which the group grew, and their number.
+    pub grew: usize,
+    pub intervals: usize,
+}
+
+/// The verdict on (seconds, outstanding bytes) points, oldest first.
+pub fn trend(points: &[(f64, u64)]) -> Option<Trend> {
+    if points.len() < MIN_REPORTS {
+        return None;
+    }
+    let intervals = points.len() - 1;
+    let steps = points.windows(2).map(|w| w[1].1.cmp(&w[0].1));
+    let grew = steps.clone().filter(|s| s.is_gt()).count();
+    let shrank = steps.filter(|s| s.is_lt()).count();
+    let slope = slope(points);
+    let steady = |n: usize| n as f64 >= STEADY_SHARE * intervals as f64;
+    let verdict = if points.last().is_some_and(|p| p.1 == 0) || (steady(shrank) && slope < 0.0) {
+        Verdict::Freed
+    } else if steady(grew) && slope > 0.0 {
+        Verdict::Growing
+    } else if grew > 0 && shrank > 0 {
+        Verdict::Churn
+    } else {
+        Verdict::Plateau
+    };
+    Some(Trend { verdict, slope, grew, intervals })
+}
+
+fn slope(points: &[(f64, u64)]) -> f64 {
+    let n = points.len() as f64;
+    let mean_t = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let mean_y = points.iter().map(|p| p.1 as f64).sum::<f64>() / n;
+    let (mut num, mut den) = (0.0, 0.0);
+    for &(t, y) in points {
+        num += (t - mean_t) * (y as f64 - mean_y);
+        den += (t - mean_t) * (t - mean_t);
+    }
+    if den == 0.0 { 0.0 } else { num / den }
+}
+
+/// What one process's reports so far say beyond the current snapshot: its
+/// last `WINDOW` snapshots and every group's peak at reports. Peaks are
+/// sampled when reports are taken, so a group that rose and fell between
+/// two reports has a lower peak here than it had.
+#[derive(Clone, Debug, Default)]
+pub struct History {
+    window: VecDeque<(SystemTime, Snapshot)>,
+    /// Per grouping, as `GroupBy::ALL` orders them.
+    peaks: [HashMap<Traceback, u64>; 3],
+}
+
+impl History {
+    /// Adds the snapshot of a report taken at `time`.
+    pub fn push(&mut self, time: SystemTime, snapshot: &Snapshot) {
+        for (group_by, peaks) in GroupBy::ALL.into_iter().zip(&mut self.peaks) {
+            for (key, stat) in snapshot.group(group_by).stats {
+                let peak = peaks.entry(key).or_default();
+                *peak = (*peak).max(stat.size);
+            }
+        }
+        if self.window.len() == WINDOW {
+            self.window.pop_front();
+        }
+        self.window.push_back((time, snapshot.clone()));
+    }
+
+    /// The largest outstanding size of `key`'s group at any report.
+    pub fn peak(&self, group_by: GroupBy, key: &Traceback) -> Option<u64> {
+        self.peaks[index(group_by)].get(key).copied()
+    }
+
+    /// Every group's trend over the window, for groups that have one.
+    pub fn trends(&self, group_by: GroupBy) -> HashMap<Traceback, Trend> {
+        let Some((start, _)) = self.window.front() else { return HashMap::new() };
+        let columns: Vec<(f64, HashMap<Traceback, u64>)> = self
+            .window
+            .iter()
+            .map(|(time, snapshot)| {
+                let secs = time.duration_since(*start).unwrap_or_default().as_secs_f64();
+                (secs, snapshot.group(group_by).stats.into_iter().map(|(k, s)| (k, s.size)).collect())
+            })
+            .collect();
+        let keys: std::collections::HashSet<&Traceback> = columns.iter().flat_map(|(_, c)| c.keys()).collect();
+        keys.into_iter()
+            .filter_map(|key| {
+                let points: Vec<(f64, u64)> =
+                    columns.iter().map(|(t, c)| (*t, c.get(key).copied().unwrap_or(0))).collect();
+                trend(&points).map(|t| (key.clone(), t))
+            })
+            .collect()
+    }
+}
+
+fn index(group_by: GroupBy) -> usize {
+    GroupBy::ALL.iter().position(|g| *g == group_by).expect("ALL lists every grouping")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::{Frame, Stat};
+
+    fn verdict(sizes: &[u64]) -> Option<Verdict> {
+        let points: Vec<(f64, u64)> = sizes.iter().enumerate().map(|(i, &s)| (i as f64, s)).collect();
+        trend(&points).map(|t| t.verdict)
+    }
+
+    #[test]
+    fn the_rule_on_plain_series() {
+        assert_eq!(verdict(&[100, 200, 300]), None, "too few reports");
+        assert_eq!(verdict(&[100, 200, 300, 400, 500]), Some(Verdict::Growing));
+        // A leak that also frees now and then is still growing.
+        assert_eq!(verdict(&[100, 200, 300, 250, 400, 500, 600, 700]), Some(Verdict::Growing));
+        assert_eq!(verdict(&[0, 100_000, 0, 100_000, 100_000, 0, 100_000, 100_000]), Some(Verdict::Churn));
+        assert_eq!(verdict(&[500, 500, 500, 500]), Some(Verdict::Plateau));
+        assert_eq!(verdict(&[100, 500, 500, 500, 500]), Some(Verdict::Plateau));
+        assert_eq!(verdict(&[500, 400, 300, 200]), Some(Verdict::Freed));
+        assert_eq!(verdict(&[500, 500, 500, 0]), Some(Verdict::Freed));
+    }
+
+    #[test]
+    fn slope_is_bytes_per_second() {
+        let points = [(0.0, 1000), (0.5, 1500), (1.0, 2000), (1.5, 2500)];
+        let t = trend(&points).unwrap();
+        assert!((t.slope - 1000.0).abs() < 1e-9, "{t:?}");
+        assert_eq!((t.grew, t.intervals), (3, 3));
+    }
+
+    /// A churning group never reads as growing, whatever phase the reports
+    /// catch it in: between two reports it can only go up after going down.
+    #[test]
+    fn churn_never_grows() {
+        for phase in 0..64u32 {
+            let sizes: Vec<u64> = (0..WINDOW as u32).map(|i| u64::from((phase >> (i % 6)) & 1) * 4096).collect();
+            assert_ne!(verdict(&sizes), Some(Verdict::Growing), "{sizes:?}");
+        }
+    }
+
+    #[test]
+    fn history_keeps_the_window_and_peaks_per_grouping() {
+        let tb = |l: u32, outer: u32| {
+            Traceback(vec![
+                Frame { filename: "a.py".into(), lineno: l },
+                Frame { filename: "a.py".into(), lineno: outer },
+            ])
+        };
+        let mut history = History::default();
+        let t0 = SystemTime::UNIX_EPOCH;
+        for i in 0..10u64 {
+            // Line 1 grows from two callers; line 2 rises once and falls.
+            let snapshot = Snapshot::from_entries([
+                (tb(1, 10), Stat { size: 100 * i, count: i }),
+                (tb(1, 11), Stat { size: 100 * i, count: i }),
+                (tb(2, 10), Stat { size: if i == 1 { 7000 } else { 10 }, count: 1 }),
+            ]);
+            history.push(t0 + std::time::Duration::from_secs(i), &snapshot);
+        }
+        assert_eq!(history.window.len(), WINDOW);
+        let line = |l| Traceback(vec![Frame { filename: "a.py".into(), lineno: l }]);
+        assert_eq!(history.peak(GroupBy::Lineno, &line(1)), Some(1800));
+        assert_eq!(history.peak(GroupBy::Traceback, &tb(1, 10)), Some(900));
+        assert_eq!(history.peak(GroupBy::Lineno, &line(2)), Some(7000));
+        let trends = history.trends(GroupBy::Lineno);
+        assert_eq!(trends[&line(1)].verdict, Verdict::Growing);
+        assert!((trends[&line(1)].slope - 200.0).abs() < 1e-9);
+        // Its spike at the second report has left the window.
+        assert_eq!(trends[&line(2)].verdict, Verdict::Plateau);
+    }
+}
