@@ -19,6 +19,10 @@ pub const DEEP_DEPTH: u32 = 20;
 /// bpftrace compiles its program with LLVM before attaching; a loaded
 /// 2-core machine can make that slow.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(120);
+/// Seconds between censuses while the workload runs: its loop lasts a few
+/// tenths of a second untraced, so a census every second would not fall
+/// inside it; twenty a second is a harder test than the one asked for.
+pub const CENSUS_INTERVAL: &str = "0.05";
 /// The line bpftrace's own test hook prints once every probe is attached
 /// (it prints "Attaching N probes..." before it starts).
 const BPFTRACE_ATTACHED: &str = "__BPFTRACE_NOTIFY_PROBES_ATTACHED";
@@ -30,6 +34,8 @@ pub enum Config {
     Memtrace(Option<u32>),
     /// bpftrace with empty, counting probes where memtrace puts its own.
     Floor,
+    /// memtrace --census-only, a census every CENSUS_INTERVAL: no probe.
+    Census,
     Tracemalloc,
     Memray {
         python_allocators: bool,
@@ -43,6 +49,7 @@ impl Config {
             Config::Memtrace(None) => "memtrace (default: --frames 16)".into(),
             Config::Memtrace(Some(n)) => format!("memtrace --frames {n}"),
             Config::Floor => "floor: bpftrace, empty probes".into(),
+            Config::Census => format!("memtrace --census-only --interval {CENSUS_INTERVAL}"),
             Config::Tracemalloc => "python -X tracemalloc=1".into(),
             Config::Memray { python_allocators: false } => "memray run".into(),
             Config::Memray { python_allocators: true } => "memray run --trace-python-allocators".into(),
@@ -71,6 +78,7 @@ pub const WORKLOADS: [Workload; 2] = [
             Config::Memtrace(None),
             Config::Memtrace(Some(1)),
             Config::Floor,
+            Config::Census,
             Config::Tracemalloc,
             Config::Memray { python_allocators: false },
             Config::Memray { python_allocators: true },
@@ -150,6 +158,7 @@ pub fn run(setup: &Setup, repeat: u64) -> Result<Vec<Vec<Samples>>> {
 /// A tracer attached to one run.
 enum Attached {
     Memtrace(Memtrace),
+    Census(Memtrace),
     Floor(Tracer),
 }
 
@@ -168,12 +177,17 @@ fn run_once(setup: &Setup, workload: &Workload, config: Config) -> Result<(f64, 
             }
             cmd
         }
-        Config::Untraced | Config::Memtrace(_) | Config::Floor => Command::new(&setup.python),
+        Config::Untraced | Config::Memtrace(_) | Config::Floor | Config::Census => Command::new(&setup.python),
     };
     cmd.arg(&setup.script).arg(setup.iterations.to_string()).arg(workload.depth.to_string());
     let mut target = start_workload(&mut cmd)?;
     let attached = match config {
         Config::Memtrace(frames) => Some(Attached::Memtrace(memtrace(setup, target.pid(), frames)?)),
+        Config::Census => {
+            let pid = target.pid().to_string();
+            let args = ["--pid", &pid, "--census-only", "--interval", CENSUS_INTERVAL, "--format", "json"];
+            Some(Attached::Census(Memtrace::try_attach(&setup.memtrace, &args, ATTACH_TIMEOUT)?))
+        }
         Config::Floor => Some(Attached::Floor(bpftrace(setup, target.pid())?)),
         Config::Untraced | Config::Tracemalloc | Config::Memray { .. } => None,
     };
@@ -186,6 +200,10 @@ fn run_once(setup: &Setup, workload: &Workload, config: Config) -> Result<(f64, 
         None => Measured::Nothing,
         Some(Attached::Memtrace(memtrace)) => Measured::Memtrace(final_report_counts(&memtrace.stop(RUN_TIMEOUT)?)?),
         Some(Attached::Floor(bpftrace)) => Measured::Floor(parse_hits(&bpftrace.stop(RUN_TIMEOUT)?)?),
+        Some(Attached::Census(memtrace)) => {
+            memtrace.stop(RUN_TIMEOUT)?;
+            Measured::Nothing
+        }
     };
     let status = target.try_finish(RUN_TIMEOUT)?;
     if !status.success() {

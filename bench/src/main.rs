@@ -16,12 +16,13 @@
 //! `harness` (the interleaved, timed runs) and `report` (medians, tables,
 //! BENCHMARKS.md from bench/template.md).
 
+mod census;
 mod harness;
 mod report;
 mod setup;
 mod workload;
 
-use std::{fs, process::Command, process::ExitCode};
+use std::{fs, path::Path, process::Command, process::ExitCode};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use memtrace_tests::workspace_root;
@@ -51,7 +52,9 @@ fn run(args: &[String]) -> Result<()> {
     let root = workspace_root();
     let setup = setup::prepare(&root, iterations)?;
     let samples = harness::run(&setup, repeat)?;
-    let results = report::results(&setup.points, &samples);
+    let debian = Path::new("/usr/bin/python3.11");
+    let census = census::measure(&setup.memtrace, &[&setup.python, debian])?;
+    let results = format!("{}\n{}", report::results(&setup.points, &samples), report::census(&census));
     println!("{results}");
     let document = report::document(&setup, repeat, &results)?;
     let path = root.join("BENCHMARKS.md");

@@ -8,6 +8,7 @@ use std::{collections::HashMap, fmt::Write as _, fs, process::Command, thread};
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
+    census::CensusCost,
     harness::{Config, DEEP_DEPTH, Samples, WORKLOADS},
     output,
     setup::{AttachPoint, Setup},
@@ -131,6 +132,28 @@ pub fn results(points: &[AttachPoint], samples: &[Vec<Samples>]) -> String {
 }
 
 /// A Markdown table, padded so that it also reads as plain text.
+/// The census's cost per million objects, on each interpreter.
+pub fn census(costs: &[CensusCost]) -> String {
+    let rows: Vec<Vec<String>> = costs
+        .iter()
+        .map(|c| {
+            let took: Vec<f64> = c.took_ms.iter().map(|&t| t as f64).collect();
+            let median_ms = median(&took);
+            vec![
+                c.python.clone(),
+                c.objects.to_string(),
+                format!("{median_ms:.0}"),
+                format!("{:.0}", median_ms * 1e6 / c.objects as f64),
+                format!("{:?}", c.took_ms),
+            ]
+        })
+        .collect();
+    format!(
+        "### The object census (`--census-only`)\n\nA process holding a million instances of a class (each with an int of its own) censused four times, each census timed by memtrace; the cost is memtrace's, the process is not stopped. The goal is at most 200 ms per million objects.\n\n{}",
+        table(&["interpreter", "objects counted", "median ms", "ms per million objects", "each census, ms"], &rows)
+    )
+}
+
 fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in rows {

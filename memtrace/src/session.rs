@@ -38,7 +38,10 @@ use crate::{
     },
     process::{Target, proc_maps::host_path},
     python::{self, Detection},
-    report::{CensusChange, Output, ProcessInfo, Report, trend::History},
+    report::{
+        CensusChange, Output, ProcessInfo, Report,
+        trend::{History, TypeHistory},
+    },
     snapshot::{Snapshot, Stat},
     symbolize::Symbolizer,
 };
@@ -215,6 +218,7 @@ impl Prepared {
                 notes,
                 previous: Snapshot::default(),
                 history: History::default(),
+                types: TypeHistory::default(),
                 sequence: 0,
                 exited: false,
             });
@@ -256,6 +260,7 @@ impl Prepared {
             notes,
             previous: Snapshot::default(),
             history: History::default(),
+            types: TypeHistory::default(),
             sequence: 0,
             exited: false,
         })
@@ -275,6 +280,8 @@ struct Traced {
     previous: Snapshot,
     /// Its reports so far, for verdicts and peaks.
     history: History,
+    /// Its censuses so far, for the types' verdicts.
+    types: TypeHistory,
     sequence: u32,
     /// Its final report is written; nothing more is.
     exited: bool,
@@ -445,6 +452,10 @@ impl Session<'_> {
         self.sweep();
         let Some(traced) = self.processes.get_mut(&pid) else { return Ok(()) };
         let census = traced.census.take();
+        if let Some(objects) = &census.objects {
+            traced.types.push(SystemTime::now(), objects);
+        }
+        let type_trends = traced.types.trends();
         let Some(tracer) = &self.tracer else {
             traced.sequence += 1;
             traced.exited |= is_final;
@@ -462,6 +473,7 @@ impl Session<'_> {
                 previous: Snapshot::default(),
                 census: Some(CensusChange { now: census, before: std::mem::take(&mut traced.census_before) }),
                 history: History::default(),
+                type_trends,
             };
             write_to(&mut self.outputs, &mut self.failed, &report);
             traced.census_before = report.census.map(|c| c.now).unwrap_or_default();
@@ -515,6 +527,7 @@ impl Session<'_> {
             previous: std::mem::take(&mut traced.previous),
             census: Some(CensusChange { now: census, before: std::mem::take(&mut traced.census_before) }),
             history: std::mem::take(&mut traced.history),
+            type_trends,
         };
         write_to(&mut self.outputs, &mut self.failed, &report);
         traced.previous = report.current;

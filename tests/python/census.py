@@ -1,7 +1,8 @@
 """Targets for memtrace's census tests. `population`: builds 10,000
 instances of a class, 5,000 dicts (tracked: each holds a list) and 20,000
 bytes objects, prints its own gc.get_objects() counts, then adds 1,000 more
-instances. `corrupt`: breaks its own GC list and a type's name through
+instances. `churn`: makes and drops instances forever, keeping none.
+`corrupt`: breaks its own GC list and a type's name through
 ctypes, one way at a time, with the collector off, and mends each before
 going on. Each step waits for a line on stdin."""
 
@@ -76,4 +77,15 @@ def corrupt():
     step("collected", len(gc.get_objects()) > 0)
 
 
-{"population": population, "corrupt": corrupt}[sys.argv[1]]()
+def churn():
+    """Allocates and drops the same objects over and over, keeping none."""
+    import time
+
+    print("ready", flush=True)
+    while True:
+        scratch = [MyObject() for _ in range(2_000)]
+        del scratch
+        time.sleep(0.01)
+
+
+{"population": population, "corrupt": corrupt, "churn": churn}[sys.argv[1]]()

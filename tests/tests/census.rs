@@ -91,6 +91,48 @@ fn hostile(python: &Path) {
     assert!(target.finish().success());
 }
 
+/// Six censuses half a second apart of `target`, which runs on its own:
+/// the final report, whose types have verdicts.
+fn watched(target: &Target) -> JsonReport {
+    let pid = target.pid().to_string();
+    let memtrace =
+        Memtrace::attach(&["--pid", &pid, "--census-only", "--interval", "0.5", "--count", "6", "--format", "json"]);
+    let (status, stdout, stderr) = memtrace.finish();
+    assert_eq!(status.code(), Some(0), "{stderr:?}");
+    final_report(&stdout)
+}
+
+/// The bundled example keeps 5,000 `Record`s a second: growing, at about
+/// that slope; its churn is no growing type.
+#[test]
+fn a_leaking_class_is_growing_and_churn_is_not() {
+    require_root();
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/waste_memory.py");
+    let target = Target::spawn(Command::new(pyenv("3.12.1")).arg(example));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let report = watched(&target);
+    let record = type_row(&report, "Record");
+    assert_eq!(record.verdict.as_deref(), Some("growing"), "{record:?}");
+    let slope = record.slope_objects_per_minute.unwrap();
+    assert!((150_000.0..=330_000.0).contains(&slope), "about 300,000 a minute, less the sleeps' slack: {slope}");
+    // Each Record holds a bytes object of its own: the two grow alike, first.
+    let census = report.census.as_ref().unwrap();
+    let mut first_two: Vec<&str> = census.types[..2].iter().map(|t| t.name.as_str()).collect();
+    first_two.sort();
+    assert_eq!(first_two, ["Record", "bytes"], "biggest growth first: {census:?}");
+    assert_eq!(type_row(&report, "bytes").verdict.as_deref(), Some("growing"));
+    drop(target);
+
+    let mut churner = Target::spawn(Command::new(pyenv("3.12.1")).args([SCRIPT, "churn"]));
+    churner.expect_line("ready");
+    let report = watched(&churner);
+    let census = report.census.as_ref().unwrap();
+    let growing: Vec<&str> =
+        census.types.iter().filter(|t| t.verdict.as_deref() == Some("growing")).map(|t| t.name.as_str()).collect();
+    assert!(growing.is_empty(), "churn grows nothing: {census:?}");
+    assert!(census.types.iter().all(|t| t.verdict.is_some()), "six censuses give every type a verdict: {census:?}");
+}
+
 macro_rules! interpreter {
     ($module:ident, $python:expr) => {
         mod $module {

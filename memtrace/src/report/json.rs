@@ -64,7 +64,7 @@ pub struct HeapJson {
     pub raw_blocks: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CensusJson {
     /// Objects on the GC's generations (`len(gc.get_objects())`) and on
     /// its permanent generation.
@@ -79,7 +79,7 @@ pub struct CensusJson {
     pub types: Vec<TypeJson>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TypeJson {
     pub name: String,
     pub count: u64,
@@ -88,6 +88,10 @@ pub struct TypeJson {
     /// Of `count`, those on the GC's lists and those found in the pools.
     pub tracked: u64,
     pub untracked: u64,
+    /// `growing`, `plateau`, `churn` or `freed` over the last censuses
+    /// (the rule of `trend`), once there are enough; and the slope.
+    pub verdict: Option<String>,
+    pub slope_objects_per_minute: Option<f64>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,7 +194,10 @@ impl JsonReport {
                     .take(view.types)
                     .map(|row| {
                         let found = objects.types.iter().find(|t| t.name == row.name);
+                        let trend = report.type_trends.get(&row.name);
                         TypeJson {
+                            verdict: trend.map(|t| t.verdict.name().to_owned()),
+                            slope_objects_per_minute: trend.map(|t| t.slope * 60.0),
                             tracked: found.map_or(0, |t| t.tracked),
                             untracked: found.map_or(0, |t| t.untracked),
                             name: row.name,

@@ -7,7 +7,9 @@
 
 use std::{borrow::Cow, time::SystemTime};
 
-use super::trend::History;
+use std::collections::HashMap;
+
+use super::trend::{History, Trend};
 use crate::{
     census::Census,
     snapshot::{GroupBy, Snapshot, Stat, StatDiff},
@@ -53,6 +55,9 @@ pub struct Report {
     pub previous: Snapshot,
     /// The census now and at the previous report (at attach, for the first).
     pub census: Option<CensusChange>,
+    /// Each type's trend over the last censuses; empty before there are
+    /// enough, and for a report rebuilt from saved snapshots.
+    pub type_trends: HashMap<String, Trend>,
     /// The reports so far, this one included; empty for a report rebuilt
     /// from saved snapshots, which then has no verdicts or peaks.
     pub history: History,

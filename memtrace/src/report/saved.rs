@@ -119,6 +119,7 @@ impl SavedSnapshot {
                 None => census,
             }),
             history: Default::default(),
+            type_trends: Default::default(),
         }
     }
 }

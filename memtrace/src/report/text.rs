@@ -8,13 +8,13 @@
 //! After the groups, one `growing:` line per group whose verdict is growing
 //! (see `trend`), once there are enough reports.
 
-use std::{io::Write, time::SystemTime};
+use std::{collections::HashMap, io::Write, time::SystemTime};
 
 use super::{
     CensusChange, Report, View, Writer,
     format::{format_size, growth_lines, stat_diff_line, type_growth},
     model::Counters,
-    trend::Verdict,
+    trend::{Trend, Verdict},
 };
 use crate::snapshot::GroupBy;
 
@@ -113,7 +113,7 @@ impl<W: Write, S: SourceLines> TextWriter<W, S> {
         Ok(())
     }
 
-    fn write_census(&mut self, change: &CensusChange) -> std::io::Result<()> {
+    fn write_census(&mut self, change: &CensusChange, trends: &HashMap<String, Trend>) -> std::io::Result<()> {
         let (now, before) = (&change.now, &change.before);
         let out = &mut self.out;
         let signed = |a: u64, b: Option<u64>| format_size(a as f64 - b.unwrap_or(a) as f64, true);
@@ -158,8 +158,22 @@ impl<W: Write, S: SourceLines> TextWriter<W, S> {
             writeln!(out, "note: census incomplete: {why}")?;
         }
         let rows = type_growth(objects, before.objects.as_ref());
-        for line in growth_lines(&rows[..rows.len().min(self.view.types)]) {
+        let shown = &rows[..rows.len().min(self.view.types)];
+        for line in growth_lines(shown) {
             writeln!(out, "{line}")?;
+        }
+        let growing =
+            shown.iter().filter_map(|r| Some((r, trends.get(&r.name)?))).filter(|(_, t)| t.verdict == Verdict::Growing);
+        for (row, trend) in growing {
+            writeln!(
+                out,
+                "growing: {} by {:+.0} objects/min over the last {} censuses, in {} of {} intervals",
+                row.name,
+                trend.slope * 60.0,
+                trend.intervals + 1,
+                trend.grew,
+                trend.intervals,
+            )?;
         }
         Ok(())
     }
@@ -173,7 +187,7 @@ impl<W: Write, S: SourceLines> Writer for TextWriter<W, S> {
             self.write_census_header(report)?;
         }
         if let Some(change) = &report.census {
-            self.write_census(change)?;
+            self.write_census(change, &report.type_trends)?;
         }
         writeln!(self.out)?;
         self.out.flush()
@@ -228,6 +242,7 @@ pub(crate) mod tests {
             traced: true,
             census: None,
             history: Default::default(),
+            type_trends: Default::default(),
             current: Snapshot::from_entries([
                 (leak.clone(), Stat { size: 3_708_000, count: 51_734 }),
                 (new, Stat { size: 40, count: 1 }),

@@ -1,8 +1,9 @@
-//! Verdicts on sites: whether a group's outstanding bytes are growing, on a
-//! plateau, churning or being freed, decided from its size at the last
-//! [`WINDOW`] reports, and each group's peak at reports since attach. The
-//! rule is plain arithmetic on (time, bytes) points so that any mode that
-//! takes periodic snapshots (one process, or host mode later) can share it.
+//! Verdicts on sites and on object types: whether a group's outstanding
+//! bytes (or a type's count of objects) are growing, on a plateau, churning
+//! or being freed, decided from the last [`WINDOW`] reports, and each
+//! group's peak at reports since attach. The rule is plain arithmetic on
+//! (time, value) points so that any mode that takes periodic snapshots or
+//! censuses (one process, or host mode later) shares it.
 //!
 //! The rule, over the last `WINDOW` reports (K = 8) of one group:
 //! - no verdict with fewer than [`MIN_REPORTS`] (4) points: three intervals
@@ -22,7 +23,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::SystemTime;
 
-use crate::snapshot::{GroupBy, Snapshot, Traceback};
+use crate::{
+    census::ObjectCensus,
+    snapshot::{GroupBy, Snapshot, Traceback},
+};
 
 /// Reports a verdict looks back over (K).
 pub const WINDOW: usize = 8;
@@ -144,6 +148,41 @@ impl History {
                 let points: Vec<(f64, u64)> =
                     columns.iter().map(|(t, c)| (*t, c.get(key).copied().unwrap_or(0))).collect();
                 trend(&points).map(|t| (key.clone(), t))
+            })
+            .collect()
+    }
+}
+
+/// One process's last `WINDOW` censuses, as object counts by type name.
+#[derive(Clone, Debug, Default)]
+pub struct TypeHistory {
+    window: VecDeque<(SystemTime, HashMap<String, u64>)>,
+}
+
+impl TypeHistory {
+    pub fn push(&mut self, time: SystemTime, objects: &ObjectCensus) {
+        if self.window.len() == WINDOW {
+            self.window.pop_front();
+        }
+        self.window.push_back((time, objects.types.iter().map(|t| (t.name.clone(), t.count())).collect()));
+    }
+
+    /// Every type's trend over the window (its slope in objects per second).
+    pub fn trends(&self) -> HashMap<String, Trend> {
+        let Some((start, _)) = self.window.front() else { return HashMap::new() };
+        let names: std::collections::HashSet<&String> = self.window.iter().flat_map(|(_, c)| c.keys()).collect();
+        names
+            .into_iter()
+            .filter_map(|name| {
+                let points: Vec<(f64, u64)> = self
+                    .window
+                    .iter()
+                    .map(|(time, counts)| {
+                        let secs = time.duration_since(*start).unwrap_or_default().as_secs_f64();
+                        (secs, counts.get(name).copied().unwrap_or(0))
+                    })
+                    .collect();
+                trend(&points).map(|t| (name.clone(), t))
             })
             .collect()
     }
