@@ -182,6 +182,7 @@ fn dwarf_checks(layout: &Layout) -> Vec<(String, u64, String)> {
     check("preheader_flags", layout.preheader_flags, preheader.to_string());
 
     check("type_name", layout.type_name, offset("PyTypeObject", "tp_name"));
+    check("type_basicsize", layout.type_basicsize, offset("PyTypeObject", "tp_basicsize"));
     check("interpreters_head", layout.interpreters_head, offset("_PyRuntimeState", "interpreters.head"));
     check("interp_next", layout.interp_next, offset("PyInterpreterState", "next"));
     let gc = &layout.gc;

@@ -156,10 +156,12 @@ mod tests {
     /// tuple, 3 a tracked tuple, 4 a buffer; `nextoffset` after block 4.
     fn image() -> Image {
         let mut image = Image::default();
+        const READY: u64 = 1 << 12;
         for (address, name, flags) in [(TYPE, 0x8000, 1 << 31), (BYTES, 0x8100, 0), (TUPLE, 0x8200, HAVE_GC)] {
             image.write_u64(address + 8, TYPE);
-            image.write_u64(address + PY312.type_flags, flags);
+            image.write_u64(address + PY312.type_flags, flags | READY);
             image.write_u64(address + PY312.type_name, name);
+            image.write_u64(address + PY312.type_basicsize, 32);
         }
         image.write_bytes(0x8000, b"type\0");
         image.write_bytes(0x8100, b"bytes\0");

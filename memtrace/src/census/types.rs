@@ -17,6 +17,10 @@ const MAX_NAME: usize = 256;
 const TYPE_SUBCLASS: u64 = 1 << 31;
 /// `Py_TPFLAGS_HAVE_GC`.
 pub const HAVE_GC: u64 = 1 << 14;
+/// `Py_TPFLAGS_READY`: set on every type in use, once `PyType_Ready` ran.
+const READY: u64 = 1 << 12;
+/// Instance sizes a type may have: at least an object's two words.
+const BASICSIZE: std::ops::RangeInclusive<u64> = 16..=(1 << 20);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TypeInfo {
@@ -80,12 +84,21 @@ fn read_type<A: AddressSpace>(memory: &mut PageCache<A>, layout: &Layout, addres
     if address == 0 || !address.is_multiple_of(8) {
         return None;
     }
-    // ob_type follows ob_refcnt.
+    // ob_type follows ob_refcnt. A type's type is a metatype, whose own
+    // type is one too (`type(type) is type`): a word that merely points at
+    // an object does not pass both.
     let metatype = memory.u64(address + 8).ok()?;
-    if memory.u64(metatype + layout.type_flags).ok()? & TYPE_SUBCLASS == 0 {
+    let is_metatype = |memory: &mut PageCache<A>, t: u64| {
+        memory.u64(t + layout.type_flags).is_ok_and(|flags| flags & TYPE_SUBCLASS != 0)
+    };
+    let metametatype = memory.u64(metatype + 8).ok()?;
+    if !is_metatype(memory, metatype) || !is_metatype(memory, metametatype) {
         return None;
     }
     let flags = memory.u64(address + layout.type_flags).ok()?;
+    if flags & READY == 0 || !BASICSIZE.contains(&memory.u64(address + layout.type_basicsize).ok()?) {
+        return None;
+    }
     let name_pointer = memory.u64(address + layout.type_name).ok()?;
     let full = c_string(memory, name_pointer)?;
     let name = full.rsplit('.').next().unwrap_or(&full).to_owned();
@@ -117,11 +130,13 @@ mod tests {
     fn image() -> Image {
         let mut image = Image::default();
         image.write_u64(0x1000 + 8, 0x1000);
-        image.write_u64(0x1000 + PY312.type_flags, TYPE_SUBCLASS);
+        image.write_u64(0x1000 + PY312.type_flags, TYPE_SUBCLASS | READY);
+        image.write_u64(0x1000 + PY312.type_basicsize, 920);
         image.write_u64(0x1000 + PY312.type_name, 0x3100);
         image.write_bytes(0x3100, b"type\0");
         image.write_u64(0x2000 + 8, 0x1000);
-        image.write_u64(0x2000 + PY312.type_flags, HAVE_GC);
+        image.write_u64(0x2000 + PY312.type_flags, HAVE_GC | READY);
+        image.write_u64(0x2000 + PY312.type_basicsize, 32);
         image.write_u64(0x2000 + PY312.type_name, 0x3000);
         image.write_bytes(0x3000, b"app.Record\0");
         image.write_u64(0x4000 + 8, 0x4000);
@@ -133,11 +148,28 @@ mod tests {
         let mut memory = PageCache::new(image(), 1 << 20);
         let mut names = TypeNames::default();
         let record = names.get(&mut memory, &PY312, 0x2000).unwrap();
-        assert_eq!((record.name.as_str(), record.flags), ("Record", HAVE_GC));
+        assert_eq!((record.name.as_str(), record.flags), ("Record", HAVE_GC | READY));
         assert_eq!(names.get(&mut memory, &PY312, 0x1000).unwrap().name, "type");
         assert!(names.get(&mut memory, &PY312, 0x4000).is_none(), "its type is no type");
         assert!(names.get(&mut memory, &PY312, 0x9000).is_none(), "unmapped");
         assert!(names.get(&mut memory, &PY312, 0x2001).is_none(), "misaligned");
+    }
+
+    #[test]
+    fn what_is_not_ready_or_sized_like_an_object_is_no_type() {
+        let mut image = image();
+        image.write_u64(0x2000 + PY312.type_flags, HAVE_GC);
+        let mut memory = PageCache::new(image, 1 << 20);
+        assert!(TypeNames::default().get(&mut memory, &PY312, 0x2000).is_none(), "not ready");
+        let mut image = self::image();
+        image.write_u64(0x2000 + PY312.type_basicsize, 1 << 40);
+        let mut memory = PageCache::new(image, 1 << 20);
+        assert!(TypeNames::default().get(&mut memory, &PY312, 0x2000).is_none(), "no such size");
+        // An object whose type is a plain class, not a metatype.
+        let mut image = self::image();
+        image.write_u64(0x5000 + 8, 0x2000);
+        let mut memory = PageCache::new(image, 1 << 20);
+        assert!(TypeNames::default().get(&mut memory, &PY312, 0x5000).is_none(), "an instance");
     }
 
     #[test]

@@ -143,6 +143,8 @@ pub struct Layout {
     /// PyTypeObject `tp_name`, a C string: the class name of a heap type,
     /// the dotted name (`collections.OrderedDict`) of a static one.
     pub type_name: u64,
+    /// PyTypeObject `tp_basicsize`: its instances' size.
+    pub type_basicsize: u64,
     /// PyTypeObject `tp_flags`.
     pub type_flags: u64,
     /// sizeof(PyGC_Head): what precedes a GC object in its memory block.
@@ -326,6 +328,7 @@ pub const PY38: Layout = Layout {
     unicode_compact_data: 72,
     code_firsttraceable: None,
     type_name: 24,
+    type_basicsize: 32,
     type_flags: 168,
     gc_head_size: 16,
     preheader_flags: 0,
