@@ -3,16 +3,22 @@
 //!
 //! - `process`, `binary`: discovery: a process, its memory map and memory,
 //!   and the binaries it maps.
-//! - `python`: which CPython a process runs, its structure layouts, and
-//!   what can be read of it from outside (code objects, pymalloc's count).
-//! - `probes`: where each probe goes, and loading and attaching them.
-//! - `collect`: the kernel maps read into plain values.
+//! - `python`: which CPython a process runs, its structure layouts as
+//!   data, and what can be read of it from outside (code objects).
+//! - `probes` and `census`: where each probe goes, and loading and
+//!   attaching them; and what a process holds, read from its memory with
+//!   no probe (its memory, pymalloc's count, its objects by type).
+//! - `collect`: the kernel maps read into plain values; `coverage` holds
+//!   them against pymalloc's own count.
 //! - `symbolize`: those values turned into tracebacks.
-//! - `snapshot`: tracebacks with sizes and counts, ungrouped.
-//! - `report`: the report model built from snapshots, and its writers.
+//! - `snapshot`: tracebacks with sizes and counts, ungrouped; `filter`
+//!   keeps those tracemalloc's filters would.
+//! - `report`: the report model built from snapshots and censuses, and one
+//!   writer per output format.
 //! - `session`: drives the stages for the traced processes.
 //!
-//! `cli` holds the command-line options; the binary only runs a session.
+//! `cli` holds the command-line options and builds the outputs; the binary
+//! runs a session or a subcommand.
 
 pub mod binary;
 pub mod census;
