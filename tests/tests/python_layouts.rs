@@ -17,7 +17,7 @@ use memtrace::{
     binary::elf::ElfFile,
     python::{
         debug_offsets,
-        layouts::{self, EvalEntry, GcState, Layout, ObmallocLocation, layout_for},
+        layouts::{self, DictTable, EvalEntry, GcState, Layout, ObmallocLocation, layout_for},
     },
 };
 
@@ -183,6 +183,19 @@ fn dwarf_checks(layout: &Layout) -> Vec<(String, u64, String)> {
 
     check("type_name", layout.type_name, offset("PyTypeObject", "tp_name"));
     check("type_basicsize", layout.type_basicsize, offset("PyTypeObject", "tp_basicsize"));
+    check("type_dict", layout.type_dict, offset("PyTypeObject", "tp_dict"));
+    let dict = &layout.dict;
+    check("dict.keys", dict.keys, offset("PyDictObject", "ma_keys"));
+    check("dict.nentries", dict.nentries, offset("PyDictKeysObject", "dk_nentries"));
+    check("dict.indices", dict.indices, offset("PyDictKeysObject", "dk_indices"));
+    match dict.table {
+        DictTable::Sized(at) => check("dict.size", at, offset("PyDictKeysObject", "dk_size")),
+        DictTable::Log2 { size, index_bytes, kind } => {
+            check("dict.log2_size", size, offset("PyDictKeysObject", "dk_log2_size"));
+            check("dict.log2_index_bytes", index_bytes, offset("PyDictKeysObject", "dk_log2_index_bytes"));
+            check("dict.kind", kind, offset("PyDictKeysObject", "dk_kind"));
+        }
+    }
     check("interpreters_head", layout.interpreters_head, offset("_PyRuntimeState", "interpreters.head"));
     check("interp_next", layout.interp_next, offset("PyInterpreterState", "next"));
     let gc = &layout.gc;

@@ -1,14 +1,16 @@
 //! Type objects of a CPython process, by address: each read once, checked
 //! to be a type (its own type is a type, its name a short printable C
-//! string), and named as `type(o).__name__` gives it (`MyObject`, `dict`,
-//! `OrderedDict`). The target owns these bytes: a type that fails the
-//! checks is not named, and what points to it is not counted as an object.
+//! string), and named as Python shows it: a class as `module.Class` (its
+//! `__module__`, read from its `tp_dict`), a built-in type as its
+//! `__name__` (`dict`, `bytes`, `OrderedDict`). The target owns these
+//! bytes: a type that fails the checks is not named, and what points to it
+//! is not counted as an object.
 
 use rustc_hash::FxHashMap;
 
 use crate::{
     process::memory::{AddressSpace, PageCache},
-    python::layouts::Layout,
+    python::layouts::{DictTable, Layout, UNICODE_ASCII, UNICODE_COMPACT},
 };
 
 /// Longest type name read; CPython's are short.
@@ -17,6 +19,10 @@ const MAX_NAME: usize = 256;
 const TYPE_SUBCLASS: u64 = 1 << 31;
 /// `Py_TPFLAGS_HAVE_GC`.
 pub const HAVE_GC: u64 = 1 << 14;
+/// `Py_TPFLAGS_HEAPTYPE`: a class, whose module is in its dict.
+const HEAPTYPE: u64 = 1 << 9;
+/// A class's dict holds a few dozen entries; more is not one.
+const MAX_CLASS_DICT: u64 = 4096;
 /// `Py_TPFLAGS_READY`: set on every type in use, once `PyType_Ready` ran.
 const READY: u64 = 1 << 12;
 /// Instance sizes a type may have: at least an object's two words.
@@ -101,8 +107,67 @@ fn read_type<A: AddressSpace>(memory: &mut PageCache<A>, layout: &Layout, addres
     }
     let name_pointer = memory.u64(address + layout.type_name).ok()?;
     let full = c_string(memory, name_pointer)?;
-    let name = full.rsplit('.').next().unwrap_or(&full).to_owned();
+    let short = full.rsplit('.').next().unwrap_or(&full);
+    let name = match (flags & HEAPTYPE != 0).then(|| module_of(memory, layout, address)).flatten() {
+        Some(module) if module != "builtins" => format!("{module}.{short}"),
+        _ => short.to_owned(),
+    };
     Some(TypeInfo { name, flags, name_pointer })
+}
+
+/// A class's `__module__`: the value of the entry of its `tp_dict` whose
+/// key is that str, when both are ASCII strs.
+fn module_of<A: AddressSpace>(memory: &mut PageCache<A>, layout: &Layout, class: u64) -> Option<String> {
+    let dict = memory.u64(class + layout.type_dict).ok()?;
+    let d = &layout.dict;
+    let keys = memory.u64(dict + d.keys).ok()?;
+    let entries = memory.u64(keys + d.nentries).ok()?;
+    let (index_bytes, entry_size, key_at) = match d.table {
+        DictTable::Sized(at) => {
+            let size = memory.u64(keys + at).ok()?;
+            let per_index = match size {
+                ..=0xff => 1,
+                ..=0xffff => 2,
+                ..=0xffff_ffff => 4,
+                _ => 8,
+            };
+            (size.checked_mul(per_index)?, 24, 8)
+        }
+        DictTable::Log2 { index_bytes, kind, .. } => {
+            let mut byte = [0];
+            memory.read(keys + index_bytes, &mut byte).ok()?;
+            let indices = 1u64.checked_shl(u32::from(byte[0]))?;
+            memory.read(keys + kind, &mut byte).ok()?;
+            // DICT_KEYS_GENERAL is 0; the str-only kinds drop the hash.
+            if byte[0] == 0 { (indices, 24, 8) } else { (indices, 16, 0) }
+        }
+    };
+    if entries > MAX_CLASS_DICT || index_bytes > MAX_CLASS_DICT * 8 {
+        return None;
+    }
+    let first = keys + d.indices + index_bytes;
+    (0..entries).find_map(|i| {
+        let entry = first + i * entry_size + key_at;
+        let key = memory.u64(entry).ok()?;
+        if ascii_str(memory, layout, key)? != "__module__" {
+            return None;
+        }
+        let value = memory.u64(entry + 8).ok()?;
+        ascii_str(memory, layout, value)
+    })
+}
+
+/// A compact ASCII str's text, if `object` is one of at most MAX_NAME
+/// printable characters.
+fn ascii_str<A: AddressSpace>(memory: &mut PageCache<A>, layout: &Layout, object: u64) -> Option<String> {
+    let length = memory.u64(object + layout.unicode_length).ok()?;
+    let state = memory.u32(object + layout.unicode_state).ok()?;
+    if state & UNICODE_COMPACT == 0 || state & UNICODE_ASCII == 0 || length == 0 || length > MAX_NAME as u64 {
+        return None;
+    }
+    let mut text = vec![0; length as usize];
+    memory.read(object + layout.unicode_ascii_data, &mut text).ok()?;
+    text.iter().all(|b| b.is_ascii_graphic()).then(|| String::from_utf8(text).expect("ASCII"))
 }
 
 /// A NUL-terminated, printable ASCII string of at most [`MAX_NAME`] bytes.

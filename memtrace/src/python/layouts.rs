@@ -147,6 +147,9 @@ pub struct Layout {
     pub type_basicsize: u64,
     /// PyTypeObject `tp_flags`.
     pub type_flags: u64,
+    /// PyTypeObject `tp_dict`: where a class keeps its `__module__`.
+    pub type_dict: u64,
+    pub dict: Dict,
     /// sizeof(PyGC_Head): what precedes a GC object in its memory block.
     pub gc_head_size: u64,
     /// Type flags whose objects carry two more words before them (managed
@@ -157,6 +160,29 @@ pub struct Layout {
     pub interp_next: u64,
     pub gc: Gc,
     pub pymalloc: Pymalloc,
+}
+
+/// A combined-table dict (Objects/dictobject.c), as a class's `tp_dict` is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dict {
+    /// PyDictObject `ma_keys`.
+    pub keys: u64,
+    /// PyDictKeysObject `dk_nentries` (a Py_ssize_t) and where `dk_indices`
+    /// starts; the entries follow the indices.
+    pub nentries: u64,
+    pub indices: u64,
+    pub table: DictTable,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DictTable {
+    /// <= 3.10: `dk_size` (a Py_ssize_t) at this offset; each index takes
+    /// 1, 2, 4 or 8 bytes as the size needs; entries are {hash, key, value}.
+    Sized(u64),
+    /// 3.11+: the u8s `dk_log2_size`, `dk_log2_index_bytes` and `dk_kind` at
+    /// these offsets; entries are {hash, key, value}, or {key, value} when
+    /// the kind says every key is a str.
+    Log2 { size: u64, index_bytes: u64, kind: u64 },
 }
 
 /// The garbage collector's lists (Modules/gcmodule.c): each generation is a
@@ -330,6 +356,8 @@ pub const PY38: Layout = Layout {
     type_name: 24,
     type_basicsize: 32,
     type_flags: 168,
+    type_dict: 264,
+    dict: Dict { keys: 32, nentries: 32, indices: 40, table: DictTable::Sized(8) },
     gc_head_size: 16,
     preheader_flags: 0,
     interpreters_head: 32,
@@ -402,6 +430,12 @@ pub const PY311: Layout = Layout {
     code_bytecode: 184,
     code_firsttraceable: Some(168),
     preheader_flags: MANAGED_DICT,
+    dict: Dict {
+        nentries: 24,
+        indices: 32,
+        table: DictTable::Log2 { size: 8, index_bytes: 9, kind: 10 },
+        ..PY310.dict
+    },
     interpreters_head: 40,
     gc: Gc { state: GcState::InInterpreter(648), ..PY310.gc },
     ..PY310
