@@ -251,7 +251,7 @@ impl Options {
                 .parse()
                 .map_err(|_| anyhow::anyhow!("--listen {addr:?} is not an address and port such as 127.0.0.1:9464"))?;
             let server =
-                MetricsServer::start(parsed, group_by, top).with_context(|| format!("cannot listen on {addr}"))?;
+                MetricsServer::start(parsed, self.view.report()).with_context(|| format!("cannot listen on {addr}"))?;
             outputs.push(Output { name: format!("--listen {addr}"), writer: Box::new(server) });
         }
         Ok(outputs)

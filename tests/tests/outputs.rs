@@ -71,6 +71,9 @@ int main(int argc, char **argv) {
 }
 "#;
 
+/// The interpreter the Python outputs tests trace.
+const PYTHON: &str = "/root/.pyenv/versions/3.12.1/bin/python";
+
 struct Built {
     dir: TempDir,
     exe: std::path::PathBuf,
@@ -229,48 +232,66 @@ fn query(port: u16, promql: &str) -> Vec<serde_json::Value> {
     answer["data"]["result"].as_array().cloned().unwrap_or_default()
 }
 
+/// Debian's Prometheus on loopback, scraping memtrace at `addr` every
+/// second; killed when dropped.
+struct Prometheus {
+    _running: Running,
+    web: u16,
+}
+
+impl Prometheus {
+    fn start(built: &Built, addr: &str) -> Self {
+        ensure_debian_package("prometheus", "prometheus");
+        let config = built.path("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: memtrace\n    static_configs:\n      - targets: ['{addr}']\n"
+            ),
+        )
+        .unwrap();
+        let web = free_port();
+        let running = Running(
+            Command::new("prometheus")
+                .arg(format!("--config.file={config}"))
+                .arg(format!("--storage.tsdb.path={}", built.path("tsdb")))
+                .arg(format!("--web.listen-address=127.0.0.1:{web}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("prometheus starts"),
+        );
+        Self { _running: running, web }
+    }
+
+    /// The series of `promql` once Prometheus has scraped any.
+    fn wait_for(&self, promql: &str) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let found = query(self.web, promql);
+            if !found.is_empty() {
+                return found;
+            }
+            assert!(Instant::now() < deadline, "Prometheus never had {promql}");
+            thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
 #[test]
 fn prometheus_scrapes_the_leak_from_listen() {
     require_root();
-    ensure_debian_package("prometheus", "prometheus");
     let built = build("prom");
     let mut target = built.start(&[]);
     let pid = target.pid().to_string();
-    let listen = free_port();
-    let addr = format!("127.0.0.1:{listen}");
+    let addr = format!("127.0.0.1:{}", free_port());
     let memtrace = Memtrace::attach(&["--pid", &pid, "--interval", "0.3", "--format", "json", "--listen", &addr]);
     target.send("go");
     target.expect_line("done");
-    let config = built.path("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: memtrace\n    static_configs:\n      - targets: ['{addr}']\n"
-        ),
-    )
-    .unwrap();
-    let web = free_port();
-    let _prometheus = Running(
-        Command::new("prometheus")
-            .arg(format!("--config.file={config}"))
-            .arg(format!("--storage.tsdb.path={}", built.path("tsdb")))
-            .arg(format!("--web.listen-address=127.0.0.1:{web}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("prometheus starts"),
-    );
+    let prometheus = Prometheus::start(&built, &addr);
     let site = built.site("LEAK");
-    let wanted = format!(r#"memtrace_site_outstanding_bytes{{pid="{pid}",site="{site}"}}"#);
-    let deadline = Instant::now() + TIMEOUT;
-    let series = loop {
-        let found = query(web, &wanted);
-        if !found.is_empty() {
-            break found;
-        }
-        assert!(Instant::now() < deadline, "Prometheus never had {wanted}");
-        thread::sleep(Duration::from_millis(500));
-    };
+    let series = prometheus.wait_for(&format!(r#"memtrace_site_outstanding_bytes{{pid="{pid}",site="{site}"}}"#));
+    let web = prometheus.web;
     assert_eq!(series.len(), 1, "{series:?}");
     assert_eq!(series[0]["value"][1], "1000000", "{series:?}");
     assert_eq!(series[0]["metric"]["comm"], "outputs");
@@ -281,9 +302,57 @@ fn prometheus_scrapes_the_leak_from_listen() {
     assert_eq!(lost[0]["value"][1], "0", "{lost:?}");
     let churn = query(web, &format!(r#"memtrace_site_outstanding_bytes{{site="{}"}}"#, built.site("CHURN")));
     assert!(churn.is_empty(), "the churn has nothing outstanding: {churn:?}");
+    // The census's memory, at least the million bytes the program keeps.
+    let number = |series: &[serde_json::Value]| -> f64 {
+        series[0]["value"][1].as_str().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{series:?}"))
+    };
+    let rss = query(web, &format!(r#"memtrace_rss_bytes{{pid="{pid}"}}"#));
+    assert!(number(&rss) > 1e6, "{rss:?}");
+    let anonymous = query(web, &format!(r#"memtrace_anonymous_bytes{{pid="{pid}"}}"#));
+    assert!(number(&anonymous) > 1e6 && number(&anonymous) <= number(&rss), "{anonymous:?} {rss:?}");
+    assert!(query(web, &format!(r#"memtrace_python_heap_bytes{{pid="{pid}"}}"#)).is_empty(), "no pymalloc in C");
+    // memtrace's own, as every exporter names them.
+    let own_rss = query(web, r#"process_resident_memory_bytes{job="memtrace"}"#);
+    assert!(number(&own_rss) > 1e6, "{own_rss:?}");
+    let cpu = query(web, r#"process_cpu_seconds_total{job="memtrace"}"#);
+    assert!(number(&cpu) > 0.0, "{cpu:?}");
     memtrace.signal(libc::SIGINT);
     let (status, _, stderr) = memtrace.finish();
     assert_eq!(status.code(), Some(0), "{stderr:?}");
+}
+
+/// A Python process holding 10,000 instances of its own class: Prometheus
+/// reads their number from the census, with the Python heap, and no more
+/// types than --types-limit.
+#[test]
+fn prometheus_counts_a_python_population() {
+    require_root();
+    let python = Path::new(PYTHON);
+    assert!(python.exists(), "{PYTHON} is missing");
+    let built = build("prom-python");
+    let script = built.path("population.py");
+    std::fs::write(
+        &script,
+        "import sys\nclass Population:\n    pass\nkept = [Population() for _ in range(10_000)]\nprint('ready', flush=True)\nsys.stdin.readline()\n",
+    )
+    .unwrap();
+    let mut target = Target::spawn(Command::new(python).arg(&script));
+    target.expect_line("ready");
+    let pid = target.pid().to_string();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let memtrace =
+        Memtrace::attach(&["--pid", &pid, "--census-only", "--interval", "1", "--format", "json", "--types-limit", "5", "--listen", &addr]);
+    let prometheus = Prometheus::start(&built, &addr);
+    let population = prometheus.wait_for(&format!(r#"memtrace_type_objects{{pid="{pid}",type="Population"}}"#));
+    assert_eq!(population[0]["value"][1], "10000", "{population:?}");
+    let types = query(prometheus.web, &format!(r#"count(memtrace_type_objects{{pid="{pid}"}})"#));
+    assert_eq!(types[0]["value"][1], "5", "{types:?}");
+    let heap = query(prometheus.web, &format!(r#"memtrace_python_heap_blocks{{pid="{pid}"}}"#));
+    assert!(heap[0]["value"][1].as_str().unwrap().parse::<u64>().unwrap() > 10_000, "{heap:?}");
+    memtrace.signal(libc::SIGINT);
+    let (status, _, stderr) = memtrace.finish();
+    assert_eq!(status.code(), Some(0), "{stderr:?}");
+    assert!(target.finish().success());
 }
 
 /// The text reports in memtrace's stdout, each with its blank line.
