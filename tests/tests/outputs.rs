@@ -198,14 +198,20 @@ fn chromium_renders_the_flame_graph_and_the_timeline() {
     ensure_debian_package("chromium", "chromium");
     let built = build("svg");
     let (flame, timeline, png) = (built.path("flame.svg"), built.path("timeline.svg"), built.path("timeline.png"));
-    one_round(&built, &["--format", "json", "--flamegraph", &flame, "--timeline", &timeline]);
+    let stdout = one_round(&built, &["--format", "json", "--flamegraph", &flame, "--timeline", &timeline]);
+    let pid = final_report(&stdout).pid;
     let dom = chromium(&flame, &built.path("flame-shot.png"));
     assert!(dom.contains("<svg") && dom.contains(&built.site("LEAK")), "flame graph DOM:\n{dom}");
     assert!(dom.contains("outputs (pid "), "the process's tower:\n{dom}");
     assert!(dom.contains("1,000,000 bytes"), "the leak's size in its tooltip:\n{dom}");
     assert_eq!(png_size(&built.path("flame-shot.png")), (1200, 800));
     let dom = chromium(&timeline, &built.path("timeline-shot.png"));
-    assert!(dom.contains("outputs (pid ") && dom.contains(&built.site("LEAK")), "timeline DOM:\n{dom}");
+    assert!(dom.contains(&built.site("LEAK")), "timeline DOM:\n{dom}");
+    // The census's RSS beside the traced bytes; a C program has no Python heap.
+    for legend in ["RSS", "traced outstanding"] {
+        assert!(dom.contains(&format!("outputs (pid {pid}) {legend}")), "{legend} in the timeline DOM:\n{dom}");
+    }
+    assert!(!dom.contains("Python heap"), "{dom}");
     // The PNG form is drawn by memtrace itself.
     one_round(&built, &["--format", "json", "--timeline", &png]);
     assert_eq!(png_size(&png), (1024, 640));
