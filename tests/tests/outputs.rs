@@ -1,6 +1,6 @@
 //! memtrace's outputs read by the tools users already have, against a C
 //! program traced from outside: go tool pprof reads the --pprof profile,
-//! Prometheus scrapes --listen, headless Chromium renders the flame graph
+//! Prometheus scrapes --listen, headless Chromium renders the flame graphs
 //! and the timeline, jq parses the JSON lines; saved snapshots rebuild the
 //! live report byte for byte; verdicts tell a leak from churn; filters keep
 //! what tracemalloc's would; and every mistake with an output is one line.
@@ -197,14 +197,21 @@ fn chromium_renders_the_flame_graph_and_the_timeline() {
     require_root();
     ensure_debian_package("chromium", "chromium");
     let built = build("svg");
-    let (flame, timeline, png) = (built.path("flame.svg"), built.path("timeline.svg"), built.path("timeline.png"));
-    let stdout = one_round(&built, &["--format", "json", "--flamegraph", &flame, "--timeline", &timeline]);
+    let (flame, diff) = (built.path("flame.svg"), built.path("flame-diff.svg"));
+    let (timeline, png) = (built.path("timeline.svg"), built.path("timeline.png"));
+    let options = ["--format", "json", "--flamegraph", &flame, "--flamegraph-diff", &diff, "--timeline", &timeline];
+    let stdout = one_round(&built, &options);
     let pid = final_report(&stdout).pid;
     let dom = chromium(&flame, &built.path("flame-shot.png"));
     assert!(dom.contains("<svg") && dom.contains(&built.site("LEAK")), "flame graph DOM:\n{dom}");
     assert!(dom.contains("outputs (pid "), "the process's tower:\n{dom}");
     assert!(dom.contains("1,000,000 bytes"), "the leak's size in its tooltip:\n{dom}");
     assert_eq!(png_size(&built.path("flame-shot.png")), (1200, 800));
+    // The change since attach: all of the leak is growth, drawn red.
+    let dom = chromium(&diff, &built.path("diff-shot.png"));
+    let frame = dom.split("<g>").find(|g| g.contains(&built.site("LEAK"))).unwrap_or_else(|| panic!("{dom}"));
+    assert!(frame.contains("1,000,000 bytes, 100.00%; +100.00%)"), "the leak's growth in its tooltip:\n{frame}");
+    assert!(frame.contains(r#"fill="rgb(255,"#), "drawn red:\n{frame}");
     let dom = chromium(&timeline, &built.path("timeline-shot.png"));
     assert!(dom.contains(&built.site("LEAK")), "timeline DOM:\n{dom}");
     // The census's RSS beside the traced bytes; a C program has no Python heap.
