@@ -174,6 +174,10 @@ fn jq_parses_every_json_line_and_reads_the_leak() {
     assert_eq!(leak.trim(), format!("{} 10000 1000000", built.site("LEAK")));
     let lost = run("jq", &["-e", "-r", r#"select(.final) | .losses | to_entries | map(.value) | add"#, &file]);
     assert_eq!(lost.trim(), "0");
+    // Outside a container the process's own pid is the host's.
+    let pids = run("jq", &["-e", "-r", r#"select(.final) | "\(.pid) \(.ns_pid)""#, &file]);
+    let pid = final_report(&stdout).pid;
+    assert_eq!(pids.trim(), format!("{pid} {pid}"));
 }
 
 /// Chromium, headless, on a local file: the DOM it built and a screenshot.
