@@ -357,8 +357,19 @@ fn prometheus_counts_a_python_population() {
     target.expect_line("ready");
     let pid = target.pid().to_string();
     let addr = format!("127.0.0.1:{}", free_port());
-    let memtrace =
-        Memtrace::attach(&["--pid", &pid, "--census-only", "--interval", "1", "--format", "json", "--types-limit", "5", "--listen", &addr]);
+    let memtrace = Memtrace::attach(&[
+        "--pid",
+        &pid,
+        "--census-only",
+        "--interval",
+        "1",
+        "--format",
+        "json",
+        "--types-limit",
+        "5",
+        "--listen",
+        &addr,
+    ]);
     let prometheus = Prometheus::start(&built, &addr);
     let population = prometheus.wait_for(&format!(r#"memtrace_type_objects{{pid="{pid}",type="Population"}}"#));
     assert_eq!(population[0]["value"][1], "10000", "{population:?}");

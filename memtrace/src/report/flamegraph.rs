@@ -48,12 +48,19 @@ impl Writer for FlamegraphWriter {
         options.count_name = "bytes".into();
         options.deterministic = true;
         let lines = if self.differential {
-            options.title = "memtrace: outstanding bytes, red where they grew since the previous report, blue where they shrank".into();
+            options.title =
+                "memtrace: outstanding bytes, red where they grew since the previous report, blue where they shrank"
+                    .into();
             let before = self.latest.values().filter_map(|(root, before, _)| Some((root, before.as_ref()?)));
             let mut merged = Vec::new();
             // Addresses name native frames: they must not be merged away.
             let keep = differential::Options { normalize: false, strip_hex: false };
-            differential::from_readers(keep, collapsed(before).join("\n").as_bytes(), now.join("\n").as_bytes(), &mut merged)?;
+            differential::from_readers(
+                keep,
+                collapsed(before).join("\n").as_bytes(),
+                now.join("\n").as_bytes(),
+                &mut merged,
+            )?;
             String::from_utf8_lossy(&merged).lines().map(str::to_owned).collect()
         } else {
             options.title = "memtrace: outstanding bytes by traceback".into();
@@ -93,12 +100,23 @@ fn collapsed<'a>(snapshots: impl Iterator<Item = (&'a String, &'a Snapshot)>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::text::tests::sample;
+    use crate::{report::text::tests::sample, snapshot::Stat};
+
+    /// The SVG `writer` draws of `report`, its file removed.
+    fn drawn(mut writer: FlamegraphWriter, report: &Report) -> String {
+        writer.write(report).unwrap();
+        let svg = std::fs::read_to_string(&writer.path).unwrap();
+        std::fs::remove_file(&writer.path).unwrap();
+        svg
+    }
+
+    fn path(tag: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("memtrace-flame-{tag}-{}.svg", std::process::id()))
+    }
 
     #[test]
     fn one_tower_per_process_oldest_frame_first() {
-        let path = std::env::temp_dir().join(format!("memtrace-flame-{}.svg", std::process::id()));
-        let mut writer = FlamegraphWriter::new(path.clone());
+        let mut writer = FlamegraphWriter::new(path("towers"));
         writer.write(&sample(false)).unwrap();
         let lines = collapsed(writer.latest.values().map(|(root, _, now)| (root, now)));
         assert_eq!(
@@ -108,39 +126,37 @@ mod tests {
                 "python (pid 24733);/w/app.py:33;/w/app.py:27;/w/app.py:16 3708000"
             ]
         );
-        let svg = std::fs::read_to_string(&path).unwrap();
-        std::fs::remove_file(&path).unwrap();
+        let svg = drawn(writer, &sample(false));
         assert!(svg.starts_with("<?xml") && svg.contains("/w/app.py:16") && svg.contains("python (pid 24733)"));
     }
 
     #[test]
     fn nothing_outstanding_is_a_valid_svg() {
-        let path = std::env::temp_dir().join(format!("memtrace-flame-empty-{}.svg", std::process::id()));
         let mut report = sample(false);
         report.current = Snapshot::default();
-        FlamegraphWriter::new(path.clone()).write(&report).unwrap();
-        let svg = std::fs::read_to_string(&path).unwrap();
-        std::fs::remove_file(&path).unwrap();
-        assert!(svg.contains("No valid input") && svg.trim_end().ends_with("</svg>"), "{svg}");
+        for writer in [FlamegraphWriter::new(path("empty")), FlamegraphWriter::differential(path("empty-diff"))] {
+            let svg = drawn(writer, &report);
+            assert!(svg.contains("No valid input") && svg.trim_end().ends_with("</svg>"), "{svg}");
+        }
+    }
+
+    /// The `<g>` of the frame named `name`: its tooltip and rectangle.
+    fn frame<'a>(svg: &'a str, name: &str) -> &'a str {
+        svg.split("<g>").find(|g| g.contains(&format!("<title>{name} "))).unwrap_or_else(|| panic!("{svg}"))
     }
 
     #[test]
-    fn the_differential_form_colours_growth_red() {
-        let path = std::env::temp_dir().join(format!("memtrace-flame-diff-{}.svg", std::process::id()));
-        let mut writer = FlamegraphWriter::differential(path.clone());
+    fn the_differential_form_colours_growth_red_and_shrinkage_blue() {
         // The leak grew from 1,850,000 to 3,708,000 bytes; a new line came.
-        writer.write(&sample(false)).unwrap();
-        let svg = std::fs::read_to_string(&path).unwrap();
-        std::fs::remove_file(&path).unwrap();
-        let title = svg.split("<title>").find(|t| t.starts_with("/w/app.py:16")).unwrap_or_else(|| panic!("{svg}"));
-        assert!(title.starts_with("/w/app.py:16 (3,708,000 bytes, 100.00%; +50.11%)"), "{title}");
+        let svg = drawn(FlamegraphWriter::differential(path("diff")), &sample(false));
+        let leak = frame(&svg, "/w/app.py:16");
+        assert!(leak.contains("(3,708,000 bytes, 100.00%; +50.11%)") && leak.contains(r#"fill="rgb(255,"#), "{leak}");
         assert!(svg.contains("red where they grew"), "{svg}");
-        // Everything freed: a valid SVG that says nothing is outstanding.
         let mut report = sample(false);
-        report.current = Snapshot::default();
-        FlamegraphWriter::differential(path.clone()).write(&report).unwrap();
-        let svg = std::fs::read_to_string(&path).unwrap();
-        std::fs::remove_file(&path).unwrap();
-        assert!(svg.contains("No valid input") && svg.trim_end().ends_with("</svg>"), "{svg}");
+        let (leak, _) = report.current.stats.iter().max_by_key(|(_, s)| s.size).unwrap();
+        report.previous = Snapshot::from_entries([(leak.clone(), Stat { size: 5_000_000, count: 60_000 })]);
+        let svg = drawn(FlamegraphWriter::differential(path("shrink")), &report);
+        let leak = frame(&svg, "/w/app.py:16");
+        assert!(leak.contains("; -34.84%)") && leak.contains(",255)"), "{leak}");
     }
 }

@@ -115,19 +115,19 @@ impl Metrics {
             m.site_slope,
         );
         registry.register("memtrace_site_growing", "1 if the group's verdict is growing, else 0", m.site_growing);
-        registry.register("memtrace_rss_bytes", "Resident bytes of the process (smaps_rollup Rss)", m.rss_bytes);
-        registry.register(
-            "memtrace_anonymous_bytes",
-            "Anonymous resident bytes of the process (smaps_rollup Anonymous)",
-            m.anonymous_bytes,
-        );
-        registry.register("memtrace_swap_bytes", "Swapped-out bytes of the process (smaps_rollup Swap)", m.swap_bytes);
-        registry.register("memtrace_python_heap_blocks", "Blocks in use in pymalloc's pools", m.heap_blocks);
-        registry.register(
-            "memtrace_python_heap_bytes",
-            "Bytes in use in pymalloc's pools, by size class",
-            m.heap_bytes,
-        );
+        for (name, help, family) in [
+            ("memtrace_rss_bytes", "Resident bytes of the process (smaps_rollup Rss)", m.rss_bytes),
+            (
+                "memtrace_anonymous_bytes",
+                "Anonymous resident bytes of the process (smaps_rollup Anonymous)",
+                m.anonymous_bytes,
+            ),
+            ("memtrace_swap_bytes", "Swapped-out bytes of the process (smaps_rollup Swap)", m.swap_bytes),
+            ("memtrace_python_heap_blocks", "Blocks in use in pymalloc's pools", m.heap_blocks),
+            ("memtrace_python_heap_bytes", "Bytes in use in pymalloc's pools, by size class", m.heap_bytes),
+        ] {
+            registry.register(name, help, family);
+        }
         registry.register(
             "memtrace_type_objects",
             "Objects of one of the process's largest Python types, tracked by the GC or not",

@@ -182,7 +182,8 @@ impl TimelineWriter {
         let mut color = 0;
         for lines in self.processes.values() {
             // The measures thick and marked at each report, the groups thin.
-            let measures = lines.measures.iter().map(|(m, points)| (format!("{} {}", lines.name, m.label()), points, 3));
+            let measures =
+                lines.measures.iter().map(|(m, points)| (format!("{} {}", lines.name, m.label()), points, 3));
             let groups = lines.largest.iter().map(|key| (key.to_string(), &lines.groups[key], 1));
             for (label, points, width) in measures.chain(groups) {
                 let style = Palette99::pick(color).stroke_width(width);
