@@ -499,6 +499,7 @@ fn output_mistakes_are_one_line_before_tracing() {
         "cannot write --pprof /nonexistent/dir/heap.pb.gz",
     );
     assert_one_line_error(memtrace(&["--flamegraph", "/"]), "cannot write --flamegraph /");
+    assert_one_line_error(memtrace(&["--flamegraph-diff", "/tmp"]), "cannot write --flamegraph-diff /tmp");
     assert_one_line_error(memtrace(&["--include", "[x"]), "--include \"[x\" is not a valid glob");
     assert_one_line_error(
         run_memtrace(Command::new(memtrace_bin()).args(["show", "/nonexistent.json"])),
