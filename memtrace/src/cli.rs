@@ -176,8 +176,15 @@ pub struct Options {
     #[arg(long, value_name = "FILE.svg")]
     pub flamegraph: Option<PathBuf>,
 
-    /// Also plot outstanding bytes over time, per process and for the top
-    /// groups, replaced at every report: SVG, or PNG if FILE ends in .png.
+    /// Also write a differential SVG flame graph of outstanding bytes by
+    /// traceback, red where they grew since the previous report and blue
+    /// where they shrank, replaced at every report.
+    #[arg(long, value_name = "FILE.svg")]
+    pub flamegraph_diff: Option<PathBuf>,
+
+    /// Also plot memory over time (RSS, Python heap, outstanding bytes),
+    /// per process and for the top groups, replaced at every report: SVG,
+    /// or PNG if FILE ends in .png.
     #[arg(long, value_name = "FILE")]
     pub timeline: Option<PathBuf>,
 
@@ -236,6 +243,9 @@ impl Options {
         if let Some(path) = &self.flamegraph {
             file("flamegraph", path, Box::new(FlamegraphWriter::new(path.clone())))?;
         }
+        if let Some(path) = &self.flamegraph_diff {
+            file("flamegraph-diff", path, Box::new(FlamegraphWriter::differential(path.clone())))?;
+        }
         if let Some(path) = &self.timeline {
             let writer = TimelineWriter::new(path.clone(), group_by, top)
                 .with_context(|| format!("cannot plot --timeline {}", path.display()))?;
@@ -251,7 +261,7 @@ impl Options {
                 .parse()
                 .map_err(|_| anyhow::anyhow!("--listen {addr:?} is not an address and port such as 127.0.0.1:9464"))?;
             let server =
-                MetricsServer::start(parsed, group_by, top).with_context(|| format!("cannot listen on {addr}"))?;
+                MetricsServer::start(parsed, self.view.report()).with_context(|| format!("cannot listen on {addr}"))?;
             outputs.push(Output { name: format!("--listen {addr}"), writer: Box::new(server) });
         }
         Ok(outputs)
@@ -263,6 +273,7 @@ impl Options {
         self.view.group_by == GroupBy::Traceback
             || self.pprof.is_some()
             || self.flamegraph.is_some()
+            || self.flamegraph_diff.is_some()
             || self.save.is_some()
     }
 

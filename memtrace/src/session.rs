@@ -201,7 +201,8 @@ impl Prepared {
         );
         let baseline = census.take();
         let described = interpreter.as_ref().map(|i| format!("CPython {}", i.version));
-        let info = ProcessInfo { pid, comm: target.comm.clone(), interpreter: described.clone() };
+        let info =
+            ProcessInfo { pid, ns_pid: target.ns_pid, comm: target.comm.clone(), interpreter: described.clone() };
         let Some(tracer) = tracer else {
             eprintln!(
                 "memtrace: tracing pid {pid} ({}){}: census only, no probes; a report every {} s; Ctrl-C to stop",

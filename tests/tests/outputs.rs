@@ -1,6 +1,6 @@
 //! memtrace's outputs read by the tools users already have, against a C
 //! program traced from outside: go tool pprof reads the --pprof profile,
-//! Prometheus scrapes --listen, headless Chromium renders the flame graph
+//! Prometheus scrapes --listen, headless Chromium renders the flame graphs
 //! and the timeline, jq parses the JSON lines; saved snapshots rebuild the
 //! live report byte for byte; verdicts tell a leak from churn; filters keep
 //! what tracemalloc's would; and every mistake with an output is one line.
@@ -70,6 +70,9 @@ int main(int argc, char **argv) {
     return 0;
 }
 "#;
+
+/// The interpreter the Python outputs tests trace.
+const PYTHON: &str = "/root/.pyenv/versions/3.12.1/bin/python";
 
 struct Built {
     dir: TempDir,
@@ -171,6 +174,10 @@ fn jq_parses_every_json_line_and_reads_the_leak() {
     assert_eq!(leak.trim(), format!("{} 10000 1000000", built.site("LEAK")));
     let lost = run("jq", &["-e", "-r", r#"select(.final) | .losses | to_entries | map(.value) | add"#, &file]);
     assert_eq!(lost.trim(), "0");
+    // Outside a container the process's own pid is the host's.
+    let pids = run("jq", &["-e", "-r", r#"select(.final) | "\(.pid) \(.ns_pid)""#, &file]);
+    let pid = final_report(&stdout).pid;
+    assert_eq!(pids.trim(), format!("{pid} {pid}"));
 }
 
 /// Chromium, headless, on a local file: the DOM it built and a screenshot.
@@ -194,15 +201,28 @@ fn chromium_renders_the_flame_graph_and_the_timeline() {
     require_root();
     ensure_debian_package("chromium", "chromium");
     let built = build("svg");
-    let (flame, timeline, png) = (built.path("flame.svg"), built.path("timeline.svg"), built.path("timeline.png"));
-    one_round(&built, &["--format", "json", "--flamegraph", &flame, "--timeline", &timeline]);
+    let (flame, diff) = (built.path("flame.svg"), built.path("flame-diff.svg"));
+    let (timeline, png) = (built.path("timeline.svg"), built.path("timeline.png"));
+    let options = ["--format", "json", "--flamegraph", &flame, "--flamegraph-diff", &diff, "--timeline", &timeline];
+    let stdout = one_round(&built, &options);
+    let pid = final_report(&stdout).pid;
     let dom = chromium(&flame, &built.path("flame-shot.png"));
     assert!(dom.contains("<svg") && dom.contains(&built.site("LEAK")), "flame graph DOM:\n{dom}");
     assert!(dom.contains("outputs (pid "), "the process's tower:\n{dom}");
     assert!(dom.contains("1,000,000 bytes"), "the leak's size in its tooltip:\n{dom}");
     assert_eq!(png_size(&built.path("flame-shot.png")), (1200, 800));
+    // The change since attach: all of the leak is growth, drawn red.
+    let dom = chromium(&diff, &built.path("diff-shot.png"));
+    let frame = dom.split("<g>").find(|g| g.contains(&built.site("LEAK"))).unwrap_or_else(|| panic!("{dom}"));
+    assert!(frame.contains("1,000,000 bytes, 100.00%; +100.00%)"), "the leak's growth in its tooltip:\n{frame}");
+    assert!(frame.contains(r#"fill="rgb(255,"#), "drawn red:\n{frame}");
     let dom = chromium(&timeline, &built.path("timeline-shot.png"));
-    assert!(dom.contains("outputs (pid ") && dom.contains(&built.site("LEAK")), "timeline DOM:\n{dom}");
+    assert!(dom.contains(&built.site("LEAK")), "timeline DOM:\n{dom}");
+    // The census's RSS beside the traced bytes; a C program has no Python heap.
+    for legend in ["RSS", "traced outstanding"] {
+        assert!(dom.contains(&format!("outputs (pid {pid}) {legend}")), "{legend} in the timeline DOM:\n{dom}");
+    }
+    assert!(!dom.contains("Python heap"), "{dom}");
     // The PNG form is drawn by memtrace itself.
     one_round(&built, &["--format", "json", "--timeline", &png]);
     assert_eq!(png_size(&png), (1024, 640));
@@ -229,48 +249,66 @@ fn query(port: u16, promql: &str) -> Vec<serde_json::Value> {
     answer["data"]["result"].as_array().cloned().unwrap_or_default()
 }
 
+/// Debian's Prometheus on loopback, scraping memtrace at `addr` every
+/// second; killed when dropped.
+struct Prometheus {
+    _running: Running,
+    web: u16,
+}
+
+impl Prometheus {
+    fn start(built: &Built, addr: &str) -> Self {
+        ensure_debian_package("prometheus", "prometheus");
+        let config = built.path("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: memtrace\n    static_configs:\n      - targets: ['{addr}']\n"
+            ),
+        )
+        .unwrap();
+        let web = free_port();
+        let running = Running(
+            Command::new("prometheus")
+                .arg(format!("--config.file={config}"))
+                .arg(format!("--storage.tsdb.path={}", built.path("tsdb")))
+                .arg(format!("--web.listen-address=127.0.0.1:{web}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("prometheus starts"),
+        );
+        Self { _running: running, web }
+    }
+
+    /// The series of `promql` once Prometheus has scraped any.
+    fn wait_for(&self, promql: &str) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let found = query(self.web, promql);
+            if !found.is_empty() {
+                return found;
+            }
+            assert!(Instant::now() < deadline, "Prometheus never had {promql}");
+            thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
 #[test]
 fn prometheus_scrapes_the_leak_from_listen() {
     require_root();
-    ensure_debian_package("prometheus", "prometheus");
     let built = build("prom");
     let mut target = built.start(&[]);
     let pid = target.pid().to_string();
-    let listen = free_port();
-    let addr = format!("127.0.0.1:{listen}");
+    let addr = format!("127.0.0.1:{}", free_port());
     let memtrace = Memtrace::attach(&["--pid", &pid, "--interval", "0.3", "--format", "json", "--listen", &addr]);
     target.send("go");
     target.expect_line("done");
-    let config = built.path("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: memtrace\n    static_configs:\n      - targets: ['{addr}']\n"
-        ),
-    )
-    .unwrap();
-    let web = free_port();
-    let _prometheus = Running(
-        Command::new("prometheus")
-            .arg(format!("--config.file={config}"))
-            .arg(format!("--storage.tsdb.path={}", built.path("tsdb")))
-            .arg(format!("--web.listen-address=127.0.0.1:{web}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("prometheus starts"),
-    );
+    let prometheus = Prometheus::start(&built, &addr);
     let site = built.site("LEAK");
-    let wanted = format!(r#"memtrace_site_outstanding_bytes{{pid="{pid}",site="{site}"}}"#);
-    let deadline = Instant::now() + TIMEOUT;
-    let series = loop {
-        let found = query(web, &wanted);
-        if !found.is_empty() {
-            break found;
-        }
-        assert!(Instant::now() < deadline, "Prometheus never had {wanted}");
-        thread::sleep(Duration::from_millis(500));
-    };
+    let series = prometheus.wait_for(&format!(r#"memtrace_site_outstanding_bytes{{pid="{pid}",site="{site}"}}"#));
+    let web = prometheus.web;
     assert_eq!(series.len(), 1, "{series:?}");
     assert_eq!(series[0]["value"][1], "1000000", "{series:?}");
     assert_eq!(series[0]["metric"]["comm"], "outputs");
@@ -281,9 +319,69 @@ fn prometheus_scrapes_the_leak_from_listen() {
     assert_eq!(lost[0]["value"][1], "0", "{lost:?}");
     let churn = query(web, &format!(r#"memtrace_site_outstanding_bytes{{site="{}"}}"#, built.site("CHURN")));
     assert!(churn.is_empty(), "the churn has nothing outstanding: {churn:?}");
+    // The census's memory, at least the million bytes the program keeps.
+    let number = |series: &[serde_json::Value]| -> f64 {
+        series[0]["value"][1].as_str().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{series:?}"))
+    };
+    let rss = query(web, &format!(r#"memtrace_rss_bytes{{pid="{pid}"}}"#));
+    assert!(number(&rss) > 1e6, "{rss:?}");
+    let anonymous = query(web, &format!(r#"memtrace_anonymous_bytes{{pid="{pid}"}}"#));
+    assert!(number(&anonymous) > 1e6 && number(&anonymous) <= number(&rss), "{anonymous:?} {rss:?}");
+    assert!(query(web, &format!(r#"memtrace_python_heap_bytes{{pid="{pid}"}}"#)).is_empty(), "no pymalloc in C");
+    // memtrace's own, as every exporter names them.
+    let own_rss = query(web, r#"process_resident_memory_bytes{job="memtrace"}"#);
+    assert!(number(&own_rss) > 1e6, "{own_rss:?}");
+    let cpu = query(web, r#"process_cpu_seconds_total{job="memtrace"}"#);
+    assert!(number(&cpu) > 0.0, "{cpu:?}");
     memtrace.signal(libc::SIGINT);
     let (status, _, stderr) = memtrace.finish();
     assert_eq!(status.code(), Some(0), "{stderr:?}");
+}
+
+/// A Python process holding 10,000 instances of its own class: Prometheus
+/// reads their number from the census, with the Python heap, and no more
+/// types than --types-limit.
+#[test]
+fn prometheus_counts_a_python_population() {
+    require_root();
+    let python = Path::new(PYTHON);
+    assert!(python.exists(), "{PYTHON} is missing");
+    let built = build("prom-python");
+    let script = built.path("population.py");
+    std::fs::write(
+        &script,
+        "import sys\nclass Population:\n    pass\nkept = [Population() for _ in range(10_000)]\nprint('ready', flush=True)\nsys.stdin.readline()\n",
+    )
+    .unwrap();
+    let mut target = Target::spawn(Command::new(python).arg(&script));
+    target.expect_line("ready");
+    let pid = target.pid().to_string();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let memtrace = Memtrace::attach(&[
+        "--pid",
+        &pid,
+        "--census-only",
+        "--interval",
+        "1",
+        "--format",
+        "json",
+        "--types-limit",
+        "5",
+        "--listen",
+        &addr,
+    ]);
+    let prometheus = Prometheus::start(&built, &addr);
+    let population =
+        prometheus.wait_for(&format!(r#"memtrace_type_objects{{pid="{pid}",type="__main__.Population"}}"#));
+    assert_eq!(population[0]["value"][1], "10000", "{population:?}");
+    let types = query(prometheus.web, &format!(r#"count(memtrace_type_objects{{pid="{pid}"}})"#));
+    assert_eq!(types[0]["value"][1], "5", "{types:?}");
+    let heap = query(prometheus.web, &format!(r#"memtrace_python_heap_blocks{{pid="{pid}"}}"#));
+    assert!(heap[0]["value"][1].as_str().unwrap().parse::<u64>().unwrap() > 10_000, "{heap:?}");
+    memtrace.signal(libc::SIGINT);
+    let (status, _, stderr) = memtrace.finish();
+    assert_eq!(status.code(), Some(0), "{stderr:?}");
+    assert!(target.finish().success());
 }
 
 /// The text reports in memtrace's stdout, each with its blank line.
@@ -402,6 +500,7 @@ fn output_mistakes_are_one_line_before_tracing() {
         "cannot write --pprof /nonexistent/dir/heap.pb.gz",
     );
     assert_one_line_error(memtrace(&["--flamegraph", "/"]), "cannot write --flamegraph /");
+    assert_one_line_error(memtrace(&["--flamegraph-diff", "/tmp"]), "cannot write --flamegraph-diff /tmp");
     assert_one_line_error(memtrace(&["--include", "[x"]), "--include \"[x\" is not a valid glob");
     assert_one_line_error(
         run_memtrace(Command::new(memtrace_bin()).args(["show", "/nonexistent.json"])),

@@ -15,6 +15,9 @@ pub struct JsonReport {
     /// Seconds since the Unix epoch.
     pub time: f64,
     pub pid: u32,
+    /// The pid inside the process's own pid namespace (a container's);
+    /// equal to `pid` outside one.
+    pub ns_pid: u32,
     pub comm: String,
     /// "CPython 3.12.1", or null for a native process.
     pub interpreter: Option<String>,
@@ -146,6 +149,7 @@ impl JsonReport {
         Self {
             time: report.time.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
             pid: report.process.pid,
+            ns_pid: report.process.ns_pid,
             comm: report.process.comm.clone(),
             interpreter: report.process.interpreter.clone(),
             sequence: report.sequence,

@@ -23,6 +23,9 @@ pub type Counters = Vec<(Cow<'static, str>, u64)>;
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ProcessInfo {
     pub pid: u32,
+    /// The pid inside the process's own pid namespace; `pid` outside
+    /// containers.
+    pub ns_pid: u32,
     /// The command name.
     pub comm: String,
     /// "CPython 3.12.1", when memtrace reads its interpreter.

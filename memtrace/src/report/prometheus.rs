@@ -2,10 +2,14 @@
 //! OpenMetrics text format, so that a fleet's Prometheus scrapes every
 //! host's memtrace like any other exporter. Per traced process (labels
 //! `pid`, `comm`): outstanding bytes and blocks, allocated totals, every
-//! loss counter; per top group of the report (label `site`, as the text
-//! report prints it): outstanding bytes and blocks, peak at reports, and
-//! the trend's slope and verdict. Values are those of each process's latest
-//! report; a process's series go away after its final report. A small
+//! loss counter, and the census's memory, Python heap and largest types
+//! (label `type`, `--types-limit` of them); per top group of the report
+//! (label `site`, as the text report prints it, `--top` of them):
+//! outstanding bytes and blocks, peak at reports, and the trend's slope and
+//! verdict. Values are those of each process's latest report; a process's
+//! series go away after its final report. memtrace's own CPU time and RSS
+//! are read at each scrape, under the names every exporter gives its own
+//! (`process_cpu_seconds_total`, `process_resident_memory_bytes`). A small
 //! blocking HTTP server answers on its own thread.
 
 use std::{
@@ -21,8 +25,8 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use super::{Report, Writer, trend::Verdict};
-use crate::snapshot::GroupBy;
+use super::{Report, View, Writer, trend::Verdict};
+use crate::census::memory::Memory;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProcessLabels {
@@ -35,6 +39,13 @@ struct SiteLabels {
     pid: u32,
     comm: String,
     site: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, Ord, PartialOrd, EncodeLabelSet)]
+struct TypeLabels {
+    pid: u32,
+    comm: String,
+    r#type: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -59,6 +70,15 @@ struct Metrics {
     site_peak_bytes: Family<SiteLabels, Gauge>,
     site_slope: Family<SiteLabels, F64Gauge>,
     site_growing: Family<SiteLabels, Gauge>,
+    rss_bytes: Family<ProcessLabels, Gauge>,
+    anonymous_bytes: Family<ProcessLabels, Gauge>,
+    swap_bytes: Family<ProcessLabels, Gauge>,
+    heap_blocks: Family<ProcessLabels, Gauge>,
+    heap_bytes: Family<ProcessLabels, Gauge>,
+    type_objects: Family<TypeLabels, Gauge>,
+    /// memtrace's own, set at each scrape.
+    own_cpu_seconds: Counter<f64, AtomicU64>,
+    own_rss_bytes: Gauge,
 }
 
 impl Metrics {
@@ -95,37 +115,81 @@ impl Metrics {
             m.site_slope,
         );
         registry.register("memtrace_site_growing", "1 if the group's verdict is growing, else 0", m.site_growing);
+        for (name, help, family) in [
+            ("memtrace_rss_bytes", "Resident bytes of the process (smaps_rollup Rss)", m.rss_bytes),
+            (
+                "memtrace_anonymous_bytes",
+                "Anonymous resident bytes of the process (smaps_rollup Anonymous)",
+                m.anonymous_bytes,
+            ),
+            ("memtrace_swap_bytes", "Swapped-out bytes of the process (smaps_rollup Swap)", m.swap_bytes),
+            ("memtrace_python_heap_blocks", "Blocks in use in pymalloc's pools", m.heap_blocks),
+            ("memtrace_python_heap_bytes", "Bytes in use in pymalloc's pools, by size class", m.heap_bytes),
+        ] {
+            registry.register(name, help, family);
+        }
+        registry.register(
+            "memtrace_type_objects",
+            "Objects of one of the process's largest Python types, tracked by the GC or not",
+            m.type_objects,
+        );
+        registry.register("process_cpu_seconds", "CPU time memtrace itself has used", m.own_cpu_seconds);
+        registry.register("process_resident_memory_bytes", "Resident bytes of memtrace itself", m.own_rss_bytes);
+    }
+
+    /// Reads memtrace's own CPU time and RSS into their metrics.
+    fn read_own(&self) {
+        // getrusage counts every thread of the process, the BPF maps'
+        // readers and this server included.
+        let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+        // SAFETY: getrusage fills the struct it is given; RUSAGE_SELF is valid.
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) } == 0 {
+            // SAFETY: initialised by the successful call above (and zeroed before).
+            let usage = unsafe { usage.assume_init() };
+            let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+            let total = secs(usage.ru_utime) + secs(usage.ru_stime);
+            let counted = self.own_cpu_seconds.get();
+            if total > counted {
+                self.own_cpu_seconds.inc_by(total - counted);
+            }
+        }
+        if let Ok(memory) = Memory::read(std::process::id()) {
+            self.own_rss_bytes.set(memory.rss as i64);
+        }
     }
 }
 
 /// The writer that keeps the metrics, and the server that serves them.
 pub struct MetricsServer {
     metrics: Metrics,
-    group_by: GroupBy,
-    top: usize,
-    /// Each process's site series now, to remove those that leave the top.
+    view: View,
+    /// Each process's site and type series now, to remove those that leave
+    /// the top.
     sites: BTreeMap<u32, BTreeSet<SiteLabels>>,
+    types: BTreeMap<u32, BTreeSet<TypeLabels>>,
     server: Arc<tiny_http::Server>,
 }
 
 impl MetricsServer {
     /// Binds `addr` now (so a port in use fails before tracing) and serves
     /// /metrics from a thread of its own.
-    pub fn start(addr: SocketAddr, group_by: GroupBy, top: usize) -> anyhow::Result<Self> {
+    pub fn start(addr: SocketAddr, view: View) -> anyhow::Result<Self> {
         let server = Arc::new(tiny_http::Server::http(addr).map_err(|e| anyhow::anyhow!("{e}"))?);
         let metrics = Metrics::default();
         let mut registry = Registry::default();
         metrics.register(&mut registry);
         let registry = Arc::new(Mutex::new(registry));
         let serving = Arc::clone(&server);
-        thread::Builder::new().name("metrics".into()).spawn(move || serve(&serving, &registry))?;
-        Ok(Self { metrics, group_by, top, sites: BTreeMap::new(), server })
+        let own = metrics.clone();
+        thread::Builder::new().name("metrics".into()).spawn(move || serve(&serving, &registry, &own))?;
+        Ok(Self { metrics, view, sites: BTreeMap::new(), types: BTreeMap::new(), server })
     }
 }
 
-fn serve(server: &tiny_http::Server, registry: &Mutex<Registry>) {
+fn serve(server: &tiny_http::Server, registry: &Mutex<Registry>, metrics: &Metrics) {
     for request in server.incoming_requests() {
         let response = if request.url() == "/metrics" {
+            metrics.read_own();
             let mut body = String::new();
             let encoded = encode(&mut body, &registry.lock().unwrap_or_else(|e| e.into_inner()));
             let header = "Content-Type: application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -158,8 +222,9 @@ impl Writer for MetricsServer {
             .iter()
             .map(|(kind, value)| (LossLabels { pid, comm: comm.clone(), kind: kind.to_string() }, *value));
         let old_sites = self.sites.remove(&pid).unwrap_or_default();
+        let old_types = self.types.remove(&pid).unwrap_or_default();
         if report.is_final {
-            for family in [&m.outstanding_bytes, &m.outstanding_blocks] {
+            for family in m.process_gauges() {
                 family.remove(&process);
             }
             for family in [&m.allocated_bytes, &m.allocated_blocks, &m.reports] {
@@ -170,6 +235,9 @@ impl Writer for MetricsServer {
             });
             for site in &old_sites {
                 remove_site(m, site);
+            }
+            for labels in &old_types {
+                m.type_objects.remove(labels);
             }
             return Ok(());
         }
@@ -182,13 +250,39 @@ impl Writer for MetricsServer {
         for (labels, value) in losses {
             raise(&m.lost.get_or_create(&labels), value);
         }
-        let trends = report.history.trends(self.group_by);
+        let census = report.census.as_ref().map(|c| &c.now);
+        let memory = census.and_then(|c| c.memory);
+        let heap = census.and_then(|c| c.heap);
+        for (family, value) in [
+            (&m.rss_bytes, memory.map(|m| m.rss)),
+            (&m.anonymous_bytes, memory.map(|m| m.anonymous)),
+            (&m.swap_bytes, memory.map(|m| m.swap)),
+            (&m.heap_blocks, heap.map(|h| h.blocks)),
+            (&m.heap_bytes, heap.map(|h| h.bytes)),
+        ] {
+            set_or_remove(family, &process, value);
+        }
+        // The census lists types biggest first: the largest populations are
+        // the series, so that their number stays bounded and they change
+        // only when the ranking does.
+        let mut types = BTreeSet::new();
+        for count in census.and_then(|c| c.objects.as_ref()).iter().flat_map(|o| &o.types).take(self.view.types) {
+            let labels = TypeLabels { pid, comm: comm.clone(), r#type: count.name.clone() };
+            m.type_objects.get_or_create(&labels).set(count.count() as i64);
+            types.insert(labels);
+        }
+        for gone in old_types.difference(&types) {
+            m.type_objects.remove(gone);
+        }
+        self.types.insert(pid, types);
+        let group_by = self.view.group_by;
+        let trends = report.history.trends(group_by);
         let mut sites = BTreeSet::new();
-        for row in report.rows(self.group_by).iter().filter(|r| r.count > 0).take(self.top) {
+        for row in report.rows(group_by).iter().filter(|r| r.count > 0).take(self.view.top) {
             let labels = SiteLabels { pid, comm: comm.clone(), site: row.traceback.to_string() };
             m.site_bytes.get_or_create(&labels).set(row.size as i64);
             m.site_blocks.get_or_create(&labels).set(row.count as i64);
-            match report.history.peak(self.group_by, &row.traceback) {
+            match report.history.peak(group_by, &row.traceback) {
                 Some(peak) => {
                     m.site_peak_bytes.get_or_create(&labels).set(peak as i64);
                 }
@@ -216,6 +310,33 @@ impl Writer for MetricsServer {
     }
 }
 
+impl Metrics {
+    /// The per-process gauges, which a final report removes.
+    fn process_gauges(&self) -> [&Family<ProcessLabels, Gauge>; 7] {
+        [
+            &self.outstanding_bytes,
+            &self.outstanding_blocks,
+            &self.rss_bytes,
+            &self.anonymous_bytes,
+            &self.swap_bytes,
+            &self.heap_blocks,
+            &self.heap_bytes,
+        ]
+    }
+}
+
+/// A value the report may lack (no census, no pymalloc): no series then.
+fn set_or_remove(family: &Family<ProcessLabels, Gauge>, labels: &ProcessLabels, value: Option<u64>) {
+    match value {
+        Some(value) => {
+            family.get_or_create(labels).set(value as i64);
+        }
+        None => {
+            family.remove(labels);
+        }
+    }
+}
+
 fn remove_site(m: &Metrics, labels: &SiteLabels) {
     for family in [&m.site_bytes, &m.site_blocks, &m.site_peak_bytes, &m.site_growing] {
         family.remove(labels);
@@ -233,7 +354,13 @@ mod tests {
     use std::io::{Read as _, Write as _};
 
     use super::*;
-    use crate::report::text::tests::sample;
+    use crate::{
+        census::{Census, ObjectCensus, TypeCount, pymalloc},
+        report::{CensusChange, text::tests::sample},
+        snapshot::GroupBy,
+    };
+
+    const VIEW: View = View { group_by: GroupBy::Lineno, top: 10, types: 2 };
 
     fn scrape(addr: SocketAddr, path: &str) -> String {
         let mut stream = std::net::TcpStream::connect(addr).unwrap();
@@ -245,10 +372,20 @@ mod tests {
 
     #[test]
     fn serves_the_latest_report_and_drops_a_finished_process() {
-        let mut server = MetricsServer::start("127.0.0.1:0".parse().unwrap(), GroupBy::Lineno, 10).unwrap();
+        let mut server = MetricsServer::start("127.0.0.1:0".parse().unwrap(), VIEW).unwrap();
         let addr = server.server.server_addr().to_ip().unwrap();
         let mut report = sample(false);
         report.history.push(report.time, &report.current);
+        let count = |name: &str, tracked| TypeCount { name: name.into(), tracked, untracked: 1 };
+        let now = Census {
+            memory: Some(Memory { rss: 9 << 20, anonymous: 5 << 20, swap: 0 }),
+            heap: Some(pymalloc::Census { blocks: 51_000, bytes: 3_000_000, raw_blocks: 4 }),
+            objects: Some(ObjectCensus {
+                types: vec![count("MyObject", 9_999), count("dict", 500), count("tuple", 20)],
+                ..ObjectCensus::default()
+            }),
+        };
+        report.census = Some(CensusChange { now, before: Census::default() });
         server.write(&report).unwrap();
         let body = scrape(addr, "/metrics");
         for line in [
@@ -257,9 +394,20 @@ mod tests {
             r#"memtrace_lost_total{pid="24733",comm="python",kind="python-reads"} 3"#,
             r#"memtrace_site_outstanding_bytes{pid="24733",comm="python",site="/w/app.py:16"} 3708000"#,
             r#"memtrace_site_peak_bytes{pid="24733",comm="python",site="/w/app.py:16"} 3708000"#,
+            r#"memtrace_rss_bytes{pid="24733",comm="python"} 9437184"#,
+            r#"memtrace_swap_bytes{pid="24733",comm="python"} 0"#,
+            r#"memtrace_python_heap_blocks{pid="24733",comm="python"} 51000"#,
+            r#"memtrace_type_objects{pid="24733",comm="python",type="MyObject"} 10000"#,
+            r#"memtrace_type_objects{pid="24733",comm="python",type="dict"} 501"#,
         ] {
             assert!(body.contains(line), "{line} not in:\n{body}");
         }
+        assert!(!body.contains(r#"type="tuple""#), "--types-limit bounds the types: {body}");
+        let own = |name: &str| -> f64 {
+            let line = body.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name}: {body}"));
+            line.rsplit(' ').next().unwrap().parse().unwrap()
+        };
+        assert!(own("process_resident_memory_bytes ") > 0.0 && own("process_cpu_seconds_total ") > 0.0, "{body}");
         assert!(body.trim_end().ends_with("# EOF"), "{body}");
         // The site that only vanished has nothing outstanding: no series.
         assert!(!body.contains("malloc+0x1c"), "{body}");
@@ -267,13 +415,14 @@ mod tests {
         server.write(&sample(true)).unwrap();
         let body = scrape(addr, "/metrics");
         assert!(!body.contains("24733"), "{body}");
+        assert!(body.contains("process_resident_memory_bytes "), "memtrace's own stay: {body}");
     }
 
     #[test]
     fn a_port_in_use_fails_at_start() {
-        let first = MetricsServer::start("127.0.0.1:0".parse().unwrap(), GroupBy::Lineno, 10).unwrap();
+        let first = MetricsServer::start("127.0.0.1:0".parse().unwrap(), VIEW).unwrap();
         let addr = first.server.server_addr().to_ip().unwrap();
-        let err = MetricsServer::start(addr, GroupBy::Lineno, 10).err().expect("the port is taken");
+        let err = MetricsServer::start(addr, VIEW).err().expect("the port is taken");
         assert!(err.to_string().contains("in use"), "{err}");
     }
 }

@@ -232,7 +232,7 @@ pub(crate) mod tests {
         let native = tb(&[("malloc+0x1c (libc.so.6)", 0)]);
         Report {
             time: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_764_571_025),
-            process: ProcessInfo { pid: 24733, comm: "python".into(), interpreter: Some("CPython 3.12.1".into()) },
+            process: ProcessInfo { pid: 24733, ns_pid: 24733, comm: "python".into(), interpreter: Some("CPython 3.12.1".into()) },
             sequence: 2,
             is_final,
             allocated: Stat { size: 5_200_000, count: 42_790 },

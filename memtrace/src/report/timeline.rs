@@ -1,8 +1,9 @@
-//! `--timeline FILE`: outstanding bytes over time as a line plot (plotters):
-//! one line per traced process for its total, and one for each of its
-//! largest groups at the latest report, as the report groups them.
-//! Written as SVG, or as PNG when FILE ends in `.png`; replaced at every
-//! report. Text is laid out with a TrueType font read from the system
+//! `--timeline FILE`: memory over time as a line plot (plotters), as
+//! `mprof plot` draws it: per traced process, thick lines for its RSS and
+//! Python heap (from the census) and its traced outstanding bytes, each
+//! marked at every report, and a thin line for each of its largest groups
+//! at the latest report, as the report groups them. Written as SVG, or as
+//! PNG when FILE ends in `.png`; replaced at every report. Text is laid out with a TrueType font read from the system
 //! (Debian's fonts-dejavu-core), for both formats.
 
 use std::{
@@ -39,11 +40,31 @@ pub struct TimelineWriter {
     processes: BTreeMap<u32, Lines>,
 }
 
+/// What a process's thick lines measure, in legend order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Measure {
+    Rss,
+    PythonHeap,
+    Outstanding,
+}
+
+impl Measure {
+    fn label(self) -> &'static str {
+        match self {
+            Measure::Rss => "RSS",
+            Measure::PythonHeap => "Python heap",
+            Measure::Outstanding => "traced outstanding",
+        }
+    }
+}
+
 /// One process's lines: (seconds since the first report, bytes).
 #[derive(Default)]
 struct Lines {
     name: String,
-    total: Vec<(f64, u64)>,
+    /// Only those the reports had: no Python heap for a C program, no
+    /// outstanding bytes under `--census-only`.
+    measures: BTreeMap<Measure, Vec<(f64, u64)>>,
     groups: HashMap<Traceback, Vec<(f64, u64)>>,
     /// The groups to draw: the largest at the latest report.
     largest: Vec<Traceback>,
@@ -84,7 +105,16 @@ impl Writer for TimelineWriter {
         let t = report.time.duration_since(start).unwrap_or_default().as_secs_f64();
         let lines = self.processes.entry(report.process.pid).or_default();
         lines.name = format!("{} (pid {})", report.process.comm, report.process.pid);
-        push(&mut lines.total, (t, report.current.total().size));
+        let census = report.census.as_ref().map(|c| &c.now);
+        for (measure, bytes) in [
+            (Measure::Rss, census.and_then(|c| c.memory).map(|m| m.rss)),
+            (Measure::PythonHeap, census.and_then(|c| c.heap).map(|h| h.bytes)),
+            (Measure::Outstanding, report.traced.then(|| report.current.total().size)),
+        ] {
+            if let Some(bytes) = bytes {
+                push(lines.measures.entry(measure).or_default(), (t, bytes));
+            }
+        }
         let mut groups: Vec<_> = report.current.group(self.group_by).stats.into_iter().collect();
         groups.sort_by(|a, b| b.1.size.cmp(&a.1.size).then_with(|| a.0.cmp(&b.0)));
         groups.truncate(self.top.min(GROUP_LINES));
@@ -133,11 +163,11 @@ impl TimelineWriter {
     {
         let error = |e: DrawingAreaErrorKind<B::ErrorType>| anyhow::anyhow!("cannot plot: {e:?}");
         root.fill(&WHITE).map_err(error)?;
-        let all = self.processes.values().flat_map(|l| l.total.iter().chain(l.groups.values().flatten()));
+        let all = self.processes.values().flat_map(|l| l.measures.values().chain(l.groups.values()).flatten());
         let t_max = all.clone().map(|p| p.0).fold(1.0, f64::max);
         let y_max = all.map(|p| p.1).max().unwrap_or(0).max(1) as f64 * 1.05;
         let mut chart = ChartBuilder::on(root)
-            .caption("memtrace: outstanding bytes since attach", ("sans-serif", 22))
+            .caption("memtrace: memory over time", ("sans-serif", 22))
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(80)
@@ -151,17 +181,22 @@ impl TimelineWriter {
             .map_err(error)?;
         let mut color = 0;
         for lines in self.processes.values() {
-            // The total thick, its groups thin.
-            let total = std::iter::once((format!("{} total", lines.name), &lines.total, 3));
+            // The measures thick and marked at each report, the groups thin.
+            let measures =
+                lines.measures.iter().map(|(m, points)| (format!("{} {}", lines.name, m.label()), points, 3));
             let groups = lines.largest.iter().map(|key| (key.to_string(), &lines.groups[key], 1));
-            for (label, points, width) in total.chain(groups) {
+            for (label, points, width) in measures.chain(groups) {
                 let style = Palette99::pick(color).stroke_width(width);
                 color += 1;
+                let points = || points.iter().map(|&(t, y)| (t, y as f64));
                 chart
-                    .draw_series(LineSeries::new(points.iter().map(|&(t, y)| (t, y as f64)), style))
+                    .draw_series(LineSeries::new(points(), style))
                     .map_err(error)?
                     .label(label)
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+                if width > 1 {
+                    chart.draw_series(points().map(|p| Circle::new(p, 3, style.filled()))).map_err(error)?;
+                }
             }
         }
         chart
@@ -184,7 +219,10 @@ fn sibling(path: &Path, suffix: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::text::tests::sample;
+    use crate::{
+        census::{Census, memory::Memory, pymalloc},
+        report::{CensusChange, text::tests::sample},
+    };
 
     /// Needs a system font; memtrace's test set-up installs Debian's
     /// fonts-dejavu-core, and without one the writer says so at start.
@@ -201,13 +239,24 @@ mod tests {
             let path = dir.join(name);
             let mut writer = TimelineWriter::new(path.clone(), GroupBy::Lineno, 10).unwrap();
             let mut report = sample(false);
+            let now = Census {
+                memory: Some(Memory { rss: 9 << 20, anonymous: 5 << 20, swap: 0 }),
+                heap: Some(pymalloc::Census { blocks: 51_000, bytes: 3_000_000, raw_blocks: 4 }),
+                objects: None,
+            };
+            report.census = Some(CensusChange { now, before: Census::default() });
             writer.write(&report).unwrap();
             report.time += std::time::Duration::from_secs(5);
             writer.write(&report).unwrap();
             let bytes = std::fs::read(&path).unwrap();
             if name.ends_with(".svg") {
                 let svg = String::from_utf8(bytes).unwrap();
-                assert!(svg.contains("python (pid 24733) total") && svg.contains("/w/app.py:16"), "{svg}");
+                for label in ["RSS", "Python heap", "traced outstanding"] {
+                    assert!(svg.contains(&format!("python (pid 24733) {label}")), "{label}: {svg}");
+                }
+                assert!(svg.contains("/w/app.py:16"), "{svg}");
+                // A marker at each report of each of the three measures.
+                assert_eq!(svg.matches("<circle").count(), 6, "{svg}");
             } else {
                 assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 10_000, "{} bytes", bytes.len());
             }
