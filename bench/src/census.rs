@@ -8,7 +8,7 @@ use std::{path::Path, process::Command, time::Duration};
 use anyhow::{Result, bail};
 use memtrace_tests::{JsonReport, Memtrace};
 
-use crate::workload::{RUN_TIMEOUT, start_workload};
+use crate::workload::start_workload;
 
 /// Objects of the class the population script keeps.
 const INSTANCES: u64 = 1_000_000;
@@ -39,10 +39,13 @@ fn measure_one(memtrace: &Path, python: &Path) -> Result<CensusCost> {
     let pid = target.pid().to_string();
     let args = ["--pid", &pid, "--census-only", "--interval", "0.3", "--count", "4", "--format", "json"];
     let census = Memtrace::try_attach(memtrace, &args, Duration::from_secs(120))?;
-    let log = census.stop(RUN_TIMEOUT)?;
+    // It stops by itself after --count reports.
+    let (status, stdout, _) = census.finish();
     drop(target);
-    let reports: Vec<JsonReport> =
-        log.iter().filter(|l| !l.stderr).filter_map(|l| serde_json::from_str(&l.text).ok()).collect();
+    if !status.success() {
+        bail!("memtrace --census-only failed on {}: {status}", python.display());
+    }
+    let reports: Vec<JsonReport> = stdout.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
     let censuses: Vec<_> = reports.iter().filter_map(|r| r.census.as_ref()).collect();
     let Some(last) = censuses.last() else { bail!("memtrace printed no census of {}", python.display()) };
     if !last.incomplete.is_empty() || last.gc_tracked < INSTANCES {

@@ -80,9 +80,12 @@ fn scan_pool<A: AddressSpace>(
         found.inconsistent_pools += 1;
         return Ok(());
     }
+    // A pool's blocks are one size, mostly of one type: the reading that
+    // found the last block's object is tried first for the next.
+    let mut hint = 0;
     for offset in (first..first + capacity * size).step_by(size as usize) {
         if free.binary_search(&offset).is_err() {
-            match untracked_object(memory, layout, types, pool.address + offset) {
+            match untracked_object(memory, layout, types, pool.address + offset, &mut hint) {
                 Some(Some(object_type)) => *found.by_type.entry(object_type).or_default() += 1,
                 Some(None) => {}
                 None => found.other_blocks += 1,
@@ -100,6 +103,7 @@ fn untracked_object<A: AddressSpace>(
     layout: &Layout,
     types: &mut TypeNames,
     block: u64,
+    hint: &mut usize,
 ) -> Option<Option<u64>> {
     let gc_head = layout.gc_head_size;
     // Where the object would start: the block itself (no GC header), after
@@ -113,26 +117,29 @@ fn untracked_object<A: AddressSpace>(
     let type_of = |memory: &mut PageCache<A>, object: u64| memory.u64(object + 8).ok();
     // Types already met are asked for first: a block's other readings hold
     // pointers of every kind, and checking each as a type is what costs.
+    let order = [*hint, (*hint + 1) % 3, (*hint + 2) % 3];
     let mut found = None;
-    for &(object, gc) in &candidates {
+    for i in order {
+        let (object, gc) = candidates[i];
         if let Some(t) = type_of(memory, object)
             && types.known(t).is_some_and(|info| fits(info, gc))
         {
-            found = Some((object, gc, t));
+            found = Some((i, object, gc, t));
             break;
         }
     }
     if found.is_none() {
-        for &(object, gc) in &candidates {
+        for (i, &(object, gc)) in candidates.iter().enumerate() {
             if let Some(t) = type_of(memory, object)
                 && types.get(memory, layout, t).is_some_and(|info| fits(info, gc))
             {
-                found = Some((object, gc, t));
+                found = Some((i, object, gc, t));
                 break;
             }
         }
     }
-    let (object, gc, object_type) = found?;
+    let (i, object, gc, object_type) = found?;
+    *hint = i;
     if gc.is_none() {
         return Some(Some(object_type));
     }
