@@ -125,12 +125,8 @@ fn module_of<A: AddressSpace>(memory: &mut PageCache<A>, layout: &Layout, class:
     let (index_bytes, entry_size, key_at) = match d.table {
         DictTable::Sized(at) => {
             let size = memory.u64(keys + at).ok()?;
-            let per_index = match size {
-                ..=0xff => 1,
-                ..=0xffff => 2,
-                ..=0xffff_ffff => 4,
-                _ => 8,
-            };
+            // DK_IXSIZE: the narrowest index that holds the table's size.
+            let per_index = [0xff, 0xffff, 0xffff_ffff].iter().position(|&max| size <= max).map_or(8, |i| 1 << i);
             (size.checked_mul(per_index)?, 24, 8)
         }
         DictTable::Log2 { index_bytes, kind, .. } => {
