@@ -50,9 +50,11 @@ int main(int argc, char **argv) {
                 kept[round * 100 + i] = leak();
                 held[i] = churn();
             }
-            usleep(40000);
+            /* Held for most of each 80 ms round, so that nearly every
+               report sees the churn outstanding, and none sees it grow. */
+            usleep(60000);
             for (int i = 0; i < 100; i++) free(held[i]);
-            usleep(40000);
+            usleep(20000);
         }
         return 0;
     }
