@@ -203,6 +203,19 @@ impl Prepared {
         let described = interpreter.as_ref().map(|i| format!("CPython {}", i.version));
         let info =
             ProcessInfo { pid, ns_pid: target.ns_pid, comm: target.comm.clone(), interpreter: described.clone() };
+        let traced = |symbolizer, coverage| Traced {
+            info,
+            symbolizer,
+            coverage,
+            census,
+            census_before: baseline,
+            notes,
+            previous: Snapshot::default(),
+            history: History::default(),
+            types: TypeHistory::default(),
+            sequence: 0,
+            exited: false,
+        };
         let Some(tracer) = tracer else {
             eprintln!(
                 "memtrace: tracing pid {pid} ({}){}: census only, no probes; a report every {} s; Ctrl-C to stop",
@@ -210,19 +223,7 @@ impl Prepared {
                 described.as_ref().map(|d| format!(", {d}")).unwrap_or_default(),
                 options.interval
             );
-            return Ok(Traced {
-                info,
-                symbolizer: Symbolizer::new(&target, None, false),
-                coverage: None,
-                census,
-                census_before: baseline,
-                notes,
-                previous: Snapshot::default(),
-                history: History::default(),
-                types: TypeHistory::default(),
-                sequence: 0,
-                exited: false,
-            });
+            return Ok(traced(Symbolizer::new(&target, None, false), None));
         };
         if let Err(e) = tracer.attach(pid, &points) {
             if !Target::is_alive(pid) {
@@ -252,19 +253,8 @@ impl Prepared {
         );
         let coverage =
             interpreter.as_ref().and_then(|i| i.pymalloc).and_then(|state| Coverage::start(state, pid, includes_raw));
-        Ok(Traced {
-            info,
-            symbolizer: Symbolizer::new(&target, interpreter.as_ref().map(|i| i.code_resolver(pid)), options.native),
-            coverage,
-            census,
-            census_before: baseline,
-            notes,
-            previous: Snapshot::default(),
-            history: History::default(),
-            types: TypeHistory::default(),
-            sequence: 0,
-            exited: false,
-        })
+        let symbolizer = Symbolizer::new(&target, interpreter.as_ref().map(|i| i.code_resolver(pid)), options.native);
+        Ok(traced(symbolizer, coverage))
     }
 }
 

@@ -44,23 +44,34 @@ pub fn require_root() {
     assert_eq!(unsafe { libc::geteuid() }, 0, "memtrace's integration tests load eBPF programs and must run as root");
 }
 
-/// Installs Debian package `package` with apt-get unless `command` already
-/// runs; apt-get update runs once per process, before the first install.
-/// Serialised, since dpkg takes one install at a time.
+/// Installs Debian package `package` with apt-get unless `command` (on
+/// PATH, or an absolute path) is already there, for the tests and the bench
+/// that run real tools (bpftool, go tool pprof, prometheus, chromium, jq,
+/// bpftrace); apt-get update runs once per process, before the first
+/// install. Serialised, since dpkg takes one install at a time.
 pub fn ensure_package(command: &str, package: &str) -> anyhow::Result<()> {
     static UPDATED: Mutex<bool> = Mutex::new(false);
-    let runs = || Command::new(command).arg("--version").output().is_ok_and(|o| o.status.success());
-    if runs() {
+    let present = || match command.starts_with('/') {
+        true => Path::new(command).exists(),
+        false => {
+            Command::new("sh").args(["-c", &format!("command -v {command}")]).output().is_ok_and(|o| o.status.success())
+        }
+    };
+    if present() {
         return Ok(());
     }
     let mut updated = UPDATED.lock().unwrap_or_else(PoisonError::into_inner);
-    if runs() {
+    if present() {
         return Ok(());
     }
     eprintln!("installing {package} with apt-get, for `{command}`");
     let apt_get = |args: &[&str]| -> anyhow::Result<()> {
         // Wait for another install on this machine rather than fail.
-        let status = Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600"]).args(args).status()?;
+        let status = Command::new("apt-get")
+            .args(["-o", "DPkg::Lock::Timeout=600"])
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()?;
         anyhow::ensure!(status.success(), "apt-get {} failed: {status}", args.join(" "));
         Ok(())
     };
@@ -71,7 +82,9 @@ pub fn ensure_package(command: &str, package: &str) -> anyhow::Result<()> {
         }
         apt_get(&["install", "--yes", "--quiet", package])
     };
-    install().with_context(|| format!("cannot install {package}"))
+    install().with_context(|| format!("cannot install {package}"))?;
+    anyhow::ensure!(present(), "{package} is installed but {command} is still missing");
+    Ok(())
 }
 
 /// A scratch directory removed when dropped.
@@ -173,41 +186,6 @@ pub fn final_report(stdout: &str) -> JsonReport {
     let report = json_reports(stdout).pop().unwrap_or_else(|| panic!("no report in memtrace's output:\n{stdout}"));
     assert!(report.is_final, "last report is not final: {report:?}");
     report
-}
-
-/// Makes sure Debian package `package` is installed, for a test that runs
-/// a real consumer of memtrace's outputs (go tool pprof, prometheus,
-/// chromium, jq): nothing happens when `probe` (a command on PATH, or an
-/// absolute path) already exists; otherwise `apt-get update` runs once per
-/// test process and then `apt-get install -y package`. Tests calling it at
-/// once install one at a time.
-pub fn ensure_debian_package(package: &str, probe: &str) {
-    static APT: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
-    let present = || {
-        if probe.starts_with('/') {
-            Path::new(probe).exists()
-        } else {
-            Command::new("sh").args(["-c", &format!("command -v {probe}")]).output().is_ok_and(|o| o.status.success())
-        }
-    };
-    let mut updated = APT.lock().unwrap_or_else(|e| e.into_inner());
-    if present() {
-        return;
-    }
-    let apt = |args: &[&str]| {
-        let out = Command::new("apt-get")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .output()
-            .expect("apt-get runs (Debian is memtrace's test platform)");
-        assert!(out.status.success(), "apt-get {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    if !*updated {
-        apt(&["update"]);
-        *updated = true;
-    }
-    apt(&["install", "-y", package]);
-    assert!(present(), "{package} is installed but {probe} is still missing");
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.

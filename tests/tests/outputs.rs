@@ -14,8 +14,8 @@ use std::{
 };
 
 use memtrace_tests::{
-    JsonReport, Memtrace, TIMEOUT, Target, TempDir, compile_c, ensure_debian_package, final_report, free_port,
-    http_get, json_reports, line_of, memtrace_bin, require_root, run_memtrace,
+    JsonReport, Memtrace, TIMEOUT, Target, TempDir, compile_c, ensure_package, final_report, free_port, http_get,
+    json_reports, line_of, memtrace_bin, require_root, run_memtrace,
 };
 
 /// On "go", keeps 10,000 blocks of 100 bytes from one line and allocates
@@ -137,7 +137,7 @@ fn run(program: &str, args: &[&str]) -> String {
 #[test]
 fn go_tool_pprof_lists_the_leaking_line_first_with_its_size() {
     require_root();
-    ensure_debian_package("golang-go", "go");
+    ensure_package("go", "golang-go").unwrap();
     let built = build("pprof");
     let profile = built.path("heap.pb.gz");
     one_round(&built, &["--format", "json", "--pprof", &profile]);
@@ -163,7 +163,7 @@ fn go_tool_pprof_lists_the_leaking_line_first_with_its_size() {
 #[test]
 fn jq_parses_every_json_line_and_reads_the_leak() {
     require_root();
-    ensure_debian_package("jq", "jq");
+    ensure_package("jq", "jq").unwrap();
     let built = build("jq");
     let stdout = one_round(&built, &["--format", "json"]);
     let file = built.path("reports.jsonl");
@@ -201,7 +201,7 @@ fn png_size(path: &str) -> (u32, u32) {
 #[test]
 fn chromium_renders_the_flame_graph_and_the_timeline() {
     require_root();
-    ensure_debian_package("chromium", "chromium");
+    ensure_package("chromium", "chromium").unwrap();
     let built = build("svg");
     let (flame, diff) = (built.path("flame.svg"), built.path("flame-diff.svg"));
     let (timeline, png) = (built.path("timeline.svg"), built.path("timeline.png"));
@@ -260,7 +260,7 @@ struct Prometheus {
 
 impl Prometheus {
     fn start(built: &Built, addr: &str) -> Self {
-        ensure_debian_package("prometheus", "prometheus");
+        ensure_package("prometheus", "prometheus").unwrap();
         let config = built.path("prometheus.yml");
         std::fs::write(
             &config,
