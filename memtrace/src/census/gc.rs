@@ -3,8 +3,8 @@
 //! counting the objects by type, as `gc.get_objects()` would see them. The
 //! lists belong to a running process that may be changing them: each node
 //! is checked (its `_gc_prev` must name the node before it), every walk is
-//! bounded in steps, and a list that stops making sense ends the census
-//! with the reason, never with a partial count passed off as complete.
+//! bounded in steps, and a list that stops making sense is left out with
+//! the reason, never counted in part as if complete.
 
 use rustc_hash::FxHashMap;
 
@@ -60,14 +60,32 @@ fn walk_all<A: AddressSpace>(
         GcState::InRuntime(offset) => vec![runtime + offset],
         GcState::InInterpreter(offset) => interpreters(memory, layout, runtime)?.iter().map(|i| i + offset).collect(),
     };
+    // A list that does not add up is left out, with the reason; the others
+    // are still counted.
+    let mut stopped = None;
     for state in states {
-        for generation in 0..gc.generation_count {
-            let head = state + gc.generations + generation * gc.generation_size;
-            census.tracked += walk_list(memory, layout, head, census)?;
+        for generation in 0..=gc.generation_count {
+            let permanent = generation == gc.generation_count;
+            let head = match permanent {
+                true => state + gc.permanent_generation,
+                false => state + gc.generations + generation * gc.generation_size,
+            };
+            match walk_list(memory, layout, head, census.tracked + census.permanent) {
+                Ok(list) => {
+                    *if permanent { &mut census.permanent } else { &mut census.tracked } += list.values().sum::<u64>();
+                    for (object_type, count) in list {
+                        *census.by_type.entry(object_type).or_default() += count;
+                    }
+                }
+                Err(why) => {
+                    let list =
+                        if permanent { "the permanent generation".into() } else { format!("generation {generation}") };
+                    stopped.get_or_insert(format!("{list} not counted: {why}"));
+                }
+            }
         }
-        census.permanent += walk_list(memory, layout, state + gc.permanent_generation, census)?;
     }
-    Ok(())
+    stopped.map_or(Ok(()), Err)
 }
 
 /// The interpreters, main first, along `_PyRuntime.interpreters.head`.
@@ -87,23 +105,24 @@ fn interpreters<A: AddressSpace>(memory: &mut PageCache<A>, layout: &Layout, run
     Ok(found)
 }
 
-/// Counts one circular list from its head; returns how many objects it
-/// holds, adding each to `census.by_type`.
+/// Counts one circular list from its head, by type, `counted` objects
+/// having been counted before it.
 fn walk_list<A: AddressSpace>(
     memory: &mut PageCache<A>,
     layout: &Layout,
     head: u64,
-    census: &mut GcCensus,
-) -> Result<u64, String> {
+    counted: u64,
+) -> Result<FxHashMap<u64, u64>, String> {
     let gc_head = layout.gc_head_size;
     let mut previous = head;
     let mut node = memory.u64(head).map_err(|f| read_failure(f, "a generation's list head"))?;
+    let mut by_type = FxHashMap::default();
     let mut count = 0;
     while node != head {
         if node & NEXT_UNREACHABLE != 0 {
             return Err("a collection was running".into());
         }
-        if census.tracked + census.permanent + count >= MAX_OBJECTS {
+        if counted + count >= MAX_OBJECTS {
             return Err(format!("more than {MAX_OBJECTS} objects: the list may cycle"));
         }
         // PyGC_Head {_gc_next, _gc_prev}; the object, whose ob_type follows
@@ -114,12 +133,12 @@ fn walk_list<A: AddressSpace>(
             return Err("list changed under the reader".into());
         }
         let object_type = memory.u64(node + gc_head + 8).map_err(fault)?;
-        *census.by_type.entry(object_type).or_default() += 1;
+        *by_type.entry(object_type).or_default() += 1;
         count += 1;
         previous = node;
         node = next;
     }
-    Ok(count)
+    Ok(by_type)
 }
 
 fn read_failure(fault: Fault, what: &str) -> String {
@@ -186,7 +205,8 @@ mod tests {
         // The second node's back pointer names another node.
         image.write_u64(0x100000 + 64 + 8, 0x200000);
         let census = census_of(image, runtime);
-        assert_eq!(census.stopped.as_deref(), Some("list changed under the reader"));
+        assert_eq!(census.stopped.as_deref(), Some("generation 0 not counted: list changed under the reader"));
+        assert_eq!((census.tracked, census.by_type.len()), (0, 0), "nothing of that list is counted");
     }
 
     #[test]
@@ -195,7 +215,7 @@ mod tests {
         // The second node points back to the first, which points on to it.
         image.write_u64(0x100000 + 64, 0x100000);
         let census = census_of(image, runtime);
-        assert_eq!(census.stopped.as_deref(), Some("list changed under the reader"));
+        assert_eq!(census.stopped.as_deref(), Some("generation 0 not counted: list changed under the reader"));
     }
 
     #[test]
@@ -210,6 +230,9 @@ mod tests {
     fn a_collection_in_progress_stops() {
         let (mut image, runtime) = image(&[0xa000, 0xa000]);
         image.write_u64(0x100000, (0x100000 + 64) | NEXT_UNREACHABLE);
-        assert_eq!(census_of(image, runtime).stopped.as_deref(), Some("a collection was running"));
+        assert_eq!(
+            census_of(image, runtime).stopped.as_deref(),
+            Some("generation 0 not counted: a collection was running")
+        );
     }
 }

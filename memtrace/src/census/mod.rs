@@ -24,6 +24,8 @@ use crate::{
     python::layouts::Layout,
 };
 
+/// Walks of the GC's lists tried before one that moved is left out.
+const GC_ATTEMPTS: usize = 3;
 /// The most of a process's memory one census copies.
 const MAX_COPIED: usize = 2 << 30;
 
@@ -94,8 +96,17 @@ impl CensusTaker {
         let objects = self.python.map(|(layout, runtime)| {
             let started = Instant::now();
             self.types.next_census();
-            let mut cache = PageCache::new(reader, MAX_COPIED);
-            let found = gc::walk(&mut cache, &layout, runtime);
+            // A list the process changed while it was read is read again,
+            // from fresh copies, a few times before it is left out.
+            let mut attempts = 0;
+            let (mut cache, found) = loop {
+                let mut cache = PageCache::new(reader, MAX_COPIED);
+                let found = gc::walk(&mut cache, &layout, runtime);
+                attempts += 1;
+                if found.stopped.is_none() || attempts == GC_ATTEMPTS {
+                    break (cache, found);
+                }
+            };
             let mut incomplete: Vec<String> = found.stopped.iter().map(|why| format!("GC lists: {why}")).collect();
             let untracked = match &pools {
                 Some(Ok((pools, _))) => pools::scan(&mut cache, &layout, &mut self.types, pools),
