@@ -40,9 +40,11 @@ pub struct TypeInfo {
 
 #[derive(Default)]
 pub struct TypeNames {
-    /// By address, with the census that last checked it; None for an
-    /// address that is not a type.
-    types: FxHashMap<u64, (Option<TypeInfo>, u64)>,
+    /// Types by address, with the census that last checked each. What is
+    /// not a type is not kept: a census asks of millions of pointers that
+    /// are none (a pool block's other words), each a few cached reads to
+    /// refuse, and a table of them costs more than reading again.
+    types: FxHashMap<u64, (TypeInfo, u64)>,
     census: u64,
 }
 
@@ -57,7 +59,7 @@ impl TypeNames {
     /// the cheap question to ask of many candidates before checking one.
     pub fn known(&self, address: u64) -> Option<&TypeInfo> {
         match self.types.get(&address) {
-            Some((Some(info), checked)) if *checked == self.census => Some(info),
+            Some((info, checked)) if *checked == self.census => Some(info),
             _ => None,
         }
     }
@@ -73,16 +75,19 @@ impl TypeNames {
         let census = self.census;
         let fresh = match self.types.get(&address) {
             Some((_, checked)) if *checked == census => true,
-            Some((Some(info), _)) => memory.u64(address + layout.type_name).ok() == Some(info.name_pointer),
-            Some((None, _)) | None => false,
+            Some((info, _)) => memory.u64(address + layout.type_name).ok() == Some(info.name_pointer),
+            None => false,
         };
         if fresh {
             let entry = self.types.get_mut(&address).expect("present");
             entry.1 = census;
         } else {
-            self.types.insert(address, (read_type(memory, layout, address), census));
+            match read_type(memory, layout, address) {
+                Some(info) => self.types.insert(address, (info, census)),
+                None => self.types.remove(&address),
+            };
         }
-        self.types.get(&address)?.0.as_ref()
+        self.types.get(&address).map(|(info, _)| info)
     }
 }
 
