@@ -348,9 +348,7 @@ impl Session<'_> {
                     }
                     self.intervals += 1;
                     let live: Vec<u32> = self.live().collect();
-                    for pid in live {
-                        self.report(pid, false)?;
-                    }
+                    self.report(&live, false)?;
                     if self.failed.is_some() {
                         break End::Limit;
                     }
@@ -393,9 +391,7 @@ impl Session<'_> {
             }
         };
         let live: Vec<u32> = self.live().collect();
-        for pid in live {
-            self.report(pid, true)?;
-        }
+        self.report(&live, true)?;
         Ok(end)
     }
 
@@ -408,7 +404,7 @@ impl Session<'_> {
         if self.processes.get(&pid).is_none_or(|t| t.exited) {
             return Ok(());
         }
-        self.report(pid, true)?;
+        self.report(&[pid], true)?;
         eprintln!("memtrace: pid {pid} exited; the final report above covers its whole life since attach");
         Ok(())
     }
@@ -437,10 +433,16 @@ impl Session<'_> {
         }
     }
 
+    /// Catches up with the kernel's announcements once, then reports each
+    /// of `pids`.
+    fn report(&mut self, pids: &[u32], is_final: bool) -> Result<()> {
+        self.sweep();
+        pids.iter().try_for_each(|&pid| self.report_one(pid, is_final))
+    }
+
     /// Reads `pid`'s sites into a snapshot, takes its census, and writes
     /// its report.
-    fn report(&mut self, pid: u32, is_final: bool) -> Result<()> {
-        self.sweep();
+    fn report_one(&mut self, pid: u32, is_final: bool) -> Result<()> {
         let Some(traced) = self.processes.get_mut(&pid) else { return Ok(()) };
         let census = traced.census.take();
         if let Some(objects) = &census.objects {

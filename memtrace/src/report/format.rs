@@ -2,6 +2,8 @@
 //! tracemalloc's `_format_size` and `StatisticDiff.__str__`, and objgraph's
 //! `show_growth()` lines, so that memtrace's lines read exactly like theirs.
 
+use std::collections::{HashMap, HashSet};
+
 use crate::{census::ObjectCensus, snapshot::StatDiff};
 
 /// tracemalloc's `_format_size(size, sign)`: B below 10 KiB, then KiB, MiB,
@@ -47,8 +49,10 @@ pub struct TypeGrowth {
 /// Every type of `now` or `before`, biggest growth first, then biggest
 /// count (objgraph's `show_growth` order, and what it leaves out: nothing).
 pub fn type_growth(now: &ObjectCensus, before: Option<&ObjectCensus>) -> Vec<TypeGrowth> {
-    let count_before =
-        |name: &str| before.and_then(|b| b.types.iter().find(|t| t.name == name)).map_or(0, |t| t.count());
+    // By name: a process may have thousands of types, compared every report.
+    let before_counts: HashMap<&str, u64> =
+        before.map_or_else(HashMap::new, |b| b.types.iter().map(|t| (t.name.as_str(), t.count())).collect());
+    let count_before = |name: &str| before_counts.get(name).copied().unwrap_or(0);
     let mut rows: Vec<TypeGrowth> = now
         .types
         .iter()
@@ -59,7 +63,8 @@ pub fn type_growth(now: &ObjectCensus, before: Option<&ObjectCensus>) -> Vec<Typ
         })
         .collect();
     if let Some(before) = before {
-        let gone = before.types.iter().filter(|b| !now.types.iter().any(|t| t.name == b.name));
+        let now_names: HashSet<&str> = now.types.iter().map(|t| t.name.as_str()).collect();
+        let gone = before.types.iter().filter(|b| !now_names.contains(b.name.as_str()));
         rows.extend(gone.map(|b| TypeGrowth { name: b.name.clone(), count: 0, change: -(b.count() as i64) }));
     }
     rows.sort_by(|a, b| b.change.cmp(&a.change).then(b.count.cmp(&a.count)).then_with(|| a.name.cmp(&b.name)));
