@@ -50,7 +50,7 @@ mod tests {
     use crate::snapshot::Frame;
 
     fn tb(files: &[&str]) -> Traceback {
-        Traceback(files.iter().map(|f| Frame { filename: (*f).into(), lineno: 1 }).collect())
+        Traceback(files.iter().map(|f| Frame::at(*f, 1)).collect())
     }
 
     fn filters(include: &[&str], exclude: &[&str], all_frames: bool) -> Filters {

@@ -17,8 +17,9 @@
 //!   writer per output format.
 //! - `session`: drives the stages for the traced processes.
 //!
-//! `cli` holds the command-line options and builds the outputs; the binary
-//! runs a session or a subcommand.
+//! `cli` holds the command-line options and builds the outputs; `progress`
+//! names the steps of a slow start on a terminal; the binary runs a
+//! session or a subcommand.
 
 pub mod binary;
 pub mod census;
@@ -28,6 +29,7 @@ pub mod coverage;
 pub mod filter;
 pub mod probes;
 pub mod process;
+pub mod progress;
 pub mod python;
 pub mod report;
 pub mod session;

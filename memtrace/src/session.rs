@@ -37,6 +37,7 @@ use crate::{
         plan::{self, AttachPoint, ProbedBinary, PythonProbes},
     },
     process::{Target, proc_maps::host_path},
+    progress::Progress,
     python::{self, Detection},
     report::{
         CensusChange, Output, ProcessInfo, Report,
@@ -78,12 +79,14 @@ pub async fn run(options: Options) -> Result<Outcome> {
     // Before anything says it is tracing: a signal from then on must end
     // the session with its final reports, not kill the process.
     let stops = Stops { sigint: signal(SignalKind::interrupt())?, sigterm: signal(SignalKind::terminate())? };
+    let progress = Progress::start(options.verbose);
     let mut pids = options.pids.clone();
     pids.dedup();
-    let prepared = pids.iter().map(|&pid| Prepared::new(pid, &options)).collect::<Result<Vec<_>>>()?;
+    let prepared = pids.iter().map(|&pid| Prepared::new(pid, &options, &progress)).collect::<Result<Vec<_>>>()?;
     let mut tracer = if options.census_only {
         None
     } else {
+        progress.step("loading the eBPF programs");
         let kernel_config = KernelConfig { task_fsbase: kernel::task_fsbase_offset()? };
         Some(Tracer::load(kernel_config, options.max_allocs, options.verbose)?)
     };
@@ -92,8 +95,9 @@ pub async fn run(options: Options) -> Result<Outcome> {
     for prepared in prepared {
         let pid = prepared.target.pid;
         watch_exit(pid, exits.clone())?;
-        processes.insert(pid, prepared.attach(tracer.as_mut(), &options)?);
+        processes.insert(pid, prepared.attach(tracer.as_mut(), &options, &progress)?);
     }
+    progress.step("waiting for the first report");
     let rings = match &mut tracer {
         Some(tracer) => Some(Rings {
             new_stacks: watch(collect::new_python_stacks(tracer)?, "the kernel's stack ring")?,
@@ -102,7 +106,8 @@ pub async fn run(options: Options) -> Result<Outcome> {
         }),
         None => None,
     };
-    let mut session = Session { options: &options, filters, tracer, processes, outputs, failed: None, intervals: 0 };
+    let mut session =
+        Session { options: &options, filters, tracer, processes, outputs, failed: None, intervals: 0, progress };
     let end = session.run_loop(stops, exited, rings).await?;
     if let Some(failure) = session.failed {
         return Err(failure);
@@ -129,14 +134,15 @@ struct Prepared {
 }
 
 impl Prepared {
-    fn new(pid: u32, options: &Options) -> Result<Self> {
+    fn new(pid: u32, options: &Options, progress: &Progress) -> Result<Self> {
+        progress.step(format!("pid {pid}: reading its interpreter"));
         let target = Target::open(pid)?;
         let python = python::detect(&target)?;
         let mut notes = Vec::new();
         let interpreter = match python {
             Detection::Supported(interpreter) => Some(*interpreter),
             Detection::Unsupported(reason) => {
-                eprintln!("memtrace: pid {pid}: {reason}; reporting native frames only");
+                progress.say(&format!("memtrace: pid {pid}: {reason}; reporting native frames only"));
                 notes.push(format!("{reason}; native frames only"));
                 None
             }
@@ -145,6 +151,7 @@ impl Prepared {
         if options.census_only {
             return Ok(Self { target, interpreter, points: Vec::new(), notes, includes_raw: true });
         }
+        progress.step(format!("pid {pid}: finding where to probe"));
         let libc_path = plan::find_libc(&target)?;
         let libc_elf = ElfFile::open(&host_path(pid, libc_path))?;
         let inlined = interpreter.as_ref().map(|i| inlined::find(&i.elf, &i.layout)).unwrap_or_default();
@@ -191,9 +198,10 @@ impl Prepared {
 
     /// Takes the first census and, with a tracer, attaches the probes and
     /// starts counting.
-    fn attach(self, tracer: Option<&mut Tracer>, options: &Options) -> Result<Traced> {
+    fn attach(self, tracer: Option<&mut Tracer>, options: &Options, progress: &Progress) -> Result<Traced> {
         let Self { target, interpreter, points, notes, includes_raw } = self;
         let pid = target.pid;
+        progress.step(format!("pid {pid}: its first census"));
         let mut census = CensusTaker::new(
             pid,
             interpreter.as_ref().map(|i| (i.layout, i.runtime)),
@@ -201,8 +209,13 @@ impl Prepared {
         );
         let baseline = census.take();
         let described = interpreter.as_ref().map(|i| format!("CPython {}", i.version));
-        let info =
-            ProcessInfo { pid, ns_pid: target.ns_pid, comm: target.comm.clone(), interpreter: described.clone() };
+        let info = ProcessInfo {
+            pid,
+            ns_pid: target.ns_pid,
+            comm: target.comm.clone(),
+            interpreter: described.clone(),
+            cgroup: target.cgroup.clone(),
+        };
         let traced = |symbolizer, coverage| Traced {
             info,
             symbolizer,
@@ -217,14 +230,15 @@ impl Prepared {
             exited: false,
         };
         let Some(tracer) = tracer else {
-            eprintln!(
+            progress.say(&format!(
                 "memtrace: tracing pid {pid} ({}){}: census only, no probes; a report every {} s; Ctrl-C to stop",
                 target.comm,
                 described.as_ref().map(|d| format!(", {d}")).unwrap_or_default(),
                 options.interval
-            );
+            ));
             return Ok(traced(Symbolizer::new(&target, None, false), None));
         };
+        progress.step(format!("pid {pid}: attaching {} probes", points.len()));
         if let Err(e) = tracer.attach(pid, &points) {
             if !Target::is_alive(pid) {
                 bail!("pid {pid} ({}) exited before tracing started", target.comm);
@@ -244,13 +258,13 @@ impl Prepared {
             python: interpreter.as_ref().map(|i| i.walk()).unwrap_or_default(),
         };
         tracer.set_target(pid, &config)?;
-        eprintln!(
+        progress.say(&format!(
             "memtrace: tracing pid {pid} ({}){}: {} probes; a report every {} s; Ctrl-C to stop",
             target.comm,
             described.as_ref().map(|d| format!(", {d}")).unwrap_or_default(),
             points.len(),
             options.interval
-        );
+        ));
         let coverage =
             interpreter.as_ref().and_then(|i| i.pymalloc).and_then(|state| Coverage::start(state, pid, includes_raw));
         let symbolizer = Symbolizer::new(&target, interpreter.as_ref().map(|i| i.code_resolver(pid)), options.native);
@@ -308,6 +322,8 @@ struct Session<'a> {
     failed: Option<anyhow::Error>,
     /// Report intervals passed, for `--count`.
     intervals: u32,
+    /// Shown until the first report is written.
+    progress: Progress,
 }
 
 impl Session<'_> {
@@ -444,6 +460,9 @@ impl Session<'_> {
     /// its report.
     fn report_one(&mut self, pid: u32, is_final: bool) -> Result<()> {
         let Some(traced) = self.processes.get_mut(&pid) else { return Ok(()) };
+        if traced.sequence == 0 {
+            self.progress.step(format!("pid {pid}: its census and symbols for the first report"));
+        }
         let census = traced.census.take();
         if let Some(objects) = &census.objects {
             traced.types.push(SystemTime::now(), objects);
@@ -468,6 +487,7 @@ impl Session<'_> {
                 history: History::default(),
                 type_trends,
             };
+            self.progress.clear();
             write_to(&mut self.outputs, &mut self.failed, &report);
             traced.census_before = report.census.map(|c| c.now).unwrap_or_default();
             return Ok(());
@@ -522,6 +542,7 @@ impl Session<'_> {
             history: std::mem::take(&mut traced.history),
             type_trends,
         };
+        self.progress.clear();
         write_to(&mut self.outputs, &mut self.failed, &report);
         traced.previous = report.current;
         traced.history = report.history;

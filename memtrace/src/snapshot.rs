@@ -7,14 +7,77 @@
 
 use std::{cmp::Ordering, collections::HashMap};
 
-/// One frame of a traceback as reports print it.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// One frame of a traceback: where it is as reports print it (file and
+/// line), and what else is known of it (its function; for native code its
+/// module and address) for the writers that show more (JSON, pprof).
+/// A frame *is* its file and line, as in tracemalloc: equality, hashing
+/// and order look at nothing else, so two return addresses on one line
+/// are one frame (keeping the details of the first one seen) and no report
+/// ever prints two rows that read alike.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Frame {
     /// Source file, or for native code without line information the
     /// symbol and module (`malloc+0x1c (libc.so.6)`).
     pub filename: String,
     /// 0 when unknown.
     pub lineno: u32,
+    /// The function: co_qualname for Python (co_name before 3.11), the
+    /// symbol for native code; None when unknown.
+    #[serde(default)]
+    pub function: Option<String>,
+    /// The Python function's first line (co_firstlineno).
+    #[serde(default)]
+    pub first_lineno: Option<u32>,
+    /// For native code, where the instruction is.
+    #[serde(default)]
+    pub native: Option<NativeLocation>,
+}
+
+/// Where a native frame's return address is: in which mapped file, at
+/// which address of the process and which offset of the file.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NativeLocation {
+    /// The file as the process maps it (its path inside a container).
+    pub module: String,
+    pub address: u64,
+    pub offset: u64,
+}
+
+impl Frame {
+    /// A frame known only by its file and line.
+    pub fn at(filename: impl Into<String>, lineno: u32) -> Self {
+        Self { filename: filename.into(), lineno, ..Self::default() }
+    }
+
+    fn identity(&self) -> (&str, u32) {
+        (&self.filename, self.lineno)
+    }
+}
+
+impl PartialEq for Frame {
+    fn eq(&self, other: &Self) -> bool {
+        self.identity() == other.identity()
+    }
+}
+
+impl Eq for Frame {}
+
+impl std::hash::Hash for Frame {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.identity().hash(state)
+    }
+}
+
+impl Ord for Frame {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.identity().cmp(&other.identity())
+    }
+}
+
+impl PartialOrd for Frame {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 impl std::fmt::Display for Frame {
@@ -84,9 +147,7 @@ impl GroupBy {
         let innermost = traceback.0.first().cloned();
         match self {
             GroupBy::Lineno => Traceback(innermost.into_iter().collect()),
-            GroupBy::Filename => {
-                Traceback(innermost.map(|f| Frame { filename: f.filename, lineno: 0 }).into_iter().collect())
-            }
+            GroupBy::Filename => Traceback(innermost.map(|f| Frame::at(f.filename, 0)).into_iter().collect()),
             GroupBy::Traceback => traceback.clone(),
         }
     }
@@ -197,7 +258,7 @@ mod tests {
     use super::*;
 
     fn tb(frames: &[(&str, u32)]) -> Traceback {
-        Traceback(frames.iter().map(|&(f, l)| Frame { filename: f.into(), lineno: l }).collect())
+        Traceback(frames.iter().map(|&(f, l)| Frame::at(f, l)).collect())
     }
 
     #[test]

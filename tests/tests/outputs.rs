@@ -141,22 +141,38 @@ fn go_tool_pprof_lists_the_leaking_line_first_with_its_size() {
     let built = build("pprof");
     let profile = built.path("heap.pb.gz");
     one_round(&built, &["--format", "json", "--pprof", &profile]);
-    let top = run("go", &["tool", "pprof", "-top", "-unit=B", "-sample_index=inuse_space", &profile]);
-    // The first row after the column titles: flat bytes, ..., the function.
-    let rows: Vec<&str> = top.lines().skip_while(|l| !l.trim_start().starts_with("flat")).skip(1).collect();
-    let first: Vec<&str> = rows[0].split_whitespace().collect();
-    assert_eq!((first[0], first[5]), ("1000000B", built.site("LEAK").as_str()), "{top}");
+    // By function, the leaking function first; by line (-lines), its line.
+    let first_row = |args: &[&str]| {
+        let top = run(
+            "go",
+            &[&["tool", "pprof", "-top", "-unit=B", "-sample_index=inuse_space"], args, &[&profile]].concat(),
+        );
+        let rows: Vec<String> =
+            top.lines().skip_while(|l| !l.trim_start().starts_with("flat")).skip(1).map(str::to_owned).collect();
+        (
+            rows[0].split_whitespace().skip(5).collect::<Vec<_>>().join(" "),
+            rows[0].split_whitespace().next().unwrap().to_owned(),
+            top,
+        )
+    };
+    let (function, bytes, top) = first_row(&[]);
+    assert_eq!((bytes.as_str(), function.as_str()), ("1000000B", "leak"), "{top}");
+    let (line, bytes, top) = first_row(&["-lines"]);
+    assert_eq!((bytes, line), ("1000000B".to_owned(), format!("leak {}", built.site("LEAK"))), "{top}");
     assert!(!top.contains(&built.site("CHURN")), "nothing of the churn is outstanding:\n{top}");
-    let counts = run("go", &["tool", "pprof", "-top", "-sample_index=inuse_objects", &profile]);
+    let counts = run("go", &["tool", "pprof", "-top", "-lines", "-sample_index=inuse_objects", &profile]);
     assert!(
         counts.lines().any(|l| l.trim_start().starts_with("10000 ") && l.ends_with(&built.site("LEAK"))),
         "{counts}"
     );
-    // -traces shows the traceback: the leaking line, then its caller main.
+    // -traces shows the traceback: the leaking function, then main.
     let traces = run("go", &["tool", "pprof", "-traces", "-sample_index=inuse_space", &profile]);
-    let leak = traces.find(&built.site("LEAK")).unwrap_or_else(|| panic!("{traces}"));
-    let caller = format!("{}.c:", built.exe.display());
-    assert!(traces[leak + 1..].contains(&caller), "main calls leak():\n{traces}");
+    let leak = traces.find("  leak\n").unwrap_or_else(|| panic!("{traces}"));
+    assert!(traces[leak..].lines().nth(1).is_some_and(|l| l.trim() == "main"), "main calls leak():\n{traces}");
+    // Native frames keep their mapping and address: the program's own file.
+    let raw = run("go", &["tool", "pprof", "-raw", &profile]);
+    let exe = built.exe.display().to_string();
+    assert!(raw.lines().any(|l| l.trim_start().starts_with("1: 0x") && l.contains(&exe)), "{raw}");
     assert!(traces.contains("pid:") && traces.contains("comm:  outputs"), "{traces}");
 }
 
@@ -338,6 +354,101 @@ fn prometheus_scrapes_the_leak_from_listen() {
     memtrace.signal(libc::SIGINT);
     let (status, _, stderr) = memtrace.finish();
     assert_eq!(status.code(), Some(0), "{stderr:?}");
+}
+
+/// On a terminal, memtrace names each step of its start while it takes
+/// it, and clears that line before the report; on a pipe it never does.
+#[test]
+fn progress_shows_on_a_terminal_and_never_on_a_pipe() {
+    require_root();
+    let built = build("progress");
+    let target = built.start(&[]);
+    let pid = target.pid().to_string();
+    let command = format!("{} --pid {pid} --interval 0.5 --count 1", memtrace_bin().display());
+    // script(1) runs the command on a pseudo-terminal and copies it out.
+    let out = Command::new("script").args(["-qfec", &command, "/dev/null"]).output().expect("script runs");
+    let terminal = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{terminal}");
+    let steps = [format!("memtrace: pid {pid}: finding where to probe"), format!("memtrace: pid {pid}: attaching")];
+    for step in &steps {
+        assert!(terminal.contains(step.as_str()), "{step:?} in {terminal:?}");
+    }
+    // Cleared (erase-line) before the report starts.
+    let report = terminal.find(&format!("] memtrace pid {pid} (outputs) final report 1")).expect("the report");
+    let timestamp = terminal[..report].rfind('[').unwrap();
+    assert!(terminal[..timestamp].ends_with("\x1b[2K"), "{terminal:?}");
+    let (code, stdout, stderr) =
+        run_memtrace(Command::new(memtrace_bin()).args(["--pid", &pid, "--interval", "0.5", "--count", "1"]));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("final report 1"), "{stdout}");
+    assert!(!stderr.contains("attaching") && !stderr.contains('\r') && !stderr.contains('\x1b'), "{stderr:?}");
+}
+
+/// A cgroup of the unified hierarchy, removed when dropped (once empty).
+struct Cgroup {
+    path: std::path::PathBuf,
+    /// As /proc/PID/cgroup names it.
+    name: String,
+}
+
+impl Cgroup {
+    fn new(tag: &str) -> Self {
+        // Mounted at the top on a v2 host, beside the v1 ones on a hybrid.
+        let root = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+            .into_iter()
+            .find(|r| Path::new(r).join("cgroup.procs").exists())
+            .expect("a cgroup v2 hierarchy");
+        let name = format!("/memtrace-test-{tag}-{}", std::process::id());
+        let path = Path::new(root).join(&name[1..]);
+        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", path.display()));
+        Self { path, name }
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+/// A process in a container of its own (a pid and mount namespace by
+/// `unshare`, in its own cgroup) is reported under its host pid with the
+/// pid it has inside, read through its own root, and named by its cgroup
+/// in the JSON header and in every Prometheus series.
+#[test]
+fn a_process_in_a_container_is_named_by_both_pids_and_its_cgroup() {
+    require_root();
+    let built = build("container");
+    let cgroup = Cgroup::new("container");
+    let script = r#"echo $$ > "$1/cgroup.procs" && exec unshare --fork --pid --mount-proc "$2""#;
+    let mut unshare = Target::spawn(Command::new("sh").args(["-c", script, "sh"]).arg(&cgroup.path).arg(&built.exe));
+    unshare.expect_line("ready");
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", unshare.pid())).unwrap();
+    let pid = children.split_whitespace().next().expect("unshare forked the program").to_owned();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let memtrace = Memtrace::attach(&["--pid", &pid, "--interval", "0.3", "--format", "json", "--listen", &addr]);
+    unshare.send("go");
+    unshare.expect_line("done");
+    let labels = format!(r#"pid="{pid}",comm="outputs",cgroup="{}""#, cgroup.name);
+    let site = format!(r#"memtrace_site_outstanding_bytes{{{labels},site="{}"}} 1000000"#, built.site("LEAK"));
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let metrics = http_get(port, "/metrics").unwrap_or_default();
+        if metrics.lines().any(|l| l == site) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{site} never in:\n{metrics}");
+        thread::sleep(Duration::from_millis(100));
+    }
+    memtrace.signal(libc::SIGINT);
+    let (status, stdout, stderr) = memtrace.finish();
+    assert_eq!(status.code(), Some(0), "{stderr:?}");
+    let report = final_report(&stdout);
+    assert_eq!((report.pid.to_string(), report.ns_pid), (pid, 1), "the program is pid 1 of its namespace");
+    assert_eq!(report.cgroup, Some(cgroup.name.clone()));
+    let leak = report.rows.iter().find(|r| r.location == built.site("LEAK")).expect("the leak, read through its root");
+    assert_eq!((leak.count, leak.size), (10_000, 1_000_000));
 }
 
 /// A Python process holding 10,000 instances of its own class: Prometheus

@@ -137,7 +137,7 @@ fn assert_close(truth: &ReportLine, seen: &Row, context: &str) {
 
 /// The ground-truth comparison: the workload's three marked lines lead both
 /// reports, in the same order, with close numbers.
-fn ground_truth(python: &Path, workload: &str, markers: [&str; 3]) {
+fn ground_truth(python: &Path, workload: &str, markers: [&str; 3]) -> Observed {
     let truth = tracemalloc_truth(python, workload);
     let seen = memtrace_view(python, workload, &[]);
     let expected: Vec<String> = markers.iter().map(|m| marked(m)).collect();
@@ -152,10 +152,27 @@ fn ground_truth(python: &Path, workload: &str, markers: [&str; 3]) {
         assert_close(truth, seen_row, &format!("{workload} line {i}:\n{}", seen.stdout));
     }
     assert_eq!(seen.report.losses["alloc-map-full"], 0, "{}", seen.stdout);
+    seen
 }
 
+/// Each frame names its function as Python's own tracebacks do from 3.11
+/// (`co_qualname`: `Holder.__init__`), or before 3.11 as they did then
+/// (`co_name`), with the function's first line.
 fn nested_lists(python: &Path) {
-    ground_truth(python, "nested_lists", ["holder-data", "holder-label", "holder"]);
+    let seen = ground_truth(python, "nested_lists", ["holder-data", "holder-label", "holder"]);
+    let function_of = |marker: &str| {
+        let row = seen.report.rows.iter().find(|r| r.location == marked(marker)).unwrap();
+        (row.frames[0].function.clone().unwrap_or_default(), row.frames[0].first_lineno)
+    };
+    let qualified = Command::new(python)
+        .args(["-c", "import sys; print(sys.version_info >= (3, 11))"])
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim() == "True")
+        .unwrap();
+    let method = if qualified { "Holder.__init__" } else { "__init__" };
+    let first_line = |marker: &str| Some(marker_line(marker) as u32 - 1);
+    assert_eq!(function_of("holder-data"), (method.to_owned(), first_line("holder-data")), "{}", seen.stdout);
+    assert_eq!(function_of("holder"), ("nested_lists".to_owned(), Some(marker_line("holder") as u32 - 4)));
 }
 
 fn dict_cache(python: &Path) {

@@ -22,6 +22,8 @@ pub struct Target {
     pub ns_pid: u32,
     /// The command name, for report headers.
     pub comm: String,
+    /// Its cgroup v2 path (a container's name); None when unreadable.
+    pub cgroup: Option<String>,
     pub map: MemoryMap,
 }
 
@@ -50,7 +52,8 @@ impl Target {
                 .ok_or_else(|| anyhow::anyhow!("/proc/{pid}/status has no NSpid line memtrace can read"))?,
             Err(_) => bail!("no process with pid {pid}"),
         };
-        Ok(Self { pid, ns_pid, comm: comm.to_owned(), map })
+        let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok().and_then(|c| cgroup_path(&c));
+        Ok(Self { pid, ns_pid, comm: comm.to_owned(), cgroup, map })
     }
 
     /// Whether the process still exists (and is not a zombie).
@@ -70,9 +73,36 @@ fn ns_pid(status: &str) -> Option<u32> {
     line.split_whitespace().last()?.parse().ok()
 }
 
+/// The cgroup that names the process's container, from /proc/PID/cgroup:
+/// the unified (v2) hierarchy's path, unless that is the root and a v1
+/// hierarchy has the process somewhere else (hybrid hosts, where container
+/// runtimes still use v1): then that one's, with its hierarchy's name.
+fn cgroup_path(cgroup: &str) -> Option<String> {
+    let hierarchies: Vec<(&str, &str)> =
+        cgroup.lines().filter_map(|l| l.split_once(':')).filter_map(|(_, rest)| rest.split_once(':')).collect();
+    let unified = hierarchies.iter().find(|(controllers, _)| controllers.is_empty()).map(|(_, path)| *path);
+    match hierarchies.iter().find(|(controllers, path)| !controllers.is_empty() && *path != "/") {
+        Some((controllers, path)) if unified.is_none_or(|u| u == "/") => Some(format!("{controllers}:{path}")),
+        _ => unified.map(str::to_owned),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cgroup_is_where_the_process_is_not_at_the_root() {
+        let text = "12:memory:/docker/abc\n0::/system.slice/docker-abc.scope\n";
+        assert_eq!(cgroup_path(text).as_deref(), Some("/system.slice/docker-abc.scope"));
+        let hybrid = "9:name=systemd:/\n4:memory:/docker/abc\n1:cpu:/\n0::/\n";
+        assert_eq!(cgroup_path(hybrid).as_deref(), Some("memory:/docker/abc"));
+        assert_eq!(cgroup_path("4:cpu:/\n0::/\n").as_deref(), Some("/"));
+        assert_eq!(cgroup_path("4:cpu:/x\n").as_deref(), Some("cpu:/x"));
+        assert_eq!(cgroup_path(""), None);
+        let me = Target::open(std::process::id()).unwrap();
+        assert!(me.cgroup.is_some(), "every Linux since 2.6.24 has /proc/PID/cgroup");
+    }
 
     #[test]
     fn the_innermost_namespace_names_the_pid() {

@@ -21,6 +21,8 @@ const MAX_LINETABLE: usize = 1 << 20;
 
 struct Code {
     filename: String,
+    /// co_qualname where there is one (3.11+), else co_name.
+    function: String,
     firstlineno: i32,
     linetable: Vec<u8>,
     /// Byte offset of the first instruction after the frame's set-up
@@ -68,8 +70,11 @@ impl CodeResolver {
                     filename: code.filename.clone(),
                     lineno: linetable::line_for_offset(format, code.firstlineno, &code.linetable, offset.max(0) as u32)
                         .map_or(0, |l| l.max(0) as u32),
+                    function: Some(code.function.clone()),
+                    first_lineno: Some(code.firstlineno.max(0) as u32),
+                    native: None,
                 }),
-                None => Some(Frame { filename: UNREADABLE_CODE.to_owned(), lineno: 0 }),
+                None => Some(Frame::at(UNREADABLE_CODE, 0)),
             };
             frames.push(ResolvedFrame { frame, entry });
         }
@@ -105,12 +110,17 @@ impl CodeResolver {
             return None;
         }
         let table = m.read_u64(address + l.code_linetable).ok()?;
+        let function = match l.code_qualname {
+            Some(offset) => m.read_u64(address + offset).ok()?,
+            None => name,
+        };
         let first_traceable = match l.code_firsttraceable {
             Some(offset) => i64::from(m.read_u32(address + offset).ok()? as i32) * 2,
             None => 0,
         };
         Some(Code {
             filename: self.read_str(filename)?,
+            function: self.read_str(function)?,
             firstlineno: firstlineno as i32,
             linetable: self.read_bytes(table)?,
             first_traceable,

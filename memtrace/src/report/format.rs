@@ -108,7 +108,7 @@ mod tests {
     #[test]
     fn line_matches_tracemalloc() {
         let diff = StatDiff {
-            traceback: Traceback(vec![Frame { filename: "/tmp/tm.py".into(), lineno: 4 }]),
+            traceback: Traceback(vec![Frame::at("/tmp/tm.py", 4)]),
             size: 141_000,
             size_diff: 141_000,
             count: 1001,

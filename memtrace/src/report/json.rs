@@ -21,6 +21,10 @@ pub struct JsonReport {
     pub comm: String,
     /// "CPython 3.12.1", or null for a native process.
     pub interpreter: Option<String>,
+    /// The process's cgroup v2 path, which names its container; null when
+    /// unreadable.
+    #[serde(default)]
+    pub cgroup: Option<String>,
     /// 1 for the process's first report.
     pub sequence: u32,
     #[serde(rename = "final")]
@@ -115,7 +119,7 @@ pub struct Row {
     pub location: String,
     /// The group's frames, innermost (where the allocation was made) first:
     /// one frame for lineno and filename grouping.
-    pub frames: Vec<JsonFrame>,
+    pub frames: Vec<Frame>,
     pub size: u64,
     pub size_diff: i64,
     pub count: u64,
@@ -134,13 +138,6 @@ pub struct Row {
     pub slope_bytes_per_second: Option<f64>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JsonFrame {
-    pub filename: String,
-    /// 0 when unknown.
-    pub lineno: u32,
-}
-
 impl JsonReport {
     pub fn new(report: &Report, view: View) -> Self {
         let (now, before) = (report.current.total(), report.previous.total());
@@ -152,6 +149,7 @@ impl JsonReport {
             ns_pid: report.process.ns_pid,
             comm: report.process.comm.clone(),
             interpreter: report.process.interpreter.clone(),
+            cgroup: report.process.cgroup.clone(),
             sequence: report.sequence,
             is_final: report.is_final,
             group_by: view.group_by.name().to_owned(),
@@ -233,7 +231,7 @@ impl Row {
     fn of(diff: &StatDiff) -> Self {
         Self {
             location: diff.traceback.to_string(),
-            frames: diff.traceback.0.iter().map(JsonFrame::of).collect(),
+            frames: diff.traceback.0.clone(),
             size: diff.size,
             size_diff: diff.size_diff,
             count: diff.count,
@@ -242,12 +240,6 @@ impl Row {
             verdict: None,
             slope_bytes_per_second: None,
         }
-    }
-}
-
-impl JsonFrame {
-    pub fn of(frame: &Frame) -> Self {
-        Self { filename: frame.filename.clone(), lineno: frame.lineno }
     }
 }
 
@@ -301,6 +293,9 @@ mod tests {
         assert_eq!((leak.location.as_str(), leak.count, leak.count_diff), ("/w/app.py:33", 51_734, 26_233));
         let lines: Vec<u32> = leak.frames.iter().map(|f| f.lineno).collect();
         assert_eq!(lines, [16, 27, 33]);
+        assert_eq!(leak.frames[0].function.as_deref(), Some("handle_request"));
+        assert_eq!(leak.frames[0].first_lineno, Some(14));
+        assert!(text.contains(r#""function":"handle_request","first_lineno":14,"native":null"#), "{text}");
         assert_eq!(first.rows.len(), 3);
         assert!(text.contains(r#""final":true"#), "{text}");
     }
@@ -312,5 +307,10 @@ mod tests {
         assert_eq!(locations, ["/w/app.py:16", "malloc+0x1c (libc.so.6):0"]);
         assert_eq!(by_line.group_by, "lineno");
         assert_eq!(by_line.rows[1].size_diff, -64);
+        let native = by_line.rows[1].frames[0].native.as_ref().expect("a native frame's location");
+        assert_eq!(
+            (native.module.as_str(), native.address, native.offset),
+            ("/usr/lib/x86_64-linux-gnu/libc.so.6", 0x7f00_0009_a01c, 0x9a01c)
+        );
     }
 }

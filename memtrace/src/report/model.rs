@@ -30,6 +30,10 @@ pub struct ProcessInfo {
     pub comm: String,
     /// "CPython 3.12.1", when memtrace reads its interpreter.
     pub interpreter: Option<String>,
+    /// Its cgroup (v2) path, which names a container: `/system.slice/
+    /// docker-<id>.scope`; None when unreadable.
+    #[serde(default)]
+    pub cgroup: Option<String>,
 }
 
 #[derive(Clone, Debug)]

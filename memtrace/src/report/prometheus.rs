@@ -1,7 +1,7 @@
 //! `--listen ADDR`: Prometheus metrics at http://ADDR/metrics, in the
 //! OpenMetrics text format, so that a fleet's Prometheus scrapes every
 //! host's memtrace like any other exporter. Per traced process (labels
-//! `pid`, `comm`): outstanding bytes and blocks, allocated totals, every
+//! `pid`, `comm`, `cgroup`: its container): outstanding bytes and blocks, allocated totals, every
 //! loss counter, and the census's memory, Python heap and largest types
 //! (label `type`, `--types-limit` of them); per top group of the report
 //! (label `site`, as the text report prints it, `--top` of them):
@@ -28,30 +28,33 @@ use prometheus_client::{
 use super::{Report, View, Writer, trend::Verdict};
 use crate::census::memory::Memory;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+/// Which process a series is about; `cgroup` names its container (its
+/// cgroup v2 path, "" when unreadable), the same for all its series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, Ord, PartialOrd, EncodeLabelSet)]
 struct ProcessLabels {
     pid: u32,
     comm: String,
+    cgroup: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, Ord, PartialOrd, EncodeLabelSet)]
 struct SiteLabels {
-    pid: u32,
-    comm: String,
+    #[prometheus(flatten)]
+    process: ProcessLabels,
     site: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, Ord, PartialOrd, EncodeLabelSet)]
 struct TypeLabels {
-    pid: u32,
-    comm: String,
+    #[prometheus(flatten)]
+    process: ProcessLabels,
     r#type: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LossLabels {
-    pid: u32,
-    comm: String,
+    #[prometheus(flatten)]
+    process: ProcessLabels,
     kind: String,
 }
 
@@ -215,12 +218,16 @@ impl Drop for MetricsServer {
 impl Writer for MetricsServer {
     fn write(&mut self, report: &Report) -> std::io::Result<()> {
         let m = &self.metrics;
-        let (pid, comm) = (report.process.pid, report.process.comm.clone());
-        let process = ProcessLabels { pid, comm: comm.clone() };
+        let pid = report.process.pid;
+        let process = ProcessLabels {
+            pid,
+            comm: report.process.comm.clone(),
+            cgroup: report.process.cgroup.clone().unwrap_or_default(),
+        };
         let losses = report
             .losses
             .iter()
-            .map(|(kind, value)| (LossLabels { pid, comm: comm.clone(), kind: kind.to_string() }, *value));
+            .map(|(kind, value)| (LossLabels { process: process.clone(), kind: kind.to_string() }, *value));
         let old_sites = self.sites.remove(&pid).unwrap_or_default();
         let old_types = self.types.remove(&pid).unwrap_or_default();
         if report.is_final {
@@ -267,7 +274,7 @@ impl Writer for MetricsServer {
         // only when the ranking does.
         let mut types = BTreeSet::new();
         for count in census.and_then(|c| c.objects.as_ref()).iter().flat_map(|o| &o.types).take(self.view.types) {
-            let labels = TypeLabels { pid, comm: comm.clone(), r#type: count.name.clone() };
+            let labels = TypeLabels { process: process.clone(), r#type: count.name.clone() };
             m.type_objects.get_or_create(&labels).set(count.count() as i64);
             types.insert(labels);
         }
@@ -279,7 +286,7 @@ impl Writer for MetricsServer {
         let trends = report.history.trends(group_by);
         let mut sites = BTreeSet::new();
         for row in report.rows(group_by).iter().filter(|r| r.count > 0).take(self.view.top) {
-            let labels = SiteLabels { pid, comm: comm.clone(), site: row.traceback.to_string() };
+            let labels = SiteLabels { process: process.clone(), site: row.traceback.to_string() };
             m.site_bytes.get_or_create(&labels).set(row.size as i64);
             m.site_blocks.get_or_create(&labels).set(row.count as i64);
             match report.history.peak(group_by, &row.traceback) {
@@ -389,16 +396,16 @@ mod tests {
         server.write(&report).unwrap();
         let body = scrape(addr, "/metrics");
         for line in [
-            r#"memtrace_outstanding_bytes{pid="24733",comm="python"} 3708040"#,
-            r#"memtrace_allocated_blocks_total{pid="24733",comm="python"} 42790"#,
-            r#"memtrace_lost_total{pid="24733",comm="python",kind="python-reads"} 3"#,
-            r#"memtrace_site_outstanding_bytes{pid="24733",comm="python",site="/w/app.py:16"} 3708000"#,
-            r#"memtrace_site_peak_bytes{pid="24733",comm="python",site="/w/app.py:16"} 3708000"#,
-            r#"memtrace_rss_bytes{pid="24733",comm="python"} 9437184"#,
-            r#"memtrace_swap_bytes{pid="24733",comm="python"} 0"#,
-            r#"memtrace_python_heap_blocks{pid="24733",comm="python"} 51000"#,
-            r#"memtrace_type_objects{pid="24733",comm="python",type="MyObject"} 10000"#,
-            r#"memtrace_type_objects{pid="24733",comm="python",type="dict"} 501"#,
+            r#"memtrace_outstanding_bytes{pid="24733",comm="python",cgroup="/system.slice/app.service"} 3708040"#,
+            r#"memtrace_allocated_blocks_total{pid="24733",comm="python",cgroup="/system.slice/app.service"} 42790"#,
+            r#"memtrace_lost_total{pid="24733",comm="python",cgroup="/system.slice/app.service",kind="python-reads"} 3"#,
+            r#"memtrace_site_outstanding_bytes{pid="24733",comm="python",cgroup="/system.slice/app.service",site="/w/app.py:16"} 3708000"#,
+            r#"memtrace_site_peak_bytes{pid="24733",comm="python",cgroup="/system.slice/app.service",site="/w/app.py:16"} 3708000"#,
+            r#"memtrace_rss_bytes{pid="24733",comm="python",cgroup="/system.slice/app.service"} 9437184"#,
+            r#"memtrace_swap_bytes{pid="24733",comm="python",cgroup="/system.slice/app.service"} 0"#,
+            r#"memtrace_python_heap_blocks{pid="24733",comm="python",cgroup="/system.slice/app.service"} 51000"#,
+            r#"memtrace_type_objects{pid="24733",comm="python",cgroup="/system.slice/app.service",type="MyObject"} 10000"#,
+            r#"memtrace_type_objects{pid="24733",comm="python",cgroup="/system.slice/app.service",type="dict"} 501"#,
         ] {
             assert!(body.contains(line), "{line} not in:\n{body}");
         }

@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use super::{CensusChange, ProcessInfo, Report, Writer, json::JsonFrame, model::Counters, replace_file};
+use super::{CensusChange, ProcessInfo, Report, Writer, model::Counters, replace_file};
 use crate::snapshot::{Frame, Snapshot, Stat, Traceback};
 
 /// The format's version; a reader refuses any other.
@@ -47,7 +47,7 @@ pub struct SavedSnapshot {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedStat {
     /// Innermost (where the allocation was made) first.
-    pub frames: Vec<JsonFrame>,
+    pub frames: Vec<Frame>,
     pub size: u64,
     pub count: u64,
 }
@@ -72,11 +72,7 @@ impl SavedSnapshot {
             census: report.census.clone(),
             stats: stats
                 .into_iter()
-                .map(|(traceback, stat)| SavedStat {
-                    frames: traceback.0.iter().map(JsonFrame::of).collect(),
-                    size: stat.size,
-                    count: stat.count,
-                })
+                .map(|(traceback, stat)| SavedStat { frames: traceback.0.clone(), size: stat.size, count: stat.count })
                 .collect(),
         }
     }
@@ -92,10 +88,9 @@ impl SavedSnapshot {
     }
 
     pub fn snapshot(&self) -> Snapshot {
-        Snapshot::from_entries(self.stats.iter().map(|s| {
-            let frames = s.frames.iter().map(|f| Frame { filename: f.filename.clone(), lineno: f.lineno }).collect();
-            (Traceback(frames), Stat { size: s.size, count: s.count })
-        }))
+        Snapshot::from_entries(
+            self.stats.iter().map(|s| (Traceback(s.frames.clone()), Stat { size: s.size, count: s.count })),
+        )
     }
 
     /// This snapshot's report, with its changes since `previous` (from

@@ -209,7 +209,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::{
         report::ProcessInfo,
-        snapshot::{Frame, Snapshot, Stat, Traceback},
+        snapshot::{Frame, NativeLocation, Snapshot, Stat, Traceback},
     };
 
     /// Gives one made-up source line.
@@ -224,15 +224,25 @@ pub(crate) mod tests {
     /// A report of a leak at line 16, one block freed at a native site and
     /// one new at line 20, shared with the JSON writer's tests.
     pub(crate) fn sample(is_final: bool) -> Report {
-        let tb = |frames: &[(&str, u32)]| {
-            Traceback(frames.iter().map(|&(f, l)| Frame { filename: f.into(), lineno: l }).collect())
+        let python = |lineno, function: &str, first_lineno| Frame {
+            function: Some(function.into()),
+            first_lineno: Some(first_lineno),
+            ..Frame::at("/w/app.py", lineno)
         };
-        let leak = tb(&[("/w/app.py", 16), ("/w/app.py", 27), ("/w/app.py", 33)]);
-        let new = tb(&[("/w/app.py", 20), ("/w/app.py", 33)]);
-        let native = tb(&[("malloc+0x1c (libc.so.6)", 0)]);
+        let leak = Traceback(vec![python(16, "handle_request", 14), python(27, "main", 25), python(33, "<module>", 1)]);
+        let new = Traceback(vec![python(20, "Cache.add", 19), python(33, "<module>", 1)]);
+        let native = Traceback(vec![Frame {
+            function: Some("malloc".into()),
+            native: Some(NativeLocation {
+                module: "/usr/lib/x86_64-linux-gnu/libc.so.6".into(),
+                address: 0x7f00_0009_a01c,
+                offset: 0x9a01c,
+            }),
+            ..Frame::at("malloc+0x1c (libc.so.6)", 0)
+        }]);
         Report {
             time: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_764_571_025),
-            process: ProcessInfo { pid: 24733, ns_pid: 24733, comm: "python".into(), interpreter: Some("CPython 3.12.1".into()) },
+            process: ProcessInfo { pid: 24733, ns_pid: 24733, comm: "python".into(), interpreter: Some("CPython 3.12.1".into()), cgroup: Some("/system.slice/app.service".into()) },
             sequence: 2,
             is_final,
             allocated: Stat { size: 5_200_000, count: 42_790 },

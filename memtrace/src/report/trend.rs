@@ -235,12 +235,7 @@ mod tests {
 
     #[test]
     fn history_keeps_the_window_and_peaks_per_grouping() {
-        let tb = |l: u32, outer: u32| {
-            Traceback(vec![
-                Frame { filename: "a.py".into(), lineno: l },
-                Frame { filename: "a.py".into(), lineno: outer },
-            ])
-        };
+        let tb = |l: u32, outer: u32| Traceback(vec![Frame::at("a.py", l), Frame::at("a.py", outer)]);
         let mut history = History::default();
         let t0 = SystemTime::UNIX_EPOCH;
         for i in 0..10u64 {
@@ -253,7 +248,7 @@ mod tests {
             history.push(t0 + std::time::Duration::from_secs(i), &snapshot);
         }
         assert_eq!(history.window.len(), WINDOW);
-        let line = |l| Traceback(vec![Frame { filename: "a.py".into(), lineno: l }]);
+        let line = |l| Traceback(vec![Frame::at("a.py", l)]);
         assert_eq!(history.peak(GroupBy::Lineno, &line(1)), Some(1800));
         assert_eq!(history.peak(GroupBy::Traceback, &tb(1, 10)), Some(900));
         assert_eq!(history.peak(GroupBy::Lineno, &line(2)), Some(7000));

@@ -106,7 +106,7 @@ impl Symbolizer {
                     python.into_iter().filter_map(|f| f.frame).collect()
                 }
             }
-            _ => native.iter().map(|&pc| self.native.frame(&self.map, pc).frame).collect(),
+            _ => native.iter().map(|&pc| self.native.frame(&self.map, pc)).collect(),
         };
         let traceback = Traceback(frames);
         // A Python stack not resolved yet may still be: keep asking.
@@ -147,7 +147,7 @@ impl Symbolizer {
                     }
                 }
             } else {
-                frames.push(resolved.frame);
+                frames.push(resolved);
             }
         }
         // Frames the unwinding did not reach still belong to the stack.

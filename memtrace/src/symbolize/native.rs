@@ -10,26 +10,16 @@ use blazesym::symbolize::{
     source::{Elf, Source},
 };
 
-use crate::{process::proc_maps::MemoryMap, snapshot::Frame};
+use crate::{
+    process::proc_maps::MemoryMap,
+    snapshot::{Frame, NativeLocation},
+};
 
 pub struct NativeSymbolizer {
     symbolizer: Symbolizer,
     /// Prefix that makes the target's paths reachable from here.
     root: Option<String>,
-    cache: HashMap<(String, u64), NativeFrame>,
-}
-
-/// A native frame as reports print it, and the function it is in.
-#[derive(Clone)]
-pub struct NativeFrame {
-    pub frame: Frame,
-    pub function: Option<String>,
-}
-
-impl NativeFrame {
-    fn unnamed(filename: String) -> Self {
-        Self { frame: Frame { filename, lineno: 0 }, function: None }
-    }
+    cache: HashMap<(String, u64), Frame>,
 }
 
 impl NativeSymbolizer {
@@ -43,24 +33,29 @@ impl NativeSymbolizer {
 
     /// The frame of return address `addr` (the call before it is what
     /// allocated, so its line is the one to show).
-    pub fn frame(&mut self, map: &MemoryMap, addr: u64) -> NativeFrame {
+    pub fn frame(&mut self, map: &MemoryMap, addr: u64) -> Frame {
         let Some(mapping) = map.find(addr) else {
-            return NativeFrame::unnamed(format!("[unknown] {addr:#x}"));
+            return Frame::at(format!("[unknown] {addr:#x}"), 0);
         };
         if mapping.path.is_empty() {
-            return NativeFrame::unnamed(format!("[anonymous] {addr:#x}"));
+            return Frame::at(format!("[anonymous] {addr:#x}"), 0);
         }
         let offset = addr.saturating_sub(1) - mapping.start + mapping.file_offset;
         let key = (mapping.path.clone(), offset);
-        if let Some(frame) = self.cache.get(&key) {
-            return frame.clone();
-        }
-        let frame = self.resolve(&mapping.path, offset);
-        self.cache.insert(key, frame.clone());
+        let mut frame = match self.cache.get(&key) {
+            Some(frame) => frame.clone(),
+            None => {
+                let frame = self.resolve(&mapping.path, offset);
+                self.cache.insert(key, frame.clone());
+                frame
+            }
+        };
+        // The return address, as the process and its file have it.
+        frame.native = Some(NativeLocation { module: mapping.path.clone(), address: addr, offset: offset + 1 });
         frame
     }
 
-    fn resolve(&self, path: &str, offset: u64) -> NativeFrame {
+    fn resolve(&self, path: &str, offset: u64) -> Frame {
         let module = path.rsplit('/').next().unwrap_or(path);
         let host: PathBuf = match &self.root {
             Some(root) => format!("{root}{path}").into(),
@@ -69,19 +64,19 @@ impl NativeSymbolizer {
         let source = Source::Elf(Elf::new(host));
         let symbol = match self.symbolizer.symbolize_single(&source, Input::FileOffset(offset)) {
             Ok(Symbolized::Sym(sym)) => sym,
-            _ => return NativeFrame::unnamed(format!("{module}+{offset:#x}")),
+            _ => return Frame::at(format!("{module}+{offset:#x}"), 0),
         };
-        let frame = match &symbol.code_info {
+        let (filename, lineno) = match &symbol.code_info {
             Some(info) if info.line.is_some() => {
                 let file = match &info.dir {
                     Some(dir) => dir.join(&info.file).to_string_lossy().into_owned(),
                     None => info.file.to_string_lossy().into_owned(),
                 };
-                Frame { filename: file, lineno: info.line.unwrap_or(0) }
+                (file, info.line.unwrap_or(0))
             }
             // +1: the offset was moved back into the call instruction.
-            _ => Frame { filename: format!("{}+{:#x} ({module})", symbol.name, symbol.offset + 1), lineno: 0 },
+            _ => (format!("{}+{:#x} ({module})", symbol.name, symbol.offset + 1), 0),
         };
-        NativeFrame { frame, function: Some(symbol.name.into_owned()) }
+        Frame { filename, lineno, function: Some(symbol.name.into_owned()), first_lineno: None, native: None }
     }
 }
