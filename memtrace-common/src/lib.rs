@@ -411,6 +411,31 @@ pub struct KernelConfig {
     /// Offset of `thread.fsbase` in `struct task_struct`: on x86-64 the
     /// user-space thread pointer, which is what pthread_self() returns.
     pub task_fsbase: u64,
+    /// Offsets of `pid` and `clone_flags` in the task:task_newtask
+    /// tracepoint's record, from its format file.
+    pub newtask_pid: u64,
+    pub newtask_clone_flags: u64,
+}
+
+/// A traced process changed: it forked a child process, or replaced its
+/// image (exec). What PROCESS_EVENTS carries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcessEvent {
+    /// [`ProcessEvent::FORK`] or [`ProcessEvent::EXEC`].
+    pub kind: u32,
+    /// The traced process (the parent, for a fork).
+    pub pid: u32,
+    /// The new child process, for a fork.
+    pub child: u32,
+    pub _pad: u32,
+    /// bpf_ktime_get_ns when it happened.
+    pub time_ns: u64,
+}
+
+impl ProcessEvent {
+    pub const FORK: u32 = 0;
+    pub const EXEC: u32 = 1;
 }
 
 /// One process's counters, per CPU in COUNTERS: indexed by [`counter`].
@@ -438,8 +463,18 @@ pub mod map_name {
     pub const NEW_PYTHON_STACKS: &str = "NEW_PYTHON_STACKS";
     pub const SITE_STACKS: &str = "SITE_STACKS";
     pub const COUNTERS: &str = "COUNTERS";
-    pub const ALL: [&str; 8] =
-        [TARGETS, ALLOCS, SITES, NATIVE_STACKS, PYTHON_STACKS, NEW_PYTHON_STACKS, SITE_STACKS, COUNTERS];
+    pub const PROCESS_EVENTS: &str = "PROCESS_EVENTS";
+    pub const ALL: [&str; 9] = [
+        TARGETS,
+        ALLOCS,
+        SITES,
+        NATIVE_STACKS,
+        PYTHON_STACKS,
+        NEW_PYTHON_STACKS,
+        SITE_STACKS,
+        COUNTERS,
+        PROCESS_EVENTS,
+    ];
 }
 
 /// Indexes into each process's [`CounterSet`] in COUNTERS. Everything the kernel side
@@ -475,17 +510,34 @@ pub mod counter {
     pub const ALLOCS_SEEN: u32 = 10;
     pub const FREES_MATCHED: u32 = ALLOCS_SEEN + super::layer::COUNT as u32;
     pub const UNKNOWN_FREE: u32 = FREES_MATCHED + super::layer::COUNT as u32;
-    pub const COUNT: u32 = UNKNOWN_FREE + super::layer::COUNT as u32;
+    /// Forks and execs of the process that could not be announced (their
+    /// ring was full): a child not followed, an exec seen late.
+    pub const PROCESS_EVENT_LOST: u32 = UNKNOWN_FREE + super::layer::COUNT as u32;
+    pub const COUNT: u32 = PROCESS_EVENT_LOST + 1;
 
     /// The counters of what could not be accounted, in the order reports
     /// print them.
-    pub const LOSSES: [u32; 6] =
-        [ALLOC_MAP_FULL, SITE_MAP_FULL, STACK_MAP_FULL, STACK_FAILED, PYTHON_READ_FAULT, STACK_COPY_LOST];
+    pub const LOSSES: [u32; 7] = [
+        ALLOC_MAP_FULL,
+        SITE_MAP_FULL,
+        STACK_MAP_FULL,
+        STACK_FAILED,
+        PYTHON_READ_FAULT,
+        STACK_COPY_LOST,
+        PROCESS_EVENT_LOST,
+    ];
 
+    /// A match rather than a search of LOSSES: it runs in BPF programs.
     pub fn is_loss(index: u32) -> bool {
         matches!(
             index,
-            ALLOC_MAP_FULL | SITE_MAP_FULL | STACK_MAP_FULL | STACK_FAILED | PYTHON_READ_FAULT | STACK_COPY_LOST
+            ALLOC_MAP_FULL
+                | SITE_MAP_FULL
+                | STACK_MAP_FULL
+                | STACK_FAILED
+                | PYTHON_READ_FAULT
+                | STACK_COPY_LOST
+                | PROCESS_EVENT_LOST
         )
     }
 
@@ -503,6 +555,7 @@ pub mod counter {
             MISSED_FREE => "missed-frees",
             NO_PYTHON_THREAD => "no-python-thread",
             STACK_COPY_LOST => "native-copies",
+            PROCESS_EVENT_LOST => "process-events",
             i if i >= UNKNOWN_FREE && i < COUNT => "unknown-frees",
             i if i >= FREES_MATCHED && i < UNKNOWN_FREE => "frees-matched",
             i if i >= ALLOCS_SEEN && i < FREES_MATCHED => "allocs-seen",
@@ -518,6 +571,7 @@ mod pod {
     unsafe impl aya::Pod for super::PendingCall {}
     unsafe impl aya::Pod for super::AllocKey {}
     unsafe impl aya::Pod for super::SiteKey {}
+    unsafe impl aya::Pod for super::ProcessEvent {}
     unsafe impl aya::Pod for super::AllocInfo {}
     unsafe impl aya::Pod for super::SiteStats {}
     unsafe impl aya::Pod for super::NativeStack {}

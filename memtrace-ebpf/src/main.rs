@@ -12,6 +12,7 @@
 
 mod accounting;
 mod diagnostics;
+mod lifecycle;
 mod maps;
 mod python;
 mod stacks;

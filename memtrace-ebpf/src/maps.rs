@@ -2,7 +2,8 @@
 //! place so their sizes and roles can be read together, and the counters
 //! every program adds to. Userspace may resize the big ones before loading
 //! (`--max-allocs`); the sizes here are defaults. Scratch maps live next to
-//! the code that uses them. Names are `memtrace_common::map_name`'s.
+//! the code that uses them. Names are `memtrace_common::map_name`'s. The
+//! kernel facts userspace fills in before loading are here too.
 
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid,
@@ -10,9 +11,14 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuHashMap, RingBuf},
 };
 use memtrace_common::{
-    AllocInfo, AllocKey, CounterSet, NativeStack, PendingCall, PythonStack, SiteKey, SiteStats, StackKey, TargetConfig,
+    AllocInfo, AllocKey, CounterSet, KernelConfig, NativeStack, PendingCall, PythonStack, SiteKey, SiteStats, StackKey, TargetConfig,
     counter,
 };
+
+/// Filled in by userspace at load time, from the kernel's BTF and
+/// tracepoint formats.
+#[unsafe(no_mangle)]
+pub static KERNEL_CONFIG: KernelConfig = KernelConfig { task_fsbase: 0, newtask_pid: 0, newtask_clone_flags: 0 };
 
 /// Traced processes (by tgid) and what to collect for each. A process not
 /// listed here is ignored by every program.
@@ -50,6 +56,10 @@ pub static NEW_PYTHON_STACKS: RingBuf = RingBuf::with_byte_size(1 << 16, 0);
 /// Each new site's registers and stack bytes, with `--native`.
 #[map]
 pub static SITE_STACKS: RingBuf = RingBuf::with_byte_size(1 << 21, 0);
+
+/// Forks and execs of traced processes (`memtrace_common::ProcessEvent`).
+#[map]
+pub static PROCESS_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 14, 0);
 
 /// Each traced process's loss and coverage counters (see
 /// `memtrace_common::counter`), per CPU. Userspace creates a process's entry

@@ -14,12 +14,12 @@ use aya_ebpf::{
     maps::PerCpuArray,
 };
 use memtrace_common::{
-    KernelConfig, MAX_PYTHON_FRAMES, NO_OFFSET, PythonFrame, PythonStack, PythonWalk, StackKey, WINDOW_MAX, Window,
+    MAX_PYTHON_FRAMES, NO_OFFSET, PythonFrame, PythonStack, PythonWalk, StackKey, WINDOW_MAX, Window,
     code_tag, counter,
 };
 
 use crate::{
-    maps::{NEW_PYTHON_STACKS, PYTHON_STACKS, count},
+    maps::{KERNEL_CONFIG, NEW_PYTHON_STACKS, PYTHON_STACKS, count},
     stacks::{intern, mix},
 };
 
@@ -27,9 +27,6 @@ use crate::{
 #[map]
 static WALK_SCRATCH: PerCpuArray<WalkState> = PerCpuArray::with_max_entries(1, 0);
 
-/// Filled in by userspace at load time from the kernel's BTF.
-#[unsafe(no_mangle)]
-static KERNEL_CONFIG: KernelConfig = KernelConfig { task_fsbase: 0 };
 
 fn read<T: Copy>(addr: u64) -> Result<T, ()> {
     // SAFETY: bpf_probe_read_user copies from the target's address space and

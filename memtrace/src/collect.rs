@@ -1,7 +1,7 @@
 //! Reads the kernel side's maps into plain values: a process's per-site
 //! totals and counters, stacks by key, and (for --older-than) live
 //! allocations by age; and drains the rings through which the kernel
-//! announces new stacks. Everything downstream works on these values, never
+//! announces new stacks and processes that fork or exec. Everything downstream works on these values, never
 //! on maps.
 
 use std::collections::HashMap as StdHashMap;
@@ -9,8 +9,8 @@ use std::collections::HashMap as StdHashMap;
 use anyhow::{Context as _, Result, anyhow};
 use aya::maps::{HashMap, MapData, PerCpuHashMap, RingBuf};
 use memtrace_common::{
-    AllocInfo, AllocKey, CounterSet, NativeStack, PythonStack, SiteKey, SiteStackCopy, SiteStats, StackKey, counter,
-    layer, map_name,
+    AllocInfo, AllocKey, CounterSet, NativeStack, ProcessEvent, PythonStack, SiteKey, SiteStackCopy, SiteStats,
+    StackKey, counter, layer, map_name,
 };
 
 use crate::probes::attach::Tracer;
@@ -124,6 +124,21 @@ pub fn new_python_stacks(tracer: &mut Tracer) -> Result<RingBuf<MapData>> {
 /// tracer so that the session can wait on it.
 pub fn site_stacks(tracer: &mut Tracer) -> Result<RingBuf<MapData>> {
     take_ring(tracer, map_name::SITE_STACKS)
+}
+
+/// The ring of traced processes' forks and execs, taken out of the tracer
+/// so that the session can wait on it.
+pub fn process_events(tracer: &mut Tracer) -> Result<RingBuf<MapData>> {
+    take_ring(tracer, map_name::PROCESS_EVENTS)
+}
+
+/// Drains `ring`, returning the events it held, oldest first.
+pub fn drain_process_events(ring: &mut RingBuf<MapData>) -> Vec<ProcessEvent> {
+    let mut events = Vec::new();
+    while let Some(item) = ring.next() {
+        events.extend(read_record::<ProcessEvent>(&item));
+    }
+    events
 }
 
 fn take_ring(tracer: &mut Tracer, name: &str) -> Result<RingBuf<MapData>> {

@@ -3,7 +3,9 @@
 //! every interval read the kernel maps into a snapshot per process, take
 //! its census, and hand its report to every output, until a signal, a limit
 //! or every process's exit; then the final reports, and detach (dropping
-//! the tracer). Everything per process (its symbolizer, counters, census,
+//! the tracer). A traced process's forked children are followed (they
+//! inherit its breakpoints, so they pay for them anyway), and a process
+//! that execs gets a final report for its former image and a new plan. Everything per process (its symbolizer, counters, census,
 //! previous snapshot, report header) is kept by pid, so processes never
 //! share state.
 
@@ -16,7 +18,7 @@ use std::{
 
 use anyhow::{Result, bail};
 use aya::maps::{MapData, RingBuf};
-use memtrace_common::{KernelConfig, SiteStats, StackKey, TargetConfig};
+use memtrace_common::{ProcessEvent, SiteStats, StackKey, TargetConfig};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -87,37 +89,42 @@ pub async fn run(options: Options) -> Result<Outcome> {
         None
     } else {
         progress.step("loading the eBPF programs");
-        let kernel_config = KernelConfig { task_fsbase: kernel::task_fsbase_offset()? };
-        Some(Tracer::load(kernel_config, options.max_allocs, options.verbose)?)
+        Some(Tracer::load(kernel::config()?, options.max_allocs, options.verbose)?)
     };
     let (exits, exited) = mpsc::unbounded_channel();
     let mut processes = BTreeMap::new();
     for prepared in prepared {
         let pid = prepared.target.pid;
         watch_exit(pid, exits.clone())?;
-        processes.insert(pid, prepared.attach(tracer.as_mut(), &options, &progress)?);
+        processes.insert(pid, prepared.attach(tracer.as_mut(), &options, &progress, None)?);
     }
     progress.step("waiting for the first report");
     let rings = match &mut tracer {
         Some(tracer) => Some(Rings {
             new_stacks: watch(collect::new_python_stacks(tracer)?, "the kernel's stack ring")?,
             site_stacks: watch(collect::site_stacks(tracer)?, "the kernel's stack copy ring")?,
+            process_events: watch(collect::process_events(tracer)?, "the kernel's process ring")?,
             log: if options.verbose { Some(watch(tracer.take_logger()?, "the kernel's log")?) } else { None },
         }),
         None => None,
     };
-    let mut session =
-        Session { options: &options, filters, tracer, processes, outputs, failed: None, intervals: 0, progress };
+    let mut session = Session {
+        options: &options,
+        filters,
+        tracer,
+        processes,
+        outputs,
+        failed: None,
+        intervals: 0,
+        progress,
+        exits,
+        gone_untracked: 0,
+    };
     let end = session.run_loop(stops, exited, rings).await?;
     if let Some(failure) = session.failed {
         return Err(failure);
     }
-    let mut untracked = 0;
-    if let Some(tracer) = &session.tracer {
-        for &pid in session.processes.keys() {
-            untracked += collect::counters(tracer, pid)?.untracked();
-        }
-    }
+    let untracked = session.gone_untracked + session.processes.values().map(|t| t.untracked).sum::<u64>();
     Ok(Outcome { end, untracked })
 }
 
@@ -197,8 +204,15 @@ impl Prepared {
     }
 
     /// Takes the first census and, with a tracer, attaches the probes and
-    /// starts counting.
-    fn attach(self, tracer: Option<&mut Tracer>, options: &Options, progress: &Progress) -> Result<Traced> {
+    /// starts counting; or with `counting`, the plan it is already counted
+    /// with (a forked child's, its parent's), keeps that.
+    fn attach(
+        self,
+        tracer: Option<&mut Tracer>,
+        options: &Options,
+        progress: &Progress,
+        counting: Option<Plan>,
+    ) -> Result<Traced> {
         let Self { target, interpreter, points, notes, includes_raw } = self;
         let pid = target.pid;
         progress.step(format!("pid {pid}: its first census"));
@@ -216,7 +230,9 @@ impl Prepared {
             interpreter: described.clone(),
             cgroup: target.cgroup.clone(),
         };
-        let traced = |symbolizer, coverage| Traced {
+        let traced = |symbolizer, coverage, plan| Traced {
+            plan,
+            untracked: 0,
             info,
             symbolizer,
             coverage,
@@ -236,15 +252,8 @@ impl Prepared {
                 described.as_ref().map(|d| format!(", {d}")).unwrap_or_default(),
                 options.interval
             ));
-            return Ok(traced(Symbolizer::new(&target, None, false), None));
+            return Ok(traced(Symbolizer::new(&target, None, false), None, None));
         };
-        progress.step(format!("pid {pid}: attaching {} probes", points.len()));
-        if let Err(e) = tracer.attach(pid, &points) {
-            if !Target::is_alive(pid) {
-                bail!("pid {pid} ({}) exited before tracing started", target.comm);
-            }
-            return Err(e);
-        }
         let wants_stacks = options.wants_tracebacks();
         let config = TargetConfig {
             min_size: options.min_size,
@@ -257,18 +266,48 @@ impl Prepared {
             _pad: 0,
             python: interpreter.as_ref().map(|i| i.walk()).unwrap_or_default(),
         };
-        tracer.set_target(pid, &config)?;
+        let plan = match counting {
+            Some(plan) => plan,
+            None => {
+                progress.step(format!("pid {pid}: attaching {} probes", points.len()));
+                let plan = Plan { points, config };
+                if let Err(e) = plan.start(tracer, pid) {
+                    if !Target::is_alive(pid) {
+                        bail!("pid {pid} ({}) exited before tracing started", target.comm);
+                    }
+                    return Err(e);
+                }
+                plan
+            }
+        };
         progress.say(&format!(
             "memtrace: tracing pid {pid} ({}){}: {} probes; a report every {} s; Ctrl-C to stop",
             target.comm,
             described.as_ref().map(|d| format!(", {d}")).unwrap_or_default(),
-            points.len(),
+            plan.points.len(),
             options.interval
         ));
         let coverage =
             interpreter.as_ref().and_then(|i| i.pymalloc).and_then(|state| Coverage::start(state, pid, includes_raw));
         let symbolizer = Symbolizer::new(&target, interpreter.as_ref().map(|i| i.code_resolver(pid)), options.native);
-        Ok(traced(symbolizer, coverage))
+        Ok(traced(symbolizer, coverage, Some(plan)))
+    }
+}
+
+/// What a process is counted with: its probes and the kernel side's
+/// configuration for it.
+#[derive(Clone)]
+struct Plan {
+    points: Vec<AttachPoint>,
+    config: TargetConfig,
+}
+
+impl Plan {
+    /// Attaches the probes, then starts counting, so that counting starts
+    /// with every probe in place.
+    fn start(&self, tracer: &mut Tracer, pid: u32) -> Result<()> {
+        tracer.attach(pid, &self.points)?;
+        tracer.set_target(pid, &self.config)
     }
 }
 
@@ -290,6 +329,19 @@ struct Traced {
     sequence: u32,
     /// Its final report is written; nothing more is.
     exited: bool,
+    /// Allocations the kernel side could not track, at its latest report.
+    untracked: u64,
+    /// None without probes (`--census-only`).
+    plan: Option<Plan>,
+}
+
+/// How a process came to be traced after the session started.
+#[derive(Clone, Copy)]
+enum Followed {
+    /// Forked by traced process `parent`.
+    Fork { parent: u32 },
+    /// Its own new image, after an exec.
+    Exec,
 }
 
 /// The signals that end a session.
@@ -303,6 +355,8 @@ struct Stops {
 struct Rings {
     /// Keys of new Python stacks.
     new_stacks: AsyncFd<RingBuf<MapData>>,
+    /// Forks and execs of traced processes.
+    process_events: AsyncFd<RingBuf<MapData>>,
     /// Stack copies of new sites (`--native`).
     site_stacks: AsyncFd<RingBuf<MapData>>,
     /// The kernel side's diagnostics (`--verbose`).
@@ -324,6 +378,10 @@ struct Session<'a> {
     intervals: u32,
     /// Shown until the first report is written.
     progress: Progress,
+    /// Where each traced process's exit is announced.
+    exits: mpsc::UnboundedSender<u32>,
+    /// `untracked` of the processes no longer in `processes`.
+    gone_untracked: u64,
 }
 
 impl Session<'_> {
@@ -349,12 +407,15 @@ impl Session<'_> {
                 }
             };
             // Without probes there are no rings: their branches wait forever.
-            let (new_stacks, site_stacks, kernel_log) = match rings.as_mut() {
-                Some(Rings { new_stacks, site_stacks, log }) => (Some(new_stacks), Some(site_stacks), log.as_mut()),
-                None => (None, None, None),
+            let (new_stacks, site_stacks, process_events, kernel_log) = match rings.as_mut() {
+                Some(Rings { new_stacks, site_stacks, process_events, log }) => {
+                    (Some(new_stacks), Some(site_stacks), Some(process_events), log.as_mut())
+                }
+                None => (None, None, None, None),
             };
             let new_stacks = readable(new_stacks);
             let site_stacks = readable(site_stacks);
+            let process_events = readable(process_events);
             let kernel_log = readable(kernel_log);
             tokio::select! {
                 _ = reports.tick() => {
@@ -385,6 +446,16 @@ impl Session<'_> {
                         }
                     });
                     guard.clear_ready();
+                }
+                ready = process_events => {
+                    let mut guard = ready?;
+                    for event in collect::drain_process_events(guard.get_inner_mut()) {
+                        self.process_changed(event)?;
+                    }
+                    guard.clear_ready();
+                    if self.failed.is_some() {
+                        break End::Limit;
+                    }
                 }
                 ready = kernel_log => {
                     let mut guard = ready?;
@@ -422,7 +493,94 @@ impl Session<'_> {
         }
         self.report(&[pid], true)?;
         eprintln!("memtrace: pid {pid} exited; the final report above covers its whole life since attach");
+        // Its records would only fill the maps, and its pid may come back.
+        if let Some(tracer) = &mut self.tracer {
+            tracer.forget(pid)?;
+        }
         Ok(())
+    }
+
+    /// A traced process forked a child, or replaced its image.
+    fn process_changed(&mut self, event: ProcessEvent) -> Result<()> {
+        match event.kind {
+            ProcessEvent::FORK => {
+                let child = event.child;
+                // A pid that comes back is a new process.
+                if self.processes.get(&child).is_some_and(|t| !t.exited) {
+                    return Ok(());
+                }
+                self.drop_process(child);
+                self.follow(child, Followed::Fork { parent: event.pid }, event.time_ns);
+            }
+            ProcessEvent::EXEC => {
+                let pid = event.pid;
+                let Some(traced) = self.processes.get_mut(&pid).filter(|t| !t.exited) else { return Ok(()) };
+                // The kernel side stopped counting it at the exec.
+                traced.notes.push("it replaced its image (exec): this final report covers the former image".into());
+                self.report(&[pid], true)?;
+                eprintln!("memtrace: pid {pid} exec'd; the final report above covers its former image");
+                if let Some(tracer) = &mut self.tracer {
+                    tracer.forget(pid)?;
+                }
+                self.drop_process(pid);
+                self.follow(pid, Followed::Exec, event.time_ns);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Plans and attaches a process the session did not start with; one
+    /// that cannot be traced is one line, not the end of the session.
+    fn follow(&mut self, pid: u32, how: Followed, since_ns: u64) {
+        let quiet = Progress::start(true);
+        // A child runs its parent's image at its parent's addresses: it is
+        // counted with its parent's plan at once, and read afterwards.
+        let inherited = match how {
+            Followed::Fork { parent } => self.processes.get(&parent).and_then(|p| p.plan.clone()),
+            Followed::Exec => None,
+        };
+        let mut counted_from = None;
+        let traced = (|| {
+            if let (Some(plan), Some(tracer)) = (&inherited, self.tracer.as_mut()) {
+                plan.start(tracer, pid)?;
+                counted_from = Some(collect::monotonic_now_ns());
+            }
+            let prepared = Prepared::new(pid, self.options, &quiet)?;
+            if let Followed::Fork { .. } = how {
+                watch_exit(pid, self.exits.clone())?;
+            }
+            prepared.attach(self.tracer.as_mut(), self.options, &quiet, inherited.clone())
+        })();
+        let counted_from = counted_from.unwrap_or_else(collect::monotonic_now_ns);
+        let lag_ms = counted_from.saturating_sub(since_ns) / 1_000_000;
+        if traced.is_err()
+            && let Some(tracer) = &mut self.tracer
+        {
+            // Counting may have started; nothing is to be left of it.
+            let _ = tracer.forget(pid);
+        }
+        match (traced, how) {
+            (Ok(mut traced), Followed::Fork { parent }) => {
+                traced.notes.push(format!(
+                    "forked from pid {parent}, traced from {lag_ms} ms after the fork: what it allocated before, and the blocks it inherited, are not counted"
+                ));
+                self.processes.insert(pid, traced);
+            }
+            (Ok(mut traced), Followed::Exec) => {
+                traced.notes.push(format!("a new image (exec), traced from {lag_ms} ms after the exec"));
+                self.processes.insert(pid, traced);
+            }
+            (Err(e), Followed::Fork { parent }) => eprintln!("memtrace: pid {pid}, forked from pid {parent}, is not traced: {e:#}"),
+            (Err(e), Followed::Exec) => eprintln!("memtrace: pid {pid}'s new image (exec) is not traced: {e:#}"),
+        }
+    }
+
+    /// Forgets a process the session has done with, keeping its losses.
+    fn drop_process(&mut self, pid: u32) {
+        if let Some(traced) = self.processes.remove(&pid) {
+            self.gone_untracked += traced.untracked;
+        }
     }
 
     /// Catches up with every live process: fresh memory maps, and any
@@ -520,6 +678,7 @@ impl Session<'_> {
             entries.retain(|(traceback, _)| self.filters.keeps(traceback));
         }
         let current = Snapshot::from_entries(entries);
+        traced.untracked = counters.untracked();
         let mut notes = traced.notes.clone();
         notes.extend(traced.coverage.as_ref().and_then(|c| c.note(&counters)));
         traced.sequence += 1;

@@ -300,6 +300,13 @@ impl Memtrace {
         self.0.signal(signal);
     }
 
+    /// Waits for a line on stderr starting with `prefix` (for example
+    /// `TRACING` and a pid memtrace is to follow); fails when memtrace exits
+    /// first or TIMEOUT passes.
+    pub fn wait_stderr(&mut self, prefix: &str) -> Result<()> {
+        self.0.wait_attached(TIMEOUT, |line| line.stderr && line.text.starts_with(prefix))
+    }
+
     /// Stops it with SIGINT; see [`Tracer::stop`].
     pub fn stop(self, timeout: Duration) -> Result<Vec<Line>> {
         self.0.stop(timeout)

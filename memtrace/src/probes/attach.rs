@@ -1,7 +1,9 @@
 //! Loads the kernel side, attaches probe plans to processes, and tells the
-//! kernel side which processes to count and how. Dropping the `Tracer`
-//! detaches everything; so does the kernel if memtrace dies, since every
-//! probe lives only as long as its file descriptor.
+//! kernel side which processes to count and how; forgets a process whose
+//! image is gone. Dropping the `Tracer` detaches everything; so does the
+//! kernel if memtrace dies, since every probe lives only as long as its
+//! file descriptor. The fork and exec tracepoints (see the kernel side's
+//! `lifecycle`) are attached once, at load, for every traced process.
 //!
 //! Probes are attached as uprobe_multi links (Linux 6.6): one link per
 //! program and binary, holding every offset with its cookie. Detaching a
@@ -23,22 +25,30 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, Map, MapData, PerCpuHashMap, PerCpuValues},
+    programs::TracePoint,
     util::nr_cpus,
 };
 use aya_obj::{
     btf::BtfFeatures,
     generated::{BPF_F_UPROBE_MULTI_RETURN, bpf_attach_type, bpf_attr, bpf_cmd, bpf_insn, bpf_prog_type},
 };
-use memtrace_common::{CounterSet, KernelConfig, TargetConfig, map_name};
+use memtrace_common::{
+    AllocInfo, AllocKey, CounterSet, KernelConfig, NativeStack, PythonStack, SiteKey, SiteStats, StackKey, TargetConfig,
+    map_name,
+};
 
 use super::plan::{AttachPoint, Program};
 
 /// The kernel side, built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memtrace"));
 
+/// The kernel side's tracepoints, by (category, name): each program is named after its tracepoint.
+const TRACEPOINTS: [(&str, &str); 2] = [("task", "task_newtask"), ("sched", "sched_process_exec")];
+
 pub struct Tracer {
-    /// Declared first so that the links go before the programs.
-    links: Vec<OwnedFd>,
+    /// Each process's probes. Declared first so that the links go before
+    /// the programs.
+    links: BTreeMap<u32, Vec<OwnedFd>>,
     programs: BTreeMap<Program, OwnedFd>,
     pub(crate) ebpf: Ebpf,
 }
@@ -51,14 +61,24 @@ impl Tracer {
     pub fn load(kernel: KernelConfig, max_allocs: u32, verbose: bool) -> Result<Self> {
         // aya-log's levels: 0 is off; 2 is warnings and worse.
         let log_level: u8 = if verbose { 2 } else { 0 };
-        let ebpf = EbpfLoader::new()
+        let mut ebpf = EbpfLoader::new()
             .override_global("KERNEL_CONFIG", &kernel, true)
             .override_global("AYA_LOG_LEVEL", &log_level, true)
             .map_max_entries(map_name::ALLOCS, max_allocs)
             .load(OBJECT)
             .context("cannot load memtrace's eBPF maps")?;
         let programs = load_programs(&ebpf, OBJECT, verbose)?;
-        Ok(Self { links: Vec::new(), programs, ebpf })
+        // Kept attached by the object, which owns the links.
+        for (category, name) in TRACEPOINTS {
+            let program: &mut TracePoint = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("eBPF object lacks program {name}"))?
+                .try_into()
+                .with_context(|| format!("eBPF program {name} is not a tracepoint"))?;
+            program.load().with_context(|| format!("the kernel rejected eBPF program {name}"))?;
+            program.attach(category, name).with_context(|| format!("cannot attach to tracepoint {category}:{name}"))?;
+        }
+        Ok(Self { links: BTreeMap::new(), programs, ebpf })
     }
 
     /// Attaches every point, scoped to `pid`: the kernel plants breakpoints
@@ -77,7 +97,7 @@ impl Tracer {
             let prog = self.programs.get(&program).ok_or_else(|| anyhow!("program {} not loaded", program.name()))?;
             let link = link_uprobe_multi(prog.as_raw_fd(), program == Program::AllocReturn, pid, &group)
                 .with_context(|| format!("cannot attach {} probes to {binary}", program.name()))?;
-            self.links.push(link);
+            self.links.entry(pid).or_default().push(link);
         }
         Ok(())
     }
@@ -97,6 +117,33 @@ impl Tracer {
         let mut targets: HashMap<&mut MapData, u32, TargetConfig> =
             HashMap::try_from(self.map_mut(map_name::TARGETS)?)?;
         targets.insert(pid, config, 0).context("cannot configure the kernel side")?;
+        Ok(())
+    }
+
+    /// Detaches `pid`'s probes and drops everything the kernel side keeps
+    /// of it: its configuration, counters, live blocks, sites and stacks.
+    /// For a process that exited, or whose image an exec replaced (its
+    /// records then describe memory that no longer exists).
+    pub fn forget(&mut self, pid: u32) -> Result<()> {
+        self.links.remove(&pid);
+        HashMap::<_, u32, TargetConfig>::try_from(self.map_mut(map_name::TARGETS)?)?.remove(&pid).ok();
+        PerCpuHashMap::<_, u32, CounterSet>::try_from(self.map_mut(map_name::COUNTERS)?)?.remove(&pid).ok();
+        self.forget_entries::<AllocKey, AllocInfo>(map_name::ALLOCS, |k| k.pid == pid)?;
+        self.forget_entries::<SiteKey, SiteStats>(map_name::SITES, |k| k.pid == pid)?;
+        self.forget_entries::<StackKey, NativeStack>(map_name::NATIVE_STACKS, |k| k.pid == pid)?;
+        self.forget_entries::<StackKey, PythonStack>(map_name::PYTHON_STACKS, |k| k.pid == pid)?;
+        Ok(())
+    }
+
+    /// Removes the entries of hash map `name` whose key `matches`; keys are
+    /// listed first, since deleting while iterating restarts the iteration.
+    fn forget_entries<K: aya::Pod, V: aya::Pod>(&mut self, name: &str, matches: impl Fn(&K) -> bool) -> Result<()> {
+        let mut map: HashMap<&mut MapData, K, V> = HashMap::try_from(self.map_mut(name)?)?;
+        let keys: Vec<K> = map.keys().filter_map(Result::ok).filter(|k| matches(k)).collect();
+        for key in keys {
+            // Already gone is as good as removed.
+            map.remove(&key).ok();
+        }
         Ok(())
     }
 
@@ -278,6 +325,9 @@ mod tests {
         }
         for program in Program::ALL {
             assert!(obj.programs.contains_key(program.name()), "no program {}", program.name());
+        }
+        for (_, name) in TRACEPOINTS {
+            assert!(obj.programs.contains_key(name), "no program {name}");
         }
     }
 }

@@ -1,0 +1,76 @@
+//! Traced processes that change under memtrace. A child forked by a traced
+//! process inherits its address space, breakpoints included, so it traps on
+//! every allocation whether or not it is traced; userspace follows it as a
+//! process of its own. An exec replaces a process's image under the same
+//! pid: counting stops here, at once, before any allocation of the new
+//! image could be charged to the old one's sites and layout, and userspace
+//! ends the old image's report and plans the new one. Threads and vfork
+//! children (which share their parent's memory, and exec at once) are not
+//! processes of their own, and are not announced.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use memtrace_common::{ProcessEvent, counter};
+
+use crate::maps::{KERNEL_CONFIG, PROCESS_EVENTS, TARGETS, count};
+
+/// include/uapi/linux/sched.h.
+const CLONE_VM: u64 = 0x100;
+const CLONE_THREAD: u64 = 0x10000;
+
+/// task:task_newtask, in the parent, as the new task is created.
+#[tracepoint]
+pub fn task_newtask(ctx: TracePointContext) -> u32 {
+    let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: only checks presence; the value is not kept.
+    if unsafe { TARGETS.get(&parent) }.is_none() {
+        return 0;
+    }
+    // SAFETY: volatile so the compiler does not fold the placeholder values;
+    // userspace rewrites them before loading.
+    let (pid_at, flags_at) = unsafe {
+        (
+            core::ptr::read_volatile(&KERNEL_CONFIG.newtask_pid),
+            core::ptr::read_volatile(&KERNEL_CONFIG.newtask_clone_flags),
+        )
+    };
+    // SAFETY: reads of the tracepoint's own record at offsets from its
+    // format file; a bad offset fails the read, it does not fault.
+    let (Ok(child), Ok(flags)) = (unsafe { ctx.read_at::<u32>(pid_at as usize) }, unsafe {
+        ctx.read_at::<u64>(flags_at as usize)
+    }) else {
+        return 0;
+    };
+    if flags & (CLONE_THREAD | CLONE_VM) != 0 {
+        return 0;
+    }
+    announce(ProcessEvent::FORK, parent, child);
+    0
+}
+
+/// sched:sched_process_exec, in the process, once its new image is in place.
+#[tracepoint]
+pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
+    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: only checks presence; the value is not kept.
+    if unsafe { TARGETS.get(&pid) }.is_none() {
+        return 0;
+    }
+    // Failing is harmless: the entry is then already gone.
+    let _ = TARGETS.remove(&pid);
+    announce(ProcessEvent::EXEC, pid, 0);
+    0
+}
+
+/// An event the ring has no room for is counted as lost in the process's
+/// report.
+fn announce(kind: u32, pid: u32, child: u32) {
+    // SAFETY: a helper without arguments.
+    let time_ns = unsafe { bpf_ktime_get_ns() };
+    if PROCESS_EVENTS.output::<ProcessEvent>(&ProcessEvent { kind, pid, child, _pad: 0, time_ns }, 0).is_err() {
+        count(counter::PROCESS_EVENT_LOST);
+    }
+}
