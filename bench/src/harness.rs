@@ -5,7 +5,11 @@
 //! times itself, or the service's requests, which the bench's client
 //! times), stops the tracer and keeps what it counted.
 
-use std::{collections::BTreeMap, process::Command, time::Duration};
+use std::{
+    collections::BTreeMap,
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result, bail};
 use memtrace_tests::{JsonReport, Line, Memtrace, Target, Tracer, free_port};
@@ -184,15 +188,28 @@ impl Samples {
 pub fn run(setup: &Setup, workloads: &[Workload], repeat: u64) -> Result<Vec<Vec<Samples>>> {
     let mut samples: Vec<Vec<Samples>> =
         workloads.iter().map(|w| w.configs.iter().map(|_| Samples::default()).collect()).collect();
+    let start = Instant::now();
     for round in 1..=repeat {
         for (workload, samples) in workloads.iter().zip(&mut samples) {
             for (&config, samples) in workload.configs.iter().zip(samples) {
+                let run_start = Instant::now();
                 let (seconds, measured) = run_once(setup, workload, config)
                     .with_context(|| format!("{} workload, {}", workload.name, config.label()))?;
-                eprintln!("bench: round {round}/{repeat}: {} / {}: {seconds:.3} s", workload.name, config.label());
+                eprintln!(
+                    "bench: round {round}/{repeat}: {} / {}: {seconds:.3} s (the run took {:.1} s)",
+                    workload.name,
+                    config.label(),
+                    run_start.elapsed().as_secs_f64()
+                );
                 samples.add(seconds, measured);
             }
         }
+        let per_round = start.elapsed().as_secs_f64() / round as f64;
+        eprintln!(
+            "bench: {round} of {repeat} rounds in {:.1} min; about {:.1} min to go",
+            start.elapsed().as_secs_f64() / 60.0,
+            per_round * (repeat - round) as f64 / 60.0
+        );
     }
     Ok(samples)
 }

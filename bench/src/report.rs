@@ -95,13 +95,20 @@ impl Measures<'_> {
         Some(self.ns_per(config, self.hits())? / self.ns_per(Config::Floor, self.hits())?)
     }
 
-    /// What one run counts: "N probe hits (the floor's count) and M
-    /// allocations (memtrace's count)".
+    /// The floor's probe hits over memtrace's allocations: the traps an
+    /// allocation costs.
+    fn hits_per_allocation(&self) -> Option<f64> {
+        Some(self.hits()? / self.allocations().filter(|&a| a > 0.0)?)
+    }
+
+    /// What one run counts: "N probe hits (the floor's count), M
+    /// allocations (memtrace's count), H hits per allocation".
     fn counts(&self) -> String {
         format!(
-            "{} probe hits (the floor's count) and {} allocations (memtrace's count)",
+            "{} probe hits (the floor's count), {} allocations (memtrace's count), {} hits per allocation",
             cell(self.hits(), |h| format!("{h:.0}")),
             cell(self.allocations(), |a| format!("{a:.0}")),
+            cell(self.hits_per_allocation(), |p| format!("{p:.2}")),
         )
     }
 
@@ -291,7 +298,6 @@ fn pyperformance(runs: &[Measures]) -> String {
         headers.push(format!("{} over floor", c.column()));
     }
     headers.push("censuses in the census run".into());
-    let per_allocation = |r: &Measures| Some(r.hits()? / r.allocations().filter(|&a| a > 0.0)?);
     let mut rows: Vec<Vec<String>> = runs
         .iter()
         .map(|run| {
@@ -300,7 +306,7 @@ fn pyperformance(runs: &[Measures]) -> String {
                 run.workload.name.clone(),
                 cell(run.allocations(), |a| format!("{a:.0}")),
                 cell(hits, |h| format!("{h:.0}")),
-                cell(per_allocation(run), |p| format!("{p:.2}")),
+                cell(run.hits_per_allocation(), |p| format!("{p:.2}")),
                 cell(run.ns_per(Config::Floor, hits), |ns| format!("{ns:.0}")),
             ];
             for &c in &memtrace {
@@ -316,7 +322,7 @@ fn pyperformance(runs: &[Measures]) -> String {
         "mean (hits / allocation), geomean (the rest)".to_owned(),
         String::new(),
         String::new(),
-        cell(mean(&over_runs(&per_allocation)), |p| format!("{p:.2}")),
+        cell(mean(&over_runs(&|r| r.hits_per_allocation())), |p| format!("{p:.2}")),
         cell(geomean(&over_runs(&|r| r.ns_per(Config::Floor, r.hits()))), |ns| format!("{ns:.0}")),
     ];
     for &c in &memtrace {
