@@ -1,39 +1,48 @@
 //! The timed runs: every configuration of every workload, round after
 //! round, interleaved so that the machine's noise falls on all of them
 //! alike. One run starts the workload, attaches its tracer while the
-//! workload waits, lets the loop go, takes the seconds the workload itself
-//! measured, stops the tracer and keeps what it counted.
+//! workload waits, lets the timed part go (the loop, which the workload
+//! times itself, or the service's requests, which the bench's client
+//! times), stops the tracer and keeps what it counted.
 
-use std::{collections::BTreeMap, process::Command, time::Duration};
-
-use anyhow::{Context as _, Result, bail};
-use memtrace_tests::{JsonReport, Line, Memtrace, Tracer};
-
-use crate::{
-    setup::{Setup, probe_count},
-    workload::{RUN_TIMEOUT, start_workload},
+use std::{
+    collections::BTreeMap,
+    process::Command,
+    time::{Duration, Instant},
 };
 
-/// Deep enough that `--frames 16` truncates every walk.
-pub const DEEP_DEPTH: u32 = 20;
+use anyhow::{Context as _, Result, bail};
+use memtrace_tests::{JsonReport, Line, Memtrace, Target, Tracer, free_port};
+
+use crate::{
+    service,
+    setup::{Setup, attached_probes, probe_count},
+    workload::{Kind, RUN_TIMEOUT, Workload, start_workload},
+};
+
 /// bpftrace compiles its program with LLVM before attaching; a loaded
 /// 2-core machine can make that slow.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(120);
-/// Seconds between censuses while the workload runs: its loop lasts a few
-/// tenths of a second untraced, so a census every second would not fall
-/// inside it; twenty a second is a harder test than the one asked for.
-pub const CENSUS_INTERVAL: &str = "0.05";
+/// Seconds between censuses under `--census-only`: once a second, as an
+/// operator watching a process would run it.
+pub const CENSUS_INTERVAL: &str = "1";
+/// How many times its untraced size a census run does (and its untraced
+/// baseline): a workload's timed part lasts a few tenths of a second
+/// untraced, and a census every second must fall inside it several times.
+pub const CENSUS_SPAN: u64 = 10;
 /// The line bpftrace's own test hook prints once every probe is attached
 /// (it prints "Attaching N probes..." before it starts).
 const BPFTRACE_ATTACHED: &str = "__BPFTRACE_NOTIFY_PROBES_ATTACHED";
 
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Config {
     Untraced,
     /// memtrace attached from outside; None leaves --frames at its default.
     Memtrace(Option<u32>),
     /// bpftrace with empty, counting probes where memtrace puts its own.
     Floor,
+    /// Untraced, CENSUS_SPAN times as long: what Census is compared with.
+    CensusBaseline,
     /// memtrace --census-only, a census every CENSUS_INTERVAL: no probe.
     Census,
     Tracemalloc,
@@ -43,16 +52,58 @@ pub enum Config {
 }
 
 impl Config {
+    /// Every configuration, in the order runs and tables take them.
+    pub const ALL: [Config; 9] = [
+        Config::Untraced,
+        Config::Memtrace(None),
+        Config::Memtrace(Some(1)),
+        Config::Floor,
+        Config::CensusBaseline,
+        Config::Census,
+        Config::Tracemalloc,
+        Config::Memray { python_allocators: false },
+        Config::Memray { python_allocators: true },
+    ];
+
+    /// Its name on the command line (`--configs`); the census's baseline
+    /// goes with it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Config::Untraced => "untraced",
+            Config::Memtrace(None) => "memtrace",
+            Config::Memtrace(Some(_)) => "frames1",
+            Config::Floor => "floor",
+            Config::CensusBaseline | Config::Census => "census",
+            Config::Tracemalloc => "tracemalloc",
+            Config::Memray { python_allocators: false } => "memray",
+            Config::Memray { python_allocators: true } => "memray-python-allocators",
+        }
+    }
+
     pub fn label(self) -> String {
         match self {
             Config::Untraced => "untraced".into(),
             Config::Memtrace(None) => "memtrace (default: --frames 16)".into(),
             Config::Memtrace(Some(n)) => format!("memtrace --frames {n}"),
             Config::Floor => "floor: bpftrace, empty probes".into(),
-            Config::Census => format!("memtrace --census-only --interval {CENSUS_INTERVAL}"),
+            Config::CensusBaseline => format!("untraced, {CENSUS_SPAN}× as long"),
+            Config::Census => format!("memtrace --census-only --interval {CENSUS_INTERVAL}, {CENSUS_SPAN}× as long"),
             Config::Tracemalloc => "python -X tracemalloc=1".into(),
             Config::Memray { python_allocators: false } => "memray run".into(),
             Config::Memray { python_allocators: true } => "memray run --trace-python-allocators".into(),
+        }
+    }
+
+    /// Its name as a table's column heading, where the label is too long.
+    pub fn column(self) -> String {
+        match self {
+            Config::Memtrace(None) => "memtrace".into(),
+            Config::Memtrace(Some(n)) => format!("--frames {n}"),
+            Config::Floor => "floor".into(),
+            Config::CensusBaseline => format!("untraced {CENSUS_SPAN}×"),
+            Config::Census => format!("--census-only {CENSUS_SPAN}×"),
+            Config::Tracemalloc => "tracemalloc".into(),
+            _ => self.label(),
         }
     }
 
@@ -61,42 +112,34 @@ impl Config {
     pub fn on_probes(self) -> bool {
         matches!(self, Config::Memtrace(_) | Config::Floor)
     }
+
+    /// How many times its workload's untraced size one run of it does; its
+    /// seconds are kept divided by it.
+    pub fn span(self) -> u64 {
+        match self {
+            Config::CensusBaseline | Config::Census => CENSUS_SPAN,
+            _ => 1,
+        }
+    }
+
+    /// What its time is compared with: its baseline, where it has one
+    /// other than the plain untraced run.
+    pub fn baseline(self) -> Config {
+        match self {
+            Config::Census => Config::CensusBaseline,
+            _ => Config::Untraced,
+        }
+    }
 }
 
-pub struct Workload {
-    pub name: &'static str,
-    pub depth: u32,
-    pub configs: &'static [Config],
-}
-
-pub const WORKLOADS: [Workload; 2] = [
-    Workload {
-        name: "shallow",
-        depth: 1,
-        configs: &[
-            Config::Untraced,
-            Config::Memtrace(None),
-            Config::Memtrace(Some(1)),
-            Config::Floor,
-            Config::Census,
-            Config::Tracemalloc,
-            Config::Memray { python_allocators: false },
-            Config::Memray { python_allocators: true },
-        ],
-    },
-    Workload {
-        name: "deep",
-        depth: DEEP_DEPTH,
-        configs: &[Config::Untraced, Config::Floor, Config::Memtrace(Some(1)), Config::Memtrace(None)],
-    },
-];
-
-/// What one run measured besides the loop's time.
+/// What one run measured besides its time.
 enum Measured {
     Nothing,
     Memtrace(MemtraceCounts),
     /// Hits per bpftrace probe name.
     Floor(BTreeMap<String, u64>),
+    /// Censuses memtrace reported before it was stopped.
+    Census(u64),
 }
 
 /// What memtrace counted over one run.
@@ -109,12 +152,14 @@ struct MemtraceCounts {
 /// Every run of one configuration of one workload.
 #[derive(Default)]
 pub struct Samples {
+    /// Per untraced-size run (see [`Config::span`]).
     pub seconds: Vec<f64>,
     pub allocations: Vec<u64>,
     pub truncated: Vec<u64>,
     pub read_faults: Vec<u64>,
     pub hits: BTreeMap<String, Vec<u64>>,
     pub total_hits: Vec<u64>,
+    pub censuses: Vec<u64>,
 }
 
 impl Samples {
@@ -133,24 +178,38 @@ impl Samples {
                     self.hits.entry(probe).or_default().push(count);
                 }
             }
+            Measured::Census(n) => self.censuses.push(n),
         }
     }
 }
 
-/// `repeat` rounds of every configuration; the samples are indexed like
-/// `WORKLOADS` and their configurations.
-pub fn run(setup: &Setup, repeat: u64) -> Result<Vec<Vec<Samples>>> {
+/// `repeat` rounds of every configuration of every workload; the samples
+/// are indexed like `workloads` and their configurations.
+pub fn run(setup: &Setup, workloads: &[Workload], repeat: u64) -> Result<Vec<Vec<Samples>>> {
     let mut samples: Vec<Vec<Samples>> =
-        WORKLOADS.iter().map(|w| w.configs.iter().map(|_| Samples::default()).collect()).collect();
+        workloads.iter().map(|w| w.configs.iter().map(|_| Samples::default()).collect()).collect();
+    let start = Instant::now();
     for round in 1..=repeat {
-        for (workload, samples) in WORKLOADS.iter().zip(&mut samples) {
+        for (workload, samples) in workloads.iter().zip(&mut samples) {
             for (&config, samples) in workload.configs.iter().zip(samples) {
+                let run_start = Instant::now();
                 let (seconds, measured) = run_once(setup, workload, config)
                     .with_context(|| format!("{} workload, {}", workload.name, config.label()))?;
-                eprintln!("bench: round {round}/{repeat}: {} / {}: {seconds:.3} s", workload.name, config.label());
+                eprintln!(
+                    "bench: round {round}/{repeat}: {} / {}: {seconds:.3} s (the run took {:.1} s)",
+                    workload.name,
+                    config.label(),
+                    run_start.elapsed().as_secs_f64()
+                );
                 samples.add(seconds, measured);
             }
         }
+        let per_round = start.elapsed().as_secs_f64() / round as f64;
+        eprintln!(
+            "bench: {round} of {repeat} rounds in {:.1} min; about {:.1} min to go",
+            start.elapsed().as_secs_f64() / 60.0,
+            per_round * (repeat - round) as f64 / 60.0
+        );
     }
     Ok(samples)
 }
@@ -163,62 +222,75 @@ enum Attached {
 }
 
 fn run_once(setup: &Setup, workload: &Workload, config: Config) -> Result<(f64, Measured)> {
-    let mut cmd = match config {
-        Config::Tracemalloc => {
-            let mut cmd = Command::new(&setup.python);
-            cmd.args(["-X", "tracemalloc=1"]);
-            cmd
-        }
-        Config::Memray { python_allocators } => {
-            let mut cmd = Command::new(&setup.memray_python);
-            cmd.args(["-m", "memray", "run", "--force", "-o"]).arg(&setup.memray_output);
-            if python_allocators {
-                cmd.arg("--trace-python-allocators");
-            }
-            cmd
-        }
-        Config::Untraced | Config::Memtrace(_) | Config::Floor | Config::Census => Command::new(&setup.python),
-    };
-    cmd.arg(&setup.script).arg(setup.iterations.to_string()).arg(workload.depth.to_string());
+    let size = workload.size * config.span();
+    let port = free_port();
+    let mut cmd = interpreter(setup, config);
+    cmd.args(workload.args(&setup.bench_dir, size, port));
     let mut target = start_workload(&mut cmd)?;
+    if workload.kind == Kind::Flask {
+        service::warm_up(port)?;
+    }
+    let pid = target.pid().to_string();
     let attached = match config {
-        Config::Memtrace(frames) => Some(Attached::Memtrace(memtrace(setup, target.pid(), frames)?)),
+        Config::Memtrace(frames) => {
+            let frames = frames.map(|n| n.to_string());
+            let mut args = vec!["--pid", &pid, "--format", "json"];
+            if let Some(n) = &frames {
+                args.extend(["--frames", n]);
+            }
+            Some(Attached::Memtrace(Memtrace::try_attach(&setup.memtrace, &args, ATTACH_TIMEOUT)?))
+        }
         Config::Census => {
-            let pid = target.pid().to_string();
             let args = ["--pid", &pid, "--census-only", "--interval", CENSUS_INTERVAL, "--format", "json"];
             Some(Attached::Census(Memtrace::try_attach(&setup.memtrace, &args, ATTACH_TIMEOUT)?))
         }
         Config::Floor => Some(Attached::Floor(bpftrace(setup, target.pid())?)),
-        Config::Untraced | Config::Tracemalloc | Config::Memray { .. } => None,
+        Config::Untraced | Config::CensusBaseline | Config::Tracemalloc | Config::Memray { .. } => None,
     };
-    target.try_send("").context("cannot start the workload's loop")?;
-    // memray prints lines of its own around the workload's.
-    let elapsed = target.wait_line("elapsed SECONDS", RUN_TIMEOUT, |line| line.starts_with("elapsed "))?;
-    let seconds =
-        elapsed["elapsed ".len()..].trim().parse().with_context(|| format!("the workload printed `{elapsed}`"))?;
+    let seconds = match workload.kind {
+        Kind::Flask => service::time_requests(port, size)?,
+        Kind::Micro { .. } | Kind::Pyperformance => timed_loop(&mut target)?,
+    };
     let measured = match attached {
         None => Measured::Nothing,
-        Some(Attached::Memtrace(memtrace)) => Measured::Memtrace(final_report_counts(&memtrace.stop(RUN_TIMEOUT)?)?),
-        Some(Attached::Floor(bpftrace)) => Measured::Floor(parse_hits(&bpftrace.stop(RUN_TIMEOUT)?)?),
-        Some(Attached::Census(memtrace)) => {
-            memtrace.stop(RUN_TIMEOUT)?;
-            Measured::Nothing
+        Some(Attached::Memtrace(memtrace)) => {
+            Measured::Memtrace(final_report_counts(setup, &memtrace.stop(RUN_TIMEOUT)?)?)
         }
+        Some(Attached::Floor(bpftrace)) => Measured::Floor(parse_hits(&bpftrace.stop(RUN_TIMEOUT)?)?),
+        Some(Attached::Census(memtrace)) => Measured::Census(censuses(&memtrace.stop(RUN_TIMEOUT)?)),
     };
     let status = target.try_finish(RUN_TIMEOUT)?;
     if !status.success() {
-        bail!("the workload failed after its loop: {status}");
+        bail!("the workload failed after its timed part: {status}");
     }
-    Ok((seconds, measured))
+    Ok((seconds / config.span() as f64, measured))
 }
 
-fn memtrace(setup: &Setup, pid: u32, frames: Option<u32>) -> Result<Memtrace> {
-    let (pid, frames) = (pid.to_string(), frames.map(|n| n.to_string()));
-    let mut args = vec!["--pid", &pid, "--format", "json"];
-    if let Some(n) = &frames {
-        args.extend(["--frames", n]);
+/// The interpreter as `config` runs it: the venv's python (the benchmarked
+/// interpreter with the bench's packages), under tracemalloc or memray.
+fn interpreter(setup: &Setup, config: Config) -> Command {
+    let mut cmd = Command::new(&setup.venv_python);
+    match config {
+        Config::Tracemalloc => {
+            cmd.args(["-X", "tracemalloc=1"]);
+        }
+        Config::Memray { python_allocators } => {
+            cmd.args(["-m", "memray", "run", "--force", "-o"]).arg(&setup.memray_output);
+            if python_allocators {
+                cmd.arg("--trace-python-allocators");
+            }
+        }
+        Config::Untraced | Config::Memtrace(_) | Config::Floor | Config::CensusBaseline | Config::Census => {}
     }
-    Memtrace::try_attach(&setup.memtrace, &args, ATTACH_TIMEOUT)
+    cmd
+}
+
+/// Starts the workload's loop and returns the seconds it measured.
+fn timed_loop(target: &mut Target) -> Result<f64> {
+    target.try_send("").context("cannot start the workload's loop")?;
+    // memray prints lines of its own around the workload's.
+    let elapsed = target.wait_line("elapsed SECONDS", RUN_TIMEOUT, |line| line.starts_with("elapsed "))?;
+    elapsed["elapsed ".len()..].trim().parse().with_context(|| format!("the workload printed `{elapsed}`"))
 }
 
 fn bpftrace(setup: &Setup, pid: u32) -> Result<Tracer> {
@@ -256,17 +328,30 @@ fn parse_hits(log: &[Line]) -> Result<BTreeMap<String, u64>> {
     Ok(hits)
 }
 
+fn json_reports(log: &[Line]) -> impl Iterator<Item = JsonReport> + '_ {
+    log.iter().filter(|l| !l.stderr).filter_map(|l| serde_json::from_str::<JsonReport>(&l.text).ok())
+}
+
+/// The censuses of the reports memtrace printed while the workload ran
+/// (its final one is printed once stopped).
+fn censuses(log: &[Line]) -> u64 {
+    json_reports(log).filter(|r| !r.is_final && r.census.is_some()).count() as u64
+}
+
 /// What memtrace's final report says it counted: the allocations since
 /// attach, the Python stacks cut at --frames (`truncated-python-stacks`)
 /// and the Python stack walks that failed on a read fault
-/// (`python-reads`), from its `--format json` line.
-fn final_report_counts(log: &[Line]) -> Result<MemtraceCounts> {
-    let report: JsonReport = log
-        .iter()
-        .filter(|l| !l.stderr)
-        .filter_map(|l| serde_json::from_str::<JsonReport>(&l.text).ok())
-        .find(|r| r.is_final)
-        .context("memtrace printed no final report")?;
+/// (`python-reads`), from its `--format json` line. Its probes must be the
+/// floor's, or the two would not measure the same traps.
+fn final_report_counts(setup: &Setup, log: &[Line]) -> Result<MemtraceCounts> {
+    let attached = log.iter().filter(|l| l.stderr).find_map(|l| attached_probes(&l.text));
+    let floor = probe_count(&setup.points);
+    if attached != Some(floor) {
+        bail!(
+            "memtrace attached {attached:?} probes to this workload, the floor {floor}: the floor is not on memtrace's attach points"
+        );
+    }
+    let report = json_reports(log).find(|r| r.is_final).context("memtrace printed no final report")?;
     let count = |counters: &BTreeMap<String, u64>, name: &str| {
         counters.get(name).copied().with_context(|| format!("no {name} counter in memtrace's final report"))
     };

@@ -1,40 +1,84 @@
-//! `cargo xtask bench [--repeat N] [--iterations N]`: what tracing costs the
-//! traced process. One allocation-heavy CPython loop (bench/workload.py) is
-//! timed by the script itself, untraced, under memtrace attached from
-//! outside (default options and `--frames 1`), under the kernel's floor
-//! (bpftrace with empty, counting probes at memtrace's own attach points,
-//! learned from `memtrace --verbose`), under `python -X tracemalloc=1` and
-//! under memray with and without `--trace-python-allocators`; then the same
-//! loop 20 Python frames deep, for the cost of the frame walk. Every
-//! configuration runs N times, interleaved so that the machine's noise falls
-//! on all of them alike, and the medians go to a table on stdout and to
-//! BENCHMARKS.md, which this crate regenerates wholesale. A tool that cannot
-//! run fails the bench with one line: a comparison with a peer missing would
-//! read as a complete one. xtask builds memtrace and then runs this crate,
-//! which links memtrace's library and so cannot be part of xtask. Its jobs:
-//! `setup` (tools, the memray venv, the bpftrace shim, probe discovery),
-//! `harness` (the interleaved, timed runs) and `report` (medians, tables,
-//! BENCHMARKS.md from bench/template.md).
+//! `cargo xtask bench [OPTIONS]`: what tracing costs the traced process.
+//! Three parts, each timed untraced, under memtrace attached from outside
+//! (default options, `--frames 1`, `--census-only`), under the kernel's
+//! floor (bpftrace with empty, counting probes at memtrace's own attach
+//! points, learned from `memtrace --verbose`), under `python -X
+//! tracemalloc=1` and under memray with and without
+//! `--trace-python-allocators`: an allocation-heavy CPython loop
+//! (bench/workload.py, also 20 Python frames deep for the cost of the frame
+//! walk), a subset of pyperformance's benchmarks, each one's own function
+//! in a loop in one process (bench/pyperformance_loop.py), and a Flask app
+//! under a fixed client (bench/flask_app.py, bench/src/service.rs); and a
+//! fourth, what a census costs memtrace itself. Every configuration runs N
+//! times, interleaved so that the machine's noise falls on all of them
+//! alike, and the medians go to tables on stdout and to BENCHMARKS.md,
+//! which this crate regenerates wholesale. A tool that cannot run fails the
+//! bench with one line: a comparison with a peer missing would read as a
+//! complete one. xtask builds memtrace and then runs this crate, which
+//! links memtrace's library and so cannot be part of xtask. Its jobs:
+//! `setup` (tools, the venv, the bpftrace shim, probe discovery,
+//! calibration), `workload` (what runs), `harness` (the interleaved, timed
+//! runs), `service` (the web client), `census` (the census's own cost) and
+//! `report` (medians, tables, BENCHMARKS.md from bench/template.md).
 
 mod census;
 mod harness;
 mod report;
+mod service;
 mod setup;
 mod workload;
 
-use std::{fs, path::Path, process::Command, process::ExitCode};
+use std::{fs, path::Path, path::PathBuf, process::Command, process::ExitCode};
 
 use anyhow::{Context as _, Result, bail, ensure};
+use clap::Parser;
 use memtrace_tests::workspace_root;
 
-const USAGE: &str = "usage: cargo xtask bench [--repeat N] [--iterations N]";
-const DEFAULT_REPEAT: u64 = 5;
-/// About 0.4 s untraced on the machine this was written on.
-const DEFAULT_ITERATIONS: u64 = 1_000_000;
+use crate::{
+    harness::Config,
+    workload::{Group, PYPERFORMANCE},
+};
+
+/// What tracing costs the traced process; writes BENCHMARKS.md.
+#[derive(Parser)]
+#[command(name = "cargo xtask bench")]
+struct Options {
+    /// Runs of every configuration, interleaved.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    repeat: u64,
+    /// Loop iterations of the microbenchmark (about 0.3 s untraced).
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    iterations: u64,
+    /// Requests the client sends the Flask app per run.
+    #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..))]
+    requests: u64,
+    /// Parts to run, comma-separated (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Group>,
+    /// pyperformance benchmarks to run, comma-separated (default: the whole
+    /// subset).
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(PYPERFORMANCE))]
+    benchmarks: Vec<String>,
+    /// Configurations to run besides untraced, comma-separated: memtrace,
+    /// frames1, floor, census, tracemalloc, memray,
+    /// memray-python-allocators (default: all).
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(config_names()))]
+    configs: Vec<String>,
+    /// Where the document goes [default: BENCHMARKS.md for a whole run,
+    /// target/bench/BENCHMARKS.md for a partial one].
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
+fn config_names() -> Vec<&'static str> {
+    let mut names: Vec<&str> = Config::ALL.iter().map(|c| c.name()).collect();
+    names.dedup();
+    names
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match run(&args) {
+    let options = Options::parse();
+    match run(&options) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bench: {e:#}");
@@ -43,43 +87,49 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: &[String]) -> Result<()> {
-    if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("{USAGE}");
-        return Ok(());
-    }
-    let (repeat, iterations) = parse_args(args)?;
+fn run(options: &Options) -> Result<()> {
+    let whole = options.only.is_empty() && options.benchmarks.is_empty() && options.configs.is_empty();
+    let groups = if options.only.is_empty() {
+        vec![Group::Micro, Group::Pyperformance, Group::Flask, Group::Census]
+    } else {
+        options.only.clone()
+    };
+    let benchmarks: Vec<String> = match (groups.contains(&Group::Pyperformance), options.benchmarks.is_empty()) {
+        (false, true) => vec![],
+        (false, false) => bail!("--benchmarks chooses pyperformance benchmarks, but --only leaves pyperformance out"),
+        (true, true) => PYPERFORMANCE.iter().map(|&b| b.to_owned()).collect(),
+        (true, false) => options.benchmarks.clone(),
+    };
+    let configs: Vec<Config> = Config::ALL
+        .into_iter()
+        .filter(|c| {
+            *c == Config::Untraced || options.configs.is_empty() || options.configs.iter().any(|n| n == c.name())
+        })
+        .collect();
     let root = workspace_root();
-    let setup = setup::prepare(&root, iterations)?;
-    let samples = harness::run(&setup, repeat)?;
-    let debian = Path::new("/usr/bin/python3.11");
-    let census = census::measure(&setup.memtrace, &[&setup.python, debian])?;
-    let results = format!("{}\n{}", report::results(&setup.points, &samples), report::census(&census));
-    println!("{results}");
-    let document = report::document(&setup, repeat, &results)?;
-    let path = root.join("BENCHMARKS.md");
+    let setup = setup::prepare(&root, &benchmarks)?;
+    let workloads = workload::workloads(&groups, &configs, options.iterations, &setup.loops, options.requests);
+    let samples = harness::run(&setup, &workloads, options.repeat)?;
+    let census_costs = match groups.contains(&Group::Census) {
+        true => Some(census::measure(&setup.memtrace, &[&setup.python, Path::new("/usr/bin/python3.11")])?),
+        false => None,
+    };
+    let parts = report::results(&workloads, &samples, &setup.points, census_costs.as_deref());
+    for part in &parts {
+        if let Some(text) = &part.text {
+            println!("## {}\n\n{text}\n", part.title);
+        }
+    }
+    let scope = report::Scope { repeat: options.repeat, iterations: options.iterations, requests: options.requests };
+    let document = report::document(&setup, &scope, &parts)?;
+    let path = match (&options.output, whole) {
+        (Some(path), _) => path.clone(),
+        (None, true) => root.join("BENCHMARKS.md"),
+        (None, false) => root.join("target/bench/BENCHMARKS.md"),
+    };
     fs::write(&path, document).with_context(|| format!("cannot write {}", path.display()))?;
     eprintln!("bench: wrote {}", path.display());
     Ok(())
-}
-
-fn parse_args(args: &[String]) -> Result<(u64, u64)> {
-    let mut repeat = DEFAULT_REPEAT;
-    let mut iterations = DEFAULT_ITERATIONS;
-    let mut args = args.iter().filter(|a| *a != "--");
-    while let Some(arg) = args.next() {
-        let target = match arg.as_str() {
-            "--repeat" => &mut repeat,
-            "--iterations" => &mut iterations,
-            other => bail!("unknown argument `{other}`; {USAGE}"),
-        };
-        *target = args
-            .next()
-            .and_then(|v| v.parse().ok())
-            .filter(|&n: &u64| n > 0)
-            .with_context(|| format!("{arg} needs a positive whole number; {USAGE}"))?;
-    }
-    Ok((repeat, iterations))
 }
 
 /// Runs `cmd` to completion and returns its stdout; fails with its stderr.

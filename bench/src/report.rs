@@ -1,7 +1,8 @@
-//! The runs as a reader sees them: medians per configuration, the result
-//! tables (printed, and the heart of BENCHMARKS.md), and BENCHMARKS.md
-//! itself, bench/template.md filled with the machine, the tools' versions,
-//! the method's numbers and the tables.
+//! The runs as a reader sees them: medians per configuration, ratios to
+//! each configuration's untraced baseline, costs per probe hit, geomeans;
+//! the result tables of each part of the bench (printed, and the heart of
+//! BENCHMARKS.md), and BENCHMARKS.md itself, bench/template.md filled with
+//! the machine, the tools' versions, the method's numbers and the tables.
 
 use std::{collections::HashMap, fmt::Write as _, fs, process::Command, thread};
 
@@ -9,73 +10,188 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{
     census::CensusCost,
-    harness::{Config, DEEP_DEPTH, Samples, WORKLOADS},
+    harness::{CENSUS_INTERVAL, CENSUS_SPAN, Config, Samples},
     output,
-    setup::{AttachPoint, Setup},
+    setup::{AttachPoint, CALIBRATION_SECONDS, Setup},
+    workload::{DEEP_DEPTH, Group, Kind, Workload},
 };
 
 /// BENCHMARKS.md with `{name}` where a value goes.
 const TEMPLATE: &str = include_str!("../template.md");
 
-fn median(values: &[f64]) -> f64 {
+fn median(values: &[f64]) -> Option<f64> {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     let n = sorted.len();
-    if n % 2 == 1 { sorted[n / 2] } else { (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0 }
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(sorted[n / 2]),
+        _ => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
+    }
 }
 
 fn median_count(values: &[u64]) -> Option<f64> {
-    (!values.is_empty()).then(|| median(&values.iter().map(|&v| v as f64).collect::<Vec<_>>()))
+    median(&values.iter().map(|&v| v as f64).collect::<Vec<_>>())
 }
 
-/// The result tables, for `samples` indexed like `WORKLOADS`.
-pub fn results(points: &[AttachPoint], samples: &[Vec<Samples>]) -> String {
+fn geomean(values: &[f64]) -> Option<f64> {
+    (!values.is_empty()).then(|| (values.iter().map(|v| v.ln()).sum::<f64>() / values.len() as f64).exp())
+}
+
+fn mean(values: &[f64]) -> Option<f64> {
+    (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+}
+
+fn cell(value: Option<f64>, format: impl Fn(f64) -> String) -> String {
+    value.map_or_else(|| "–".into(), format)
+}
+
+fn times(ratio: f64) -> String {
+    format!("{ratio:.2}×")
+}
+
+/// One workload's runs, asked the questions every table asks.
+struct Measures<'a> {
+    workload: &'a Workload,
+    samples: &'a [Samples],
+}
+
+impl Measures<'_> {
+    fn of(&self, config: Config) -> Option<&Samples> {
+        self.workload.position(|c| c == config).map(|i| &self.samples[i])
+    }
+
+    /// Median seconds per untraced-size run.
+    fn seconds(&self, config: Config) -> Option<f64> {
+        median(&self.of(config)?.seconds)
+    }
+
+    /// Its median time over its baseline's: the slowdown.
+    fn ratio(&self, config: Config) -> Option<f64> {
+        Some(self.seconds(config)? / self.seconds(config.baseline())?)
+    }
+
+    /// Probe hits per run, the floor's count.
+    fn hits(&self) -> Option<f64> {
+        median_count(&self.of(Config::Floor)?.total_hits)
+    }
+
+    /// Allocations per run as memtrace counts them, over all its runs of
+    /// the workload (the workloads are deterministic; the runs agree
+    /// closely).
+    fn allocations(&self) -> Option<f64> {
+        median_count(&self.samples.iter().flat_map(|s| s.allocations.iter().copied()).collect::<Vec<_>>())
+    }
+
+    /// Nanoseconds `config` adds over untraced per one of `count`: only
+    /// for the tracers on memtrace's attach points.
+    fn ns_per(&self, config: Config, count: Option<f64>) -> Option<f64> {
+        let count = count.filter(|&c| c > 0.0 && config.on_probes())?;
+        Some((self.seconds(config)? - self.seconds(Config::Untraced)?) * 1e9 / count)
+    }
+
+    /// `config`'s ns per probe hit over the floor's.
+    fn over_floor(&self, config: Config) -> Option<f64> {
+        Some(self.ns_per(config, self.hits())? / self.ns_per(Config::Floor, self.hits())?)
+    }
+
+    /// The floor's probe hits over memtrace's allocations: the traps an
+    /// allocation costs.
+    fn hits_per_allocation(&self) -> Option<f64> {
+        Some(self.hits()? / self.allocations().filter(|&a| a > 0.0)?)
+    }
+
+    /// What one run counts: "N probe hits (the floor's count), M
+    /// allocations (memtrace's count), H hits per allocation".
+    fn counts(&self) -> String {
+        format!(
+            "{} probe hits (the floor's count), {} allocations (memtrace's count), {} hits per allocation",
+            cell(self.hits(), |h| format!("{h:.0}")),
+            cell(self.allocations(), |a| format!("{a:.0}")),
+            cell(self.hits_per_allocation(), |p| format!("{p:.2}")),
+        )
+    }
+
+    /// A table row per configuration it ran, in the order it ran them.
+    fn rows(&self, row: impl Fn(Config, &Samples) -> Vec<String>) -> Vec<Vec<String>> {
+        self.workload.configs.iter().zip(self.samples).map(|(&config, s)| row(config, s)).collect()
+    }
+
+    /// A counter of memtrace's as a share of its allocations.
+    fn share(&self, values: &[u64], allocations: &[u64]) -> Option<f64> {
+        Some(100.0 * median_count(values)? / median_count(allocations).filter(|&a| a > 0.0)?)
+    }
+}
+
+fn measures<'a>(workloads: &'a [Workload], samples: &'a [Vec<Samples>], group: Group) -> Vec<Measures<'a>> {
+    workloads
+        .iter()
+        .zip(samples)
+        .filter(|(w, _)| w.group() == group)
+        .map(|(workload, samples)| Measures { workload, samples })
+        .collect()
+}
+
+/// One part's results: its `{name}` in the template, its title, and its
+/// tables when it ran.
+pub struct Part {
+    pub name: &'static str,
+    pub title: &'static str,
+    pub text: Option<String>,
+}
+
+/// Every part's results, in BENCHMARKS.md's order.
+pub fn results(
+    workloads: &[Workload],
+    samples: &[Vec<Samples>],
+    points: &[AttachPoint],
+    census_costs: Option<&[CensusCost]>,
+) -> Vec<Part> {
+    let part = |group, write: &dyn Fn(&[Measures]) -> String| {
+        let runs = measures(workloads, samples, group);
+        (!runs.is_empty()).then(|| write(&runs))
+    };
+    vec![
+        Part {
+            name: "micro_results",
+            title: "The microbenchmark",
+            text: part(Group::Micro, &|runs| micro(runs, points)),
+        },
+        Part {
+            name: "pyperformance_results",
+            title: "The pyperformance subset",
+            text: part(Group::Pyperformance, &pyperformance),
+        },
+        Part { name: "flask_results", title: "The web service", text: part(Group::Flask, &flask) },
+        Part { name: "census_results", title: "The object census's own cost", text: census_costs.map(census) },
+    ]
+}
+
+/// The microbenchmark's tables: every configuration of each workload, then
+/// the floor's hits per probe.
+fn micro(runs: &[Measures], points: &[AttachPoint]) -> String {
     let mut out = String::new();
-    for (workload, samples) in WORKLOADS.iter().zip(samples) {
-        // Every workload's first configuration is the untraced one.
-        let untraced = median(&samples[0].seconds);
-        let floor = workload.configs.iter().position(|&c| c == Config::Floor).map(|i| &samples[i]);
-        let hits = floor.and_then(|f| median_count(&f.total_hits)).unwrap_or(0.0);
-        // The workload's allocations as memtrace counts them, over all its
-        // memtrace runs (the loop is deterministic; the runs agree closely).
-        let all_allocations: Vec<u64> = samples.iter().flat_map(|s| s.allocations.iter().copied()).collect();
-        let allocations = median_count(&all_allocations).unwrap_or(0.0);
+    for run in runs {
+        let (hits, allocations) = (run.hits(), run.allocations());
         let _ = writeln!(
             out,
-            "### {} workload ({} Python frames at the loop)\n\nPer run: {hits:.0} probe hits (the floor's count) and {allocations:.0} allocations (memtrace's count).\n",
-            workload.name,
-            workload.depth + 3,
+            "### {} workload ({} Python frames at the loop)\n\nPer run: {}.\n",
+            run.workload.name,
+            depth(run.workload) + 3,
+            run.counts(),
         );
-        let mut rows = Vec::new();
-        for (&config, s) in workload.configs.iter().zip(samples) {
-            let m = median(&s.seconds);
-            let spread = format!(
-                "{:.3}–{:.3}",
-                s.seconds.iter().copied().fold(f64::INFINITY, f64::min),
-                s.seconds.iter().copied().fold(0.0, f64::max)
-            );
-            let per = |count: f64| {
-                if config.on_probes() && count > 0.0 {
-                    format!("{:.0}", (m - untraced) * 1e9 / count)
-                } else {
-                    "–".into()
-                }
-            };
-            let share = |values: &[u64]| match (median_count(values), median_count(&s.allocations)) {
-                (Some(v), Some(a)) if a > 0.0 => format!("{:.1}%", 100.0 * v / a),
-                _ => "–".into(),
-            };
-            rows.push(vec![
+        let rows = run.rows(|config, s| {
+            vec![
                 config.label(),
-                format!("{m:.3}"),
-                spread,
-                format!("{:.2}×", m / untraced),
-                per(hits),
-                per(allocations),
-                share(&s.truncated),
-                share(&s.read_faults),
-            ]);
-        }
+                cell(median(&s.seconds), |m| format!("{m:.3}")),
+                spread(&s.seconds, |v| format!("{v:.3}")),
+                cell(run.ratio(config), times),
+                cell(run.ns_per(config, hits), |ns| format!("{ns:.0}")),
+                cell(run.ns_per(config, allocations), |ns| format!("{ns:.0}")),
+                cell(run.share(&s.truncated, &s.allocations), |p| format!("{p:.1}%")),
+                cell(run.share(&s.read_faults, &s.allocations), |p| format!("{p:.1}%")),
+            ]
+        });
         out += &table(
             &[
                 "configuration",
@@ -91,13 +207,11 @@ pub fn results(points: &[AttachPoint], samples: &[Vec<Samples>]) -> String {
         );
         out.push('\n');
     }
-
+    let floors: Vec<(&Measures, &Samples)> = runs.iter().filter_map(|r| Some((r, r.of(Config::Floor)?))).collect();
+    if floors.is_empty() {
+        return out;
+    }
     out += "### Probe hits per run (the floor's counts, medians)\n\n";
-    let floors: Vec<&Samples> = WORKLOADS
-        .iter()
-        .zip(samples)
-        .filter_map(|(w, s)| w.configs.iter().position(|&c| c == Config::Floor).map(|i| &s[i]))
-        .collect();
     let mut rows = Vec::new();
     let mut single_stepped = vec![0.0; floors.len()];
     let mut total = vec![0.0; floors.len()];
@@ -105,7 +219,7 @@ pub fn results(points: &[AttachPoint], samples: &[Vec<Samples>]) -> String {
         for probe in point.bpftrace_probes() {
             let kind = probe.split(':').next().unwrap_or_default().to_owned();
             let mut row = vec![kind, point.label(), point.placement.clone()];
-            for (i, floor) in floors.iter().enumerate() {
+            for (i, (_, floor)) in floors.iter().enumerate() {
                 let count = floor.hits.get(&probe).and_then(|v| median_count(v)).unwrap_or(0.0);
                 total[i] += count;
                 if point.placement == "single-stepped" {
@@ -116,29 +230,151 @@ pub fn results(points: &[AttachPoint], samples: &[Vec<Samples>]) -> String {
             rows.push(row);
         }
     }
+    let names: Vec<String> = floors.iter().map(|(r, _)| format!("{} hits", r.workload.name)).collect();
     let mut headers = vec!["probe", "at", "first instruction"];
-    let workload_headers: Vec<String> = WORKLOADS.iter().map(|w| format!("{} hits", w.name)).collect();
-    headers.extend(workload_headers.iter().map(String::as_str));
+    headers.extend(names.iter().map(String::as_str));
     out += &table(&headers, &rows);
-    for (workload, (stepped, total)) in WORKLOADS.iter().zip(single_stepped.iter().zip(&total)) {
+    for ((run, _), (stepped, total)) in floors.iter().zip(single_stepped.iter().zip(&total)) {
         let _ = write!(
             out,
             "\n{}: {stepped:.0} of {total:.0} hits ({:.2}%) are on single-stepped probes.",
-            workload.name,
+            run.workload.name,
             if *total > 0.0 { 100.0 * stepped / total } else { 0.0 }
         );
     }
     out
 }
 
-/// A Markdown table, padded so that it also reads as plain text.
+fn depth(workload: &Workload) -> u32 {
+    match workload.kind {
+        Kind::Micro { depth } => depth,
+        _ => 0,
+    }
+}
+
+/// The configurations any of `runs` ran, in Config::ALL's order.
+fn configs_run(runs: &[Measures]) -> Vec<Config> {
+    Config::ALL.into_iter().filter(|&c| runs.iter().any(|r| r.of(c).is_some())).collect()
+}
+
+/// The pyperformance subset: the slowdown of every configuration per
+/// benchmark and its geomean, then what the probes cost per hit.
+fn pyperformance(runs: &[Measures]) -> String {
+    let configs: Vec<Config> = configs_run(runs).into_iter().filter(|&c| c != Config::Untraced).collect();
+    let mut headers = vec!["benchmark".to_owned(), "loops".into(), "untraced s".into()];
+    headers.extend(configs.iter().map(|c| c.column()));
+    let mut rows: Vec<Vec<String>> = runs
+        .iter()
+        .map(|run| {
+            let mut row = vec![
+                run.workload.name.clone(),
+                run.workload.size.to_string(),
+                cell(run.seconds(Config::Untraced), |s| format!("{s:.3}")),
+            ];
+            row.extend(configs.iter().map(|&c| cell(run.ratio(c), times)));
+            row
+        })
+        .collect();
+    let mut geomeans = vec!["geomean".to_owned(), String::new(), String::new()];
+    geomeans.extend(configs.iter().map(|&c| {
+        let ratios: Vec<f64> = runs.iter().filter_map(|r| r.ratio(c)).collect();
+        cell(geomean(&ratios), times)
+    }));
+    rows.push(geomeans);
+    let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
+    let mut out =
+        format!("### Slowdown (time over untraced; the census's over its own baseline)\n\n{}", table(&headers, &rows));
+
+    let memtrace: Vec<Config> = configs.iter().copied().filter(|c| matches!(c, Config::Memtrace(_))).collect();
+    let mut headers = vec![
+        "benchmark".to_owned(),
+        "allocations / run".into(),
+        "probe hits / run".into(),
+        "hits / allocation".into(),
+        "floor ns / hit".into(),
+    ];
+    for c in &memtrace {
+        headers.push(format!("{} ns / hit", c.column()));
+        headers.push(format!("{} over floor", c.column()));
+    }
+    headers.push("censuses in the census run".into());
+    let mut rows: Vec<Vec<String>> = runs
+        .iter()
+        .map(|run| {
+            let hits = run.hits();
+            let mut row = vec![
+                run.workload.name.clone(),
+                cell(run.allocations(), |a| format!("{a:.0}")),
+                cell(hits, |h| format!("{h:.0}")),
+                cell(run.hits_per_allocation(), |p| format!("{p:.2}")),
+                cell(run.ns_per(Config::Floor, hits), |ns| format!("{ns:.0}")),
+            ];
+            for &c in &memtrace {
+                row.push(cell(run.ns_per(c, hits), |ns| format!("{ns:.0}")));
+                row.push(cell(run.over_floor(c), times));
+            }
+            row.push(cell(run.of(Config::Census).and_then(|s| median_count(&s.censuses)), |n| format!("{n:.0}")));
+            row
+        })
+        .collect();
+    let over_runs = |f: &dyn Fn(&Measures) -> Option<f64>| runs.iter().filter_map(f).collect::<Vec<f64>>();
+    let mut summary = vec![
+        "mean (hits / allocation), geomean (the rest)".to_owned(),
+        String::new(),
+        String::new(),
+        cell(mean(&over_runs(&|r| r.hits_per_allocation())), |p| format!("{p:.2}")),
+        cell(geomean(&over_runs(&|r| r.ns_per(Config::Floor, r.hits()))), |ns| format!("{ns:.0}")),
+    ];
+    for &c in &memtrace {
+        summary.push(cell(geomean(&over_runs(&|r| r.ns_per(c, r.hits()))), |ns| format!("{ns:.0}")));
+        summary.push(cell(geomean(&over_runs(&|r| r.over_floor(c))), times));
+    }
+    summary.push(String::new());
+    rows.push(summary);
+    let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
+    let _ = write!(out, "\n### What the probes cost\n\n{}", table(&headers, &rows));
+    out
+}
+
+/// The web service: requests per second under each configuration.
+fn flask(runs: &[Measures]) -> String {
+    let mut out = String::new();
+    for run in runs {
+        let requests = run.workload.size as f64;
+        let rate = |seconds: f64| requests / seconds;
+        let hits = run.hits();
+        let _ = writeln!(out, "Per run: {} requests, {}.\n", run.workload.size, run.counts());
+        let rows = run.rows(|config, s| {
+            vec![
+                config.label(),
+                cell(median(&s.seconds), |m| format!("{:.0}", rate(m))),
+                spread(&s.seconds.iter().map(|&v| rate(v)).collect::<Vec<_>>(), |r| format!("{r:.0}")),
+                cell(run.ratio(config), |r| format!("{:.1}%", 100.0 / r)),
+                cell(run.ns_per(config, hits), |ns| format!("{ns:.0}")),
+            ]
+        });
+        out += &table(
+            &["configuration", "requests / s", "runs requests / s", "of its baseline's throughput", "ns / probe hit"],
+            &rows,
+        );
+    }
+    out
+}
+
+/// A run's values, smallest to largest: `min–max`.
+fn spread(values: &[f64], format: impl Fn(f64) -> String) -> String {
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(0.0, f64::max);
+    if values.is_empty() { "–".into() } else { format!("{}–{}", format(min), format(max)) }
+}
+
 /// The census's cost per million objects, on each interpreter.
-pub fn census(costs: &[CensusCost]) -> String {
+fn census(costs: &[CensusCost]) -> String {
     let rows: Vec<Vec<String>> = costs
         .iter()
         .map(|c| {
             let took: Vec<f64> = c.took_ms.iter().map(|&t| t as f64).collect();
-            let median_ms = median(&took);
+            let median_ms = median(&took).unwrap_or(0.0);
             vec![
                 c.python.clone(),
                 c.objects.to_string(),
@@ -148,12 +384,10 @@ pub fn census(costs: &[CensusCost]) -> String {
             ]
         })
         .collect();
-    format!(
-        "### The object census (`--census-only`)\n\nA process holding a million instances of a class (each with an int of its own) censused four times, each census timed by memtrace; the cost is memtrace's, the process is not stopped. The goal is at most 200 ms per million objects.\n\n{}",
-        table(&["interpreter", "objects counted", "median ms", "ms per million objects", "each census, ms"], &rows)
-    )
+    table(&["interpreter", "objects counted", "median ms", "ms per million objects", "each census, ms"], &rows)
 }
 
+/// A Markdown table, padded so that it also reads as plain text.
 fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in rows {
@@ -174,8 +408,16 @@ fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-/// BENCHMARKS.md: the machine, the method, then the results.
-pub fn document(setup: &Setup, repeat: u64, results: &str) -> Result<String> {
+/// What the runs were, for the document's method sections.
+pub struct Scope {
+    pub repeat: u64,
+    pub iterations: u64,
+    pub requests: u64,
+}
+
+/// BENCHMARKS.md: the machine, the method, then each part's results (a
+/// part left out by `--only` says so).
+pub fn document(setup: &Setup, scope: &Scope, parts: &[Part]) -> Result<String> {
     let date = output(Command::new("date").arg("-u"))?;
     let kernel = output(Command::new("uname").arg("-r"))?;
     let cpuinfo = fs::read_to_string("/proc/cpuinfo").context("cannot read /proc/cpuinfo")?;
@@ -191,32 +433,46 @@ pub fn document(setup: &Setup, repeat: u64, results: &str) -> Result<String> {
         .context("no MemTotal in /proc/meminfo")?;
     let interpreter = output(Command::new(&setup.python).arg("--version"))?;
     let bpftrace = output(Command::new("bpftrace").arg("--version"))?;
-    let memray = output(Command::new(&setup.memray_python).args(["-c", "import memray; print(memray.__version__)"]))?;
+    let version = |module: &str| {
+        output(
+            Command::new(&setup.venv_python)
+                .args(["-c", &format!("import importlib.metadata as m; print(m.version('{module}'))")]),
+        )
+        .map(|v| v.trim().to_owned())
+    };
     let single_stepped: Vec<String> =
         setup.points.iter().filter(|p| p.placement == "single-stepped").map(AttachPoint::label).collect();
-    let iterations = setup.iterations;
-    fill(
-        TEMPLATE,
-        &HashMap::from([
-            ("date", date.trim().to_owned()),
-            ("kernel", kernel.trim().to_owned()),
-            ("cpu", cpu),
-            ("cores", cores.to_string()),
-            ("memory", format!("{:.1}", memory_kib / (1024.0 * 1024.0))),
-            ("interpreter", interpreter.trim().to_owned()),
-            ("python", setup.python.display().to_string()),
-            ("source", setup.source.clone()),
-            ("bpftrace", bpftrace.trim().to_owned()),
-            ("memray", memray.trim().to_owned()),
-            ("repeat", repeat.to_string()),
-            ("iterations", iterations.to_string()),
-            ("kept", iterations.div_ceil(10).to_string()),
-            ("deep", (DEEP_DEPTH + 3).to_string()),
-            ("depth", DEEP_DEPTH.to_string()),
-            ("single_stepped", if single_stepped.is_empty() { "none".into() } else { single_stepped.join(", ") }),
-            ("results", results.to_owned()),
-        ]),
-    )
+    let iterations = scope.iterations;
+    let mut values = HashMap::from([
+        ("date", date.trim().to_owned()),
+        ("kernel", kernel.trim().to_owned()),
+        ("cpu", cpu),
+        ("cores", cores.to_string()),
+        ("memory", format!("{:.1}", memory_kib / (1024.0 * 1024.0))),
+        ("interpreter", interpreter.trim().to_owned()),
+        ("python", setup.python.display().to_string()),
+        ("source", setup.source.clone()),
+        ("bpftrace", bpftrace.trim().to_owned()),
+        ("memray", version("memray")?),
+        ("pyperformance", version("pyperformance")?),
+        ("flask", version("flask")?),
+        ("werkzeug", version("werkzeug")?),
+        ("repeat", scope.repeat.to_string()),
+        ("iterations", iterations.to_string()),
+        ("kept", iterations.div_ceil(10).to_string()),
+        ("deep", (DEEP_DEPTH + 3).to_string()),
+        ("depth", DEEP_DEPTH.to_string()),
+        ("requests", scope.requests.to_string()),
+        ("calibration", CALIBRATION_SECONDS.to_string()),
+        ("census_interval", CENSUS_INTERVAL.to_owned()),
+        ("census_span", CENSUS_SPAN.to_string()),
+        ("single_stepped", if single_stepped.is_empty() { "none".into() } else { single_stepped.join(", ") }),
+    ]);
+    for part in parts {
+        let text = part.text.clone().unwrap_or_else(|| "Not run: `--only` left this part out.".into());
+        values.insert(part.name, text);
+    }
+    fill(TEMPLATE, &values)
 }
 
 /// `template` with each `{name}` replaced by its value; a name without

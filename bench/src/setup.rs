@@ -1,9 +1,10 @@
 //! Everything the runs need, made ready before the first one and reused
 //! when already there: the memtrace binary copied aside, the tools (bpftrace,
-//! gcc), memray in a venv of the benchmarked interpreter, the LD_PRELOAD
-//! shim bpftrace runs with, and memtrace's own attach points, learned from
-//! `memtrace --verbose` against the workload, written as the floor's
-//! bpftrace program.
+//! gcc), a venv of the benchmarked interpreter with the bench's packages
+//! from PyPI (memray, pyperformance, Flask), the LD_PRELOAD shim bpftrace
+//! runs with, memtrace's own attach points, learned from `memtrace
+//! --verbose` against the microbenchmark and written as the floor's
+//! bpftrace program, and each pyperformance benchmark's loop count.
 
 use std::{
     collections::{HashMap, hash_map::Entry},
@@ -14,26 +15,37 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use memtrace::binary::elf::ElfFile;
-use memtrace_tests::{ensure_package, memtrace_bin};
+use memtrace_tests::{Memtrace, ensure_package, memtrace_bin};
 
 use crate::{output, workload::start_workload};
+
+/// What a pyperformance benchmark's loops last untraced, calibrated once
+/// per bench run: long enough to time, short enough that the slowest
+/// tracer's runs stay within a few tens of seconds.
+pub const CALIBRATION_SECONDS: f64 = 0.2;
+/// What the venv holds, as pip names them and as Python imports them.
+const PACKAGES: [(&str, &str); 3] = [("memray", "memray"), ("pyperformance", "pyperformance"), ("flask", "flask")];
 
 /// What the runs use, and what the report says about them.
 pub struct Setup {
     pub memtrace: PathBuf,
     /// The commit memtrace was built from, and whether the tree had changes.
     pub source: String,
+    /// The benchmarked interpreter, as installed.
     pub python: PathBuf,
-    pub memray_python: PathBuf,
-    pub script: PathBuf,
+    /// The same interpreter in the bench's venv: every run uses it.
+    pub venv_python: PathBuf,
+    /// bench/, where the workload scripts are.
+    pub bench_dir: PathBuf,
     pub shim: PathBuf,
     pub floor_program: PathBuf,
     pub points: Vec<AttachPoint>,
     pub memray_output: PathBuf,
-    pub iterations: u64,
+    /// Each selected pyperformance benchmark and its calibrated loops.
+    pub loops: Vec<(String, u64)>,
 }
 
-pub fn prepare(root: &Path, iterations: u64) -> Result<Setup> {
+pub fn prepare(root: &Path, benchmarks: &[String]) -> Result<Setup> {
     let dir = root.join("target/bench");
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     // Another build in this tree may replace target/release/memtrace while
@@ -43,26 +55,30 @@ pub fn prepare(root: &Path, iterations: u64) -> Result<Setup> {
     fs::copy(&built, &memtrace).with_context(|| format!("cannot copy {} into {}", built.display(), dir.display()))?;
     let source = source_version(root)?;
     let python = python();
-    let script = root.join("bench/workload.py");
+    let bench_dir = root.join("bench");
     ensure_package("bpftrace", "bpftrace")?;
     ensure_package("gcc", "gcc")?;
-    let shim = build_shim(&root.join("bench/bpftrace_shim.c"), &dir)?;
-    let memray_python = ensure_memray(&python, &dir)?;
-    let points = discover_probes(&memtrace, &python, &script)?;
+    let shim = build_shim(&bench_dir.join("bpftrace_shim.c"), &dir)?;
+    let venv_python = ensure_venv(&python, &dir)?;
+    let points = discover_probes(&memtrace, &venv_python, &bench_dir.join("workload.py"))?;
     let floor_program = dir.join("floor.bt");
     fs::write(&floor_program, bpftrace_program(&points))
         .with_context(|| format!("cannot write {}", floor_program.display()))?;
+    let loops = benchmarks
+        .iter()
+        .map(|name| Ok((name.clone(), calibrate(&venv_python, &bench_dir, name)?)))
+        .collect::<Result<_>>()?;
     Ok(Setup {
         memtrace,
         source,
         python,
-        memray_python,
-        script,
+        venv_python,
+        bench_dir,
         shim,
         floor_program,
         points,
         memray_output: dir.join("memray.bin"),
-        iterations,
+        loops,
     })
 }
 
@@ -91,19 +107,36 @@ fn build_shim(source: &Path, dir: &Path) -> Result<PathBuf> {
     Ok(shim)
 }
 
-/// A venv of the benchmarked interpreter with memray in it; returns its
-/// python.
-fn ensure_memray(python: &Path, dir: &Path) -> Result<PathBuf> {
+/// A venv of the benchmarked interpreter (target/bench/venv) with
+/// PACKAGES in it; returns its python. pip runs as `python -m pip`: a venv
+/// copied from another tree keeps scripts that point into that tree.
+fn ensure_venv(python: &Path, dir: &Path) -> Result<PathBuf> {
     let venv = dir.join("venv");
     let venv_python = venv.join("bin/python");
-    if Command::new(&venv_python).args(["-c", "import memray"]).output().is_ok_and(|o| o.status.success()) {
+    let imports: Vec<&str> = PACKAGES.iter().map(|(_, module)| *module).collect();
+    let check = format!("import {}", imports.join(", "));
+    if Command::new(&venv_python).args(["-c", &check]).output().is_ok_and(|o| o.status.success()) {
         return Ok(venv_python);
     }
-    eprintln!("bench: installing memray into {}", venv.display());
+    let names: Vec<&str> = PACKAGES.iter().map(|(name, _)| *name).collect();
+    eprintln!("bench: installing {} into {}", names.join(", "), venv.display());
     output(Command::new(python).args(["-m", "venv"]).arg(&venv))
-        .and_then(|_| output(Command::new(venv.join("bin/pip")).args(["install", "--quiet", "memray"])))
-        .context("cannot install memray from PyPI")?;
+        .and_then(|_| output(Command::new(&venv_python).args(["-m", "pip", "install", "--quiet"]).args(&names)))
+        .with_context(|| format!("cannot install {} from PyPI", names.join(", ")))?;
     Ok(venv_python)
+}
+
+/// How many loops of pyperformance benchmark `name` take about
+/// CALIBRATION_SECONDS untraced (bench/pyperformance_loop.py measures it).
+fn calibrate(python: &Path, bench_dir: &Path, name: &str) -> Result<u64> {
+    let out = output(Command::new(python).arg(bench_dir.join("pyperformance_loop.py")).args([
+        name,
+        "--calibrate",
+        &CALIBRATION_SECONDS.to_string(),
+    ]))
+    .with_context(|| format!("cannot calibrate pyperformance's {name}"))?;
+    let loops = out.lines().find_map(|l| l.strip_prefix("loops ")?.trim().parse().ok());
+    loops.with_context(|| format!("pyperformance_loop.py {name} --calibrate printed {out:?}"))
 }
 
 /// One of memtrace's attach points, as `memtrace --verbose` lists it.
@@ -155,9 +188,7 @@ fn discover_probes(memtrace: &Path, python: &Path, script: &Path) -> Result<Vec<
         .collect::<Result<Vec<_>>>()?;
     // The listing leaves out the entry probes that go with alloc_return;
     // the count memtrace attaches must match ours with them added back.
-    let attached = stderr.lines().find_map(|l| {
-        l.strip_prefix("memtrace: tracing pid ")?.split(": ").nth(1)?.split_once(" probes")?.0.parse::<usize>().ok()
-    });
+    let attached = stderr.lines().find_map(attached_probes);
     let ours = probe_count(&points);
     match attached {
         Some(n) if n == ours => Ok(points),
@@ -166,6 +197,12 @@ fn discover_probes(memtrace: &Path, python: &Path, script: &Path) -> Result<Vec<
             last_line(&stderr)
         ),
     }
+}
+
+/// How many probes memtrace's `tracing pid PID (comm), CPython X: N
+/// probes; ...` line says it attached.
+pub fn attached_probes(line: &str) -> Option<usize> {
+    line.strip_prefix(Memtrace::TRACING)?.split(": ").nth(1)?.split_once(" probes")?.0.parse().ok()
 }
 
 /// How many probes bpftrace attaches for `points`: as many as memtrace.

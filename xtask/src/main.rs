@@ -6,10 +6,11 @@
 //!                                        no --pid is given)
 //!   cargo xtask test                     set up, build, run every test
 //!   cargo xtask setup                    only install the toolchain pieces
-//!   cargo xtask bench [--repeat N]       set up, build, and run the bench
+//!   cargo xtask bench [OPTIONS]          set up, build, and run the bench
 //!                                        (bench/): memtrace against
 //!                                        untraced, the kernel's floor and
 //!                                        peers; writes BENCHMARKS.md
+//!                                        (`cargo xtask bench --help`)
 //!
 //! Setup is idempotent and fast once done: the nightly toolchain's rust-src
 //! (the eBPF crate builds `core` itself) and bpf-linker built against the
