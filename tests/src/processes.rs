@@ -223,6 +223,10 @@ impl Tracer {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn signal(&self, signal: i32) {
         // SAFETY: kill(2) takes a pid and a signal; the pid is our own child,
         // not yet waited for, so it cannot name another process.
@@ -294,6 +298,10 @@ impl Memtrace {
 
     pub fn start(args: &[&str]) -> Self {
         Self(Tracer::start(Command::new(memtrace_bin()).args(args), "memtrace").unwrap_or_else(|e| panic!("{e:#}")))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.pid()
     }
 
     pub fn signal(&self, signal: i32) {
