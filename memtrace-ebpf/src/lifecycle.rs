@@ -39,9 +39,9 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
     };
     // SAFETY: reads of the tracepoint's own record at offsets from its
     // format file; a bad offset fails the read, it does not fault.
-    let (Ok(child), Ok(flags)) = (unsafe { ctx.read_at::<u32>(pid_at as usize) }, unsafe {
-        ctx.read_at::<u64>(flags_at as usize)
-    }) else {
+    let (Ok(child), Ok(flags)) =
+        (unsafe { ctx.read_at::<u32>(pid_at as usize) }, unsafe { ctx.read_at::<u64>(flags_at as usize) })
+    else {
         return 0;
     };
     if flags & (CLONE_THREAD | CLONE_VM) != 0 {

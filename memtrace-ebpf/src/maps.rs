@@ -11,8 +11,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuHashMap, RingBuf},
 };
 use memtrace_common::{
-    AllocInfo, AllocKey, CounterSet, KernelConfig, NativeStack, PendingCall, PythonStack, SiteKey, SiteStats, StackKey, TargetConfig,
-    counter,
+    AllocInfo, AllocKey, CounterSet, KernelConfig, NativeStack, PendingCall, PythonStack, SiteKey, SiteStats, StackKey,
+    TargetConfig, counter,
 };
 
 /// Filled in by userspace at load time, from the kernel's BTF and

@@ -33,8 +33,8 @@ use aya_obj::{
     generated::{BPF_F_UPROBE_MULTI_RETURN, bpf_attach_type, bpf_attr, bpf_cmd, bpf_insn, bpf_prog_type},
 };
 use memtrace_common::{
-    AllocInfo, AllocKey, CounterSet, KernelConfig, NativeStack, PythonStack, SiteKey, SiteStats, StackKey, TargetConfig,
-    map_name,
+    AllocInfo, AllocKey, CounterSet, KernelConfig, NativeStack, PythonStack, SiteKey, SiteStats, StackKey,
+    TargetConfig, map_name,
 };
 
 use super::plan::{AttachPoint, Program};
@@ -194,8 +194,9 @@ fn load_programs(ebpf: &Ebpf, object: &[u8], verbose: bool) -> Result<BTreeMap<P
     Ok(programs)
 }
 
-/// A new descriptor of map `name` as aya created it (by its kernel id:
-/// aya 0.14 does not lend out a map's own descriptor).
+/// A new descriptor of map `name`, duplicated from the one aya created it
+/// with. Reopening it by its kernel id instead would need CAP_SYS_ADMIN,
+/// which the documented CAP_BPF+CAP_PERFMON+CAP_SYS_PTRACE lacks.
 fn map_fd(ebpf: &Ebpf, name: &str) -> Result<OwnedFd> {
     let data = match ebpf.map(name).ok_or_else(|| anyhow!("aya did not create map {name}"))? {
         Map::Array(data)
@@ -206,8 +207,7 @@ fn map_fd(ebpf: &Ebpf, name: &str) -> Result<OwnedFd> {
         | Map::RingBuf(data) => data,
         other => bail!("map {name} has a type memtrace does not use: {other:?}"),
     };
-    let fd = data.info().and_then(|info| info.fd()).with_context(|| format!("cannot reopen map {name}"))?;
-    fd.as_fd().try_clone_to_owned().with_context(|| format!("cannot duplicate map {name}'s descriptor"))
+    data.fd().as_fd().try_clone_to_owned().with_context(|| format!("cannot duplicate map {name}'s descriptor"))
 }
 
 /// The bpf(2) system call.

@@ -1,6 +1,6 @@
-//! What the running kernel and our own privileges allow, checked before
-//! anything is loaded so that each shortfall is one sentence, and the
-//! kernel facts the BPF side needs: from BTF, where a task keeps its
+//! What the running kernel offers, checked before anything is loaded so
+//! that each shortfall is one sentence (privileges are `privileges`'s), and
+//! the kernel facts the BPF side needs: from BTF, where a task keeps its
 //! user-space thread pointer (`task_struct.thread.fsbase`); from tracefs,
 //! where the fork tracepoint's record keeps the new task's pid and flags.
 
@@ -14,44 +14,6 @@ const UPROBE_PMU: &str = "/sys/bus/event_source/devices/uprobe/type";
 const OSRELEASE: &str = "/proc/sys/kernel/osrelease";
 /// The first Linux with uprobe_multi links, which memtrace attaches with.
 const OLDEST_KERNEL: (u32, u32) = (6, 6);
-
-/// Capability bits (include/uapi/linux/capability.h).
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
-const CAP_SYS_PTRACE: u32 = 19;
-
-/// Fails unless this process may load BPF programs, open uprobes and read
-/// other processes' memory.
-pub fn check_privileges() -> Result<()> {
-    let effective = effective_capabilities()?;
-    let has = |cap: u32| effective & (1 << cap) != 0;
-    let can_trace = has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON));
-    if !can_trace || !has(CAP_SYS_PTRACE) {
-        bail!(
-            "insufficient privileges: memtrace needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE) to load eBPF programs and read the target's memory; try sudo"
-        );
-    }
-    Ok(())
-}
-
-/// Fails unless this process may read other processes' memory, all that
-/// `--census-only` needs.
-pub fn check_read_privileges() -> Result<()> {
-    if effective_capabilities()? & (1 << CAP_SYS_PTRACE) == 0 {
-        bail!("insufficient privileges: memtrace needs root (or CAP_SYS_PTRACE) to read the target's memory; try sudo");
-    }
-    Ok(())
-}
-
-fn effective_capabilities() -> Result<u64> {
-    let status = fs::read_to_string("/proc/self/status").context("cannot read /proc/self/status")?;
-    Ok(status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0))
-}
 
 /// Fails unless the kernel is new enough and has BTF and the uprobe event
 /// source.
