@@ -161,6 +161,32 @@ pub fn assert_keeper_counted(report: &JsonReport, exe: &Path) {
     assert_eq!(report.losses.values().sum::<u64>(), 0, "{:?}", report.losses);
 }
 
+/// A command running the memtrace under test with `args`.
+pub fn memtrace_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(memtrace_bin());
+    cmd.args(args);
+    cmd
+}
+
+/// One round of a target that says "ready", waits for a line and says
+/// "done" (KEEPER, workloads.py), traced by the memtrace that `start`
+/// runs with the arguments it is given (the target's pid, a report only at
+/// the end, `--format json`): attached before the line, stopped with
+/// SIGINT after "done", to exit with `status`. Its final report.
+pub fn traced_round(target: &mut Target, status: i32, start: impl FnOnce(&[&str]) -> Command) -> JsonReport {
+    target.expect_line("ready");
+    let pid = target.pid().to_string();
+    let attached =
+        Memtrace::try_attach_command(&mut start(&["--pid", &pid, "--interval", "600", "--format", "json"]), TIMEOUT);
+    let memtrace = attached.unwrap_or_else(|e| panic!("{e:#}"));
+    target.send("go");
+    target.expect_line("done");
+    memtrace.signal(libc::SIGINT);
+    let (exit, stdout, stderr) = memtrace.finish();
+    assert_eq!(exit.code(), Some(status), "stderr: {stderr:?}");
+    final_report(&stdout)
+}
+
 /// The python of pyenv's CPython `version` (3.12.1), under $PYENV_ROOT or
 /// /root/.pyenv.
 pub fn pyenv(version: &str) -> PathBuf {
@@ -170,6 +196,15 @@ pub fn pyenv(version: &str) -> PathBuf {
 
 /// tests/python/workloads.py, which real interpreters run.
 pub const WORKLOADS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/workloads.py");
+
+/// Asserts that `report` has the 1000 bytes objects of workloads.py's
+/// `bytes_kept`, exactly, and lost nothing.
+pub fn assert_bytes_kept_counted(report: &JsonReport) {
+    let site = workload_site("bytes-kept");
+    let row = report.rows.iter().find(|r| r.location == site).unwrap_or_else(|| panic!("no {site}: {report:?}"));
+    assert_eq!((row.count, row.size), (1000, 1000 * 1033), "{report:?}");
+    assert_eq!(report.losses.values().sum::<u64>(), 0, "{:?}", report.losses);
+}
 
 /// The number of workloads.py's line marked `# MARK:<marker>`.
 pub fn workload_line(marker: &str) -> usize {

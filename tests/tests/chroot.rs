@@ -8,8 +8,8 @@
 use std::{path::PathBuf, process::Command};
 
 use memtrace_tests::{
-    JsonReport, KEEPER, Memtrace, Target, TempDir, WORKLOADS, assert_keeper_counted, compile_c, final_report, pyenv,
-    require_root, workload_site,
+    JsonReport, KEEPER, Target, TempDir, WORKLOADS, assert_bytes_kept_counted, assert_keeper_counted, compile_c,
+    memtrace_command, pyenv, require_root, traced_round,
 };
 
 /// KEEPER built in `dir`, and a root directory holding it as /keeper with
@@ -28,17 +28,9 @@ fn build_root(dir: &TempDir) -> (PathBuf, PathBuf) {
     (exe, root)
 }
 
-/// Traces `target` over its "go" with `--format json`: the final report.
-fn traced_round(mut target: Target) -> JsonReport {
-    target.expect_line("ready");
-    let pid = target.pid().to_string();
-    let memtrace = Memtrace::attach(&["--pid", &pid, "--interval", "60", "--format", "json"]);
-    target.send("go");
-    target.expect_line("done");
-    memtrace.signal(libc::SIGINT);
-    let (status, stdout, stderr) = memtrace.finish();
-    assert_eq!(status.code(), Some(0), "stderr: {stderr:?}");
-    final_report(&stdout)
+/// Traces `target` over its round: the final report.
+fn traced(mut target: Target) -> JsonReport {
+    traced_round(&mut target, 0, memtrace_command)
 }
 
 #[test]
@@ -46,7 +38,7 @@ fn chrooted_in_our_mount_namespace() {
     require_root();
     let dir = TempDir::new("chroot");
     let (exe, root) = build_root(&dir);
-    let report = traced_round(Target::spawn(Command::new("chroot").arg(&root).arg("/keeper")));
+    let report = traced(Target::spawn(Command::new("chroot").arg(&root).arg("/keeper")));
     assert_keeper_counted(&report, &exe);
 }
 
@@ -58,7 +50,7 @@ fn chrooted_in_a_mount_namespace_of_its_own() {
     let target = Target::spawn(
         Command::new("unshare").args(["--mount", "--propagation", "private", "--root"]).arg(&root).arg("/keeper"),
     );
-    assert_keeper_counted(&traced_round(target), &exe);
+    assert_keeper_counted(&traced(target), &exe);
 }
 
 #[test]
@@ -81,9 +73,7 @@ fn python_chrooted_in_a_mount_namespace_of_its_own() {
             .arg(&python)
             .args([WORKLOADS, "plain", "bytes_kept"]),
     );
-    let report = traced_round(target);
+    let report = traced(target);
     assert_eq!(report.interpreter.as_deref(), Some("CPython 3.12.1"), "{report:?}");
-    let site = workload_site("bytes-kept");
-    let row = report.rows.iter().find(|r| r.location == site).unwrap_or_else(|| panic!("no {site}: {report:?}"));
-    assert_eq!((row.count, row.size), (1000, 1000 * 1033), "{report:?}");
+    assert_bytes_kept_counted(&report);
 }

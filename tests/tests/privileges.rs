@@ -12,8 +12,8 @@ use std::{
 };
 
 use memtrace_tests::{
-    KEEPER, Memtrace, TIMEOUT, Target, TempDir, WORKLOADS, assert_keeper_counted, compile_c, final_report,
-    memtrace_bin, require_root, run_memtrace, workload_site,
+    JsonReport, KEEPER, Target, TempDir, WORKLOADS, assert_bytes_kept_counted, assert_keeper_counted, compile_c,
+    final_report, memtrace_bin, require_root, run_memtrace, traced_round,
 };
 
 /// The capabilities the README documents for tracing.
@@ -37,19 +37,9 @@ fn as_nobody(caps: &str, memtrace: &Path, args: &[&str]) -> Command {
     cmd
 }
 
-/// Traces `target` (ready, then "go" ... "done") as nobody with `caps`.
-fn traced_round(target: &mut Target, caps: &str, memtrace: &Path) -> memtrace_tests::JsonReport {
-    target.expect_line("ready");
-    let pid = target.pid().to_string();
-    let args = ["--pid", &pid, "--interval", "60", "--format", "json"];
-    let traced = Memtrace::try_attach_command(&mut as_nobody(caps, memtrace, &args), TIMEOUT);
-    let memtrace = traced.unwrap_or_else(|e| panic!("{e:#}"));
-    target.send("go");
-    target.expect_line("done");
-    memtrace.signal(libc::SIGINT);
-    let (status, stdout, stderr) = memtrace.finish();
-    assert_eq!(status.code(), Some(0), "stderr: {stderr:?}");
-    final_report(&stdout)
+/// Traces `target` over its round as nobody with `caps`: the final report.
+fn traced(target: &mut Target, caps: &str, memtrace: &Path) -> JsonReport {
+    traced_round(target, 0, |args| as_nobody(caps, memtrace, args))
 }
 
 #[test]
@@ -57,7 +47,7 @@ fn documented_capabilities_trace_a_c_program() {
     require_root();
     let dir = TempDir::new("caps-c");
     let exe = compile_c(&dir, "keeper", KEEPER, &[]);
-    let report = traced_round(&mut Target::spawn(&mut Command::new(&exe)), DOCUMENTED, &memtrace_copy(&dir));
+    let report = traced(&mut Target::spawn(&mut Command::new(&exe)), DOCUMENTED, &memtrace_copy(&dir));
     assert_keeper_counted(&report, &exe);
 }
 
@@ -67,10 +57,8 @@ fn documented_capabilities_trace_python() {
     let dir = TempDir::new("caps-python");
     let python = "/usr/bin/python3.11";
     let mut target = Target::spawn(Command::new(python).args([WORKLOADS, "plain", "bytes_kept"]));
-    let report = traced_round(&mut target, DOCUMENTED, &memtrace_copy(&dir));
-    let site = workload_site("bytes-kept");
-    let row = report.rows.iter().find(|r| r.location == site).unwrap_or_else(|| panic!("no {site}: {report:?}"));
-    assert_eq!((row.count, row.size), (1000, 1000 * 1033), "{report:?}");
+    let report = traced(&mut target, DOCUMENTED, &memtrace_copy(&dir));
+    assert_bytes_kept_counted(&report);
 }
 
 #[test]
@@ -124,9 +112,8 @@ fn a_binary_this_user_cannot_read_takes_cap_dac_read_search() {
     drop(target);
 
     let mut target = Target::spawn(Command::new(&python).args([WORKLOADS, "plain", "bytes_kept"]));
-    let report = traced_round(&mut target, &format!("{DOCUMENTED},+dac_read_search"), &memtrace);
-    let row = report.rows.iter().find(|r| r.location == workload_site("bytes-kept")).expect("the Python line");
-    assert_eq!(row.count, 1000, "{report:?}");
+    let report = traced(&mut target, &format!("{DOCUMENTED},+dac_read_search"), &memtrace);
+    assert_bytes_kept_counted(&report);
 }
 
 /// Root of a user namespace holds every capability there, and none over
