@@ -25,7 +25,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, Map, MapData, PerCpuHashMap, PerCpuValues},
-    programs::TracePoint,
+    programs::RawTracePoint,
     util::nr_cpus,
 };
 use aya_obj::{
@@ -42,8 +42,9 @@ use super::plan::{AttachPoint, Program};
 /// The kernel side, built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memtrace"));
 
-/// The kernel side's tracepoints, by (category, name): each program is named after its tracepoint.
-const TRACEPOINTS: [(&str, &str); 2] = [("task", "task_newtask"), ("sched", "sched_process_exec")];
+/// The kernel side's raw tracepoints: each program is named after its
+/// tracepoint.
+const TRACEPOINTS: [&str; 2] = ["task_newtask", "sched_process_exec"];
 
 pub struct Tracer {
     /// Each process's probes. Declared first so that the links go before
@@ -69,14 +70,14 @@ impl Tracer {
             .context("cannot load memtrace's eBPF maps")?;
         let programs = load_programs(&ebpf, OBJECT, verbose)?;
         // Kept attached by the object, which owns the links.
-        for (category, name) in TRACEPOINTS {
-            let program: &mut TracePoint = ebpf
+        for name in TRACEPOINTS {
+            let program: &mut RawTracePoint = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("eBPF object lacks program {name}"))?
                 .try_into()
-                .with_context(|| format!("eBPF program {name} is not a tracepoint"))?;
+                .with_context(|| format!("eBPF program {name} is not a raw tracepoint"))?;
             program.load().with_context(|| format!("the kernel rejected eBPF program {name}"))?;
-            program.attach(category, name).with_context(|| format!("cannot attach to tracepoint {category}:{name}"))?;
+            program.attach(name).with_context(|| format!("cannot attach to tracepoint {name}"))?;
         }
         Ok(Self { links: BTreeMap::new(), programs, ebpf })
     }
@@ -326,7 +327,7 @@ mod tests {
         for program in Program::ALL {
             assert!(obj.programs.contains_key(program.name()), "no program {}", program.name());
         }
-        for (_, name) in TRACEPOINTS {
+        for name in TRACEPOINTS {
             assert!(obj.programs.contains_key(name), "no program {name}");
         }
     }
