@@ -411,10 +411,9 @@ pub struct KernelConfig {
     /// Offset of `thread.fsbase` in `struct task_struct`: on x86-64 the
     /// user-space thread pointer, which is what pthread_self() returns.
     pub task_fsbase: u64,
-    /// Offsets of `pid` and `clone_flags` in the task:task_newtask
-    /// tracepoint's record, from its format file.
-    pub newtask_pid: u64,
-    pub newtask_clone_flags: u64,
+    /// Offset of `pid` in `struct task_struct`: a task's id, its
+    /// process's for the child of a fork.
+    pub task_pid: u64,
 }
 
 /// A traced process changed: it forked a child process, or replaced its

@@ -11,14 +11,13 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuHashMap, RingBuf},
 };
 use memtrace_common::{
-    AllocInfo, AllocKey, CounterSet, KernelConfig, NativeStack, PendingCall, PythonStack, SiteKey, SiteStats, StackKey, TargetConfig,
-    counter,
+    AllocInfo, AllocKey, CounterSet, KernelConfig, NativeStack, PendingCall, PythonStack, SiteKey, SiteStats, StackKey,
+    TargetConfig, counter,
 };
 
-/// Filled in by userspace at load time, from the kernel's BTF and
-/// tracepoint formats.
+/// Filled in by userspace at load time, from the kernel's BTF.
 #[unsafe(no_mangle)]
-pub static KERNEL_CONFIG: KernelConfig = KernelConfig { task_fsbase: 0, newtask_pid: 0, newtask_clone_flags: 0 };
+pub static KERNEL_CONFIG: KernelConfig = KernelConfig { task_fsbase: 0, task_pid: 0 };
 
 /// Traced processes (by tgid) and what to collect for each. A process not
 /// listed here is ignored by every program.

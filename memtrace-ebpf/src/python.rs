@@ -14,8 +14,7 @@ use aya_ebpf::{
     maps::PerCpuArray,
 };
 use memtrace_common::{
-    MAX_PYTHON_FRAMES, NO_OFFSET, PythonFrame, PythonStack, PythonWalk, StackKey, WINDOW_MAX, Window,
-    code_tag, counter,
+    MAX_PYTHON_FRAMES, NO_OFFSET, PythonFrame, PythonStack, PythonWalk, StackKey, WINDOW_MAX, Window, code_tag, counter,
 };
 
 use crate::{
@@ -26,7 +25,6 @@ use crate::{
 /// The walk in progress on each CPU (see [`WalkState`]).
 #[map]
 static WALK_SCRATCH: PerCpuArray<WalkState> = PerCpuArray::with_max_entries(1, 0);
-
 
 fn read<T: Copy>(addr: u64) -> Result<T, ()> {
     // SAFETY: bpf_probe_read_user copies from the target's address space and

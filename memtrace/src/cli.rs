@@ -2,10 +2,10 @@
 //! outputs a session writes. Names follow bcc memleak and tracemalloc where
 //! they have one (`--top`, `--older-than`, `--group-by lineno`).
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, ops::RangeInclusive, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum, builder::PossibleValue};
+use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum, builder::PossibleValue, error::ErrorKind};
 
 use crate::{
     filter::Filters,
@@ -56,8 +56,9 @@ pub enum Command {
 /// How reports are grouped and printed, live and from saved snapshots.
 #[derive(Args, Debug, Clone)]
 pub struct View {
-    /// Groups shown per report.
-    #[arg(long, short = 'T', value_name = "N", default_value_t = 10)]
+    /// Groups shown per report (at least 1).
+    #[arg(long, short = 'T', value_name = "N", default_value_t = 10, allow_negative_numbers = true,
+          value_parser = whole::<usize>(1..=u32::MAX.into(), "a number of groups, at least 1"))]
     pub top: usize,
 
     /// How allocations are grouped: by line of the innermost frame, by its
@@ -71,8 +72,9 @@ pub struct View {
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
 
-    /// Types shown per census, biggest growth first.
-    #[arg(long, value_name = "N", default_value_t = 10)]
+    /// Types shown per census, biggest growth first (at least 1).
+    #[arg(long, value_name = "N", default_value_t = 10, allow_negative_numbers = true,
+          value_parser = whole::<usize>(1..=u32::MAX.into(), "a number of types, at least 1"))]
     pub types_limit: usize,
 }
 
@@ -96,33 +98,40 @@ impl View {
 #[derive(Args, Debug)]
 pub struct Options {
     /// Process to trace; repeat it, or separate pids with commas, to trace
-    /// several at once (each gets its own reports).
-    #[arg(long = "pid", short = 'p', value_name = "PID", value_delimiter = ',', required = true)]
+    /// several at once (each gets its own reports). A thread id is refused,
+    /// with its process's pid.
+    #[arg(long = "pid", short = 'p', value_name = "PID", value_delimiter = ',', required = true,
+          allow_negative_numbers = true, value_parser = whole::<u32>(1..=u32::MAX.into(), "a process id, a whole number above 0"))]
     pub pids: Vec<u32>,
 
     /// Seconds between reports.
-    #[arg(long, short = 'i', value_name = "SECS", default_value_t = 5.0, value_parser = positive_seconds)]
+    #[arg(long, short = 'i', value_name = "SECS", default_value_t = 5.0, allow_negative_numbers = true,
+          value_parser = positive_seconds)]
     pub interval: f64,
 
     /// Stop after this many reports (the last one is the final report).
-    #[arg(long, short = 'c', value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, short = 'c', value_name = "N", allow_negative_numbers = true,
+          value_parser = whole::<u32>(1..=u32::MAX.into(), "a number of reports, at least 1"))]
     pub count: Option<u32>,
 
     /// Stop after this many seconds.
-    #[arg(long, short = 'd', value_name = "SECS", value_parser = positive_seconds)]
+    #[arg(long, short = 'd', value_name = "SECS", allow_negative_numbers = true, value_parser = positive_seconds)]
     pub duration: Option<f64>,
 
     /// Ignore allocations smaller than this many bytes.
-    #[arg(long, value_name = "BYTES", default_value_t = 0)]
+    #[arg(long, value_name = "BYTES", default_value_t = 0, allow_negative_numbers = true,
+          value_parser = whole::<u64>(0..=u64::MAX, "a number of bytes"))]
     pub min_size: u64,
 
-    /// Ignore allocations larger than this many bytes.
-    #[arg(long, value_name = "BYTES", default_value_t = u64::MAX, hide_default_value = true)]
+    /// Ignore allocations larger than this many bytes (at least --min-size).
+    #[arg(long, value_name = "BYTES", default_value_t = u64::MAX, hide_default_value = true,
+          allow_negative_numbers = true, value_parser = whole::<u64>(0..=u64::MAX, "a number of bytes"))]
     pub max_size: u64,
 
     /// Count only blocks that have been outstanding for at least this many
     /// milliseconds (hides short-lived churn).
-    #[arg(long, short = 'o', value_name = "MS")]
+    #[arg(long, short = 'o', value_name = "MS", allow_negative_numbers = true,
+          value_parser = whole::<u64>(0..=u64::MAX / 1_000_000, "a number of milliseconds"))]
     pub older_than: Option<u64>,
 
     #[command(flatten)]
@@ -130,7 +139,8 @@ pub struct Options {
 
     /// Python frames kept per allocation (1 is the cheapest); native frames
     /// kept per allocation when there are no Python frames.
-    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=32))]
+    #[arg(long, value_name = "N", default_value_t = 16, allow_negative_numbers = true,
+          value_parser = whole::<u32>(1..=32, "a number of frames from 1 to 32"))]
     pub frames: u32,
 
     /// Show native frames too: the C code between and beneath the Python
@@ -139,15 +149,21 @@ pub struct Options {
     #[arg(long)]
     pub native: bool,
 
-    /// Live allocations memtrace can track at once; allocations beyond it
-    /// are counted as lost (alloc-map-full) in every report.
-    #[arg(long, value_name = "N", default_value_t = 1 << 20, value_parser = clap::value_parser!(u32).range(1024..))]
+    /// Live allocations memtrace can track at once, at least 1024;
+    /// allocations beyond it are counted as lost (alloc-map-full) in every
+    /// report.
+    #[arg(long, value_name = "N", default_value_t = 1 << 20, allow_negative_numbers = true,
+          value_parser = whole::<u32>(1024..=u32::MAX.into(), "a number of blocks, at least 1024"))]
     pub max_allocs: u32,
 
     /// Attach no probe: every interval report only the process's memory and
     /// its object census (as gc.get_objects() and objgraph.show_growth()
-    /// would), read from its memory, at no cost to it.
-    #[arg(long)]
+    /// would), read from its memory, at no cost to it. Refused with the
+    /// options about what probes count or write: --frames, --native,
+    /// --min-size, --max-size, --older-than, --max-allocs, --include,
+    /// --exclude, --filter-all-frames, --pprof, --flamegraph,
+    /// --flamegraph-diff.
+    #[arg(long, conflicts_with_all = PROBE_OPTIONS)]
     pub census_only: bool,
 
     /// Keep only allocations made in files matching this glob
@@ -203,6 +219,35 @@ pub struct Options {
     pub verbose: bool,
 }
 
+/// The options that say what probes count, or write what they counted:
+/// with `--census-only` there is nothing for them to act on.
+const PROBE_OPTIONS: [&str; 12] = [
+    "frames",
+    "native",
+    "min_size",
+    "max_size",
+    "older_than",
+    "max_allocs",
+    "include",
+    "exclude",
+    "filter_all_frames",
+    "pprof",
+    "flamegraph",
+    "flamegraph_diff",
+];
+
+/// Parses the command line, and exits with a usage error (status 2) when
+/// it makes no sense.
+pub fn parse() -> Cli {
+    let cli = Cli::parse();
+    if cli.command.is_none()
+        && let Err(message) = cli.trace.check()
+    {
+        Cli::command().error(ErrorKind::ArgumentConflict, message).exit();
+    }
+    cli
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Format {
     Text,
@@ -225,6 +270,18 @@ impl ValueEnum for GroupBy {
 }
 
 impl Options {
+    /// What no single option's parser can see: options that contradict
+    /// each other.
+    fn check(&self) -> Result<(), String> {
+        if self.min_size > self.max_size {
+            return Err(format!(
+                "--min-size {} is above --max-size {}: no allocation could be tracked",
+                self.min_size, self.max_size
+            ));
+        }
+        Ok(())
+    }
+
     /// Every output the options ask for, stdout's first, each checked now
     /// (files writable, address valid and free) so that a mistake shows
     /// before anything is traced.
@@ -290,9 +347,27 @@ impl Options {
     }
 }
 
+/// Seconds, above 0 and at most a year (a longer timer would overflow
+/// the clock).
 fn positive_seconds(s: &str) -> Result<f64, String> {
+    const YEAR: f64 = 365.0 * 24.0 * 3600.0;
     match s.parse::<f64>() {
-        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
-        _ => Err(format!("`{s}` is not a positive number of seconds")),
+        Ok(v) if v > 0.0 && v <= YEAR => Ok(v),
+        _ => Err(format!("must be a positive number of seconds, at most {YEAR}")),
+    }
+}
+
+/// A parser of whole numbers in `range`, whose error says they must be
+/// `what`.
+fn whole<T: TryFrom<u64>>(
+    range: RangeInclusive<u64>,
+    what: &'static str,
+) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static {
+    move |s| {
+        s.parse::<u64>()
+            .ok()
+            .filter(|n| range.contains(n))
+            .and_then(|n| T::try_from(n).ok())
+            .ok_or_else(|| format!("must be {what}"))
     }
 }

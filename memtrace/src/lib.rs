@@ -17,9 +17,10 @@
 //!   writer per output format.
 //! - `session`: drives the stages for the traced processes.
 //!
-//! `cli` holds the command-line options and builds the outputs; `progress`
-//! names the steps of a slow start on a terminal; the binary runs a
-//! session or a subcommand.
+//! `cli` holds the command-line options and builds the outputs;
+//! `privileges` says what memtrace must be allowed, and why the kernel
+//! refused; `progress` names the steps of a slow start on a terminal; the
+//! binary runs a session or a subcommand.
 
 pub mod binary;
 pub mod census;
@@ -27,6 +28,7 @@ pub mod cli;
 pub mod collect;
 pub mod coverage;
 pub mod filter;
+pub mod privileges;
 pub mod probes;
 pub mod process;
 pub mod progress;

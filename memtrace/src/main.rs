@@ -4,7 +4,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser as _;
 use memtrace::{
     cli::{self, Command, View},
     process::source::SourceFiles,
@@ -19,7 +18,7 @@ const EXIT_TARGET_EXITED: u8 = 3;
 const EXIT_MAPS_FULL: u8 = 4;
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
+    let cli = cli::parse();
     match cli.command {
         Some(Command::Diff { old, new, view }) => {
             return offline(&view, || Ok((Some(SavedSnapshot::load(&old)?), SavedSnapshot::load(&new)?)));

@@ -33,12 +33,13 @@ use crate::{
     collect,
     coverage::Coverage,
     filter::Filters,
+    privileges::{self, Need},
     probes::{
         attach::Tracer,
         inlined, kernel,
         plan::{self, AttachPoint, ProbedBinary, PythonProbes},
     },
-    process::{Target, proc_maps::host_path},
+    process::Target,
     progress::Progress,
     python::{self, Detection},
     report::{
@@ -71,9 +72,9 @@ pub struct Outcome {
 
 pub async fn run(options: Options) -> Result<Outcome> {
     if options.census_only {
-        kernel::check_read_privileges()?;
+        privileges::check(Need::Reading)?;
     } else {
-        kernel::check_privileges()?;
+        privileges::check(Need::Tracing)?;
         kernel::check_kernel()?;
     }
     let outputs = options.outputs()?;
@@ -89,7 +90,7 @@ pub async fn run(options: Options) -> Result<Outcome> {
         None
     } else {
         progress.step("loading the eBPF programs");
-        Some(Tracer::load(kernel::config()?, options.max_allocs, options.verbose)?)
+        Some(privileges::explain(Tracer::load(kernel::config()?, options.max_allocs, options.verbose), Need::Tracing)?)
     };
     let (exits, exited) = mpsc::unbounded_channel();
     let mut processes = BTreeMap::new();
@@ -160,7 +161,7 @@ impl Prepared {
         }
         progress.step(format!("pid {pid}: finding where to probe"));
         let libc_path = plan::find_libc(&target)?;
-        let libc_elf = ElfFile::open(&host_path(pid, libc_path))?;
+        let libc_elf = privileges::explain(ElfFile::open(&target.paths.host_path(libc_path)), Need::Binaries)?;
         let inlined = interpreter.as_ref().map(|i| inlined::find(&i.elf, &i.layout)).unwrap_or_default();
         if let (Some(i), Some(sites)) = (&interpreter, &inlined.pymalloc) {
             notes.push(format!(
@@ -172,7 +173,7 @@ impl Prepared {
             ));
         }
         let points = plan::plan(
-            pid,
+            &target.paths,
             ProbedBinary { path: libc_path, elf: &libc_elf },
             interpreter
                 .as_ref()
@@ -275,7 +276,7 @@ impl Prepared {
                     if !Target::is_alive(pid) {
                         bail!("pid {pid} ({}) exited before tracing started", target.comm);
                     }
-                    return Err(e);
+                    return privileges::explain(Err(e), Need::Tracing);
                 }
                 plan
             }
@@ -287,8 +288,11 @@ impl Prepared {
             plan.points.len(),
             options.interval
         ));
-        let coverage =
-            interpreter.as_ref().and_then(|i| i.pymalloc).and_then(|state| Coverage::start(state, pid, includes_raw));
+        let sizes = (options.min_size, options.max_size);
+        let coverage = interpreter
+            .as_ref()
+            .and_then(|i| i.pymalloc)
+            .and_then(|state| Coverage::start(state, pid, includes_raw, sizes));
         let symbolizer = Symbolizer::new(&target, interpreter.as_ref().map(|i| i.code_resolver(pid)), options.native);
         Ok(traced(symbolizer, coverage, Some(plan)))
     }
@@ -571,7 +575,9 @@ impl Session<'_> {
                 traced.notes.push(format!("a new image (exec), traced from {lag_ms} ms after the exec"));
                 self.processes.insert(pid, traced);
             }
-            (Err(e), Followed::Fork { parent }) => eprintln!("memtrace: pid {pid}, forked from pid {parent}, is not traced: {e:#}"),
+            (Err(e), Followed::Fork { parent }) => {
+                eprintln!("memtrace: pid {pid}, forked from pid {parent}, is not traced: {e:#}")
+            }
             (Err(e), Followed::Exec) => eprintln!("memtrace: pid {pid}'s new image (exec) is not traced: {e:#}"),
         }
     }

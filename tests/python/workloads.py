@@ -119,6 +119,15 @@ def native_leak():
         keep.append(libc.malloc(8192))  # MARK:ctypes-malloc
 
 
+def bytes_kept():
+    """1000 objects of one size, each one allocation (bytes above pymalloc's
+    512-byte limit, 1000 bytes and a 33-byte header): exact numbers."""
+    kept = [None] * 1000
+    for i in range(1000):
+        kept[i] = bytes(1000)  # MARK:bytes-kept
+    keep.append(kept)
+
+
 def code_reuse():
     """Functions compiled one at a time and freed: the allocator hands each
     new code object the address of the last. Each lives 20 ms after it
@@ -149,6 +158,7 @@ WORKLOADS = {
     "threads": threads,
     "native_leak": native_leak,
     "code_reuse": code_reuse,
+    "bytes_kept": bytes_kept,
 }
 
 

@@ -126,6 +126,99 @@ pub fn compile_c(dir: &TempDir, name: &str, source: &str, extra: &[&str]) -> Pat
     exe
 }
 
+/// A C program with one exact number, for tests about how memtrace
+/// reaches a process rather than what it counts: it says "ready", waits for
+/// a line, keeps 1000 blocks of 1000 bytes allocated on the line marked
+/// LEAK, says "done", and waits for its stdin to close.
+pub const KEEPER: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+static char *kept[1000];
+int main(void) {
+    char line[16];
+    puts("ready");
+    fflush(stdout);
+    if (!fgets(line, sizeof line, stdin)) return 1;
+    for (int i = 0; i < 1000; i++) kept[i] = malloc(1000); /* LEAK */
+    puts("done");
+    fflush(stdout);
+    while (fgets(line, sizeof line, stdin)) {}
+    return kept[0] == 0;
+}
+"#;
+
+/// Where memtrace reports KEEPER's blocks, built as `exe` by [`compile_c`].
+pub fn keeper_site(exe: &Path) -> String {
+    format!("{}.c:{}", exe.display(), line_of(KEEPER, "LEAK"))
+}
+
+/// Asserts that `report` has KEEPER's (built as `exe`) 1000 blocks of 1000
+/// bytes, and lost nothing.
+pub fn assert_keeper_counted(report: &JsonReport, exe: &Path) {
+    let site = keeper_site(exe);
+    let row = report.rows.iter().find(|r| r.location == site).unwrap_or_else(|| panic!("no {site}: {report:?}"));
+    assert_eq!((row.count, row.size), (1000, 1_000_000), "{report:?}");
+    assert_eq!(report.losses.values().sum::<u64>(), 0, "{:?}", report.losses);
+}
+
+/// A command running the memtrace under test with `args`.
+pub fn memtrace_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(memtrace_bin());
+    cmd.args(args);
+    cmd
+}
+
+/// One round of a target that says "ready", waits for a line and says
+/// "done" (KEEPER, workloads.py), traced by the memtrace that `start`
+/// runs with the arguments it is given (the target's pid, a report only at
+/// the end, `--format json`): attached before the line, stopped with
+/// SIGINT after "done", to exit with `status`. Its final report.
+pub fn traced_round(target: &mut Target, status: i32, start: impl FnOnce(&[&str]) -> Command) -> JsonReport {
+    target.expect_line("ready");
+    let pid = target.pid().to_string();
+    let attached =
+        Memtrace::try_attach_command(&mut start(&["--pid", &pid, "--interval", "600", "--format", "json"]), TIMEOUT);
+    let memtrace = attached.unwrap_or_else(|e| panic!("{e:#}"));
+    target.send("go");
+    target.expect_line("done");
+    memtrace.signal(libc::SIGINT);
+    let (exit, stdout, stderr) = memtrace.finish();
+    assert_eq!(exit.code(), Some(status), "stderr: {stderr:?}");
+    final_report(&stdout)
+}
+
+/// The python of pyenv's CPython `version` (3.12.1), under $PYENV_ROOT or
+/// /root/.pyenv.
+pub fn pyenv(version: &str) -> PathBuf {
+    let root = std::env::var("PYENV_ROOT").unwrap_or_else(|_| "/root/.pyenv".into());
+    Path::new(&root).join("versions").join(version).join("bin/python")
+}
+
+/// tests/python/workloads.py, which real interpreters run.
+pub const WORKLOADS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/workloads.py");
+
+/// Asserts that `report` has the 1000 bytes objects of workloads.py's
+/// `bytes_kept`, exactly, and lost nothing.
+pub fn assert_bytes_kept_counted(report: &JsonReport) {
+    let site = workload_site("bytes-kept");
+    let row = report.rows.iter().find(|r| r.location == site).unwrap_or_else(|| panic!("no {site}: {report:?}"));
+    assert_eq!((row.count, row.size), (1000, 1000 * 1033), "{report:?}");
+    assert_eq!(report.losses.values().sum::<u64>(), 0, "{:?}", report.losses);
+}
+
+/// The number of workloads.py's line marked `# MARK:<marker>`.
+pub fn workload_line(marker: &str) -> usize {
+    let tag = format!("# MARK:{marker}");
+    let source = std::fs::read_to_string(WORKLOADS).unwrap();
+    source.lines().position(|l| l.ends_with(&tag)).unwrap_or_else(|| panic!("no line ends with {tag}")) + 1
+}
+
+/// `workloads.py:LINE` of its line marked `# MARK:<marker>`, as reports
+/// name it.
+pub fn workload_site(marker: &str) -> String {
+    format!("{WORKLOADS}:{}", workload_line(marker))
+}
+
 /// The line number of the first line of `source` containing `marker`.
 pub fn line_of(source: &str, marker: &str) -> u32 {
     source.lines().position(|l| l.contains(marker)).unwrap_or_else(|| panic!("marker {marker:?} not in source")) as u32

@@ -275,13 +275,20 @@ impl Memtrace {
     /// is tracing every pid `args` names, or fails when it exits first or
     /// `timeout` passes.
     pub fn try_attach(binary: &Path, args: &[&str], timeout: Duration) -> Result<Self> {
+        Self::try_attach_command(Command::new(binary).args(args), timeout)
+    }
+
+    /// As [`Memtrace::try_attach`], for a command that runs memtrace (as
+    /// another user, say) with the arguments that follow it.
+    pub fn try_attach_command(cmd: &mut Command, timeout: Duration) -> Result<Self> {
+        let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
         let pids = args
             .windows(2)
             .filter(|w| w[0] == "--pid" || w[0] == "-p")
             .map(|w| w[1].split(',').count())
             .sum::<usize>()
             .max(1);
-        let mut tracer = Tracer::start(Command::new(binary).args(args), "memtrace")?;
+        let mut tracer = Tracer::start(cmd, "memtrace")?;
         let tracing = std::cell::Cell::new(0);
         tracer.wait_attached(timeout, |line| {
             tracing.set(tracing.get() + usize::from(line.stderr && line.text.starts_with(Self::TRACING)));

@@ -125,3 +125,94 @@ fn bad_arguments_are_usage_errors() {
         assert!(!stderr.contains("panicked"));
     }
 }
+
+/// Runs memtrace with `args`: a usage error, exit status 2, whose first line
+/// says `needle` (clap's own layout: "error: ..." then a hint).
+fn assert_usage_error(args: &[&str], needle: &str) {
+    let (code, stdout, stderr) = run_memtrace(Command::new(memtrace_bin()).args(args));
+    assert_eq!(code, Some(2), "{args:?}: {stderr}");
+    assert_eq!(stdout, "", "{args:?}");
+    let first = stderr.lines().next().unwrap_or_default();
+    assert!(first.starts_with("error: ") && first.contains(needle), "{args:?}: {first:?} should say {needle:?}");
+    assert!(!stderr.contains("panicked"));
+}
+
+#[test]
+fn options_that_make_no_sense_say_what_is_wrong() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--pid", "1", "--top", "0"], "invalid value '0' for '--top <N>': must be a number of groups, at least 1"),
+        (&["--pid", "1", "--types-limit", "0"], "must be a number of types, at least 1"),
+        (&["--pid", "1", "--min-size", "1000", "--max-size", "10"], "--min-size 1000 is above --max-size 10"),
+        (&["--pid", "1", "--interval", "-1"], "invalid value '-1' for '--interval <SECS>': must be a positive number"),
+        (&["--pid", "1", "--duration", "1e300"], "must be a positive number of seconds, at most 31536000"),
+        (&["--pid", "-1"], "invalid value '-1' for '--pid <PID>': must be a process id, a whole number above 0"),
+        (&["--pid", "0"], "must be a process id"),
+        (&["--pid", "1,-2"], "invalid value '-2' for '--pid <PID>'"),
+        (&["--pid", "1", "--count", "-1"], "must be a number of reports, at least 1"),
+        (&["--pid", "1", "--frames", "33"], "must be a number of frames from 1 to 32"),
+        (&["--pid", "1", "--min-size", "-5"], "invalid value '-5' for '--min-size <BYTES>': must be a number of bytes"),
+        (&["--pid", "1", "--max-allocs", "1000"], "must be a number of blocks, at least 1024"),
+        (&["--pid", "1", "--census-only", "--native"], "'--census-only' cannot be used with '--native'"),
+        (&["--pid", "1", "--census-only", "--frames", "4"], "'--census-only' cannot be used with '--frames <N>'"),
+        (
+            &["--pid", "1", "--census-only", "--min-size", "8"],
+            "'--census-only' cannot be used with '--min-size <BYTES>'",
+        ),
+        (
+            &["--pid", "1", "--census-only", "--pprof", "x.pb.gz"],
+            "'--census-only' cannot be used with '--pprof <FILE>'",
+        ),
+        (&["show", "x.json", "--top", "-1"], "invalid value '-1' for '--top <N>'"),
+    ];
+    for (args, needle) in cases {
+        assert_usage_error(args, needle);
+    }
+}
+
+#[test]
+fn help_says_each_limit() {
+    let (code, stdout, _) = run_memtrace(Command::new(memtrace_bin()).arg("--help"));
+    assert_eq!(code, Some(0));
+    let help = stdout.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(help.contains("Live allocations memtrace can track at once, at least 1024"), "{stdout}");
+    assert!(help.contains("Groups shown per report (at least 1)"), "{stdout}");
+}
+
+const THREADED: &str = r#"
+#include <pthread.h>
+#include <stdio.h>
+#include <unistd.h>
+static void *wait_stdin(void *arg) { char c; read(0, &c, 1); return arg; }
+int main(void) {
+    pthread_t thread;
+    pthread_create(&thread, 0, wait_stdin, 0);
+    puts("ready");
+    fflush(stdout);
+    pthread_join(thread, 0);
+    return 0;
+}
+"#;
+
+/// /proc answers for a thread id as for a pid; memtrace refuses it and
+/// names the process to trace instead.
+#[test]
+fn thread_id_names_its_process() {
+    require_root();
+    let dir = TempDir::new("tid");
+    let exe = compile_c(&dir, "threaded", THREADED, &["-pthread"]);
+    let mut target = Target::spawn(&mut Command::new(&exe));
+    target.expect_line("ready");
+    let pid = target.pid();
+    let tid = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().parse::<u32>().unwrap())
+        .find(|&tid| tid != pid)
+        .expect("a second thread");
+    let result = run_memtrace(Command::new(memtrace_bin()).args(["--pid", &tid.to_string()]));
+    assert_one_line_error(
+        result,
+        &format!(
+            "pid {tid} (threaded) is a thread of process {pid} (threaded); memtrace traces whole processes: use --pid {pid}"
+        ),
+    );
+}

@@ -1,10 +1,11 @@
-//! The one kernel fact memtrace reads from BTF, where a task keeps its
-//! user-space thread pointer (`task_struct.thread.fsbase`), against the
-//! kernel's own tool: bpftool's dump of the running kernel's BTF.
+//! The kernel facts memtrace reads from BTF, where a task keeps its
+//! user-space thread pointer (`task_struct.thread.fsbase`) and its id
+//! (`task_struct.pid`), against the kernel's own tool: bpftool's dump of
+//! the running kernel's BTF.
 
 use std::{collections::HashMap, process::Command};
 
-use memtrace::probes::kernel::task_fsbase_offset;
+use memtrace::probes::kernel::task_struct_offset;
 use memtrace_tests::ensure_package;
 
 /// A struct in bpftool's raw BTF dump: its name and its members' (name,
@@ -46,7 +47,7 @@ fn kernel_structs() -> HashMap<u32, Struct> {
 }
 
 #[test]
-fn finds_fsbase_where_bpftool_does() {
+fn finds_fsbase_and_pid_where_bpftool_does() {
     let structs = kernel_structs();
     let named = |name: &str| structs.values().find(|s| s.name == name).unwrap_or_else(|| panic!("no struct {name}"));
     let member = |s: &Struct, name: &str| {
@@ -56,5 +57,7 @@ fn finds_fsbase_where_bpftool_does() {
     let thread_struct = &structs[&thread_type];
     assert_eq!(thread_struct.name, "thread_struct");
     let (_, _, fsbase_bits) = member(thread_struct, "fsbase");
-    assert_eq!(task_fsbase_offset().unwrap(), (thread_bits + fsbase_bits) / 8);
+    assert_eq!(task_struct_offset(&["thread", "fsbase"]).unwrap(), (thread_bits + fsbase_bits) / 8);
+    let (_, _, pid_bits) = member(named("task_struct"), "pid");
+    assert_eq!(task_struct_offset(&["pid"]).unwrap(), pid_bits / 8);
 }

@@ -34,7 +34,11 @@ fn assert_objects(report: &JsonReport, marker: &str, n: u64, object: u64) {
 }
 
 fn final_of(reports: &[JsonReport], pid: u32, which: usize) -> &JsonReport {
-    reports.iter().filter(|r| r.pid == pid && r.is_final).nth(which).unwrap_or_else(|| panic!("final report {which} of {pid}"))
+    reports
+        .iter()
+        .filter(|r| r.pid == pid && r.is_final)
+        .nth(which)
+        .unwrap_or_else(|| panic!("final report {which} of {pid}"))
 }
 
 /// The fork workload: parent and child each reported on their own.
@@ -54,11 +58,19 @@ fn fork(python: &Path) {
     memtrace.signal(libc::SIGINT);
     let (status, stdout, stderr) = memtrace.finish();
     assert_eq!(status.code(), Some(0), "{stderr:?}");
-    assert!(stderr.iter().any(|l| l == &format!("memtrace: pid {child} exited; the final report above covers its whole life since attach")), "{stderr:?}");
+    assert!(
+        stderr.iter().any(|l| l
+            == &format!("memtrace: pid {child} exited; the final report above covers its whole life since attach")),
+        "{stderr:?}"
+    );
     let reports = json_reports(&stdout);
     let (child_report, parent_report) = (final_of(&reports, child, 0), final_of(&reports, parent, 0));
     assert_objects(child_report, "child", 20_000, 133);
-    assert!(child_report.notes.iter().any(|n| n.starts_with(&format!("forked from pid {parent}, traced from "))), "{:?}", child_report.notes);
+    assert!(
+        child_report.notes.iter().any(|n| n.starts_with(&format!("forked from pid {parent}, traced from "))),
+        "{:?}",
+        child_report.notes
+    );
     assert!(row(child_report, "parent").is_none(), "the parent's blocks are not the child's");
     assert_objects(parent_report, "parent", 10_000, 233);
     assert!(row(parent_report, "child").is_none(), "the child's blocks are not the parent's");

@@ -20,7 +20,7 @@ use memtrace::{
     },
     process::{
         memory::ProcessMemory,
-        proc_maps::{MemoryMap, host_path},
+        proc_maps::{MappedPaths, MemoryMap},
     },
     python::layouts::{self, ObmallocLocation},
 };
@@ -63,7 +63,7 @@ fn start(python: &str) -> (Target, u64) {
 fn locate_in(pid: u32, version: (u8, u8)) -> (PymallocState, PathBuf, u64) {
     let map = MemoryMap::read(pid).unwrap();
     for path in map.executable_files().into_iter().filter(|p| p.contains("python")) {
-        let binary = host_path(pid, path);
+        let binary = MappedPaths::of(pid).host_path(path);
         let elf = ElfFile::open(&binary).unwrap();
         let bias = map
             .mappings

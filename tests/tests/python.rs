@@ -10,29 +10,10 @@ use std::{
     process::Command,
 };
 
-use memtrace_tests::{JsonReport, Memtrace, ReportLine, Row, Target, final_report, parse_line, require_root};
-
-const WORKLOADS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/workloads.py");
-
-fn source() -> String {
-    std::fs::read_to_string(WORKLOADS).unwrap()
-}
-
-/// The line number of the line ending in `# MARK:<marker>`.
-fn marker_line(marker: &str) -> usize {
-    let tag = format!("# MARK:{marker}");
-    source().lines().position(|l| l.ends_with(&tag)).unwrap_or_else(|| panic!("no line ends with {tag}")) + 1
-}
-
-/// `workloads.py:LINE` of the line marked `MARK:<marker>`.
-fn marked(marker: &str) -> String {
-    format!("{WORKLOADS}:{}", marker_line(marker))
-}
-
-fn pyenv(version: &str) -> PathBuf {
-    let root = std::env::var("PYENV_ROOT").unwrap_or_else(|_| "/root/.pyenv".into());
-    Path::new(&root).join("versions").join(version).join("bin/python")
-}
+use memtrace_tests::{
+    JsonReport, Memtrace, ReportLine, Row, Target, WORKLOADS, final_report, parse_line, pyenv, require_root,
+    workload_line, workload_site,
+};
 
 /// What tracemalloc says about one run of `workload`.
 struct Truth {
@@ -140,7 +121,7 @@ fn assert_close(truth: &ReportLine, seen: &Row, context: &str) {
 fn ground_truth(python: &Path, workload: &str, markers: [&str; 3]) -> Observed {
     let truth = tracemalloc_truth(python, workload);
     let seen = memtrace_view(python, workload, &[]);
-    let expected: Vec<String> = markers.iter().map(|m| marked(m)).collect();
+    let expected: Vec<String> = markers.iter().map(|m| workload_site(m)).collect();
     let mut truth_top: Vec<String> = truth.top[..3].iter().map(|l| l.location.clone()).collect();
     truth_top.sort();
     let mut sorted = expected.clone();
@@ -161,7 +142,7 @@ fn ground_truth(python: &Path, workload: &str, markers: [&str; 3]) -> Observed {
 fn nested_lists(python: &Path) {
     let seen = ground_truth(python, "nested_lists", ["holder-data", "holder-label", "holder"]);
     let function_of = |marker: &str| {
-        let row = seen.report.rows.iter().find(|r| r.location == marked(marker)).unwrap();
+        let row = seen.report.rows.iter().find(|r| r.location == workload_site(marker)).unwrap();
         (row.frames[0].function.clone().unwrap_or_default(), row.frames[0].first_lineno)
     };
     let qualified = Command::new(python)
@@ -170,9 +151,9 @@ fn nested_lists(python: &Path) {
         .map(|out| String::from_utf8_lossy(&out.stdout).trim() == "True")
         .unwrap();
     let method = if qualified { "Holder.__init__" } else { "__init__" };
-    let first_line = |marker: &str| Some(marker_line(marker) as u32 - 1);
+    let first_line = |marker: &str| Some(workload_line(marker) as u32 - 1);
     assert_eq!(function_of("holder-data"), (method.to_owned(), first_line("holder-data")), "{}", seen.stdout);
-    assert_eq!(function_of("holder"), ("nested_lists".to_owned(), Some(marker_line("holder") as u32 - 4)));
+    assert_eq!(function_of("holder"), ("nested_lists".to_owned(), Some(workload_line("holder") as u32 - 4)));
 }
 
 fn dict_cache(python: &Path) {
@@ -206,7 +187,7 @@ fn traceback(python: &Path) {
         .collect();
     assert!(truth.traceback.len() >= 4 && frames.len() >= 4, "{:?}\n{stdout}", truth.traceback);
     assert_eq!(frames[..4], truth.traceback[..4], "{stdout}");
-    assert_eq!(frames.last(), Some(&marked("deep")), "innermost frame last: {stdout}");
+    assert_eq!(frames.last(), Some(&workload_site("deep")), "innermost frame last: {stdout}");
     // Each frame is followed by its source line, as Traceback.format() does.
     assert!(stdout.contains("    deep_leak(depth - 1)  # MARK:deep-recurse"), "{stdout}");
 }
@@ -221,7 +202,7 @@ fn threads(python: &Path) {
     }
     let mut top: Vec<&str> = rows[..3].iter().map(|l| l.location.as_str()).collect();
     top.sort();
-    let mut want = [marked("thread-one"), marked("thread-two"), marked("thread-three")];
+    let mut want = [workload_site("thread-one"), workload_site("thread-two"), workload_site("thread-three")];
     want.sort();
     assert_eq!(top, want);
 }
@@ -231,13 +212,13 @@ fn threads(python: &Path) {
 fn native_leak(python: &Path) {
     let seen = memtrace_view(python, "native_leak", &[]);
     let rows = &seen.report.rows;
-    let line = rows.iter().find(|l| l.location == marked("ctypes-malloc")).expect("the ctypes line is reported");
+    let line = rows.iter().find(|l| l.location == workload_site("ctypes-malloc")).expect("the ctypes line is reported");
     assert!(line.count >= 1000 && line.size >= 1000 * 8192, "{}", seen.stdout);
-    assert_eq!(rows[0].location, marked("ctypes-malloc"), "{}", seen.stdout);
+    assert_eq!(rows[0].location, workload_site("ctypes-malloc"), "{}", seen.stdout);
 
     let seen = memtrace_view(python, "native_leak", &["--native", "--group-by", "traceback", "--top", "1"]);
     let frames = &seen.report.rows[0].frames;
-    let python_frame = frames.iter().position(|f| f.lineno as usize == marker_line("ctypes-malloc"));
+    let python_frame = frames.iter().position(|f| f.lineno as usize == workload_line("ctypes-malloc"));
     let native_frame = frames.iter().position(|f| f.filename.contains("ffi_call"));
     assert!(python_frame.is_some() && native_frame.is_some(), "Python and libffi frames: {frames:?}");
     assert!(native_frame < python_frame, "native frames come beneath (inside) the Python line: {frames:?}");

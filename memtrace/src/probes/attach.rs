@@ -25,7 +25,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, Map, MapData, PerCpuHashMap, PerCpuValues},
-    programs::TracePoint,
+    programs::RawTracePoint,
     util::nr_cpus,
 };
 use aya_obj::{
@@ -33,8 +33,8 @@ use aya_obj::{
     generated::{BPF_F_UPROBE_MULTI_RETURN, bpf_attach_type, bpf_attr, bpf_cmd, bpf_insn, bpf_prog_type},
 };
 use memtrace_common::{
-    AllocInfo, AllocKey, CounterSet, KernelConfig, NativeStack, PythonStack, SiteKey, SiteStats, StackKey, TargetConfig,
-    map_name,
+    AllocInfo, AllocKey, CounterSet, KernelConfig, NativeStack, PythonStack, SiteKey, SiteStats, StackKey,
+    TargetConfig, map_name,
 };
 
 use super::plan::{AttachPoint, Program};
@@ -42,8 +42,9 @@ use super::plan::{AttachPoint, Program};
 /// The kernel side, built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memtrace"));
 
-/// The kernel side's tracepoints, by (category, name): each program is named after its tracepoint.
-const TRACEPOINTS: [(&str, &str); 2] = [("task", "task_newtask"), ("sched", "sched_process_exec")];
+/// The kernel side's raw tracepoints: each program is named after its
+/// tracepoint.
+const TRACEPOINTS: [&str; 2] = ["task_newtask", "sched_process_exec"];
 
 pub struct Tracer {
     /// Each process's probes. Declared first so that the links go before
@@ -69,14 +70,14 @@ impl Tracer {
             .context("cannot load memtrace's eBPF maps")?;
         let programs = load_programs(&ebpf, OBJECT, verbose)?;
         // Kept attached by the object, which owns the links.
-        for (category, name) in TRACEPOINTS {
-            let program: &mut TracePoint = ebpf
+        for name in TRACEPOINTS {
+            let program: &mut RawTracePoint = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("eBPF object lacks program {name}"))?
                 .try_into()
-                .with_context(|| format!("eBPF program {name} is not a tracepoint"))?;
+                .with_context(|| format!("eBPF program {name} is not a raw tracepoint"))?;
             program.load().with_context(|| format!("the kernel rejected eBPF program {name}"))?;
-            program.attach(category, name).with_context(|| format!("cannot attach to tracepoint {category}:{name}"))?;
+            program.attach(name).with_context(|| format!("cannot attach to tracepoint {name}"))?;
         }
         Ok(Self { links: BTreeMap::new(), programs, ebpf })
     }
@@ -194,8 +195,9 @@ fn load_programs(ebpf: &Ebpf, object: &[u8], verbose: bool) -> Result<BTreeMap<P
     Ok(programs)
 }
 
-/// A new descriptor of map `name` as aya created it (by its kernel id:
-/// aya 0.14 does not lend out a map's own descriptor).
+/// A new descriptor of map `name`, duplicated from the one aya created it
+/// with. Reopening it by its kernel id instead would need CAP_SYS_ADMIN,
+/// which the documented CAP_BPF+CAP_PERFMON+CAP_SYS_PTRACE lacks.
 fn map_fd(ebpf: &Ebpf, name: &str) -> Result<OwnedFd> {
     let data = match ebpf.map(name).ok_or_else(|| anyhow!("aya did not create map {name}"))? {
         Map::Array(data)
@@ -206,8 +208,7 @@ fn map_fd(ebpf: &Ebpf, name: &str) -> Result<OwnedFd> {
         | Map::RingBuf(data) => data,
         other => bail!("map {name} has a type memtrace does not use: {other:?}"),
     };
-    let fd = data.info().and_then(|info| info.fd()).with_context(|| format!("cannot reopen map {name}"))?;
-    fd.as_fd().try_clone_to_owned().with_context(|| format!("cannot duplicate map {name}'s descriptor"))
+    data.fd().as_fd().try_clone_to_owned().with_context(|| format!("cannot duplicate map {name}'s descriptor"))
 }
 
 /// The bpf(2) system call.
@@ -326,7 +327,7 @@ mod tests {
         for program in Program::ALL {
             assert!(obj.programs.contains_key(program.name()), "no program {}", program.name());
         }
-        for (_, name) in TRACEPOINTS {
+        for name in TRACEPOINTS {
             assert!(obj.programs.contains_key(name), "no program {name}");
         }
     }

@@ -1,8 +1,8 @@
-//! What the running kernel and our own privileges allow, checked before
-//! anything is loaded so that each shortfall is one sentence, and the
-//! kernel facts the BPF side needs: from BTF, where a task keeps its
-//! user-space thread pointer (`task_struct.thread.fsbase`); from tracefs,
-//! where the fork tracepoint's record keeps the new task's pid and flags.
+//! What the running kernel offers, checked before anything is loaded so
+//! that each shortfall is one sentence (privileges are `privileges`'s), and
+//! the kernel facts the BPF side needs, from BTF: where a task keeps its
+//! user-space thread pointer (`task_struct.thread.fsbase`) and its id
+//! (`task_struct.pid`).
 
 use std::fs;
 
@@ -14,44 +14,6 @@ const UPROBE_PMU: &str = "/sys/bus/event_source/devices/uprobe/type";
 const OSRELEASE: &str = "/proc/sys/kernel/osrelease";
 /// The first Linux with uprobe_multi links, which memtrace attaches with.
 const OLDEST_KERNEL: (u32, u32) = (6, 6);
-
-/// Capability bits (include/uapi/linux/capability.h).
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
-const CAP_SYS_PTRACE: u32 = 19;
-
-/// Fails unless this process may load BPF programs, open uprobes and read
-/// other processes' memory.
-pub fn check_privileges() -> Result<()> {
-    let effective = effective_capabilities()?;
-    let has = |cap: u32| effective & (1 << cap) != 0;
-    let can_trace = has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON));
-    if !can_trace || !has(CAP_SYS_PTRACE) {
-        bail!(
-            "insufficient privileges: memtrace needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE) to load eBPF programs and read the target's memory; try sudo"
-        );
-    }
-    Ok(())
-}
-
-/// Fails unless this process may read other processes' memory, all that
-/// `--census-only` needs.
-pub fn check_read_privileges() -> Result<()> {
-    if effective_capabilities()? & (1 << CAP_SYS_PTRACE) == 0 {
-        bail!("insufficient privileges: memtrace needs root (or CAP_SYS_PTRACE) to read the target's memory; try sudo");
-    }
-    Ok(())
-}
-
-fn effective_capabilities() -> Result<u64> {
-    let status = fs::read_to_string("/proc/self/status").context("cannot read /proc/self/status")?;
-    Ok(status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0))
-}
 
 /// Fails unless the kernel is new enough and has BTF and the uprobe event
 /// source.
@@ -78,51 +40,28 @@ pub fn check_kernel() -> Result<()> {
     Ok(())
 }
 
-/// What the kernel side needs to know of this kernel before it is loaded.
+/// What the kernel side needs to know of this kernel before it is loaded,
+/// from its BTF.
 pub fn config() -> Result<KernelConfig> {
     Ok(KernelConfig {
-        task_fsbase: task_fsbase_offset()?,
-        newtask_pid: tracepoint_field("task", "task_newtask", "pid")?,
-        newtask_clone_flags: tracepoint_field("task", "task_newtask", "clone_flags")?,
+        task_fsbase: task_struct_offset(&["thread", "fsbase"])?,
+        task_pid: task_struct_offset(&["pid"])?,
     })
 }
 
-/// Where tracefs is mounted: its own mount, or under debugfs on older set-ups.
-const TRACEFS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
-
-/// Offset of `field` in the records of tracepoint `system:event`, from its
-/// format file (fields move between kernel versions: 6.x turned
-/// sched_process_fork's comm arrays into `__data_loc` strings).
-fn tracepoint_field(system: &str, event: &str, field: &str) -> Result<u64> {
-    let format = TRACEFS
-        .iter()
-        .find_map(|root| fs::read_to_string(format!("{root}/events/{system}/{event}/format")).ok())
-        .ok_or_else(|| anyhow!("cannot read the format of tracepoint {system}:{event} (is tracefs mounted?)"))?;
-    field_offset(&format, field).ok_or_else(|| anyhow!("tracepoint {system}:{event} has no field {field}"))
-}
-
-/// `offset:N` of the line declaring `field` (`field:pid_t pid;\toffset:8;...`).
-fn field_offset(format: &str, field: &str) -> Option<u64> {
-    format.lines().find_map(|line| {
-        let (declaration, rest) = line.trim().strip_prefix("field:")?.split_once(';')?;
-        let name = declaration.rsplit([' ', '*']).next()?.split('[').next()?;
-        if name != field {
-            return None;
-        }
-        rest.split(';').find_map(|part| part.trim().strip_prefix("offset:")?.parse().ok())
-    })
-}
-
-/// Offset of `thread.fsbase` in `struct task_struct`, from the kernel's BTF.
-pub fn task_fsbase_offset() -> Result<u64> {
+/// Offset in `struct task_struct` of the member `path` names (`thread`,
+/// then its `fsbase`), from the kernel's BTF.
+pub fn task_struct_offset(path: &[&str]) -> Result<u64> {
     let data = fs::read(BTF_PATH).with_context(|| format!("cannot read {BTF_PATH}"))?;
     let btf = Btf::parse(&data).ok_or_else(|| anyhow!("cannot parse {BTF_PATH}"))?;
     let task = btf.struct_named("task_struct").ok_or_else(|| anyhow!("BTF has no struct task_struct"))?;
-    let (thread_offset, thread_type) =
-        btf.member(task, "thread").ok_or_else(|| anyhow!("BTF: task_struct has no member thread"))?;
-    let (fsbase_offset, _) =
-        btf.member(thread_type, "fsbase").ok_or_else(|| anyhow!("BTF: thread_struct has no member fsbase"))?;
-    Ok(thread_offset + fsbase_offset)
+    let (mut offset, mut within) = (0, task);
+    for member in path {
+        let (at, member_type) =
+            btf.member(within, member).ok_or_else(|| anyhow!("BTF: task_struct has no member {}", path.join(".")))?;
+        (offset, within) = (offset + at, member_type);
+    }
+    Ok(offset)
 }
 
 /// Just enough of the BTF format (Documentation/bpf/btf.rst) to find struct
@@ -232,22 +171,5 @@ impl<'a> Btf<'a> {
             }
         }
         None
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tracepoint_fields_are_found_by_name() {
-        let format = "name: task_newtask\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\tfield:pid_t pid;\toffset:8;\tsize:4;\tsigned:1;\n\tfield:char comm[16];\toffset:12;\tsize:16;\tsigned:0;\n\tfield:u64 clone_flags;\toffset:32;\tsize:8;\tsigned:0;\n";
-        assert_eq!(field_offset(format, "pid"), Some(8));
-        assert_eq!(field_offset(format, "comm"), Some(12));
-        assert_eq!(field_offset(format, "clone_flags"), Some(32));
-        assert_eq!(field_offset(format, "common_pid"), None);
-        // This kernel's own.
-        let config = config().unwrap();
-        assert!(config.newtask_pid >= 8 && config.newtask_clone_flags > config.newtask_pid);
     }
 }

@@ -16,7 +16,7 @@ use super::{
 };
 use crate::{
     binary::elf::ElfFile,
-    process::{Target, proc_maps::host_path},
+    process::{Target, proc_maps::MappedPaths},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -109,12 +109,12 @@ struct Resolved<'a> {
 /// Attach points for libc and, when given, the interpreter's allocator.
 /// Return probes come before entry probes, so that no entry is recorded
 /// whose return cannot be seen yet.
-pub fn plan(pid: u32, libc: ProbedBinary, python: Option<PythonProbes>) -> Result<Vec<AttachPoint>> {
+pub fn plan(paths: &MappedPaths, libc: ProbedBinary, python: Option<PythonProbes>) -> Result<Vec<AttachPoint>> {
     let mut resolved: Vec<Resolved> = LIBC_FUNCTIONS.iter().filter_map(|f| by_symbol(&libc, *f)).collect();
     let mut sites = Vec::new();
     if let Some(python) = &python {
         let binary = &python.binary;
-        sites = inlined_sites(pid, binary, python.inlined);
+        sites = inlined_sites(paths, binary, python.inlined);
         let pymalloc = match &python.inlined.pymalloc {
             // Every small block passes an inlined pop or push, or the
             // out-of-line new-pool path; function-level probes would count
@@ -166,7 +166,7 @@ pub fn plan(pid: u32, libc: ProbedBinary, python: Option<PythonProbes>) -> Resul
             points.push(AttachPoint {
                 program,
                 binary: probe.binary.path.to_owned(),
-                host_path: host_path(pid, probe.binary.path),
+                host_path: paths.host_path(probe.binary.path),
                 symbol: probe.label.clone(),
                 file_offset,
                 cookie: function.cookie(id).to_u64(),
@@ -187,7 +187,7 @@ fn by_symbol<'a>(binary: &'a ProbedBinary<'a>, function: AllocatorFn) -> Option<
 /// Probes on inlined copies of pymalloc's fast path and of
 /// `_Py_NewReference`, exactly at the instruction the finder named (the
 /// registers it names hold there only).
-fn inlined_sites(pid: u32, binary: &ProbedBinary, inlined: &InlinedCode) -> Vec<AttachPoint> {
+fn inlined_sites(paths: &MappedPaths, binary: &ProbedBinary, inlined: &InlinedCode) -> Vec<AttachPoint> {
     let (pops, pushes) = inlined.pymalloc.as_ref().map_or((&[][..], &[][..]), |p| (&p.pops[..], &p.pushes[..]));
     // Every inlined site is pymalloc's layer and names its registers itself.
     let cookie = |op, ptr_reg, size_reg| ProbeCookie {
@@ -216,7 +216,7 @@ fn inlined_sites(pid: u32, binary: &ProbedBinary, inlined: &InlinedCode) -> Vec<
             Some(AttachPoint {
                 program,
                 binary: binary.path.to_owned(),
-                host_path: host_path(pid, binary.path),
+                host_path: paths.host_path(binary.path),
                 symbol: format!("inlined {kind}@{vaddr:#x}"),
                 file_offset: binary.elf.file_offset(vaddr)?,
                 cookie: cookie.to_u64(),

@@ -1,6 +1,7 @@
 //! Discovery: the process to trace, validated before anything is attached.
-//! A user's mistakes (a pid that does not exist, a kernel thread, a
-//! statically linked program) are found here and named in one sentence.
+//! A user's mistakes (a pid that does not exist, a kernel thread, a thread
+//! id given for its process, a statically linked program) are found here
+//! and named in one sentence.
 
 pub mod memory;
 pub mod proc_maps;
@@ -10,7 +11,8 @@ use std::fs;
 
 use anyhow::{Result, bail};
 
-use self::proc_maps::MemoryMap;
+use self::proc_maps::{MappedPaths, MemoryMap};
+use crate::privileges::{self, Need};
 
 /// Set in /proc/PID/stat's flags for kernel threads (include/linux/sched.h).
 const PF_KTHREAD: u64 = 0x0020_0000;
@@ -25,6 +27,8 @@ pub struct Target {
     /// Its cgroup v2 path (a container's name); None when unreadable.
     pub cgroup: Option<String>,
     pub map: MemoryMap,
+    /// How the files its map names are reached from here.
+    pub paths: MappedPaths,
 }
 
 impl Target {
@@ -43,17 +47,27 @@ impl Target {
         if flags & PF_KTHREAD != 0 {
             bail!("pid {pid} ({comm}) is a kernel thread; memtrace traces user-space processes");
         }
-        let map = MemoryMap::read(pid)?;
+        let status = match fs::read_to_string(format!("/proc/{pid}/status")) {
+            Ok(status) => status,
+            Err(_) => bail!("no process with pid {pid}"),
+        };
+        // /proc answers for thread ids too, though it lists only processes.
+        let tgid = status_field(&status, "Tgid:").and_then(|t| t.parse::<u32>().ok());
+        if let Some(tgid) = tgid.filter(|&tgid| tgid != pid) {
+            let process = fs::read_to_string(format!("/proc/{tgid}/comm")).unwrap_or_default();
+            bail!(
+                "pid {pid} ({comm}) is a thread of process {tgid} ({}); memtrace traces whole processes: use --pid {tgid}",
+                process.trim()
+            );
+        }
+        let map = privileges::explain(MemoryMap::read(pid), Need::Reading)?;
         if map.mappings.is_empty() {
             bail!("pid {pid} ({comm}) has no memory map (a zombie or a kernel thread?)");
         }
-        let ns_pid = match fs::read_to_string(format!("/proc/{pid}/status")) {
-            Ok(status) => ns_pid(&status)
-                .ok_or_else(|| anyhow::anyhow!("/proc/{pid}/status has no NSpid line memtrace can read"))?,
-            Err(_) => bail!("no process with pid {pid}"),
-        };
+        let ns_pid =
+            ns_pid(&status).ok_or_else(|| anyhow::anyhow!("/proc/{pid}/status has no NSpid line memtrace can read"))?;
         let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok().and_then(|c| cgroup_path(&c));
-        Ok(Self { pid, ns_pid, comm: comm.to_owned(), cgroup, map })
+        Ok(Self { pid, ns_pid, comm: comm.to_owned(), cgroup, map, paths: MappedPaths::of(pid) })
     }
 
     /// Whether the process still exists (and is not a zombie).
@@ -69,8 +83,12 @@ impl Target {
 /// innermost pid namespace it belongs to (Linux 4.1 and later list one pid
 /// per nested namespace, outermost first).
 fn ns_pid(status: &str) -> Option<u32> {
-    let line = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
-    line.split_whitespace().last()?.parse().ok()
+    status_field(status, "NSpid:")?.split_whitespace().last()?.parse().ok()
+}
+
+/// The value of /proc/PID/status's line `name`, trimmed.
+fn status_field<'a>(status: &'a str, name: &str) -> Option<&'a str> {
+    status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim)
 }
 
 /// The cgroup that names the process's container, from /proc/PID/cgroup:

@@ -76,18 +76,45 @@ fn parse_line(line: &str) -> Option<Mapping> {
     })
 }
 
-/// A path inside the target's mount namespace, reachable from ours through
-/// /proc/PID/root (which also works for processes in containers).
-pub fn host_path(pid: u32, path: &str) -> PathBuf {
-    PathBuf::from(format!("/proc/{pid}/root{path}"))
+/// How this process reaches the files another process's /proc/PID/maps
+/// names. The kernel writes those paths as seen from the reader's root when
+/// it can reach them: a chrooted process in our mount namespace maps
+/// `/srv/root/lib/libc.so.6`, not `/lib/libc.so.6`. A process in another
+/// mount namespace (a container) has files we cannot reach that way; the
+/// kernel names them from that namespace's root, and we reach them through
+/// /proc/PID/root, less the process's own root as the kernel names it the
+/// same way (a chroot inside the container).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MappedPaths {
+    /// Our mount namespace: its paths are ours, and keep working after it
+    /// exits.
+    Ours,
+    /// Another mount namespace, where the process's root is `root`.
+    Through { pid: u32, root: String },
 }
 
-/// What to put before the target's paths to reach its files from here
-/// after attach: nothing when it sees our filesystem (plain paths keep
-/// working after it exits), else /proc/PID/root.
-pub fn root_prefix(pid: u32) -> Option<String> {
-    let same_root = std::fs::read_link(format!("/proc/{pid}/root")).is_ok_and(|p| p == std::path::Path::new("/"));
-    (!same_root).then(|| format!("/proc/{pid}/root"))
+impl MappedPaths {
+    pub fn of(pid: u32) -> Self {
+        let namespace = |pid: &str| fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+        let ours = namespace("self");
+        if ours.is_some() && ours == namespace(&pid.to_string()) {
+            return Self::Ours;
+        }
+        let root = fs::read_link(format!("/proc/{pid}/root")).map_or_else(|_| "/".into(), |p| p.display().to_string());
+        Self::Through { pid, root }
+    }
+
+    /// Where mapped file `path` is reached from here.
+    pub fn host_path(&self, path: &str) -> PathBuf {
+        match self {
+            Self::Ours => path.into(),
+            Self::Through { pid, root } => {
+                // A file outside its root (mapped before it chrooted) keeps its path.
+                let inside = path.strip_prefix(root.trim_end_matches('/')).filter(|rest| rest.starts_with('/'));
+                format!("/proc/{pid}/root{}", inside.unwrap_or(path)).into()
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -103,6 +130,17 @@ mod tests {
 7f00001a0000-7f00001a1000 r-xp 00000000 fe:01 77 /tmp/gone.so (deleted)
 7ffc00000000-7ffc00021000 rw-p 00000000 00:00 0                          [stack]
 ";
+
+    #[test]
+    fn mapped_paths_of_another_namespace_lose_its_root() {
+        let chrooted = MappedPaths::Through { pid: 7, root: "/srv/root".into() };
+        assert_eq!(chrooted.host_path("/srv/root/lib/libc.so.6"), PathBuf::from("/proc/7/root/lib/libc.so.6"));
+        assert_eq!(chrooted.host_path("/srv/rootless/x.so"), PathBuf::from("/proc/7/root/srv/rootless/x.so"));
+        let container = MappedPaths::Through { pid: 7, root: "/".into() };
+        assert_eq!(container.host_path("/usr/lib/libc.so.6"), PathBuf::from("/proc/7/root/usr/lib/libc.so.6"));
+        assert_eq!(MappedPaths::Ours.host_path("/srv/root/lib/libc.so.6"), PathBuf::from("/srv/root/lib/libc.so.6"));
+        assert_eq!(MappedPaths::of(std::process::id()), MappedPaths::Ours);
+    }
 
     #[test]
     fn parses_files_and_anonymous_memory() {

@@ -20,7 +20,8 @@ use self::{
 use crate::{
     binary::elf::ElfFile,
     census::pymalloc::PymallocState,
-    process::{Target, memory::ProcessMemory, proc_maps::host_path},
+    privileges::{self, Need},
+    process::{Target, memory::ProcessMemory},
 };
 
 pub struct Interpreter {
@@ -55,7 +56,12 @@ pub fn detect(target: &Target) -> Result<Detection> {
         .into_iter()
         .filter(|p| p.rsplit('/').next().is_some_and(|n| n.contains("python")));
     for path in candidates {
-        let Ok(elf) = ElfFile::open(&host_path(target.pid, path)) else { continue };
+        let elf = match ElfFile::open(&target.paths.host_path(path)) {
+            Ok(elf) => elf,
+            // Going on would trace a Python process as a native one, and say nothing.
+            Err(e) if privileges::is_refusal(&e) => return privileges::explain(Err(e), Need::Binaries),
+            Err(_) => continue,
+        };
         if !ANY_CPYTHON.iter().any(|s| elf.symbol(s).is_some()) {
             continue;
         }

@@ -15,10 +15,7 @@ use memtrace_common::{NativeStack, PythonStack, SiteKey, SiteStackCopy, StackKey
 
 use self::{native::NativeSymbolizer, unwind::Unwinder};
 use crate::{
-    process::{
-        Target,
-        proc_maps::{MemoryMap, root_prefix},
-    },
+    process::{Target, proc_maps::MemoryMap},
     python::code::{CodeResolver, ResolvedFrame},
     snapshot::{Frame, Traceback},
 };
@@ -44,12 +41,11 @@ pub struct Symbolizer {
 
 impl Symbolizer {
     pub fn new(target: &Target, python: Option<CodeResolver>, mixed: bool) -> Self {
-        let root = root_prefix(target.pid);
         Self {
             pid: target.pid,
             map: target.map.clone(),
-            native: NativeSymbolizer::new(root.clone()),
-            unwinder: Unwinder::new(root),
+            native: NativeSymbolizer::new(target.paths.clone()),
+            unwinder: Unwinder::new(target.paths.clone()),
             python,
             mixed,
             python_stacks: HashMap::new(),

@@ -3,7 +3,7 @@
 //! and symbolized from the file itself, so frames of a process that has
 //! already exited still resolve. Results are cached per (file, offset).
 
-use std::{collections::HashMap, path::PathBuf};
+use std::collections::HashMap;
 
 use blazesym::symbolize::{
     Input, Symbolized, Symbolizer,
@@ -11,22 +11,22 @@ use blazesym::symbolize::{
 };
 
 use crate::{
-    process::proc_maps::MemoryMap,
+    process::proc_maps::{MappedPaths, MemoryMap},
     snapshot::{Frame, NativeLocation},
 };
 
 pub struct NativeSymbolizer {
     symbolizer: Symbolizer,
-    /// Prefix that makes the target's paths reachable from here.
-    root: Option<String>,
+    /// How the target's mapped files are reached from here.
+    paths: MappedPaths,
     cache: HashMap<(String, u64), Frame>,
 }
 
 impl NativeSymbolizer {
-    pub fn new(root: Option<String>) -> Self {
+    pub fn new(paths: MappedPaths) -> Self {
         Self {
             symbolizer: Symbolizer::builder().enable_code_info(true).enable_inlined_fns(false).build(),
-            root,
+            paths,
             cache: HashMap::new(),
         }
     }
@@ -57,11 +57,7 @@ impl NativeSymbolizer {
 
     fn resolve(&self, path: &str, offset: u64) -> Frame {
         let module = path.rsplit('/').next().unwrap_or(path);
-        let host: PathBuf = match &self.root {
-            Some(root) => format!("{root}{path}").into(),
-            None => path.into(),
-        };
-        let source = Source::Elf(Elf::new(host));
+        let source = Source::Elf(Elf::new(self.paths.host_path(path)));
         let symbol = match self.symbolizer.symbolize_single(&source, Input::FileOffset(offset)) {
             Ok(Symbolized::Sym(sym)) => sym,
             _ => return Frame::at(format!("{module}+{offset:#x}"), 0),

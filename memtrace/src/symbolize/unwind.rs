@@ -5,7 +5,7 @@
 //! `--native`. It works on a copy the kernel took once per new site:
 //! registers and up to 16 KiB of stack.
 
-use std::{collections::HashMap, path::Path};
+use std::collections::HashMap;
 
 use gimli::{CfaRule, Register, RegisterRule, X86_64};
 use memtrace_common::SiteStackCopy;
@@ -15,7 +15,7 @@ use crate::{
         eh_frame::{CallFrames, UnwindRow},
         elf::ElfFile,
     },
-    process::proc_maps::MemoryMap,
+    process::proc_maps::{MappedPaths, MemoryMap},
 };
 
 /// Frames beyond this are not unwound (a loop in corrupt data ends here).
@@ -85,15 +85,15 @@ impl StackCopy<'_> {
 }
 
 pub struct Unwinder {
-    /// Prefix that makes the target's paths reachable from here.
-    root: Option<String>,
+    /// How the target's mapped files are reached from here.
+    paths: MappedPaths,
     /// Each mapped file, by the target's path; None when it cannot be read.
     files: HashMap<String, Option<ElfFile>>,
 }
 
 impl Unwinder {
-    pub fn new(root: Option<String>) -> Self {
-        Self { root, files: HashMap::new() }
+    pub fn new(paths: MappedPaths) -> Self {
+        Self { paths, files: HashMap::new() }
     }
 
     /// The return addresses of the copied stack, innermost first, starting
@@ -128,12 +128,8 @@ impl Unwinder {
         if mapping.path.is_empty() {
             return None;
         }
-        let path = match &self.root {
-            Some(root) => format!("{root}{}", mapping.path),
-            None => mapping.path.clone(),
-        };
-        let elf =
-            self.files.entry(mapping.path.clone()).or_insert_with(|| ElfFile::open(Path::new(&path)).ok()).as_ref()?;
+        let path = self.paths.host_path(&mapping.path);
+        let elf = self.files.entry(mapping.path.clone()).or_insert_with(|| ElfFile::open(&path).ok()).as_ref()?;
         let vaddr = elf.vaddr_of_offset(pc - mapping.start + mapping.file_offset)?;
         caller(&CallFrames::of(elf)?.unwind_row(vaddr)?, regs, stack)
     }
