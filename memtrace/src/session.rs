@@ -83,8 +83,9 @@ pub async fn run(options: Options) -> Result<Outcome> {
     // the session with its final reports, not kill the process.
     let stops = Stops { sigint: signal(SignalKind::interrupt())?, sigterm: signal(SignalKind::terminate())? };
     let progress = Progress::start(options.verbose);
-    let mut pids = options.pids.clone();
-    pids.dedup();
+    // Each pid once, in the order given: a repeated one would be probed twice.
+    let mut seen = std::collections::BTreeSet::new();
+    let pids: Vec<u32> = options.pids.iter().copied().filter(|pid| seen.insert(*pid)).collect();
     let prepared = pids.iter().map(|&pid| Prepared::new(pid, &options, &progress)).collect::<Result<Vec<_>>>()?;
     let mut tracer = if options.census_only {
         None

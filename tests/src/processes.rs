@@ -282,11 +282,13 @@ impl Memtrace {
     /// another user, say) with the arguments that follow it.
     pub fn try_attach_command(cmd: &mut Command, timeout: Duration) -> Result<Self> {
         let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        // memtrace traces a pid named twice once.
         let pids = args
             .windows(2)
             .filter(|w| w[0] == "--pid" || w[0] == "-p")
-            .map(|w| w[1].split(',').count())
-            .sum::<usize>()
+            .flat_map(|w| w[1].split(','))
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
             .max(1);
         let mut tracer = Tracer::start(cmd, "memtrace")?;
         let tracing = std::cell::Cell::new(0);

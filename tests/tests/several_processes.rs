@@ -41,10 +41,11 @@ sys.stdin.readline()
 ";
 
 /// Runs each target's round under one memtrace and returns each pid's
-/// final report.
+/// final report. The first pid is named twice, as a user may: it must be
+/// probed once, or its counts would double.
 fn trace_together(targets: &mut [Target]) -> Vec<JsonReport> {
     let pids: Vec<String> = targets.iter().map(|t| t.pid().to_string()).collect();
-    let list = pids.join(",");
+    let list = format!("{},{}", pids.join(","), pids[0]);
     let memtrace = Memtrace::attach(&["--pid", &list, "--interval", "60", "--format", "json"]);
     for target in targets.iter_mut() {
         target.send("go");
