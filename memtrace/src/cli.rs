@@ -6,6 +6,7 @@ use std::{net::SocketAddr, ops::RangeInclusive, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result};
 use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum, builder::PossibleValue, error::ErrorKind};
+use regex::Regex;
 
 use crate::{
     filter::Filters,
@@ -100,14 +101,25 @@ pub struct Options {
     /// Process to trace; repeat it, or separate pids with commas, to trace
     /// several at once (each gets its own reports). A thread id is refused,
     /// with its process's pid.
-    #[arg(long = "pid", short = 'p', value_name = "PID", value_delimiter = ',', required = true,
+    #[arg(long = "pid", short = 'p', value_name = "PID", value_delimiter = ',', required_unless_present = "all_python",
           allow_negative_numbers = true, value_parser = whole::<u32>(1..=u32::MAX.into(), "a process id, a whole number above 0"))]
     pub pids: Vec<u32>,
 
-    /// Seconds between reports.
-    #[arg(long, short = 'i', value_name = "SECS", default_value_t = 5.0, allow_negative_numbers = true,
-          value_parser = positive_seconds)]
-    pub interval: f64,
+    /// Seconds between reports [default: 5; 10 with --all-python].
+    #[arg(long, short = 'i', value_name = "SECS", allow_negative_numbers = true, value_parser = positive_seconds)]
+    pub interval: Option<f64>,
+
+    /// Watch every CPython process on the host at no cost to them: no
+    /// probe, only each one's memory and object census (as --census-only),
+    /// every interval; a process started later is found at the next
+    /// report. Refused with --pid and with the options of --census-only.
+    #[arg(long, conflicts_with_all = PROBE_OPTIONS, conflicts_with = "pids")]
+    pub all_python: bool,
+
+    /// With --all-python, only the processes whose command line (its
+    /// arguments joined by spaces) matches this regular expression.
+    #[arg(long = "match", value_name = "REGEX", value_parser = regex_arg)]
+    pub matching: Option<Regex>,
 
     /// Stop after this many reports (the last one is the final report).
     #[arg(long, short = 'c', value_name = "N", allow_negative_numbers = true,
@@ -279,6 +291,9 @@ impl Options {
                 self.min_size, self.max_size
             ));
         }
+        if self.matching.is_some() && !self.all_python {
+            return Err("--match narrows --all-python, which is not given".into());
+        }
         Ok(())
     }
 
@@ -339,12 +354,23 @@ impl Options {
     }
 
     pub fn interval(&self) -> Duration {
-        Duration::from_secs_f64(self.interval)
+        let default = if self.all_python { 10.0 } else { 5.0 };
+        Duration::from_secs_f64(self.interval.unwrap_or(default))
+    }
+
+    /// Whether no probe is attached: `--census-only`, or host mode's free tier.
+    pub fn probes_off(&self) -> bool {
+        self.census_only || self.all_python
     }
 
     pub fn duration(&self) -> Option<Duration> {
         self.duration.map(Duration::from_secs_f64)
     }
+}
+
+fn regex_arg(s: &str) -> Result<Regex, String> {
+    let why = |e: regex::Error| e.to_string().lines().last().unwrap_or("").trim_start_matches("error: ").to_owned();
+    Regex::new(s).map_err(|e| format!("is not a regular expression: {}", why(e)))
 }
 
 /// Seconds, above 0 and at most a year (a longer timer would overflow

@@ -39,7 +39,7 @@ use crate::{
         inlined, kernel,
         plan::{self, AttachPoint, ProbedBinary, PythonProbes},
     },
-    process::Target,
+    process::{Target, discovery},
     progress::Progress,
     python::{self, Detection},
     report::{
@@ -71,7 +71,7 @@ pub struct Outcome {
 }
 
 pub async fn run(options: Options) -> Result<Outcome> {
-    if options.census_only {
+    if options.probes_off() {
         privileges::check(Need::Reading)?;
     } else {
         privileges::check(Need::Tracing)?;
@@ -87,7 +87,7 @@ pub async fn run(options: Options) -> Result<Outcome> {
     let mut seen = std::collections::BTreeSet::new();
     let pids: Vec<u32> = options.pids.iter().copied().filter(|pid| seen.insert(*pid)).collect();
     let prepared = pids.iter().map(|&pid| Prepared::new(pid, &options, &progress)).collect::<Result<Vec<_>>>()?;
-    let mut tracer = if options.census_only {
+    let mut tracer = if options.probes_off() {
         None
     } else {
         progress.step("loading the eBPF programs");
@@ -121,7 +121,11 @@ pub async fn run(options: Options) -> Result<Outcome> {
         progress,
         exits,
         gone_untracked: 0,
+        skipped: BTreeMap::new(),
     };
+    if options.all_python {
+        session.discover();
+    }
     let end = session.run_loop(stops, exited, rings).await?;
     if let Some(failure) = session.failed {
         return Err(failure);
@@ -157,7 +161,7 @@ impl Prepared {
             }
             Detection::NotPython => None,
         };
-        if options.census_only {
+        if options.probes_off() {
             return Ok(Self { target, interpreter, points: Vec::new(), notes, includes_raw: true });
         }
         progress.step(format!("pid {pid}: finding where to probe"));
@@ -252,7 +256,7 @@ impl Prepared {
                 "memtrace: tracing pid {pid} ({}){}: census only, no probes; a report every {} s; Ctrl-C to stop",
                 target.comm,
                 described.as_ref().map(|d| format!(", {d}")).unwrap_or_default(),
-                options.interval
+                options.interval().as_secs_f64()
             ));
             return Ok(traced(Symbolizer::new(&target, None, false), None, None));
         };
@@ -287,7 +291,7 @@ impl Prepared {
             target.comm,
             described.as_ref().map(|d| format!(", {d}")).unwrap_or_default(),
             plan.points.len(),
-            options.interval
+            options.interval().as_secs_f64()
         ));
         let sizes = (options.min_size, options.max_size);
         let coverage = interpreter
@@ -347,6 +351,8 @@ enum Followed {
     Fork { parent: u32 },
     /// Its own new image, after an exec.
     Exec,
+    /// Found by host mode's scan.
+    Found,
 }
 
 /// The signals that end a session.
@@ -387,6 +393,9 @@ struct Session<'a> {
     exits: mpsc::UnboundedSender<u32>,
     /// `untracked` of the processes no longer in `processes`.
     gone_untracked: u64,
+    /// With --all-python: the Python processes it cannot watch, and why,
+    /// each said once.
+    skipped: BTreeMap<u32, String>,
 }
 
 impl Session<'_> {
@@ -429,6 +438,9 @@ impl Session<'_> {
                         break End::Limit;
                     }
                     self.intervals += 1;
+                    if self.options.all_python {
+                        self.discover();
+                    }
                     let live: Vec<u32> = self.live().collect();
                     self.report(&live, false)?;
                     if self.failed.is_some() {
@@ -473,7 +485,8 @@ impl Session<'_> {
                     if self.failed.is_some() {
                         break End::Limit;
                     }
-                    if self.live().next().is_none() {
+                    // Host mode watches on, for the processes still to come.
+                    if self.live().next().is_none() && !self.options.all_python {
                         return Ok(End::TargetExited);
                     }
                 }
@@ -543,7 +556,7 @@ impl Session<'_> {
         // counted with its parent's plan at once, and read afterwards.
         let inherited = match how {
             Followed::Fork { parent } => self.processes.get(&parent).and_then(|p| p.plan.clone()),
-            Followed::Exec => None,
+            Followed::Exec | Followed::Found => None,
         };
         let mut counted_from = None;
         let traced = (|| {
@@ -552,7 +565,7 @@ impl Session<'_> {
                 counted_from = Some(collect::monotonic_now_ns());
             }
             let prepared = Prepared::new(pid, self.options, &quiet)?;
-            if let Followed::Fork { .. } = how {
+            if !matches!(how, Followed::Exec) {
                 watch_exit(pid, self.exits.clone())?;
             }
             prepared.attach(self.tracer.as_mut(), self.options, &quiet, inherited.clone())
@@ -580,6 +593,36 @@ impl Session<'_> {
                 eprintln!("memtrace: pid {pid}, forked from pid {parent}, is not traced: {e:#}")
             }
             (Err(e), Followed::Exec) => eprintln!("memtrace: pid {pid}'s new image (exec) is not traced: {e:#}"),
+            (Ok(traced), Followed::Found) => {
+                self.processes.insert(pid, traced);
+            }
+            (Err(e), Followed::Found) => {
+                if Target::is_alive(pid) {
+                    eprintln!("memtrace: pid {pid} is not watched: {e:#}");
+                }
+            }
+        }
+    }
+
+    /// Host mode: watches the Python processes not watched yet, and says
+    /// once of each that cannot be watched why not.
+    fn discover(&mut self) {
+        let processes = &self.processes;
+        let scan = discovery::scan(self.options.matching.as_ref(), |pid| processes.get(&pid).is_some_and(|t| !t.exited));
+        for (pid, reason) in scan.skipped {
+            if self.skipped.get(&pid) != Some(&reason) {
+                eprintln!("memtrace: pid {pid} is not watched: {reason}");
+                self.skipped.insert(pid, reason);
+            }
+        }
+        for pid in scan.python {
+            self.drop_process(pid);
+            self.follow(pid, Followed::Found, collect::monotonic_now_ns());
+        }
+        let watched = self.live().count();
+        if watched == 0 && self.intervals == 0 {
+            let matching = self.options.matching.as_ref().map(|re| format!(" matching {re}")).unwrap_or_default();
+            eprintln!("memtrace: no Python process{matching} yet; looking again at every report");
         }
     }
 

@@ -3,6 +3,7 @@
 //! id given for its process, a statically linked program) are found here
 //! and named in one sentence.
 
+pub mod discovery;
 pub mod memory;
 pub mod proc_maps;
 pub mod source;
