@@ -5,13 +5,14 @@
 //! the code that uses them. Names are `memtrace_common::map_name`'s.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     helpers::bpf_get_current_pid_tgid,
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuHashMap, RingBuf},
 };
 use memtrace_common::{
     AllocInfo, AllocKey, CounterSet, NativeStack, PendingCall, PythonStack, SiteKey, SiteStats, StackKey, TargetConfig,
-    counter,
+    UnwindKey, UnwindRule, counter,
 };
 
 /// Traced processes (by tgid) and what to collect for each. A process not
@@ -37,6 +38,13 @@ pub static SITES: HashMap<SiteKey, SiteStats> = HashMap::with_max_entries(1 << 1
 /// Native stacks by process and content hash (ids in `SiteKey::native_stack`).
 #[map]
 pub static NATIVE_STACKS: HashMap<StackKey, NativeStack> = HashMap::with_max_entries(1 << 14, 0);
+
+/// How to unwind a native frame at each return address (and probed
+/// instruction) of a traced process's code: userspace compiles them from
+/// the binaries' call frame information. Tens of thousands per process, so
+/// entries are allocated as userspace adds them rather than all at load.
+#[map]
+pub static UNWIND_RULES: HashMap<UnwindKey, UnwindRule> = HashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
 
 /// Python stacks by process and content hash (ids in `SiteKey::python_stack`).
 #[map]

@@ -1,21 +1,24 @@
-//! Stacks are stored once per process, by content hash, in NATIVE_STACKS and
-//! PYTHON_STACKS; a site refers to them by that hash. Unlike a BPF stack-trace
-//! map, whose ids are hash buckets that silently collide (bcc memleak loses
-//! stacks that way), a 64-bit content hash only fails when the map is full,
-//! and that failure is counted.
+//! Native stacks, unwound here with the rules userspace compiled from the
+//! binaries' call frame information, and stack copies for userspace's own
+//! deeper unwinding (`--native` on Python). Stacks are stored once per
+//! process, by content hash, in NATIVE_STACKS and PYTHON_STACKS; a site
+//! refers to them by that hash. Unlike a BPF stack-trace map, whose ids are
+//! hash buckets that silently collide (bcc memleak loses stacks that way), a
+//! 64-bit content hash only fails when the map is full, and that failure is
+//! counted.
 
 use aya_ebpf::{
-    EbpfContext,
-    bindings::{BPF_F_USER_STACK, BPF_NOEXIST, pt_regs},
-    helpers::{bpf_probe_read_user_buf, generated::bpf_get_stack},
+    bindings::{BPF_NOEXIST, pt_regs},
+    helpers::{bpf_probe_read_user, bpf_probe_read_user_buf},
     macros::map,
     maps::PerCpuArray,
 };
 use memtrace_common::{
-    MAX_NATIVE_FRAMES, NativeStack, STACK_COPY_CHUNK, STACK_COPY_CHUNKS, SiteKey, SiteStackCopy, StackKey, counter,
+    MAX_NATIVE_FRAMES, NativeStack, STACK_COPY_CHUNK, STACK_COPY_CHUNKS, SiteKey, SiteStackCopy, StackKey, UnwindKey,
+    UnwindRule, counter,
 };
 
-use crate::maps::{NATIVE_STACKS, SITE_STACKS, count};
+use crate::maps::{NATIVE_STACKS, SITE_STACKS, UNWIND_RULES, count};
 
 /// Where a native stack is built before it is interned: too big for the
 /// 512-byte BPF stack.
@@ -53,34 +56,52 @@ pub fn intern<V>(map: &aya_ebpf::maps::HashMap<StackKey, V>, pid: u32, hash: u64
     }
 }
 
-/// The user stack of the current thread of `pid`, up to `depth` frames,
-/// innermost (the allocator's caller) first, as an id into NATIVE_STACKS.
-pub fn native_stack<C: EbpfContext>(ctx: &C, pid: u32, depth: u32) -> u64 {
+/// The native stack of the current thread of `pid` at a probe with
+/// registers `regs`, up to `depth` frames, innermost (the allocator's caller,
+/// or the probed instruction) first, as an id into NATIVE_STACKS. Unwound
+/// with the process's UNWIND_RULES, since most code keeps no frame pointers:
+/// a frame-pointer walk (bpf_get_stack) loses every caller of a function
+/// that does not keep one, and then callers that differ share a site.
+pub fn native_stack(pid: u32, regs: *const pt_regs, depth: u32) -> u64 {
     let Some(scratch) = NATIVE_SCRATCH.get_ptr_mut(0) else { return 0 };
     // SAFETY: the per-CPU scratch value lives as long as the map; no other
     // program uses it while this one runs on this CPU (programs do not nest
     // on a CPU for uprobes, and a preempting one would only garble a hash).
     let scratch = unsafe { &mut *scratch };
-    // Bounded for the verifier: 1..=MAX_NATIVE_FRAMES frames.
+    // SAFETY: the kernel's pt_regs for this probe.
+    let (mut pc, mut rsp, mut rbp) = unsafe { ((*regs).rip, (*regs).rsp, (*regs).rbp) };
     let depth = (depth as usize).clamp(1, MAX_NATIVE_FRAMES);
-    // SAFETY: bpf_get_stack writes at most `depth * 8` bytes, which the
-    // scratch value's frame array holds.
-    let bytes = unsafe {
-        bpf_get_stack(ctx.as_ptr(), scratch.frames.as_mut_ptr().cast(), (depth * 8) as u32, BPF_F_USER_STACK as u64)
-    };
-    if bytes <= 0 {
-        count(counter::STACK_FAILED);
-        return 0;
-    }
-    let len = (bytes as usize / 8).min(MAX_NATIVE_FRAMES);
-    scratch.len = len as u64;
-    let mut hash = 0u64;
-    for i in 0..MAX_NATIVE_FRAMES {
-        if i >= len {
+    scratch.frames[0] = pc;
+    let mut len = 1;
+    let mut hash = mix(0, pc);
+    // Bounded for the verifier: at most MAX_NATIVE_FRAMES frames.
+    for i in 1..MAX_NATIVE_FRAMES {
+        if i >= depth {
             break;
         }
-        hash = mix(hash, scratch.frames[i]);
+        // SAFETY: the rule is copied out at once.
+        let Some(rule) = (unsafe { UNWIND_RULES.get(&UnwindKey { pid, _pad: 0, pc }) }).copied() else {
+            count(counter::UNWIND_STOPPED);
+            break;
+        };
+        // SAFETY: reads the target's stack; a fault is an error, not a crash.
+        let read = |at: u64| unsafe { bpf_probe_read_user(at as *const u64) }.ok();
+        let Some((caller, cfa, caller_rbp)) = rule.caller(rsp, rbp, read) else {
+            if rule.flags & UnwindRule::OUTERMOST == 0 {
+                count(counter::UNWIND_STOPPED);
+            }
+            break;
+        };
+        // Some outermost frames say so with a null return address instead.
+        if caller == 0 {
+            break;
+        }
+        (pc, rsp, rbp) = (caller, cfa, caller_rbp);
+        scratch.frames[i] = pc;
+        len = i + 1;
+        hash = mix(hash, pc);
     }
+    scratch.len = len as u64;
     intern(&NATIVE_STACKS, pid, hash, scratch).id
 }
 

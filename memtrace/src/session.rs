@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{Result, bail};
 use aya::maps::{MapData, RingBuf};
-use memtrace_common::{KernelConfig, SiteStats, StackKey, TargetConfig};
+use memtrace_common::{KernelConfig, MAX_NATIVE_FRAMES, SiteStats, StackKey, TargetConfig};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -35,15 +35,19 @@ use crate::{
         attach::Tracer,
         inlined, kernel,
         plan::{self, AttachPoint, ProbedBinary, PythonProbes},
+        unwinding::{RuleBook, Unwinding},
     },
-    process::{Target, proc_maps::host_path},
+    process::{
+        Target,
+        proc_maps::{MemoryMap, host_path},
+    },
     python::{self, Detection},
     report::{
         CensusChange, Output, ProcessInfo, Report,
         trend::{History, TypeHistory},
     },
     snapshot::{Snapshot, Stat},
-    symbolize::Symbolizer,
+    symbolize::{Symbolizer, allocators::AllocatorFrames},
 };
 
 /// How often memory maps are refreshed and Python stacks the kernel could
@@ -75,6 +79,7 @@ pub async fn run(options: Options) -> Result<Outcome> {
     }
     let outputs = options.outputs()?;
     let filters = options.filters()?;
+    let allocators = options.allocator_frames()?;
     // Before anything says it is tracing: a signal from then on must end
     // the session with its final reports, not kill the process.
     let stops = Stops { sigint: signal(SignalKind::interrupt())?, sigterm: signal(SignalKind::terminate())? };
@@ -89,10 +94,11 @@ pub async fn run(options: Options) -> Result<Outcome> {
     };
     let (exits, exited) = mpsc::unbounded_channel();
     let mut processes = BTreeMap::new();
+    let mut rules = RuleBook::default();
     for prepared in prepared {
         let pid = prepared.target.pid;
         watch_exit(pid, exits.clone())?;
-        processes.insert(pid, prepared.attach(tracer.as_mut(), &options)?);
+        processes.insert(pid, prepared.attach(tracer.as_mut(), &mut rules, &allocators, &options)?);
     }
     let rings = match &mut tracer {
         Some(tracer) => Some(Rings {
@@ -102,7 +108,8 @@ pub async fn run(options: Options) -> Result<Outcome> {
         }),
         None => None,
     };
-    let mut session = Session { options: &options, filters, tracer, processes, outputs, failed: None, intervals: 0 };
+    let mut session =
+        Session { options: &options, filters, tracer, rules, processes, outputs, failed: None, intervals: 0 };
     let end = session.run_loop(stops, exited, rings).await?;
     if let Some(failure) = session.failed {
         return Err(failure);
@@ -189,9 +196,17 @@ impl Prepared {
         Ok(Self { target, interpreter, points, notes, includes_raw })
     }
 
-    /// Takes the first census and, with a tracer, attaches the probes and
-    /// starts counting.
-    fn attach(self, tracer: Option<&mut Tracer>, options: &Options) -> Result<Traced> {
+    /// Takes the first census and, with a tracer, attaches the probes,
+    /// places the rules the kernel side unwinds native stacks with (when
+    /// it does: native programs, and Python with `--native`) and starts
+    /// counting.
+    fn attach(
+        self,
+        tracer: Option<&mut Tracer>,
+        rules: &mut RuleBook,
+        allocators: &AllocatorFrames,
+        options: &Options,
+    ) -> Result<Traced> {
         let Self { target, interpreter, points, notes, includes_raw } = self;
         let pid = target.pid;
         let mut census = CensusTaker::new(
@@ -203,10 +218,13 @@ impl Prepared {
         let described = interpreter.as_ref().map(|i| format!("CPython {}", i.version));
         let info =
             ProcessInfo { pid, ns_pid: target.ns_pid, comm: target.comm.clone(), interpreter: described.clone() };
-        let traced = |symbolizer, coverage| Traced {
+        let symbolizer =
+            |python, mixed| Symbolizer::new(&target, python, mixed, allocators.clone(), options.frames as usize);
+        let traced = |symbolizer, coverage, unwinding| Traced {
             info,
             symbolizer,
             coverage,
+            unwinding,
             census,
             census_before: baseline,
             notes,
@@ -223,7 +241,7 @@ impl Prepared {
                 described.as_ref().map(|d| format!(", {d}")).unwrap_or_default(),
                 options.interval
             );
-            return Ok(traced(Symbolizer::new(&target, None, false), None));
+            return Ok(traced(symbolizer(None, false), None, None));
         };
         if let Err(e) = tracer.attach(pid, &points) {
             if !Target::is_alive(pid) {
@@ -231,15 +249,25 @@ impl Prepared {
             }
             return Err(e);
         }
-        let wants_stacks = options.wants_tracebacks();
+        // A native program's sites are its native stacks, whatever the
+        // grouping: two callers of one wrapper are two sites, and a site
+        // starts at the first frame of the program's own code. With
+        // --native, Python's sites are keyed by native stacks as well, and
+        // each new one is copied for userspace to unwind deeper, through
+        // every eval loop frame to merge with the Python frames.
+        let unwinds = interpreter.is_none() || options.native;
+        let unwinding = match unwinds {
+            true => {
+                Some(Unwinding::start(tracer, rules, &target.map, pid, &points, interpreter.as_ref().map(|i| &i.elf))?)
+            }
+            false => None,
+        };
         let config = TargetConfig {
             min_size: options.min_size,
             max_size: options.max_size,
-            // --native unwinds each site's stack copy; without it, a native
-            // target's traceback comes from the kernel's frame-pointer walk.
-            native_frames: if interpreter.is_none() && wants_stacks && !options.native { options.frames } else { 1 },
+            native_frames: if unwinds { MAX_NATIVE_FRAMES as u32 } else { 1 },
             python_frames: if interpreter.is_some() { options.frames } else { 0 },
-            copy_stacks: u32::from(options.native),
+            copy_stacks: u32::from(options.native && interpreter.is_some()),
             _pad: 0,
             python: interpreter.as_ref().map(|i| i.walk()).unwrap_or_default(),
         };
@@ -253,8 +281,8 @@ impl Prepared {
         );
         let coverage =
             interpreter.as_ref().and_then(|i| i.pymalloc).and_then(|state| Coverage::start(state, pid, includes_raw));
-        let symbolizer = Symbolizer::new(&target, interpreter.as_ref().map(|i| i.code_resolver(pid)), options.native);
-        Ok(traced(symbolizer, coverage))
+        let symbolizer = symbolizer(interpreter.as_ref().map(|i| i.code_resolver(pid)), options.native);
+        Ok(traced(symbolizer, coverage, unwinding))
     }
 }
 
@@ -263,6 +291,8 @@ struct Traced {
     info: ProcessInfo,
     symbolizer: Symbolizer,
     coverage: Option<Coverage>,
+    /// The kernel side's native unwinding, when it unwinds.
+    unwinding: Option<Unwinding>,
     census: CensusTaker,
     /// The census of the previous report (of attach, for the first).
     census_before: Census,
@@ -299,6 +329,8 @@ struct Session<'a> {
     options: &'a Options,
     /// None with `--census-only`.
     tracer: Option<Tracer>,
+    /// The unwind rules of every file a traced process maps.
+    rules: RuleBook,
     filters: Filters,
     processes: BTreeMap<u32, Traced>,
     /// The outputs still working; one that failed is dropped from here.
@@ -412,9 +444,19 @@ impl Session<'_> {
     /// Catches up with every live process: fresh memory maps, and any
     /// Python stack the kernel could not announce.
     fn sweep(&mut self) {
-        let Some(tracer) = &self.tracer else { return };
-        for traced in self.processes.values_mut().filter(|t| !t.exited) {
-            traced.symbolizer.refresh_map();
+        let Some(tracer) = &mut self.tracer else { return };
+        for (&pid, traced) in self.processes.iter_mut().filter(|(_, t)| !t.exited) {
+            // Gone already (a zombie's map is empty): its exit is on its way.
+            if !Target::is_alive(pid) {
+                continue;
+            }
+            let Ok(map) = MemoryMap::read(pid) else { continue };
+            if let Some(unwinding) = &mut traced.unwinding
+                && let Err(e) = unwinding.refresh(tracer, &mut self.rules, &map)
+            {
+                eprintln!("memtrace: pid {pid}: cannot add unwind rules for its new code: {e:#}");
+            }
+            traced.symbolizer.set_map(map);
         }
         if let Ok(keys) = collect::python_stack_keys(tracer) {
             for key in keys {
@@ -502,6 +544,14 @@ impl Session<'_> {
         let current = Snapshot::from_entries(entries);
         let mut notes = traced.notes.clone();
         notes.extend(traced.coverage.as_ref().and_then(|c| c.note(&counters)));
+        notes.extend(traced.unwinding.as_ref().and_then(Unwinding::note));
+        let skipped: Vec<&str> = traced.symbolizer.skipped().collect();
+        if !skipped.is_empty() {
+            notes.push(format!(
+                "native tracebacks start at the program's own code; left out above it: {}",
+                skipped.join(", ")
+            ));
+        }
         traced.sequence += 1;
         traced.exited |= is_final;
         let time = SystemTime::now();

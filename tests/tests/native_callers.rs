@@ -10,9 +10,7 @@
 
 use std::path::PathBuf;
 
-use memtrace_tests::{
-    JsonReport, Language, Memtrace, Target, TempDir, compile, final_report, line_of, require_root,
-};
+use memtrace_tests::{JsonReport, Language, Memtrace, Target, TempDir, compile, final_report, line_of, require_root};
 
 /// Blocks each caller allocates per round.
 const N: u64 = 4000;
@@ -23,8 +21,9 @@ const C: &str = r#"
 #include <unistd.h>
 
 #define N 4000
-static char *kept[N * 2 * 8];
-static int count;
+/* Global, so that the stores, after each call, are kept: no tail calls. */
+char *kept[N * 2 * 8];
+int count;
 
 static void say(const char *s) { write(1, s, strlen(s)); }
 
@@ -206,7 +205,9 @@ fn by_caller(report: &JsonReport, caller_frame: impl Fn(&str) -> bool) -> Vec<(V
         .rows
         .iter()
         .filter(|row| row.frames.get(1).is_some_and(|f| caller_frame(&format!("{}:{}", f.filename, f.lineno))))
-        .map(|row| (row.frames.iter().take(2).map(|f| format!("{}:{}", f.filename, f.lineno)).collect(), row.size, row.count))
+        .map(|row| {
+            (row.frames.iter().take(2).map(|f| format!("{}:{}", f.filename, f.lineno)).collect(), row.size, row.count)
+        })
         .collect();
     rows.sort_by_key(|(_, size, _)| *size);
     rows
@@ -273,5 +274,10 @@ fn cpp_frames_are_named_demangled() {
 
 #[test]
 fn rust_frames_are_named_demangled() {
-    frames_are_named_as_the_language_spells_them(Language::Rust, "leaky::make_block", "leaky::from_f1", "leaky::from_f2");
+    frames_are_named_as_the_language_spells_them(
+        Language::Rust,
+        "leaky::make_block",
+        "leaky::from_f1",
+        "leaky::from_f2",
+    );
 }

@@ -29,7 +29,7 @@ use aya_obj::{
     btf::BtfFeatures,
     generated::{BPF_F_UPROBE_MULTI_RETURN, bpf_attach_type, bpf_attr, bpf_cmd, bpf_insn, bpf_prog_type},
 };
-use memtrace_common::{CounterSet, KernelConfig, TargetConfig, map_name};
+use memtrace_common::{CounterSet, KernelConfig, TargetConfig, UnwindKey, UnwindRule, map_name};
 
 use super::plan::{AttachPoint, Program};
 
@@ -98,6 +98,22 @@ impl Tracer {
             HashMap::try_from(self.map_mut(map_name::TARGETS)?)?;
         targets.insert(pid, config, 0).context("cannot configure the kernel side")?;
         Ok(())
+    }
+
+    /// Adds unwind rules for code of `pid`, each at its address in the
+    /// process, replacing any there. Stops at the first rule the map
+    /// refuses (it is full): returns how many went in.
+    pub fn add_unwind_rules(&mut self, pid: u32, rules: impl IntoIterator<Item = (u64, UnwindRule)>) -> Result<usize> {
+        let mut map: HashMap<&mut MapData, UnwindKey, UnwindRule> =
+            HashMap::try_from(self.map_mut(map_name::UNWIND_RULES)?)?;
+        let mut added = 0;
+        for (pc, rule) in rules {
+            if map.insert(UnwindKey { pid, _pad: 0, pc }, rule, 0).is_err() {
+                break;
+            }
+            added += 1;
+        }
+        Ok(added)
     }
 
     fn map_mut(&mut self, name: &str) -> Result<&mut Map> {
