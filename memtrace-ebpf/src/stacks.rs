@@ -25,6 +25,17 @@ use crate::maps::{NATIVE_STACKS, SITE_STACKS, UNWIND_RULES, count};
 #[map]
 static NATIVE_SCRATCH: PerCpuArray<NativeStack> = PerCpuArray::with_max_entries(1, 0);
 
+/// Stack bytes read at once while unwinding: a read costs about the same
+/// for 8 bytes as for 512, and the next frames' slots mostly lie in the
+/// same read.
+const WINDOW_WORDS: usize = 64;
+/// How far below the slot asked for a window starts: the saved rbp lies
+/// below the return address.
+const WINDOW_BELOW: u64 = 128;
+
+#[map]
+static STACK_WINDOW: PerCpuArray<[u64; WINDOW_WORDS]> = PerCpuArray::with_max_entries(1, 0);
+
 const EEXIST: i32 = 17;
 
 /// Mixes one word into a running hash (a multiply-xorshift step: cheap in
@@ -46,7 +57,13 @@ pub struct Interned {
 pub fn intern<V>(map: &aya_ebpf::maps::HashMap<StackKey, V>, pid: u32, hash: u64, value: &V) -> Interned {
     // 0 means "no stack" in a SiteKey.
     let id = if hash == 0 { 1 } else { hash };
-    match map.insert(&StackKey { pid, _pad: 0, id }, value, BPF_NOEXIST as u64) {
+    let key = StackKey { pid, _pad: 0, id };
+    // Looked up first: most stacks are known, and a lookup takes no lock.
+    // SAFETY: only checks presence.
+    if unsafe { map.get(&key) }.is_some() {
+        return Interned { id, new: false };
+    }
+    match map.insert(&key, value, BPF_NOEXIST as u64) {
         Ok(()) => Interned { id, new: true },
         Err(e) if e == -EEXIST => Interned { id, new: false },
         Err(_) => {
@@ -63,11 +80,13 @@ pub fn intern<V>(map: &aya_ebpf::maps::HashMap<StackKey, V>, pid: u32, hash: u64
 /// a frame-pointer walk (bpf_get_stack) loses every caller of a function
 /// that does not keep one, and then callers that differ share a site.
 pub fn native_stack(pid: u32, regs: *const pt_regs, depth: u32) -> u64 {
-    let Some(scratch) = NATIVE_SCRATCH.get_ptr_mut(0) else { return 0 };
-    // SAFETY: the per-CPU scratch value lives as long as the map; no other
-    // program uses it while this one runs on this CPU (programs do not nest
-    // on a CPU for uprobes, and a preempting one would only garble a hash).
-    let scratch = unsafe { &mut *scratch };
+    let (Some(scratch), Some(window)) = (NATIVE_SCRATCH.get_ptr_mut(0), STACK_WINDOW.get_ptr_mut(0)) else { return 0 };
+    // SAFETY: the per-CPU scratch values live as long as their maps; no
+    // other program uses them while this one runs on this CPU (programs do
+    // not nest on a CPU for uprobes, and a preempting one would only garble
+    // a hash).
+    let (scratch, words) = unsafe { (&mut *scratch, &mut *window) };
+    let mut window = Window { words, base: 0, valid: false };
     // SAFETY: the kernel's pt_regs for this probe.
     let (mut pc, mut rsp, mut rbp) = unsafe { ((*regs).rip, (*regs).rsp, (*regs).rbp) };
     let depth = (depth as usize).clamp(1, MAX_NATIVE_FRAMES);
@@ -84,9 +103,7 @@ pub fn native_stack(pid: u32, regs: *const pt_regs, depth: u32) -> u64 {
             count(counter::UNWIND_STOPPED);
             break;
         };
-        // SAFETY: reads the target's stack; a fault is an error, not a crash.
-        let read = |at: u64| unsafe { bpf_probe_read_user(at as *const u64) }.ok();
-        let Some((caller, cfa, caller_rbp)) = rule.caller(rsp, rbp, read) else {
+        let Some((caller, cfa, caller_rbp)) = rule.caller(rsp, rbp, |at| window.read(at)) else {
             if rule.flags & UnwindRule::OUTERMOST == 0 {
                 count(counter::UNWIND_STOPPED);
             }
@@ -103,6 +120,44 @@ pub fn native_stack(pid: u32, regs: *const pt_regs, depth: u32) -> u64 {
     }
     scratch.len = len as u64;
     intern(&NATIVE_STACKS, pid, hash, scratch).id
+}
+
+/// The stack words last read, from `base`.
+struct Window<'a> {
+    words: &'a mut [u64; WINDOW_WORDS],
+    base: u64,
+    valid: bool,
+}
+
+impl Window<'_> {
+    /// The stack word at `at`, from the window when it holds it, else read
+    /// with a new window around it, or alone where a window would reach
+    /// past the stack's top. None when it cannot be read.
+    fn read(&mut self, at: u64) -> Option<u64> {
+        let offset = at.wrapping_sub(self.base);
+        if self.valid && offset & 7 == 0 && offset < (WINDOW_WORDS * 8) as u64 {
+            // Masked after a volatile read: LLVM folds the two tests above
+            // into one mask test, which does not bound the index for the
+            // verifier ("math between map_value pointer and register with
+            // unbounded min value").
+            // SAFETY: reads a local.
+            let index = unsafe { core::ptr::read_volatile(&(offset / 8)) } as usize & (WINDOW_WORDS - 1);
+            return Some(self.words[index]);
+        }
+        let base = at.saturating_sub(WINDOW_BELOW);
+        // SAFETY: the window's words as bytes, all of them written by the
+        // read or the window marked invalid.
+        let bytes = unsafe { core::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast::<u8>(), WINDOW_WORDS * 8) };
+        // SAFETY: reads the target's stack; a fault is an error, not a crash.
+        if unsafe { bpf_probe_read_user_buf(base as *const u8, bytes) }.is_ok() {
+            self.base = base;
+            self.valid = true;
+            return self.words.get((WINDOW_BELOW / 8) as usize).copied();
+        }
+        self.valid = false;
+        // SAFETY: as above, one word.
+        unsafe { bpf_probe_read_user(at as *const u64) }.ok()
+    }
 }
 
 /// Sends a probe's registers and the stack above them to userspace for

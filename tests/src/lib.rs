@@ -167,6 +167,24 @@ pub fn compile_c(dir: &TempDir, name: &str, source: &str, extra: &[&str]) -> Pat
     compile(dir, name, Language::C, source, &flags)
 }
 
+/// One round of a target that waits for "go" and then says "done...":
+/// traced by a memtrace attached with `--pid PID --interval 60` and
+/// `options`, stopped with SIGINT `hold` after the round. memtrace's
+/// stdout; it must have exited normally.
+pub fn traced_round(target: &mut Target, options: &[&str], hold: std::time::Duration) -> String {
+    let pid = target.pid().to_string();
+    let mut args = vec!["--pid", &pid, "--interval", "60"];
+    args.extend_from_slice(options);
+    let memtrace = Memtrace::attach(&args);
+    target.send("go");
+    target.expect_line_prefix("done");
+    std::thread::sleep(hold);
+    memtrace.signal(libc::SIGINT);
+    let (status, stdout, stderr) = memtrace.finish();
+    assert_eq!(status.code(), Some(0), "stderr: {stderr:?}");
+    stdout
+}
+
 /// The line number of the first line of `source` containing `marker`.
 pub fn line_of(source: &str, marker: &str) -> u32 {
     source.lines().position(|l| l.contains(marker)).unwrap_or_else(|| panic!("marker {marker:?} not in source")) as u32

@@ -103,19 +103,11 @@ fn start(built: &Built) -> Target {
 }
 
 /// One round of the program under a memtrace started with `options`,
-/// stopped with SIGINT `hold` after the round: memtrace's stdout.
+/// stopped with SIGINT `hold` after the round: memtrace's JSON lines.
 fn traced_round(target: &mut Target, options: &[&str], hold: std::time::Duration) -> String {
-    let pid = target.pid().to_string();
-    let mut args = vec!["--pid", &pid, "--interval", "60", "--format", "json"];
+    let mut args = vec!["--format", "json"];
     args.extend_from_slice(options);
-    let memtrace = Memtrace::attach(&args);
-    target.send("go");
-    target.expect_line_prefix("done ");
-    std::thread::sleep(hold);
-    memtrace.signal(libc::SIGINT);
-    let (status, stdout, stderr) = memtrace.finish();
-    assert_eq!(status.code(), Some(0), "stderr: {stderr:?}");
-    stdout
+    memtrace_tests::traced_round(target, &args, hold)
 }
 
 const NOW: std::time::Duration = std::time::Duration::ZERO;

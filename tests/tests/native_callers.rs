@@ -10,7 +10,9 @@
 
 use std::path::PathBuf;
 
-use memtrace_tests::{JsonReport, Language, Memtrace, Target, TempDir, compile, final_report, line_of, require_root};
+use memtrace_tests::{
+    JsonReport, Language, Target, TempDir, compile, final_report, line_of, require_root, traced_round,
+};
 
 /// Blocks each caller allocates per round.
 const N: u64 = 4000;
@@ -186,16 +188,9 @@ impl Program {
     fn traced_round(&self, options: &[&str]) -> JsonReport {
         let mut target = Target::spawn(&mut std::process::Command::new(&self.exe));
         target.expect_line("ready");
-        let pid = target.pid().to_string();
-        let mut args = vec!["--pid", &pid, "--interval", "60", "--format", "json"];
+        let mut args = vec!["--format", "json"];
         args.extend_from_slice(options);
-        let memtrace = Memtrace::attach(&args);
-        target.send("go");
-        target.expect_line("done");
-        memtrace.signal(libc::SIGINT);
-        let (status, stdout, stderr) = memtrace.finish();
-        assert_eq!(status.code(), Some(0), "stderr: {stderr:?}");
-        final_report(&stdout)
+        final_report(&traced_round(&mut target, &args, std::time::Duration::ZERO))
     }
 }
 
