@@ -437,7 +437,8 @@ pub struct TargetConfig {
     /// Python frames per site: 0 when the target is not a supported CPython.
     pub python_frames: u32,
     /// Non-zero to send each new site's registers and stack bytes to
-    /// userspace, which unwinds them (`--native`).
+    /// userspace, which unwinds them deeper than the kernel side does, to
+    /// merge native frames with Python's (`--native` on Python).
     pub copy_stacks: u32,
     pub _pad: u32,
     pub python: PythonWalk,

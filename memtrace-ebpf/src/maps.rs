@@ -55,7 +55,7 @@ pub static PYTHON_STACKS: HashMap<StackKey, PythonStack> = HashMap::with_max_ent
 #[map]
 pub static NEW_PYTHON_STACKS: RingBuf = RingBuf::with_byte_size(1 << 16, 0);
 
-/// Each new site's registers and stack bytes, with `--native`.
+/// Each new site's registers and stack bytes, with `--native` on Python.
 #[map]
 pub static SITE_STACKS: RingBuf = RingBuf::with_byte_size(1 << 21, 0);
 

@@ -258,7 +258,13 @@ impl Prepared {
         let unwinds = interpreter.is_none() || options.native;
         let unwinding = match unwinds {
             true => {
-                Some(Unwinding::start(tracer, rules, &target.map, pid, &points, interpreter.as_ref().map(|i| &i.elf))?)
+                let started = Instant::now();
+                let unwinding =
+                    Unwinding::start(tracer, rules, &target.map, pid, &points, interpreter.as_ref().map(|i| &i.elf))?;
+                if options.verbose {
+                    eprintln!("memtrace: pid {pid}: {} in {:?}", unwinding.summary(), started.elapsed());
+                }
+                Some(unwinding)
             }
             false => None,
         };

@@ -258,9 +258,9 @@ fn older_than_hides_young_blocks() {
     assert_eq!(rows[0].count, 10_000);
 }
 
-/// Without frame pointers the kernel's stack walk is blind past the
-/// caller; --native unwinds the copied stack with the binary's own unwind
-/// tables, through main.
+/// Without frame pointers a frame-pointer walk is blind past the caller;
+/// the kernel side unwinds with the binary's own unwind tables, through
+/// main.
 #[test]
 fn native_unwinds_code_without_frame_pointers() {
     require_root();

@@ -209,7 +209,8 @@ fn by_caller(report: &JsonReport, caller_frame: impl Fn(&str) -> bool) -> Vec<(V
 }
 
 /// With debug information: the wrapper's line, then each caller's line,
-/// each with exactly its own blocks, with and without --native.
+/// each with exactly its own blocks, with and without --native; and each
+/// caller's line alone once the wrapper is named an allocator.
 fn callers_are_separate_and_start_in_the_program(language: Language) {
     require_root();
     let program = Program::build(language, true);
@@ -225,6 +226,23 @@ fn callers_are_separate_and_start_in_the_program(language: Language) {
         );
         assert_eq!(report.losses.values().sum::<u64>(), 0, "{:?}", report.losses);
     }
+    // Grouped by line, both callers share the wrapper's line, as tracemalloc
+    // would say; named as an allocator, the wrapper gives way to each
+    // caller's line.
+    let rows = |report: &JsonReport| -> Vec<(String, u64, u64)> {
+        let mut rows: Vec<_> = report
+            .rows
+            .iter()
+            .filter(|r| [&alloc, &f1, &f2].contains(&&r.location))
+            .map(|r| (r.location.clone(), r.size, r.count))
+            .collect();
+        rows.sort();
+        rows
+    };
+    assert_eq!(rows(&program.traced_round(&[])), [(alloc.clone(), 400 * N, 2 * N)]);
+    let report = program.traced_round(&["--alloc-fn", "*make_block"]);
+    assert_eq!(rows(&report), [(f1.clone(), 100 * N, N), (f2.clone(), 300 * N, N)]);
+    assert!(report.notes.iter().any(|n| n.contains("--alloc-fn")), "{:?}", report.notes);
 }
 
 /// Without debug information: frames named by their demangled symbols.

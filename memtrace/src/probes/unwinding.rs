@@ -53,8 +53,9 @@ impl RuleBook {
 pub struct Unwinding {
     pid: u32,
     /// Executable mappings whose rules are in place, by start address.
-    placed: HashSet<u64>,
-    /// Rules UNWIND_RULES had no room for.
+    mappings: HashSet<u64>,
+    /// Rules in place, and those UNWIND_RULES had no room for.
+    placed: usize,
     refused: usize,
 }
 
@@ -70,7 +71,7 @@ impl Unwinding {
         points: &[AttachPoint],
         interpreter: Option<&ElfFile>,
     ) -> Result<Self> {
-        let mut unwinding = Self { pid, placed: HashSet::new(), refused: 0 };
+        let mut unwinding = Self { pid, mappings: HashSet::new(), placed: 0, refused: 0 };
         unwinding.refresh(tracer, book, map)?;
         // After the files' rules, which they replace: a probed instruction
         // right after a call that never returns has its own row.
@@ -85,24 +86,35 @@ impl Unwinding {
                 Some((address, rule))
             })
             .collect();
-        let wanted = instructions.len();
-        unwinding.refused += wanted - tracer.add_unwind_rules(pid, instructions)?;
+        unwinding.add(tracer, instructions)?;
         Ok(unwinding)
     }
 
     /// Places the rules of files mapped since the last call.
     pub fn refresh(&mut self, tracer: &mut Tracer, book: &mut RuleBook, map: &MemoryMap) -> Result<()> {
         for mapping in map.mappings.iter().filter(|m| m.executable && m.path.starts_with('/')) {
-            if !self.placed.insert(mapping.start) {
+            if !self.mappings.insert(mapping.start) {
                 continue;
             }
             let rules = book.file(self.pid, mapping);
             let placed: Vec<(u64, UnwindRule)> =
                 rules.iter().filter_map(|&(offset, rule)| Some((mapping.address_of(offset)?, rule))).collect();
-            let wanted = placed.len();
-            self.refused += wanted - tracer.add_unwind_rules(self.pid, placed)?;
+            self.add(tracer, placed)?;
         }
         Ok(())
+    }
+
+    fn add(&mut self, tracer: &mut Tracer, rules: Vec<(u64, UnwindRule)>) -> Result<()> {
+        let wanted = rules.len();
+        let added = tracer.add_unwind_rules(self.pid, rules)?;
+        self.placed += added;
+        self.refused += wanted - added;
+        Ok(())
+    }
+
+    /// What is in place, for --verbose.
+    pub fn summary(&self) -> String {
+        format!("{} unwind rules for the code of {} mappings", self.placed, self.mappings.len())
     }
 
     /// Says so when some rules did not fit, under every report.

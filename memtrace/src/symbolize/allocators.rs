@@ -103,7 +103,7 @@ impl AllocatorFrames {
     pub fn new(patterns: &[String]) -> Result<Self> {
         let user = patterns
             .iter()
-            .map(|p| glob::Pattern::new(p).with_context(|| format!("--alloc-fn {p:?} is not a valid pattern")))
+            .map(|p| glob::Pattern::new(p).with_context(|| format!("--alloc-fn {p:?} is not a valid glob")))
             .collect::<Result<_>>()?;
         Ok(Self { user })
     }
