@@ -234,6 +234,67 @@ pub struct StackKey {
 
 /// Deepest native stack kept per site.
 pub const MAX_NATIVE_FRAMES: usize = 32;
+
+/// An address in one process's code, the key of UNWIND_RULES.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UnwindKey {
+    pub pid: u32,
+    pub _pad: u32,
+    pub pc: u64,
+}
+
+/// How to find the caller of a frame stopped at one code address (a return
+/// address, or a probed instruction), compiled by userspace from the
+/// binary's call frame information for the kernel side, which unwinds
+/// stacks without frame pointers with it. The canonical frame address (CFA)
+/// is rsp or rbp plus `cfa_offset`; the return address is at CFA - 8 (the
+/// x86-64 psABI); rbp was saved at CFA + `rbp_offset` when
+/// [`UnwindRule::RBP_SAVED`] is set, and is unchanged otherwise.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UnwindRule {
+    pub cfa_offset: i32,
+    pub rbp_offset: i16,
+    pub flags: u16,
+}
+
+impl UnwindRule {
+    /// The CFA is rbp-based (a frame-pointer frame), not rsp-based.
+    pub const CFA_RBP: u16 = 1;
+    pub const RBP_SAVED: u16 = 2;
+    /// The outermost frame (`_start`, a thread's start): no caller.
+    pub const OUTERMOST: u16 = 4;
+
+    pub const fn outermost() -> Self {
+        Self { cfa_offset: 0, rbp_offset: 0, flags: Self::OUTERMOST }
+    }
+
+    /// The caller's (pc, rsp, rbp) from this frame's `rsp` and `rbp`, with
+    /// `read` fetching a word of the stack; None at the outermost frame, or
+    /// when a read fails or the stack would not grow towards its base.
+    /// One definition for both sides: the kernel side unwinds with it, and
+    /// userspace's tests check it against real stacks.
+    #[inline(always)]
+    pub fn caller(&self, rsp: u64, rbp: u64, mut read: impl FnMut(u64) -> Option<u64>) -> Option<(u64, u64, u64)> {
+        if self.flags & Self::OUTERMOST != 0 {
+            return None;
+        }
+        let base = if self.flags & Self::CFA_RBP != 0 { rbp } else { rsp };
+        let cfa = base.wrapping_add(self.cfa_offset as i64 as u64);
+        // A caller's frame lies above its callee's.
+        if cfa <= rsp {
+            return None;
+        }
+        let pc = read(cfa - 8)?;
+        let rbp = if self.flags & Self::RBP_SAVED != 0 {
+            read(cfa.wrapping_add(self.rbp_offset as i64 as u64))?
+        } else {
+            rbp
+        };
+        Some((pc, cfa, rbp))
+    }
+}
 /// Deepest Python stack kept per site (`--frames` is capped here).
 pub const MAX_PYTHON_FRAMES: usize = 32;
 
@@ -370,12 +431,14 @@ pub struct TargetConfig {
     /// Allocations outside [min_size, max_size] are not tracked.
     pub min_size: u64,
     pub max_size: u64,
-    /// Native frames per site: 1 keeps only the caller.
+    /// Native frames per site, unwound by the kernel side with the
+    /// process's UNWIND_RULES: 1 keeps only the caller.
     pub native_frames: u32,
     /// Python frames per site: 0 when the target is not a supported CPython.
     pub python_frames: u32,
     /// Non-zero to send each new site's registers and stack bytes to
-    /// userspace, which unwinds them (`--native`).
+    /// userspace, which unwinds them deeper than the kernel side does, to
+    /// merge native frames with Python's (`--native` on Python).
     pub copy_stacks: u32,
     pub _pad: u32,
     pub python: PythonWalk,
@@ -463,7 +526,8 @@ pub mod map_name {
     pub const SITE_STACKS: &str = "SITE_STACKS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const PROCESS_EVENTS: &str = "PROCESS_EVENTS";
-    pub const ALL: [&str; 9] = [
+    pub const UNWIND_RULES: &str = "UNWIND_RULES";
+    pub const ALL: [&str; 10] = [
         TARGETS,
         ALLOCS,
         SITES,
@@ -473,6 +537,7 @@ pub mod map_name {
         SITE_STACKS,
         COUNTERS,
         PROCESS_EVENTS,
+        UNWIND_RULES,
     ];
 }
 
@@ -485,8 +550,11 @@ pub mod counter {
     pub const SITE_MAP_FULL: u32 = 1;
     /// Stacks not kept because a stack map was full (site keeps its caller).
     pub const STACK_MAP_FULL: u32 = 2;
-    /// bpf_get_stack failures (site keeps its caller).
-    pub const STACK_FAILED: u32 = 3;
+    /// Native stacks cut short: their unwinding reached code it has no rule
+    /// for (mapped since the rules were made, or without call frame
+    /// information) or stack it could not read. The site keeps the frames
+    /// found so far, so callers that differ only beyond them share it.
+    pub const UNWIND_STOPPED: u32 = 3;
     /// Allocator calls that returned NULL: not allocations.
     pub const FAILED_ALLOC: u32 = 4;
     /// Reads of the target's memory that faulted during a Python walk.
@@ -520,7 +588,7 @@ pub mod counter {
         ALLOC_MAP_FULL,
         SITE_MAP_FULL,
         STACK_MAP_FULL,
-        STACK_FAILED,
+        UNWIND_STOPPED,
         PYTHON_READ_FAULT,
         STACK_COPY_LOST,
         PROCESS_EVENT_LOST,
@@ -533,7 +601,7 @@ pub mod counter {
             ALLOC_MAP_FULL
                 | SITE_MAP_FULL
                 | STACK_MAP_FULL
-                | STACK_FAILED
+                | UNWIND_STOPPED
                 | PYTHON_READ_FAULT
                 | STACK_COPY_LOST
                 | PROCESS_EVENT_LOST
@@ -547,7 +615,7 @@ pub mod counter {
             ALLOC_MAP_FULL => "alloc-map-full",
             SITE_MAP_FULL => "site-map-full",
             STACK_MAP_FULL => "stack-map-full",
-            STACK_FAILED => "stack-reads",
+            UNWIND_STOPPED => "unwind-stops",
             FAILED_ALLOC => "failed-allocs",
             PYTHON_READ_FAULT => "python-reads",
             PYTHON_TRUNCATED => "truncated-python-stacks",
@@ -583,6 +651,8 @@ mod pod {
     unsafe impl aya::Pod for super::SiteStackCopy {}
     unsafe impl aya::Pod for super::StackKey {}
     unsafe impl aya::Pod for super::CounterSet {}
+    unsafe impl aya::Pod for super::UnwindKey {}
+    unsafe impl aya::Pod for super::UnwindRule {}
 }
 
 #[cfg(test)]

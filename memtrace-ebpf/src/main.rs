@@ -248,7 +248,7 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
         pid,
         layer: cookie.layer as u32,
         caller,
-        native_stack: if target.native_frames > 1 { native_stack(&ctx, pid, target.native_frames) } else { 0 },
+        native_stack: if target.native_frames > 1 { native_stack(pid, ctx.regs, target.native_frames) } else { 0 },
         python_stack: 0,
     };
     if !record_at_site(ctx.regs, target, site, addr, size, true) {
@@ -342,7 +342,7 @@ pub fn pool_pop(ctx: ProbeContext) -> u32 {
         // The inlined site itself: the function that allocated.
         // SAFETY: the context is the kernel's pt_regs for this probe.
         caller: unsafe { (*ctx.regs).rip },
-        native_stack: 0,
+        native_stack: if target.native_frames > 1 { native_stack(pid, ctx.regs, target.native_frames) } else { 0 },
         python_stack: 0,
     };
     if !record_at_site(ctx.regs, target, site, block, size, false) {
@@ -405,7 +405,7 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
-/// bpf_get_stack and bpf_probe_read_kernel are GPL-only helpers.
+/// bpf_probe_read_user and bpf_probe_read_kernel are GPL-only helpers.
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

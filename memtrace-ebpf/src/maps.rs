@@ -6,13 +6,14 @@
 //! kernel facts userspace fills in before loading are here too.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     helpers::bpf_get_current_pid_tgid,
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuHashMap, RingBuf},
 };
 use memtrace_common::{
     AllocInfo, AllocKey, CounterSet, KernelConfig, NativeStack, PendingCall, PythonStack, SiteKey, SiteStats, StackKey,
-    TargetConfig, counter,
+    TargetConfig, UnwindKey, UnwindRule, counter,
 };
 
 /// Filled in by userspace at load time, from the kernel's BTF.
@@ -43,6 +44,13 @@ pub static SITES: HashMap<SiteKey, SiteStats> = HashMap::with_max_entries(1 << 1
 #[map]
 pub static NATIVE_STACKS: HashMap<StackKey, NativeStack> = HashMap::with_max_entries(1 << 14, 0);
 
+/// How to unwind a native frame at each return address (and probed
+/// instruction) of a traced process's code: userspace compiles them from
+/// the binaries' call frame information. Tens of thousands per process, so
+/// entries are allocated as userspace adds them rather than all at load.
+#[map]
+pub static UNWIND_RULES: HashMap<UnwindKey, UnwindRule> = HashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
+
 /// Python stacks by process and content hash (ids in `SiteKey::python_stack`).
 #[map]
 pub static PYTHON_STACKS: HashMap<StackKey, PythonStack> = HashMap::with_max_entries(1 << 14, 0);
@@ -52,7 +60,7 @@ pub static PYTHON_STACKS: HashMap<StackKey, PythonStack> = HashMap::with_max_ent
 #[map]
 pub static NEW_PYTHON_STACKS: RingBuf = RingBuf::with_byte_size(1 << 16, 0);
 
-/// Each new site's registers and stack bytes, with `--native`.
+/// Each new site's registers and stack bytes, with `--native` on Python.
 #[map]
 pub static SITE_STACKS: RingBuf = RingBuf::with_byte_size(1 << 21, 0);
 

@@ -16,6 +16,7 @@ use crate::{
         prometheus::MetricsServer, saved::SnapshotSaver, text::TextWriter, timeline::TimelineWriter,
     },
     snapshot::GroupBy,
+    symbolize::allocators::AllocatorFrames,
 };
 
 /// Finds what grows, and where, in a running process: traces its libc and
@@ -150,7 +151,8 @@ pub struct Options {
     pub view: View,
 
     /// Python frames kept per allocation (1 is the cheapest); native frames
-    /// kept per allocation when there are no Python frames.
+    /// kept per allocation, from the first frame of the program's own
+    /// code, when there are no Python frames.
     #[arg(long, value_name = "N", default_value_t = 16, allow_negative_numbers = true,
           value_parser = whole::<u32>(1..=32, "a number of frames from 1 to 32"))]
     pub frames: u32,
@@ -158,8 +160,17 @@ pub struct Options {
     /// Show native frames too: the C code between and beneath the Python
     /// frames (extension functions, libc), unwound with the binaries' own
     /// unwind tables, like memray --native. Best with --group-by traceback.
+    /// Programs that are not Python always get their native frames.
     #[arg(long)]
     pub native: bool,
+
+    /// Treat functions whose qualified name matches this glob (`xmalloc`,
+    /// `my_pool::*`) as allocators, as valgrind's massif does: a native
+    /// traceback then starts at the first frame outside them. Repeatable;
+    /// adds to the built-in list (operator new, the C, C++ and Rust
+    /// standard libraries, CPython's allocator layers).
+    #[arg(long, value_name = "GLOB")]
+    pub alloc_fn: Vec<String>,
 
     /// Live allocations memtrace can track at once, at least 1024;
     /// allocations beyond it are counted as lost (alloc-map-full) in every
@@ -339,18 +350,12 @@ impl Options {
         Ok(outputs)
     }
 
-    /// Whether sites need whole tracebacks: for the grouping, or for the
-    /// outputs that always keep them.
-    pub fn wants_tracebacks(&self) -> bool {
-        self.view.group_by == GroupBy::Traceback
-            || self.pprof.is_some()
-            || self.flamegraph.is_some()
-            || self.flamegraph_diff.is_some()
-            || self.save.is_some()
-    }
-
     pub fn filters(&self) -> Result<Filters> {
         Filters::new(&self.include, &self.exclude, self.filter_all_frames)
+    }
+
+    pub fn allocator_frames(&self) -> Result<AllocatorFrames> {
+        AllocatorFrames::new(&self.alloc_fn)
     }
 
     pub fn interval(&self) -> Duration {

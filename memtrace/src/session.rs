@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{Result, bail};
 use aya::maps::{MapData, RingBuf};
-use memtrace_common::{ProcessEvent, SiteStats, StackKey, TargetConfig};
+use memtrace_common::{MAX_NATIVE_FRAMES, ProcessEvent, SiteStats, StackKey, TargetConfig};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -38,8 +38,9 @@ use crate::{
         attach::Tracer,
         inlined, kernel,
         plan::{self, AttachPoint, ProbedBinary, PythonProbes},
+        unwinding::{RuleBook, Unwinding},
     },
-    process::{Target, discovery},
+    process::{Target, discovery, proc_maps::MemoryMap},
     progress::Progress,
     python::{self, Detection},
     report::{
@@ -47,7 +48,7 @@ use crate::{
         trend::{History, TypeHistory},
     },
     snapshot::{Snapshot, Stat},
-    symbolize::Symbolizer,
+    symbolize::{Symbolizer, allocators::AllocatorFrames},
 };
 
 /// How often memory maps are refreshed and Python stacks the kernel could
@@ -79,6 +80,7 @@ pub async fn run(options: Options) -> Result<Outcome> {
     }
     let outputs = options.outputs()?;
     let filters = options.filters()?;
+    let allocators = options.allocator_frames()?;
     // Before anything says it is tracing: a signal from then on must end
     // the session with its final reports, not kill the process.
     let stops = Stops { sigint: signal(SignalKind::interrupt())?, sigterm: signal(SignalKind::terminate())? };
@@ -95,10 +97,11 @@ pub async fn run(options: Options) -> Result<Outcome> {
     };
     let (exits, exited) = mpsc::unbounded_channel();
     let mut processes = BTreeMap::new();
+    let mut rules = RuleBook::default();
     for prepared in prepared {
         let pid = prepared.target.pid;
         watch_exit(pid, exits.clone())?;
-        processes.insert(pid, prepared.attach(tracer.as_mut(), &options, &progress, None)?);
+        processes.insert(pid, prepared.attach(tracer.as_mut(), &mut rules, &allocators, &options, &progress, None)?);
     }
     progress.step("waiting for the first report");
     let rings = match &mut tracer {
@@ -114,6 +117,8 @@ pub async fn run(options: Options) -> Result<Outcome> {
         options: &options,
         filters,
         tracer,
+        rules,
+        allocators,
         processes,
         outputs,
         failed: None,
@@ -209,12 +214,16 @@ impl Prepared {
         Ok(Self { target, interpreter, points, notes, includes_raw })
     }
 
-    /// Takes the first census and, with a tracer, attaches the probes and
-    /// starts counting; or with `counting`, the plan it is already counted
-    /// with (a forked child's, its parent's), keeps that.
+    /// Takes the first census and, with a tracer, attaches the probes,
+    /// places the rules the kernel side unwinds native stacks with (when
+    /// it does: native programs, and Python with `--native`) and starts
+    /// counting; or with `counting`, the plan it is already counted with
+    /// (a forked child's, its parent's), keeps that and adds its rules.
     fn attach(
         self,
         tracer: Option<&mut Tracer>,
+        rules: &mut RuleBook,
+        allocators: &AllocatorFrames,
         options: &Options,
         progress: &Progress,
         counting: Option<Plan>,
@@ -236,8 +245,11 @@ impl Prepared {
             interpreter: described.clone(),
             cgroup: target.cgroup.clone(),
         };
-        let traced = |symbolizer, coverage, plan| Traced {
+        let symbolizer =
+            |python, mixed| Symbolizer::new(&target, python, mixed, allocators.clone(), options.frames as usize);
+        let traced = |symbolizer, coverage, plan, unwinding| Traced {
             plan,
+            unwinding,
             untracked: 0,
             info,
             symbolizer,
@@ -258,32 +270,58 @@ impl Prepared {
                 described.as_ref().map(|d| format!(", {d}")).unwrap_or_default(),
                 options.interval().as_secs_f64()
             ));
-            return Ok(traced(Symbolizer::new(&target, None, false), None, None));
+            return Ok(traced(symbolizer(None, false), None, None, None));
         };
-        let wants_stacks = options.wants_tracebacks();
+        // A native program's sites are its native stacks, whatever the
+        // grouping: two callers of one wrapper are two sites, and a site
+        // starts at the first frame of the program's own code. With
+        // --native, Python's sites are keyed by native stacks as well, and
+        // each new one is copied for userspace to unwind deeper, through
+        // every eval loop frame to merge with the Python frames.
+        let unwinds = interpreter.is_none() || options.native;
         let config = TargetConfig {
             min_size: options.min_size,
             max_size: options.max_size,
-            // --native unwinds each site's stack copy; without it, a native
-            // target's traceback comes from the kernel's frame-pointer walk.
-            native_frames: if interpreter.is_none() && wants_stacks && !options.native { options.frames } else { 1 },
+            native_frames: if unwinds { MAX_NATIVE_FRAMES as u32 } else { 1 },
             python_frames: if interpreter.is_some() { options.frames } else { 0 },
-            copy_stacks: u32::from(options.native),
+            copy_stacks: u32::from(options.native && interpreter.is_some()),
             _pad: 0,
             python: interpreter.as_ref().map(|i| i.walk()).unwrap_or_default(),
         };
-        let plan = match counting {
-            Some(plan) => plan,
+        let elf = interpreter.as_ref().map(|i| &i.elf);
+        let mut start_unwinding = |tracer: &mut Tracer| -> Result<Option<Unwinding>> {
+            if !unwinds {
+                return Ok(None);
+            }
+            let started = Instant::now();
+            let unwinding = Unwinding::start(tracer, rules, &target.map, pid, &points, elf)?;
+            if options.verbose {
+                eprintln!("memtrace: pid {pid}: {} in {:?}", unwinding.summary(), started.elapsed());
+            }
+            Ok(Some(unwinding))
+        };
+        let (plan, unwinding) = match counting {
+            // Counted already: its rules follow at once.
+            Some(plan) => {
+                let unwinding = start_unwinding(tracer)?;
+                (plan, unwinding)
+            }
             None => {
                 progress.step(format!("pid {pid}: attaching {} probes", points.len()));
-                let plan = Plan { points, config };
-                if let Err(e) = plan.start(tracer, pid) {
-                    if !Target::is_alive(pid) {
-                        bail!("pid {pid} ({}) exited before tracing started", target.comm);
+                let attached = tracer.attach(pid, &points).and_then(|()| {
+                    // The rules are in place before the first allocation counts.
+                    let unwinding = start_unwinding(tracer)?;
+                    tracer.set_target(pid, &config)?;
+                    Ok(unwinding)
+                });
+                let unwinding = match attached {
+                    Ok(unwinding) => unwinding,
+                    Err(_) if !Target::is_alive(pid) => {
+                        bail!("pid {pid} ({}) exited before tracing started", target.comm)
                     }
-                    return privileges::explain(Err(e), Need::Tracing);
-                }
-                plan
+                    Err(e) => return privileges::explain(Err(e), Need::Tracing),
+                };
+                (Plan { points: points.clone(), config }, unwinding)
             }
         };
         progress.say(&format!(
@@ -298,8 +336,8 @@ impl Prepared {
             .as_ref()
             .and_then(|i| i.pymalloc)
             .and_then(|state| Coverage::start(state, pid, includes_raw, sizes));
-        let symbolizer = Symbolizer::new(&target, interpreter.as_ref().map(|i| i.code_resolver(pid)), options.native);
-        Ok(traced(symbolizer, coverage, Some(plan)))
+        let symbolizer = symbolizer(interpreter.as_ref().map(|i| i.code_resolver(pid)), options.native);
+        Ok(traced(symbolizer, coverage, Some(plan), unwinding))
     }
 }
 
@@ -342,6 +380,8 @@ struct Traced {
     untracked: u64,
     /// None without probes (`--census-only`).
     plan: Option<Plan>,
+    /// The kernel side's native unwinding, when it unwinds.
+    unwinding: Option<Unwinding>,
 }
 
 /// How a process came to be traced after the session started.
@@ -378,6 +418,10 @@ struct Session<'a> {
     options: &'a Options,
     /// None with `--census-only`.
     tracer: Option<Tracer>,
+    /// The unwind rules of every file a traced process maps.
+    rules: RuleBook,
+    /// The frames left out of native tracebacks (`--alloc-fn` included).
+    allocators: AllocatorFrames,
     filters: Filters,
     processes: BTreeMap<u32, Traced>,
     /// The outputs still working; one that failed is dropped from here.
@@ -568,7 +612,14 @@ impl Session<'_> {
             if !matches!(how, Followed::Exec) {
                 watch_exit(pid, self.exits.clone())?;
             }
-            prepared.attach(self.tracer.as_mut(), self.options, &quiet, inherited.clone())
+            prepared.attach(
+                self.tracer.as_mut(),
+                &mut self.rules,
+                &self.allocators,
+                self.options,
+                &quiet,
+                inherited.clone(),
+            )
         })();
         let counted_from = counted_from.unwrap_or_else(collect::monotonic_now_ns);
         let lag_ms = counted_from.saturating_sub(since_ns) / 1_000_000;
@@ -636,9 +687,19 @@ impl Session<'_> {
     /// Catches up with every live process: fresh memory maps, and any
     /// Python stack the kernel could not announce.
     fn sweep(&mut self) {
-        let Some(tracer) = &self.tracer else { return };
-        for traced in self.processes.values_mut().filter(|t| !t.exited) {
-            traced.symbolizer.refresh_map();
+        let Some(tracer) = &mut self.tracer else { return };
+        for (&pid, traced) in self.processes.iter_mut().filter(|(_, t)| !t.exited) {
+            // Gone already (a zombie's map is empty): its exit is on its way.
+            if !Target::is_alive(pid) {
+                continue;
+            }
+            let Ok(map) = MemoryMap::read(pid) else { continue };
+            if let Some(unwinding) = &mut traced.unwinding
+                && let Err(e) = unwinding.refresh(tracer, &mut self.rules, &map)
+            {
+                eprintln!("memtrace: pid {pid}: cannot add unwind rules for its new code: {e:#}");
+            }
+            traced.symbolizer.set_map(map);
         }
         if let Ok(keys) = collect::python_stack_keys(tracer) {
             for key in keys {
@@ -731,6 +792,14 @@ impl Session<'_> {
         traced.untracked = counters.untracked();
         let mut notes = traced.notes.clone();
         notes.extend(traced.coverage.as_ref().and_then(|c| c.note(&counters)));
+        notes.extend(traced.unwinding.as_ref().and_then(Unwinding::note));
+        let skipped: Vec<&str> = traced.symbolizer.skipped().collect();
+        if !skipped.is_empty() {
+            notes.push(format!(
+                "native tracebacks start at the program's own code; left out above it: {}",
+                skipped.join(", ")
+            ));
+        }
         traced.sequence += 1;
         traced.exited |= is_final;
         let time = SystemTime::now();

@@ -109,20 +109,53 @@ impl Drop for TempDir {
     }
 }
 
-/// Compiles C `source` with gcc (debug info and frame pointers, so native
-/// sites resolve to lines) and returns the executable.
-pub fn compile_c(dir: &TempDir, name: &str, source: &str, extra: &[&str]) -> PathBuf {
-    let src = dir.0.join(format!("{name}.c"));
+/// A language the tests write target programs in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Language {
+    C,
+    Cpp,
+    Rust,
+}
+
+impl Language {
+    fn compiler(self) -> &'static str {
+        match self {
+            Language::C => "gcc",
+            Language::Cpp => "g++",
+            Language::Rust => "rustc",
+        }
+    }
+
+    /// How its source files end.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Language::C => "c",
+            Language::Cpp => "cpp",
+            Language::Rust => "rs",
+        }
+    }
+}
+
+/// Compiles `source`, written in `language`, with exactly `flags` and
+/// returns the executable `dir/name` (a Rust program's crate is `name` too).
+/// The source is saved beside it as `name.c`, `name.cpp` or `name.rs`,
+/// where debug information points.
+pub fn compile(dir: &TempDir, name: &str, language: Language, source: &str, flags: &[&str]) -> PathBuf {
+    if language == Language::Cpp {
+        ensure_package("g++", "g++").unwrap();
+    }
+    let src = dir.0.join(format!("{name}.{}", language.extension()));
     std::fs::write(&src, source).unwrap();
     let exe = dir.0.join(name);
-    let out = Command::new("gcc")
-        .args(["-g", "-O0", "-fno-omit-frame-pointer", "-o"])
+    let out = Command::new(language.compiler())
+        .current_dir(&dir.0)
+        .args(flags)
+        .arg("-o")
         .arg(&exe)
         .arg(&src)
-        .args(extra)
         .output()
-        .expect("gcc must be installed");
-    assert!(out.status.success(), "gcc failed: {}", String::from_utf8_lossy(&out.stderr));
+        .unwrap_or_else(|e| panic!("{} must be installed: {e}", language.compiler()));
+    assert!(out.status.success(), "{} failed: {}", language.compiler(), String::from_utf8_lossy(&out.stderr));
     exe
 }
 
@@ -217,6 +250,32 @@ pub fn workload_line(marker: &str) -> usize {
 /// name it.
 pub fn workload_site(marker: &str) -> String {
     format!("{WORKLOADS}:{}", workload_line(marker))
+}
+
+/// Compiles C `source` with gcc (debug info and frame pointers, so native
+/// sites resolve to lines), then `extra` flags, and returns the executable.
+pub fn compile_c(dir: &TempDir, name: &str, source: &str, extra: &[&str]) -> PathBuf {
+    let mut flags = vec!["-g", "-O0", "-fno-omit-frame-pointer"];
+    flags.extend_from_slice(extra);
+    compile(dir, name, Language::C, source, &flags)
+}
+
+/// One round of a target that waits for "go" and then says "done...":
+/// traced by a memtrace attached with `--pid PID --interval 60` and
+/// `options`, stopped with SIGINT `hold` after the round. memtrace's
+/// stdout; it must have exited normally.
+pub fn traced_stdout(target: &mut Target, options: &[&str], hold: std::time::Duration) -> String {
+    let pid = target.pid().to_string();
+    let mut args = vec!["--pid", &pid, "--interval", "60"];
+    args.extend_from_slice(options);
+    let memtrace = Memtrace::attach(&args);
+    target.send("go");
+    target.expect_line_prefix("done");
+    std::thread::sleep(hold);
+    memtrace.signal(libc::SIGINT);
+    let (status, stdout, stderr) = memtrace.finish();
+    assert_eq!(status.code(), Some(0), "stderr: {stderr:?}");
+    stdout
 }
 
 /// The line number of the first line of `source` containing `marker`.

@@ -103,19 +103,11 @@ fn start(built: &Built) -> Target {
 }
 
 /// One round of the program under a memtrace started with `options`,
-/// stopped with SIGINT `hold` after the round: memtrace's stdout.
-fn traced_round(target: &mut Target, options: &[&str], hold: std::time::Duration) -> String {
-    let pid = target.pid().to_string();
-    let mut args = vec!["--pid", &pid, "--interval", "60", "--format", "json"];
+/// stopped with SIGINT `hold` after the round: memtrace's JSON lines.
+fn traced_stdout(target: &mut Target, options: &[&str], hold: std::time::Duration) -> String {
+    let mut args = vec!["--format", "json"];
     args.extend_from_slice(options);
-    let memtrace = Memtrace::attach(&args);
-    target.send("go");
-    target.expect_line_prefix("done ");
-    std::thread::sleep(hold);
-    memtrace.signal(libc::SIGINT);
-    let (status, stdout, stderr) = memtrace.finish();
-    assert_eq!(status.code(), Some(0), "stderr: {stderr:?}");
-    stdout
+    memtrace_tests::traced_stdout(target, &args, hold)
 }
 
 const NOW: std::time::Duration = std::time::Duration::ZERO;
@@ -129,7 +121,7 @@ fn site(built: &Built, marker: &str) -> String {
 fn leaking_site_ranks_first_with_exact_numbers_and_churn_shows_nothing() {
     require_root();
     let built = build();
-    let stdout = traced_round(&mut start(&built), &[], NOW);
+    let stdout = traced_stdout(&mut start(&built), &[], NOW);
     let report = final_report(&stdout);
     let rows = &report.rows;
 
@@ -240,12 +232,12 @@ fn size_filters_and_top_limit_what_is_shown() {
     let built = build();
     let mut target = start(&built);
     // Only the 200-byte calloc and 256-byte posix_memalign blocks fit.
-    let stdout = traced_round(&mut target, &["--min-size", "150", "--max-size", "300"], NOW);
+    let stdout = traced_stdout(&mut target, &["--min-size", "150", "--max-size", "300"], NOW);
     let rows = final_report(&stdout).rows;
     let locations: Vec<&str> = rows.iter().map(|l| l.location.as_str()).collect();
     assert_eq!(locations, [site(&built, "MEMALIGN"), site(&built, "CALLOC")], "{stdout}");
 
-    let stdout = traced_round(&mut target, &["--top", "1"], NOW);
+    let stdout = traced_stdout(&mut target, &["--top", "1"], NOW);
     let rows = final_report(&stdout).rows;
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].location, site(&built, "LEAK"));
@@ -257,18 +249,18 @@ fn older_than_hides_young_blocks() {
     let built = build();
     let mut target = start(&built);
     // Nothing is 1.5 s old yet: the report is empty.
-    let stdout = traced_round(&mut target, &["--older-than", "1500"], NOW);
+    let stdout = traced_stdout(&mut target, &["--older-than", "1500"], NOW);
     assert!(final_report(&stdout).rows.is_empty(), "{stdout}");
 
-    let stdout = traced_round(&mut target, &["--older-than", "300"], std::time::Duration::from_millis(600));
+    let stdout = traced_stdout(&mut target, &["--older-than", "300"], std::time::Duration::from_millis(600));
     let rows = final_report(&stdout).rows;
     assert_eq!(rows[0].location, site(&built, "LEAK"));
     assert_eq!(rows[0].count, 10_000);
 }
 
-/// Without frame pointers the kernel's stack walk is blind past the
-/// caller; --native unwinds the copied stack with the binary's own unwind
-/// tables, through main.
+/// Without frame pointers a frame-pointer walk is blind past the caller;
+/// the kernel side unwinds with the binary's own unwind tables, through
+/// main.
 #[test]
 fn native_unwinds_code_without_frame_pointers() {
     require_root();
@@ -276,7 +268,7 @@ fn native_unwinds_code_without_frame_pointers() {
     // Later flags win: optimised, no frame pointers.
     let exe = compile_c(&dir, "alloc_patterns", PROGRAM, &["-O1", "-fomit-frame-pointer"]);
     let built = Built { _dir: dir, exe };
-    let stdout = traced_round(&mut start(&built), &["--native", "--group-by", "traceback"], NOW);
+    let stdout = traced_stdout(&mut start(&built), &["--native", "--group-by", "traceback"], NOW);
     let rows = final_report(&stdout).rows;
     assert_eq!((rows[0].count, rows[0].size), (10_000, 1_000_000), "{stdout}");
     // The biggest offender's traceback, innermost first: leak's call of

@@ -15,7 +15,7 @@ use std::{
 
 use memtrace_tests::{
     JsonReport, Memtrace, TIMEOUT, Target, TempDir, compile_c, ensure_package, final_report, free_port, http_get,
-    json_reports, line_of, memtrace_bin, require_root, run_memtrace,
+    json_reports, line_of, memtrace_bin, require_root, run_memtrace, traced_stdout,
 };
 
 /// On "go", keeps 10,000 blocks of 100 bytes from one line and allocates
@@ -115,17 +115,7 @@ impl Built {
 /// One round of the program under memtrace with `options`; stopped by
 /// SIGINT after the round. Returns memtrace's stdout.
 fn one_round(built: &Built, options: &[&str]) -> String {
-    let mut target = built.start(&[]);
-    let pid = target.pid().to_string();
-    let mut args = vec!["--pid", &pid, "--interval", "60"];
-    args.extend_from_slice(options);
-    let memtrace = Memtrace::attach(&args);
-    target.send("go");
-    target.expect_line("done");
-    memtrace.signal(libc::SIGINT);
-    let (status, stdout, stderr) = memtrace.finish();
-    assert_eq!(status.code(), Some(0), "{stderr:?}");
-    stdout
+    traced_stdout(&mut built.start(&[]), options, std::time::Duration::ZERO)
 }
 
 fn run(program: &str, args: &[&str]) -> String {

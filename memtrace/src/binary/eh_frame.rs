@@ -70,6 +70,23 @@ impl<'a> CallFrames<'a> {
         Some(row.clone())
     }
 
+    /// Passes every unwind row of every FDE to `each` with the addresses
+    /// it covers, `[start, end)`, in the order the FDEs are stored: one pass
+    /// for rules wanted at many addresses. Entries that cannot be read are
+    /// skipped.
+    pub fn each_row(&self, mut each: impl FnMut(u64, u64, &UnwindRow)) {
+        let mut context = UnwindContext::new();
+        let mut entries = self.eh_frame.entries(&self.bases);
+        while let Ok(Some(entry)) = entries.next() {
+            let CieOrFde::Fde(partial) = entry else { continue };
+            let Ok(fde) = partial.parse(EhFrame::cie_from_offset) else { continue };
+            let Ok(mut rows) = fde.rows(&self.eh_frame, &self.bases, &mut context) else { continue };
+            while let Ok(Some(row)) = rows.next_row() {
+                each(row.start_address(), row.end_address(), row);
+            }
+        }
+    }
+
     fn fde(&self, vaddr: u64) -> Option<FrameDescriptionEntry<Reader<'a>>> {
         match self.index.as_ref().and_then(ParsedEhFrameHdr::table) {
             Some(table) => table.fde_for_address(&self.eh_frame, &self.bases, vaddr, EhFrame::cie_from_offset),

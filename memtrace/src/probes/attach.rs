@@ -34,7 +34,7 @@ use aya_obj::{
 };
 use memtrace_common::{
     AllocInfo, AllocKey, CounterSet, KernelConfig, NativeStack, PythonStack, SiteKey, SiteStats, StackKey,
-    TargetConfig, map_name,
+    TargetConfig, UnwindKey, UnwindRule, map_name,
 };
 
 use super::plan::{AttachPoint, Program};
@@ -122,9 +122,9 @@ impl Tracer {
     }
 
     /// Detaches `pid`'s probes and drops everything the kernel side keeps
-    /// of it: its configuration, counters, live blocks, sites and stacks.
-    /// For a process that exited, or whose image an exec replaced (its
-    /// records then describe memory that no longer exists).
+    /// of it: its configuration, counters, live blocks, sites, stacks and
+    /// unwind rules. For a process that exited, or whose image an exec
+    /// replaced (its records then describe memory that no longer exists).
     pub fn forget(&mut self, pid: u32) -> Result<()> {
         self.links.remove(&pid);
         HashMap::<_, u32, TargetConfig>::try_from(self.map_mut(map_name::TARGETS)?)?.remove(&pid).ok();
@@ -133,6 +133,7 @@ impl Tracer {
         self.forget_entries::<SiteKey, SiteStats>(map_name::SITES, |k| k.pid == pid)?;
         self.forget_entries::<StackKey, NativeStack>(map_name::NATIVE_STACKS, |k| k.pid == pid)?;
         self.forget_entries::<StackKey, PythonStack>(map_name::PYTHON_STACKS, |k| k.pid == pid)?;
+        self.forget_entries::<UnwindKey, UnwindRule>(map_name::UNWIND_RULES, |k| k.pid == pid)?;
         Ok(())
     }
 
@@ -146,6 +147,22 @@ impl Tracer {
             map.remove(&key).ok();
         }
         Ok(())
+    }
+
+    /// Adds unwind rules for code of `pid`, each at its address in the
+    /// process, replacing any there. Stops at the first rule the map
+    /// refuses (it is full): returns how many went in.
+    pub fn add_unwind_rules(&mut self, pid: u32, rules: impl IntoIterator<Item = (u64, UnwindRule)>) -> Result<usize> {
+        let mut map: HashMap<&mut MapData, UnwindKey, UnwindRule> =
+            HashMap::try_from(self.map_mut(map_name::UNWIND_RULES)?)?;
+        let mut added = 0;
+        for (pc, rule) in rules {
+            if map.insert(UnwindKey { pid, _pad: 0, pc }, rule, 0).is_err() {
+                break;
+            }
+            added += 1;
+        }
+        Ok(added)
     }
 
     fn map_mut(&mut self, name: &str) -> Result<&mut Map> {

@@ -20,6 +20,14 @@ pub struct Mapping {
     pub path: String,
 }
 
+impl Mapping {
+    /// Where file offset `offset` is mapped, if this mapping holds it.
+    pub fn address_of(&self, offset: u64) -> Option<u64> {
+        let address = self.start.checked_add(offset.checked_sub(self.file_offset)?)?;
+        (address < self.end).then_some(address)
+    }
+}
+
 /// The file-backed mappings of one process, sorted by address.
 #[derive(Clone, Debug, Default)]
 pub struct MemoryMap {

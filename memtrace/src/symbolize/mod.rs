@@ -1,19 +1,27 @@
 //! Turns one process's kernel site keys into tracebacks a report can print:
 //! Python frames when the allocation was made by Python code, native frames
 //! otherwise, and with `--native` both, merged the way the stack really
-//! nests. It is handed the stacks `collect` read, never the maps. Native
-//! frames resolve from files and a saved memory map, so they work after the
-//! process exits; Python frames and stack copies must be read while the
-//! process lives, so they are resolved as soon as the kernel announces them.
+//! nests. Native frames of allocation machinery (`allocators`) above the
+//! first frame of the program's own code are left out, and native-only
+//! tracebacks keep `--frames` frames from there. It is handed the stacks
+//! `collect` read, never the maps. Native frames resolve from files and a
+//! saved memory map, so they work after the process exits; Python frames
+//! and stack copies must be read while the process lives, so they are
+//! resolved as soon as the kernel announces them.
 
+pub mod allocators;
 pub mod native;
 pub mod unwind;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use memtrace_common::{NativeStack, PythonStack, SiteKey, SiteStackCopy, StackKey};
 
-use self::{native::NativeSymbolizer, unwind::Unwinder};
+use self::{
+    allocators::AllocatorFrames,
+    native::{NativeFrame, NativeSymbolizer},
+    unwind::Unwinder,
+};
 use crate::{
     process::{Target, proc_maps::MemoryMap},
     python::code::{CodeResolver, ResolvedFrame},
@@ -25,13 +33,17 @@ use crate::{
 const EVAL_LOOP: &str = "_PyEval_EvalFrameDefault";
 
 pub struct Symbolizer {
-    pid: u32,
     map: MemoryMap,
     native: NativeSymbolizer,
     unwinder: Unwinder,
     python: Option<CodeResolver>,
     /// Mixed Python and native stacks (`--native`).
     mixed: bool,
+    allocators: AllocatorFrames,
+    /// Frames kept of a native-only traceback.
+    frames: usize,
+    /// What the left-out frames were, for the report to say.
+    skipped: BTreeSet<&'static str>,
     /// Python stacks resolved while their code objects were alive.
     python_stacks: HashMap<u64, Vec<ResolvedFrame>>,
     /// Return addresses unwound from each site's stack copy (`--native`).
@@ -40,28 +52,32 @@ pub struct Symbolizer {
 }
 
 impl Symbolizer {
-    pub fn new(target: &Target, python: Option<CodeResolver>, mixed: bool) -> Self {
+    pub fn new(
+        target: &Target,
+        python: Option<CodeResolver>,
+        mixed: bool,
+        allocators: AllocatorFrames,
+        frames: usize,
+    ) -> Self {
         Self {
-            pid: target.pid,
             map: target.map.clone(),
             native: NativeSymbolizer::new(target.paths.clone()),
             unwinder: Unwinder::new(target.paths.clone()),
             python,
             mixed,
+            allocators,
+            frames,
+            skipped: BTreeSet::new(),
             python_stacks: HashMap::new(),
             unwound: HashMap::new(),
             tracebacks: HashMap::new(),
         }
     }
 
-    /// Catches up with the live process's memory map (for libraries loaded
-    /// since). Does nothing once the process is gone.
-    pub fn refresh_map(&mut self) {
-        if Target::is_alive(self.pid)
-            && let Ok(map) = MemoryMap::read(self.pid)
-        {
-            self.map = map;
-        }
+    /// Catches up with the live process's memory map (for libraries
+    /// loaded since).
+    pub fn set_map(&mut self, map: MemoryMap) {
+        self.map = map;
     }
 
     /// Whether Python stack `id` still needs its code objects read.
@@ -97,12 +113,22 @@ impl Symbolizer {
         let frames = match python {
             Some(python) if python.iter().any(|f| f.frame.is_some()) => {
                 if self.mixed {
-                    self.merge(&python, &native)
+                    let pieces = self.merge(&python, &native);
+                    self.from_program(pieces)
                 } else {
                     python.into_iter().filter_map(|f| f.frame).collect()
                 }
             }
-            _ => native.iter().map(|&pc| self.native.frame(&self.map, pc)).collect(),
+            _ => {
+                let pieces = native
+                    .iter()
+                    .flat_map(|&pc| self.native.frames(&self.map, pc))
+                    .map(Piece::Native)
+                    .collect();
+                let mut frames = self.from_program(pieces);
+                frames.truncate(self.frames);
+                frames
+            }
         };
         let traceback = Traceback(frames);
         // A Python stack not resolved yet may still be: keep asking.
@@ -112,9 +138,14 @@ impl Symbolizer {
         traceback
     }
 
+    /// What the native frames left out of tracebacks so far were
+    /// (`allocators`' reasons), in order.
+    pub fn skipped(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.skipped.iter().copied()
+    }
+
     /// The site's native return addresses, innermost first: unwound from
-    /// its stack copy when there is one, else the caller and whatever the
-    /// kernel's frame-pointer walk found.
+    /// its stack copy when there is one, else the kernel's unwinding.
     fn native_pcs(&self, site: &SiteKey, native_stack: impl FnOnce(StackKey) -> Option<NativeStack>) -> Vec<u64> {
         if let Some(pcs) = self.unwound.get(site) {
             return pcs.clone();
@@ -130,24 +161,48 @@ impl Symbolizer {
 
     /// Native frames with each eval-loop frame replaced by the Python
     /// frames it was running: up to and including the next entry frame.
-    fn merge(&mut self, python: &[ResolvedFrame], native: &[u64]) -> Vec<Frame> {
+    fn merge(&mut self, python: &[ResolvedFrame], native: &[u64]) -> Vec<Piece> {
         let mut python = python.iter();
-        let mut frames = Vec::new();
+        let mut pieces = Vec::new();
         for &pc in native {
-            let resolved = self.native.frame(&self.map, pc);
-            if resolved.function.as_deref().is_some_and(|f| f.starts_with(EVAL_LOOP)) {
+            let frames = self.native.frames(&self.map, pc);
+            // The eval loop's own frame is the outermost function at its pc.
+            if frames.last().and_then(|f| f.function.as_ref()).is_some_and(|f| f.name.starts_with(EVAL_LOOP)) {
                 for f in python.by_ref() {
-                    frames.extend(f.frame.clone());
+                    pieces.extend(f.frame.clone().map(Piece::Python));
                     if f.entry {
                         break;
                     }
                 }
             } else {
-                frames.push(resolved);
+                pieces.extend(frames.iter().cloned().map(Piece::Native));
             }
         }
         // Frames the unwinding did not reach still belong to the stack.
-        frames.extend(python.filter_map(|f| f.frame.clone()));
-        frames
+        pieces.extend(python.filter_map(|f| f.frame.clone()).map(Piece::Python));
+        pieces
     }
+
+    /// The frames from the first that is the program's own code.
+    fn from_program(&mut self, pieces: Vec<Piece>) -> Vec<Frame> {
+        let (skip, reasons) = self.allocators.leading(pieces.iter().map(|p| match p {
+            Piece::Native(frame) => Some(frame),
+            Piece::Python(_) => None,
+        }));
+        self.skipped.extend(reasons);
+        pieces
+            .into_iter()
+            .skip(skip)
+            .map(|p| match p {
+                Piece::Native(frame) => frame.frame,
+                Piece::Python(frame) => frame,
+            })
+            .collect()
+    }
+}
+
+/// A frame of a merged stack.
+enum Piece {
+    Native(NativeFrame),
+    Python(Frame),
 }

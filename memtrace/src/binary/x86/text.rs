@@ -2,7 +2,8 @@
 //! function, with the few questions the inlined-code finders ask of it:
 //! where a straight line of code starts and ends, which instruction last
 //! wrote a register, where a direct call or jump goes. The finders
-//! (`probes::inlined`) match their patterns on this.
+//! (`probes::inlined`) match their patterns on this; the unwind rules
+//! (`binary::unwind_rules`) take its return addresses.
 
 use std::collections::HashMap;
 
@@ -30,31 +31,30 @@ impl Text {
     /// misdecoded byte (padding, data) cannot shift the instruction
     /// boundaries of the next function. None without `.eh_frame`.
     pub fn decode(elf: &ElfFile) -> Option<Self> {
-        let text_address = elf.section_address(".text")?;
-        let code = *elf.sections(&[".text"]).first()?;
-        let mut functions = CallFrames::of(elf)?.functions()?;
-        functions
-            .retain(|&(start, end)| start >= text_address && end <= text_address + code.len() as u64 && start < end);
-        functions.sort_unstable();
-        // Overlapping FDEs would decode some bytes twice; keep the first.
-        let mut covered = 0;
-        functions.retain(|&(start, end)| {
-            let keep = start >= covered;
-            covered = covered.max(end);
-            keep
-        });
-        let mut insns = Vec::with_capacity(code.len() / 4);
-        for &(start, end) in &functions {
-            let bytes = &code[(start - text_address) as usize..(end - text_address) as usize];
-            insns.extend(decode(bytes, start));
-        }
-        let mut text = Self { insns, functions, transfers: HashMap::new() };
+        let functions = Functions::of(elf)?;
+        let mut insns = Vec::with_capacity(functions.code.len() / 4);
+        functions.decode(|ins| insns.push(*ins));
+        let mut text = Self { insns, functions: functions.ranges, transfers: HashMap::new() };
         for k in 0..text.insns.len() {
             if let Some(target) = text.direct_target(k) {
                 text.transfers.entry(target).or_default().push(k);
             }
         }
         (!text.insns.is_empty()).then_some(text)
+    }
+
+    /// Every return address of `.text`: the address after each call, in
+    /// address order, decoded as `decode` does but without keeping the
+    /// instructions. None without `.eh_frame`.
+    pub fn return_addresses(elf: &ElfFile) -> Option<Vec<u64>> {
+        let functions = Functions::of(elf)?;
+        let mut returns = Vec::new();
+        functions.decode(|ins| {
+            if matches!(ins.flow_control(), FlowControl::Call | FlowControl::IndirectCall) {
+                returns.push(ins.next_ip());
+            }
+        });
+        Some(returns)
     }
 
     /// The index of the instruction at `vaddr`, if one starts there.
@@ -126,5 +126,39 @@ impl Text {
     /// The direct calls and jumps to `target`, by instruction index.
     pub fn transfers_to(&self, target: u64) -> &[usize] {
         self.transfers.get(&target).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// `.text` and the functions its FDEs describe in it.
+struct Functions<'a> {
+    code: &'a [u8],
+    address: u64,
+    /// (start, end), sorted, not overlapping.
+    ranges: Vec<(u64, u64)>,
+}
+
+impl<'a> Functions<'a> {
+    fn of(elf: &'a ElfFile) -> Option<Self> {
+        let address = elf.section_address(".text")?;
+        let code = *elf.sections(&[".text"]).first()?;
+        let mut ranges = CallFrames::of(elf)?.functions()?;
+        ranges.retain(|&(start, end)| start >= address && end <= address + code.len() as u64 && start < end);
+        ranges.sort_unstable();
+        // Overlapping FDEs would decode some bytes twice; keep the first.
+        let mut covered = 0;
+        ranges.retain(|&(start, end)| {
+            let keep = start >= covered;
+            covered = covered.max(end);
+            keep
+        });
+        Some(Self { code, address, ranges })
+    }
+
+    /// Passes each instruction of each function, in address order, to `each`.
+    fn decode(&self, mut each: impl FnMut(&Instruction)) {
+        for &(start, end) in &self.ranges {
+            let bytes = &self.code[(start - self.address) as usize..(end - self.address) as usize];
+            decode(bytes, start).for_each(|ins| each(&ins));
+        }
     }
 }
