@@ -57,8 +57,10 @@ fn walk_all<A: AddressSpace>(
     let gc = &layout.gc;
     let states: Vec<u64> = match gc.state {
         // One collector for every interpreter.
-        GcState::InRuntime(offset) => vec![runtime + offset],
-        GcState::InInterpreter(offset) => interpreters(memory, layout, runtime)?.iter().map(|i| i + offset).collect(),
+        GcState::InRuntime(offset) => vec![runtime.wrapping_add(offset)],
+        GcState::InInterpreter(offset) => {
+            interpreters(memory, layout, runtime)?.iter().map(|i| i.wrapping_add(offset)).collect()
+        }
     };
     // A list that does not add up is left out, with the reason; the others
     // are still counted.
@@ -67,8 +69,8 @@ fn walk_all<A: AddressSpace>(
         for generation in 0..=gc.generation_count {
             let permanent = generation == gc.generation_count;
             let head = match permanent {
-                true => state + gc.permanent_generation,
-                false => state + gc.generations + generation * gc.generation_size,
+                true => state.wrapping_add(gc.permanent_generation),
+                false => state.wrapping_add(gc.generations + generation * gc.generation_size),
             };
             match walk_list(memory, layout, head, census.tracked + census.permanent) {
                 Ok(list) => {
@@ -91,13 +93,14 @@ fn walk_all<A: AddressSpace>(
 /// The interpreters, main first, along `_PyRuntime.interpreters.head`.
 fn interpreters<A: AddressSpace>(memory: &mut PageCache<A>, layout: &Layout, runtime: u64) -> Result<Vec<u64>, String> {
     let mut found = Vec::new();
-    let mut next = memory.u64(runtime + layout.interpreters_head).map_err(|f| read_failure(f, "_PyRuntime"))?;
+    let mut next =
+        memory.u64(runtime.wrapping_add(layout.interpreters_head)).map_err(|f| read_failure(f, "_PyRuntime"))?;
     while next != 0 {
         if found.len() == MAX_INTERPRETERS || found.contains(&next) {
             return Err("the interpreter list does not end".into());
         }
         found.push(next);
-        next = memory.u64(next + layout.interp_next).map_err(|f| read_failure(f, "an interpreter"))?;
+        next = memory.u64(next.wrapping_add(layout.interp_next)).map_err(|f| read_failure(f, "an interpreter"))?;
     }
     if found.is_empty() {
         return Err("the process has no interpreter yet".into());
@@ -128,11 +131,11 @@ fn walk_list<A: AddressSpace>(
         // PyGC_Head {_gc_next, _gc_prev}; the object, whose ob_type follows
         // ob_refcnt, right after it.
         let fault = |f| read_failure(f, "an object on a GC list");
-        let (next, prev) = (memory.u64(node).map_err(fault)?, memory.u64(node + 8).map_err(fault)?);
+        let (next, prev) = (memory.u64(node).map_err(fault)?, memory.u64(node.wrapping_add(8)).map_err(fault)?);
         if prev & PREV_MASK != previous {
             return Err("list changed under the reader".into());
         }
-        let object_type = memory.u64(node + gc_head + 8).map_err(fault)?;
+        let object_type = memory.u64(node.wrapping_add(gc_head + 8)).map_err(fault)?;
         *by_type.entry(object_type).or_default() += 1;
         count += 1;
         previous = node;
@@ -151,7 +154,7 @@ fn read_failure(fault: Fault, what: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{process::memory::tests::Image, python::layouts::PY312};
+    use crate::{process::memory::Image, python::layouts::PY312};
 
     /// A 3.12 process image: `_PyRuntime` at 0x1000 naming one interpreter
     /// at 0x10000, whose generation 0 holds `objects` (each the type of one

@@ -2,6 +2,7 @@
 //! A user's mistakes (a pid that does not exist, a kernel thread, a
 //! statically linked program) are found here and named in one sentence.
 
+pub mod files;
 pub mod memory;
 pub mod proc_maps;
 pub mod source;

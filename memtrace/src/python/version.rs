@@ -9,6 +9,8 @@
 
 use std::fmt;
 
+use rustc_hash::FxHashMap;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Version {
     pub major: u8,
@@ -39,16 +41,23 @@ impl Version {
     /// machine code (`.text`). None when no candidate is confirmed by the
     /// code or when confirmed candidates disagree: memtrace must not guess.
     pub fn from_version_string(rodata: &[u8], text: &[u8]) -> Option<Version> {
-        let mut found = None;
+        let mut candidates: FxHashMap<u32, Version> = FxHashMap::default();
         for at in 0..rodata.len() {
             // A version string is not the end of a longer number ("13.0.0").
             if at > 0 && (rodata[at - 1].is_ascii_digit() || rodata[at - 1] == b'.') {
                 continue;
             }
-            let Some((version, hex)) = version_string(&rodata[at..]) else { continue };
-            if !text.windows(4).any(|word| word == hex.to_le_bytes()) {
-                continue;
+            if let Some((version, hex)) = version_string(&rodata[at..]) {
+                candidates.insert(hex, version);
             }
+        }
+        // One pass over the code for all of them: a binary (the target's to
+        // forge) may hold any number of version-like strings.
+        let mut found = None;
+        for word in text.windows(4) {
+            let Some(&version) = candidates.get(&u32::from_le_bytes(word.try_into().expect("4 bytes"))) else {
+                continue;
+            };
             match found {
                 Some(seen) if seen != version => return None,
                 _ => found = Some(version),
