@@ -111,11 +111,6 @@ impl Image {
             self.0.entry(at & !(PAGE as u64 - 1)).or_insert([0; PAGE])[at as usize % PAGE] = byte;
         }
     }
-
-    /// Maps the page holding `addr` (zeroed) if it is not.
-    pub fn map_page(&mut self, addr: u64) {
-        self.0.entry(addr & !(PAGE as u64 - 1)).or_insert([0; PAGE]);
-    }
 }
 
 impl AddressSpace for Image {

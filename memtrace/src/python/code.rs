@@ -57,8 +57,9 @@ pub struct ResolvedFrame {
     pub entry: bool,
 }
 
-/// Shown for a frame whose code object was gone before it could be read.
-pub const UNREADABLE_CODE: &str = "<code object freed before it could be read>";
+/// Shown for a frame whose code object could not be read: gone before it
+/// was, or not what a code object is (a table or name beyond the bounds).
+pub const UNREADABLE_CODE: &str = "<code object that could not be read>";
 
 impl<A: AddressSpace> CodeResolver<A> {
     pub fn new(memory: A, layout: Layout) -> Self {
