@@ -17,9 +17,9 @@
 //!
 //! Setup is idempotent and fast once done: the nightly toolchain's rust-src
 //! (the eBPF crate builds `core` itself), bpf-linker built against the
-//! nightly rustc's own libLLVM (no system LLVM here is new enough) and
-//! cargo-fuzz, installed under target/tools. `test` runs every fuzz target
-//! for a few seconds before the tests.
+//! nightly rustc's own libLLVM (no system LLVM here is new enough), and
+//! for `test` and `fuzz` cargo-fuzz, installed under target/tools. `test`
+//! runs every fuzz target for a few seconds before the tests.
 
 use std::{
     env,
@@ -118,6 +118,11 @@ fn setup() -> Result<()> {
     if !works {
         install_bpf_linker()?;
     }
+    Ok(())
+}
+
+/// Installs cargo-fuzz, which builds the fuzz targets, unless already there.
+fn setup_fuzz() -> Result<()> {
     let cargo_fuzz = Command::new(tools_dir().join("bin/cargo-fuzz"))
         .arg("--version")
         .output()
@@ -280,6 +285,7 @@ fn fuzz_targets() -> Result<Vec<String>> {
 /// code fuzzed is safe Rust. The targets' own allocator refuses an
 /// allocation of a size no reader should make.
 fn fuzz(targets: &[String], seconds: u64) -> Result<()> {
+    setup_fuzz()?;
     check(
         Command::new("cargo")
             .current_dir(workspace_root())

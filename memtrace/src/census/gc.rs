@@ -16,6 +16,10 @@ use crate::{
 /// Objects counted before a census gives up: far more than any process
 /// memtrace has met, and a bound on a list that cycles without its head.
 pub const MAX_OBJECTS: u64 = 50_000_000;
+/// Distinct types one list may name before it is taken for no list of
+/// objects: a process has thousands, a forged list one per node, each a
+/// table entry memtrace would keep.
+const MAX_TYPES: usize = 1 << 20;
 /// Interpreters followed along `_PyRuntime.interpreters`.
 const MAX_INTERPRETERS: usize = 64;
 /// `_gc_prev` keeps flags in its two low bits (`_PyGC_PREV_MASK`).
@@ -136,6 +140,9 @@ fn walk_list<A: AddressSpace>(
             return Err("list changed under the reader".into());
         }
         let object_type = memory.u64(node.wrapping_add(gc_head + 8)).map_err(fault)?;
+        if by_type.len() == MAX_TYPES && !by_type.contains_key(&object_type) {
+            return Err(format!("more than {MAX_TYPES} types: not a list of objects"));
+        }
         *by_type.entry(object_type).or_default() += 1;
         count += 1;
         previous = node;
@@ -227,6 +234,18 @@ mod tests {
         image.write_u64(0x100000, 0xdead_0000);
         let census = census_of(image, runtime);
         assert!(census.stopped.as_deref().unwrap().contains("unmapped"), "{census:?}");
+    }
+
+    #[test]
+    fn a_list_naming_more_types_than_a_process_has_stops() {
+        let types: Vec<u64> = (0..=MAX_TYPES as u64).map(|i| 0x1_0000_0000 + i * 8).collect();
+        let (image, runtime) = image(&types);
+        let census = census_of(image, runtime);
+        assert_eq!(
+            census.stopped.as_deref(),
+            Some("generation 0 not counted: more than 1048576 types: not a list of objects")
+        );
+        assert!(census.by_type.is_empty());
     }
 
     #[test]

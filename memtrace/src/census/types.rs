@@ -242,6 +242,18 @@ mod tests {
     }
 
     #[test]
+    fn types_unseen_in_the_last_census_are_forgotten() {
+        let mut memory = PageCache::new(image(), 1 << 20);
+        let mut names = TypeNames::default();
+        names.next_census();
+        assert!(names.get(&mut memory, &PY312, 0x2000).is_some());
+        names.next_census();
+        assert!(names.types.contains_key(&0x2000), "seen in the last census");
+        names.next_census();
+        assert!(names.types.is_empty(), "not asked for in the census before");
+    }
+
+    #[test]
     fn garbage_names_are_refused() {
         let mut image = image();
         image.write_bytes(0x3000, b"app\x01Record\0");
