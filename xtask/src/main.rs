@@ -11,11 +11,16 @@
 //!                                        untraced, the kernel's floor and
 //!                                        peers; writes BENCHMARKS.md
 //!                                        (`cargo xtask bench --help`)
+//!   cargo xtask fuzz [TARGET] [--seconds N]
+//!                                        set up, build and run the fuzz
+//!                                        targets (fuzz/), each for N
+//!                                        seconds (default 60)
 //!
 //! Setup is idempotent and fast once done: the nightly toolchain's rust-src
-//! (the eBPF crate builds `core` itself) and bpf-linker built against the
-//! nightly rustc's own libLLVM (no system LLVM here is new enough), installed
-//! under target/tools.
+//! (the eBPF crate builds `core` itself), bpf-linker built against the
+//! nightly rustc's own libLLVM (no system LLVM here is new enough), and
+//! for `test` and `fuzz` cargo-fuzz, installed under target/tools. `test`
+//! runs every fuzz target for a few seconds before the tests.
 
 use std::{
     env,
@@ -28,6 +33,11 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+/// Seconds each fuzz target runs in `cargo xtask test`, and by default in
+/// `cargo xtask fuzz`.
+const FUZZ_SECONDS_IN_TEST: u64 = 5;
+const FUZZ_SECONDS: u64 = 60;
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -41,8 +51,9 @@ fn main() -> ExitCode {
         "run" => run(rest),
         "test" => test(rest),
         "bench" => bench(rest),
+        "fuzz" => fuzz_command(rest),
         _ => {
-            eprintln!("usage: cargo xtask <setup|build|run|test|bench> [args]");
+            eprintln!("usage: cargo xtask <setup|build|run|test|bench|fuzz> [args]");
             return ExitCode::from(2);
         }
     };
@@ -107,6 +118,23 @@ fn setup() -> Result<()> {
         .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION));
     if !works {
         install_bpf_linker()?;
+    }
+    Ok(())
+}
+
+/// Installs cargo-fuzz, which builds the fuzz targets, unless already there.
+fn setup_fuzz() -> Result<()> {
+    let cargo_fuzz = Command::new(tools_dir().join("bin/cargo-fuzz"))
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION));
+    if !cargo_fuzz {
+        eprintln!("xtask: building cargo-fuzz {CARGO_FUZZ_VERSION} (about two minutes, once)");
+        check(
+            Command::new("cargo")
+                .args(["install", "cargo-fuzz", "--locked", "--version", CARGO_FUZZ_VERSION, "--root"])
+                .arg(tools_dir()),
+        )?;
     }
     Ok(())
 }
@@ -188,6 +216,11 @@ fn stop(child: &mut Child) {
 
 fn test(args: &[String]) -> Result<()> {
     let memtrace = build()?;
+    // The whole suite fuzzes too, first, so that cargo test's summary
+    // closes the output.
+    if args.is_empty() {
+        fuzz(&fuzz_targets()?, FUZZ_SECONDS_IN_TEST)?;
+    }
     // The workspace's default members: memtrace-ebpf only builds for the bpf
     // target (memtrace's build script builds it), never as a host test.
     check(cargo().args(["test", "--release"]).args(args).env("MEMTRACE_BIN", &memtrace))
@@ -203,4 +236,99 @@ fn bench(args: &[String]) -> Result<()> {
             .args(args)
             .env("MEMTRACE_BIN", &memtrace),
     )
+}
+
+/// `cargo xtask fuzz [TARGET] [--seconds N]`.
+fn fuzz_command(args: &[String]) -> Result<()> {
+    let mut seconds = FUZZ_SECONDS;
+    let mut targets = Vec::new();
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--seconds" => {
+                let value = args.next().context("--seconds needs a number")?;
+                seconds = value
+                    .parse()
+                    .ok()
+                    .filter(|&s| s > 0)
+                    .with_context(|| format!("--seconds {value}: not a positive number"))?;
+            }
+            target => targets.push(target.to_owned()),
+        }
+    }
+    let known = fuzz_targets()?;
+    if let Some(unknown) = targets.iter().find(|t| !known.contains(t)) {
+        bail!("no fuzz target {unknown}: the targets are {}", known.join(", "));
+    }
+    setup()?;
+    fuzz(if targets.is_empty() { &known } else { &targets }, seconds)
+}
+
+/// The fuzz targets: the files of fuzz/fuzz_targets.
+fn fuzz_targets() -> Result<Vec<String>> {
+    let dir = workspace_root().join("fuzz/fuzz_targets");
+    let mut targets: Vec<String> = std::fs::read_dir(&dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok()?.strip_suffix(".rs").map(str::to_owned))
+        .collect();
+    targets.sort();
+    Ok(targets)
+}
+
+/// Builds every fuzz target (one build) and runs each of `targets` for
+/// `seconds`, from its seeds (fuzz/seeds/TARGET) and the corpus earlier
+/// runs grew (target/fuzz/corpus/TARGET). A crash, a leak of time (an
+/// input taking seconds) or of memory fails, with the input saved under
+/// target/fuzz/artifacts/TARGET.
+///
+/// Built as memtrace is released (optimised, without overflow checks,
+/// which its dependencies do not all pass) and with no sanitizer: the
+/// code fuzzed is safe Rust. The targets' own allocator refuses an
+/// allocation of a size no reader should make.
+fn fuzz(targets: &[String], seconds: u64) -> Result<()> {
+    setup_fuzz()?;
+    check(
+        Command::new("cargo")
+            .current_dir(workspace_root())
+            .env("PATH", path_with_tools())
+            .args(["+nightly", "fuzz", "build", "--fuzz-dir", "fuzz", "-O", "--sanitizer", "none"])
+            .args(["--codegen-units", "16"]),
+    )?;
+    let root = workspace_root();
+    let work = root.join("target/fuzz");
+    for target in targets {
+        let corpus = work.join("corpus").join(target);
+        let artifacts = work.join("artifacts").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        std::fs::create_dir_all(&artifacts)?;
+        let log = work.join(format!("{target}.log"));
+        let mut cmd = Command::new(root.join("target/x86_64-unknown-linux-gnu/release").join(target));
+        cmd.arg(format!("-max_total_time={seconds}"))
+            .args(["-timeout=5", "-rss_limit_mb=2048", "-print_final_stats=1"])
+            .arg(format!("-artifact_prefix={}/", artifacts.display()))
+            .arg(&corpus);
+        let seeds = root.join("fuzz/seeds").join(target);
+        if seeds.is_dir() {
+            cmd.arg(&seeds);
+        }
+        let status = cmd
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .status()
+            .with_context(|| format!("cannot start fuzz target {target}"))?;
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if !status.success() {
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            eprintln!("{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+            bail!(
+                "fuzz target {target} failed ({status}): the input is in {}, the log in {}",
+                artifacts.display(),
+                log.display()
+            );
+        }
+        let runs = text.lines().find_map(|l| l.strip_prefix("stat::number_of_executed_units: ")).unwrap_or("?");
+        let inputs = std::fs::read_dir(&corpus).map_or(0, |d| d.count());
+        eprintln!("xtask: fuzz {target}: {runs} inputs in {seconds} s, no failure; corpus of {inputs}");
+    }
+    Ok(())
 }

@@ -11,11 +11,18 @@ use object::{
     Object as _, ObjectSection as _, ObjectSegment as _, ObjectSymbol as _, ObjectSymbolTable as _, SymbolKind,
 };
 
+use crate::process::files::read_regular;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Symbol {
     pub vaddr: u64,
     pub size: u64,
 }
+
+/// Largest file read: more than any shared library with its debug
+/// information, and a bound on what a target can make memtrace hold by
+/// mapping a huge file.
+const MAX_FILE: u64 = 4 << 30;
 
 pub struct ElfFile {
     data: Vec<u8>,
@@ -36,8 +43,13 @@ struct Section {
 
 impl ElfFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let data = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let file = object::File::parse(&*data).with_context(|| format!("{} is not an ELF file", path.display()))?;
+        let data = read_regular(path, MAX_FILE).with_context(|| format!("cannot read {}", path.display()))?;
+        Self::parse(data).with_context(|| format!("{} is not an ELF file", path.display()))
+    }
+
+    /// The ELF file whose bytes are `data`.
+    pub fn parse(data: Vec<u8>) -> Result<Self> {
+        let file = object::File::parse(&*data)?;
         let mut symbols = HashMap::new();
         // .symtab first: it has the local symbols (the internal allocator
         // functions) that .dynsym lacks; entries already seen win.
@@ -77,16 +89,16 @@ impl ElfFile {
     pub fn file_offset(&self, vaddr: u64) -> Option<u64> {
         self.segments
             .iter()
-            .find(|&&(start, _, _, file_size)| vaddr >= start && vaddr < start + file_size)
-            .map(|&(start, _, offset, _)| vaddr - start + offset)
+            .find(|&&(start, _, _, file_size)| vaddr.checked_sub(start).is_some_and(|at| at < file_size))
+            .map(|&(start, _, offset, _)| (vaddr - start).wrapping_add(offset))
     }
 
     /// The virtual address of the byte at file offset `offset`.
     pub fn vaddr_of_offset(&self, offset: u64) -> Option<u64> {
         self.segments
             .iter()
-            .find(|&&(_, _, start, file_size)| offset >= start && offset < start + file_size)
-            .map(|&(vaddr, _, start, _)| offset - start + vaddr)
+            .find(|&&(_, _, start, file_size)| offset.checked_sub(start).is_some_and(|at| at < file_size))
+            .map(|&(vaddr, _, start, _)| (offset - start).wrapping_add(vaddr))
     }
 
     /// The bytes of `symbol` as stored in the file.
@@ -105,7 +117,9 @@ impl ElfFile {
             .iter()
             .filter(|s| names.contains(&s.name.as_str()))
             .filter_map(|s| s.file_range)
-            .filter_map(|(offset, size)| self.data.get(offset as usize..(offset + size) as usize))
+            .filter_map(|(offset, size)| {
+                self.data.get(usize::try_from(offset).ok()?..usize::try_from(offset.checked_add(size)?).ok()?)
+            })
             .collect()
     }
 
@@ -113,9 +127,9 @@ impl ElfFile {
     /// or None when they are not all in one loadable segment's file part.
     pub fn bytes_at(&self, vaddr: u64, len: u64) -> Option<&[u8]> {
         let &(start, _, offset, _) = self.segments.iter().find(|&&(start, _, _, file_size)| {
-            vaddr >= start && vaddr.checked_add(len).is_some_and(|end| end <= start + file_size)
+            vaddr.checked_sub(start).and_then(|at| at.checked_add(len)).is_some_and(|end| end <= file_size)
         })?;
-        let from = usize::try_from(vaddr - start + offset).ok()?;
+        let from = usize::try_from((vaddr - start).checked_add(offset)?).ok()?;
         self.data.get(from..from.checked_add(usize::try_from(len).ok()?)?)
     }
 

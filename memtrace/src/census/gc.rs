@@ -16,6 +16,10 @@ use crate::{
 /// Objects counted before a census gives up: far more than any process
 /// memtrace has met, and a bound on a list that cycles without its head.
 pub const MAX_OBJECTS: u64 = 50_000_000;
+/// Distinct types one list may name before it is taken for no list of
+/// objects: a process has thousands, a forged list one per node, each a
+/// table entry memtrace would keep.
+const MAX_TYPES: usize = 1 << 20;
 /// Interpreters followed along `_PyRuntime.interpreters`.
 const MAX_INTERPRETERS: usize = 64;
 /// `_gc_prev` keeps flags in its two low bits (`_PyGC_PREV_MASK`).
@@ -57,8 +61,10 @@ fn walk_all<A: AddressSpace>(
     let gc = &layout.gc;
     let states: Vec<u64> = match gc.state {
         // One collector for every interpreter.
-        GcState::InRuntime(offset) => vec![runtime + offset],
-        GcState::InInterpreter(offset) => interpreters(memory, layout, runtime)?.iter().map(|i| i + offset).collect(),
+        GcState::InRuntime(offset) => vec![runtime.wrapping_add(offset)],
+        GcState::InInterpreter(offset) => {
+            interpreters(memory, layout, runtime)?.iter().map(|i| i.wrapping_add(offset)).collect()
+        }
     };
     // A list that does not add up is left out, with the reason; the others
     // are still counted.
@@ -67,8 +73,8 @@ fn walk_all<A: AddressSpace>(
         for generation in 0..=gc.generation_count {
             let permanent = generation == gc.generation_count;
             let head = match permanent {
-                true => state + gc.permanent_generation,
-                false => state + gc.generations + generation * gc.generation_size,
+                true => state.wrapping_add(gc.permanent_generation),
+                false => state.wrapping_add(gc.generations + generation * gc.generation_size),
             };
             match walk_list(memory, layout, head, census.tracked + census.permanent) {
                 Ok(list) => {
@@ -91,13 +97,14 @@ fn walk_all<A: AddressSpace>(
 /// The interpreters, main first, along `_PyRuntime.interpreters.head`.
 fn interpreters<A: AddressSpace>(memory: &mut PageCache<A>, layout: &Layout, runtime: u64) -> Result<Vec<u64>, String> {
     let mut found = Vec::new();
-    let mut next = memory.u64(runtime + layout.interpreters_head).map_err(|f| read_failure(f, "_PyRuntime"))?;
+    let mut next =
+        memory.u64(runtime.wrapping_add(layout.interpreters_head)).map_err(|f| read_failure(f, "_PyRuntime"))?;
     while next != 0 {
         if found.len() == MAX_INTERPRETERS || found.contains(&next) {
             return Err("the interpreter list does not end".into());
         }
         found.push(next);
-        next = memory.u64(next + layout.interp_next).map_err(|f| read_failure(f, "an interpreter"))?;
+        next = memory.u64(next.wrapping_add(layout.interp_next)).map_err(|f| read_failure(f, "an interpreter"))?;
     }
     if found.is_empty() {
         return Err("the process has no interpreter yet".into());
@@ -128,11 +135,14 @@ fn walk_list<A: AddressSpace>(
         // PyGC_Head {_gc_next, _gc_prev}; the object, whose ob_type follows
         // ob_refcnt, right after it.
         let fault = |f| read_failure(f, "an object on a GC list");
-        let (next, prev) = (memory.u64(node).map_err(fault)?, memory.u64(node + 8).map_err(fault)?);
+        let (next, prev) = (memory.u64(node).map_err(fault)?, memory.u64(node.wrapping_add(8)).map_err(fault)?);
         if prev & PREV_MASK != previous {
             return Err("list changed under the reader".into());
         }
-        let object_type = memory.u64(node + gc_head + 8).map_err(fault)?;
+        let object_type = memory.u64(node.wrapping_add(gc_head + 8)).map_err(fault)?;
+        if by_type.len() == MAX_TYPES && !by_type.contains_key(&object_type) {
+            return Err(format!("more than {MAX_TYPES} types: not a list of objects"));
+        }
         *by_type.entry(object_type).or_default() += 1;
         count += 1;
         previous = node;
@@ -151,7 +161,7 @@ fn read_failure(fault: Fault, what: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{process::memory::tests::Image, python::layouts::PY312};
+    use crate::{process::memory::Image, python::layouts::PY312};
 
     /// A 3.12 process image: `_PyRuntime` at 0x1000 naming one interpreter
     /// at 0x10000, whose generation 0 holds `objects` (each the type of one
@@ -224,6 +234,18 @@ mod tests {
         image.write_u64(0x100000, 0xdead_0000);
         let census = census_of(image, runtime);
         assert!(census.stopped.as_deref().unwrap().contains("unmapped"), "{census:?}");
+    }
+
+    #[test]
+    fn a_list_naming_more_types_than_a_process_has_stops() {
+        let types: Vec<u64> = (0..=MAX_TYPES as u64).map(|i| 0x1_0000_0000 + i * 8).collect();
+        let (image, runtime) = image(&types);
+        let census = census_of(image, runtime);
+        assert_eq!(
+            census.stopped.as_deref(),
+            Some("generation 0 not counted: more than 1048576 types: not a list of objects")
+        );
+        assert!(census.by_type.is_empty());
     }
 
     #[test]

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use self::{memory::Memory, pymalloc::PymallocState, types::TypeNames};
 use crate::{
-    process::memory::{PageCache, ProcessMemory},
+    process::memory::{AddressSpace, PageCache, ProcessMemory},
     python::layouts::Layout,
 };
 
@@ -90,8 +90,13 @@ impl CensusTaker {
 
     pub fn take(&mut self) -> Census {
         let memory = Memory::read(self.pid).ok();
-        let reader = ProcessMemory::new(self.pid);
-        let pools = self.pymalloc.as_ref().map(|state| state.pools(&reader));
+        Census { memory, ..self.take_from(&ProcessMemory::new(self.pid)) }
+    }
+
+    /// The census of what `reader` holds (the process's memory, or an
+    /// image of it), without the kernel's count of its memory.
+    pub fn take_from<A: AddressSpace>(&mut self, reader: &A) -> Census {
+        let pools = self.pymalloc.as_ref().map(|state| state.pools(reader));
         let heap = pools.as_ref().and_then(|p| p.as_ref().ok()).map(|(_, census)| *census);
         let objects = self.python.map(|(layout, runtime)| {
             let started = Instant::now();
@@ -157,6 +162,6 @@ impl CensusTaker {
                 incomplete,
             }
         });
-        Census { memory, heap, objects }
+        Census { memory: None, heap, objects }
     }
 }

@@ -151,7 +151,7 @@ fn untracked_object<A: AddressSpace>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{process::memory::tests::Image, python::layouts::PY312};
+    use crate::{process::memory::Image, python::layouts::PY312};
 
     const TYPE: u64 = 0x1000;
     const BYTES: u64 = 0x2000;

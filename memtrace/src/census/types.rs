@@ -49,9 +49,12 @@ pub struct TypeNames {
 }
 
 impl TypeNames {
-    /// Starts a census: types seen in an earlier one are checked again,
-    /// once, when next asked for.
+    /// Starts a census: types seen in the last one are checked again,
+    /// once, when next asked for; the others are forgotten, so that a
+    /// process creating and dropping classes does not grow the table.
     pub fn next_census(&mut self) {
+        let last = self.census;
+        self.types.retain(|_, (_, checked)| *checked == last);
         self.census += 1;
     }
 
@@ -75,7 +78,7 @@ impl TypeNames {
         let census = self.census;
         let fresh = match self.types.get(&address) {
             Some((_, checked)) if *checked == census => true,
-            Some((info, _)) => memory.u64(address + layout.type_name).ok() == Some(info.name_pointer),
+            Some((info, _)) => memory.u64(address.wrapping_add(layout.type_name)).ok() == Some(info.name_pointer),
             None => false,
         };
         if fresh {
@@ -98,19 +101,19 @@ fn read_type<A: AddressSpace>(memory: &mut PageCache<A>, layout: &Layout, addres
     // ob_type follows ob_refcnt. A type's type is a metatype, whose own
     // type is one too (`type(type) is type`): a word that merely points at
     // an object does not pass both.
-    let metatype = memory.u64(address + 8).ok()?;
+    let metatype = memory.u64(address.wrapping_add(8)).ok()?;
     let is_metatype = |memory: &mut PageCache<A>, t: u64| {
-        memory.u64(t + layout.type_flags).is_ok_and(|flags| flags & TYPE_SUBCLASS != 0)
+        memory.u64(t.wrapping_add(layout.type_flags)).is_ok_and(|flags| flags & TYPE_SUBCLASS != 0)
     };
-    let metametatype = memory.u64(metatype + 8).ok()?;
+    let metametatype = memory.u64(metatype.wrapping_add(8)).ok()?;
     if !is_metatype(memory, metatype) || !is_metatype(memory, metametatype) {
         return None;
     }
-    let flags = memory.u64(address + layout.type_flags).ok()?;
-    if flags & READY == 0 || !BASICSIZE.contains(&memory.u64(address + layout.type_basicsize).ok()?) {
+    let flags = memory.u64(address.wrapping_add(layout.type_flags)).ok()?;
+    if flags & READY == 0 || !BASICSIZE.contains(&memory.u64(address.wrapping_add(layout.type_basicsize)).ok()?) {
         return None;
     }
-    let name_pointer = memory.u64(address + layout.type_name).ok()?;
+    let name_pointer = memory.u64(address.wrapping_add(layout.type_name)).ok()?;
     let full = c_string(memory, name_pointer)?;
     let short = full.rsplit('.').next().unwrap_or(&full);
     let name = match (flags & HEAPTYPE != 0).then(|| module_of(memory, layout, address)).flatten() {
@@ -123,22 +126,22 @@ fn read_type<A: AddressSpace>(memory: &mut PageCache<A>, layout: &Layout, addres
 /// A class's `__module__`: the value of the entry of its `tp_dict` whose
 /// key is that str, when both are ASCII strs.
 fn module_of<A: AddressSpace>(memory: &mut PageCache<A>, layout: &Layout, class: u64) -> Option<String> {
-    let dict = memory.u64(class + layout.type_dict).ok()?;
+    let dict = memory.u64(class.wrapping_add(layout.type_dict)).ok()?;
     let d = &layout.dict;
-    let keys = memory.u64(dict + d.keys).ok()?;
-    let entries = memory.u64(keys + d.nentries).ok()?;
+    let keys = memory.u64(dict.wrapping_add(d.keys)).ok()?;
+    let entries = memory.u64(keys.wrapping_add(d.nentries)).ok()?;
     let (index_bytes, entry_size, key_at) = match d.table {
         DictTable::Sized(at) => {
-            let size = memory.u64(keys + at).ok()?;
+            let size = memory.u64(keys.wrapping_add(at)).ok()?;
             // DK_IXSIZE: the narrowest index that holds the table's size.
             let per_index = [0xff, 0xffff, 0xffff_ffff].iter().position(|&max| size <= max).map_or(8, |i| 1 << i);
             (size.checked_mul(per_index)?, 24, 8)
         }
         DictTable::Log2 { index_bytes, kind, .. } => {
             let mut byte = [0];
-            memory.read(keys + index_bytes, &mut byte).ok()?;
+            memory.read(keys.wrapping_add(index_bytes), &mut byte).ok()?;
             let indices = 1u64.checked_shl(u32::from(byte[0]))?;
-            memory.read(keys + kind, &mut byte).ok()?;
+            memory.read(keys.wrapping_add(kind), &mut byte).ok()?;
             // DICT_KEYS_GENERAL is 0; the str-only kinds drop the hash.
             if byte[0] == 0 { (indices, 24, 8) } else { (indices, 16, 0) }
         }
@@ -146,14 +149,14 @@ fn module_of<A: AddressSpace>(memory: &mut PageCache<A>, layout: &Layout, class:
     if entries > MAX_CLASS_DICT || index_bytes > MAX_CLASS_DICT * 8 {
         return None;
     }
-    let first = keys + d.indices + index_bytes;
+    let first = keys.wrapping_add(d.indices + index_bytes);
     (0..entries).find_map(|i| {
-        let entry = first + i * entry_size + key_at;
+        let entry = first.wrapping_add(i * entry_size + key_at);
         let key = memory.u64(entry).ok()?;
         if ascii_str(memory, layout, key)? != "__module__" {
             return None;
         }
-        let value = memory.u64(entry + 8).ok()?;
+        let value = memory.u64(entry.wrapping_add(8)).ok()?;
         ascii_str(memory, layout, value)
     })
 }
@@ -161,22 +164,22 @@ fn module_of<A: AddressSpace>(memory: &mut PageCache<A>, layout: &Layout, class:
 /// A compact ASCII str's text, if `object` is one of at most MAX_NAME
 /// printable characters.
 fn ascii_str<A: AddressSpace>(memory: &mut PageCache<A>, layout: &Layout, object: u64) -> Option<String> {
-    let length = memory.u64(object + layout.unicode_length).ok()?;
-    let state = memory.u32(object + layout.unicode_state).ok()?;
+    let length = memory.u64(object.wrapping_add(layout.unicode_length)).ok()?;
+    let state = memory.u32(object.wrapping_add(layout.unicode_state)).ok()?;
     if state & UNICODE_COMPACT == 0 || state & UNICODE_ASCII == 0 || length == 0 || length > MAX_NAME as u64 {
         return None;
     }
     let mut text = vec![0; length as usize];
-    memory.read(object + layout.unicode_ascii_data, &mut text).ok()?;
+    memory.read(object.wrapping_add(layout.unicode_ascii_data), &mut text).ok()?;
     text.iter().all(|b| b.is_ascii_graphic()).then(|| String::from_utf8(text).expect("ASCII"))
 }
 
 /// A NUL-terminated, printable ASCII string of at most [`MAX_NAME`] bytes.
 fn c_string<A: AddressSpace>(memory: &mut PageCache<A>, address: u64) -> Option<String> {
     let mut bytes = Vec::new();
-    for at in address..address + MAX_NAME as u64 {
+    for i in 0..MAX_NAME as u64 {
         let mut byte = [0];
-        memory.read(at, &mut byte).ok()?;
+        memory.read(address.wrapping_add(i), &mut byte).ok()?;
         match byte[0] {
             0 => break,
             b if b.is_ascii_graphic() || b == b' ' => bytes.push(b),
@@ -189,7 +192,7 @@ fn c_string<A: AddressSpace>(memory: &mut PageCache<A>, address: u64) -> Option<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{process::memory::tests::Image, python::layouts::PY312};
+    use crate::{process::memory::Image, python::layouts::PY312};
 
     /// `type` at 0x1000 (its own type), `Record` at 0x2000 whose name is
     /// at 0x3000, and a word of garbage at 0x4000.
@@ -236,6 +239,18 @@ mod tests {
         image.write_u64(0x5000 + 8, 0x2000);
         let mut memory = PageCache::new(image, 1 << 20);
         assert!(TypeNames::default().get(&mut memory, &PY312, 0x5000).is_none(), "an instance");
+    }
+
+    #[test]
+    fn types_unseen_in_the_last_census_are_forgotten() {
+        let mut memory = PageCache::new(image(), 1 << 20);
+        let mut names = TypeNames::default();
+        names.next_census();
+        assert!(names.get(&mut memory, &PY312, 0x2000).is_some());
+        names.next_census();
+        assert!(names.types.contains_key(&0x2000), "seen in the last census");
+        names.next_census();
+        assert!(names.types.is_empty(), "not asked for in the census before");
     }
 
     #[test]

@@ -4,8 +4,10 @@
 //! the memory at any time) and callers treat failure as "unknown", never as
 //! a crash. [`PageCache`] serves walks that read millions of small objects:
 //! it copies 64 KiB at a time and answers from its copy, within a budget.
+//! Readers take any [`AddressSpace`], so that an [`Image`] held here stands
+//! in for a process in tests and fuzzing.
 
-use std::io;
+use std::{collections::HashMap, io};
 
 use rustc_hash::FxHashMap;
 
@@ -18,13 +20,59 @@ impl ProcessMemory {
     pub fn new(pid: u32) -> Self {
         Self { pid }
     }
+}
+
+/// An address space memtrace reads: a live process, or (in tests and
+/// fuzzing) an [`Image`] of one. Every read may fail; sizes and addresses
+/// come from the target, so callers bound what they ask for.
+pub trait AddressSpace {
+    /// Copies what it can of `buf.len()` bytes at `addr`, stopping at the
+    /// first unreadable byte; returns how many it copied.
+    fn read_partial(&self, addr: u64, buf: &mut [u8]) -> usize;
 
     /// Fills `buf` from `addr`; fails unless every byte was read.
-    pub fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
+        match self.read_partial(addr, buf) {
+            n if n == buf.len() => Ok(()),
+            _ => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short read")),
+        }
+    }
+
+    fn read_vec(&self, addr: u64, len: usize) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0; len];
+        self.read(addr, &mut buf)?;
+        Ok(buf)
+    }
+
+    fn read_u64(&self, addr: u64) -> io::Result<u64> {
+        let mut b = [0; 8];
+        self.read(addr, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn read_u32(&self, addr: u64) -> io::Result<u32> {
+        let mut b = [0; 4];
+        self.read(addr, &mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+}
+
+impl AddressSpace for ProcessMemory {
+    fn read_partial(&self, addr: u64, buf: &mut [u8]) -> usize {
         let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
         let remote = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: buf.len() };
         // SAFETY: `local` describes `buf`, which is valid for writes of its
         // length; the remote side is only read, by the kernel.
+        let n = unsafe { libc::process_vm_readv(self.pid as libc::pid_t, &local, 1, &remote, 1, 0) };
+        n.max(0) as usize
+    }
+
+    /// As the trait's, with the system's reason when nothing could be read
+    /// (ESRCH: the process is gone; EFAULT: unmapped).
+    fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
+        let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+        let remote = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: buf.len() };
+        // SAFETY: as in `read_partial`.
         let n = unsafe { libc::process_vm_readv(self.pid as libc::pid_t, &local, 1, &remote, 1, 0) };
         match n {
             -1 => Err(io::Error::last_os_error()),
@@ -32,46 +80,51 @@ impl ProcessMemory {
             _ => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short read")),
         }
     }
-
-    /// Copies what it can of `buf.len()` bytes at `addr`, stopping at the
-    /// first unreadable byte; returns how many it copied.
-    pub fn read_partial(&self, addr: u64, buf: &mut [u8]) -> usize {
-        let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
-        let remote = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: buf.len() };
-        // SAFETY: as in `read`.
-        let n = unsafe { libc::process_vm_readv(self.pid as libc::pid_t, &local, 1, &remote, 1, 0) };
-        n.max(0) as usize
-    }
-
-    pub fn read_vec(&self, addr: u64, len: usize) -> io::Result<Vec<u8>> {
-        let mut buf = vec![0; len];
-        self.read(addr, &mut buf)?;
-        Ok(buf)
-    }
-
-    pub fn read_u64(&self, addr: u64) -> io::Result<u64> {
-        let mut b = [0; 8];
-        self.read(addr, &mut b)?;
-        Ok(u64::from_le_bytes(b))
-    }
-
-    pub fn read_u32(&self, addr: u64) -> io::Result<u32> {
-        let mut b = [0; 4];
-        self.read(addr, &mut b)?;
-        Ok(u32::from_le_bytes(b))
-    }
 }
 
-/// Where a [`PageCache`] gets its bytes: a live process, or (in tests and
-/// fuzzing) an image of one.
-pub trait AddressSpace {
-    /// As [`ProcessMemory::read_partial`].
-    fn read_partial(&self, addr: u64, buf: &mut [u8]) -> usize;
-}
-
-impl AddressSpace for ProcessMemory {
+impl<A: AddressSpace> AddressSpace for &A {
     fn read_partial(&self, addr: u64, buf: &mut [u8]) -> usize {
-        ProcessMemory::read_partial(self, addr, buf)
+        (**self).read_partial(addr, buf)
+    }
+
+    fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
+        (**self).read(addr, buf)
+    }
+}
+
+/// A few pages of memory held here, as an address space: what walkers
+/// are tested and fuzzed on. Unwritten pages are unmapped.
+#[derive(Clone, Debug, Default)]
+pub struct Image(HashMap<u64, [u8; PAGE]>);
+
+impl Image {
+    /// Stores `value` at `addr`, mapping its page.
+    pub fn write_u64(&mut self, addr: u64, value: u64) {
+        self.write_bytes(addr, &value.to_le_bytes());
+    }
+
+    /// Stores `bytes` at `addr`, mapping their pages; bytes past the end
+    /// of the address space are dropped.
+    pub fn write_bytes(&mut self, addr: u64, bytes: &[u8]) {
+        for (i, &byte) in bytes.iter().enumerate() {
+            let Some(at) = addr.checked_add(i as u64) else { break };
+            self.0.entry(at & !(PAGE as u64 - 1)).or_insert([0; PAGE])[at as usize % PAGE] = byte;
+        }
+    }
+}
+
+impl AddressSpace for Image {
+    fn read_partial(&self, addr: u64, buf: &mut [u8]) -> usize {
+        let mut done = 0;
+        while done < buf.len() {
+            let Some(at) = addr.checked_add(done as u64) else { break };
+            let Some(page) = self.0.get(&(at & !(PAGE as u64 - 1))) else { break };
+            let offset = at as usize % PAGE;
+            let n = (PAGE - offset).min(buf.len() - done);
+            buf[done..done + n].copy_from_slice(&page[offset..offset + n]);
+            done += n;
+        }
+        done
     }
 }
 
@@ -184,9 +237,7 @@ impl<A: AddressSpace> PageCache<A> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
-    use std::collections::HashMap;
-
+mod tests {
     use super::*;
 
     #[test]
@@ -195,40 +246,6 @@ pub(crate) mod tests {
         let me = ProcessMemory::new(std::process::id());
         assert_eq!(me.read_u64(&value as *const u64 as u64).unwrap(), value);
         assert!(me.read_u64(8).is_err());
-    }
-
-    /// An address space of a few pages, for walkers' tests.
-    #[derive(Default)]
-    pub(crate) struct Image(HashMap<u64, [u8; PAGE]>);
-
-    impl Image {
-        /// Stores `value` at `addr`, mapping its page.
-        pub(crate) fn write_u64(&mut self, addr: u64, value: u64) {
-            self.write_bytes(addr, &value.to_le_bytes());
-        }
-
-        /// Stores `bytes` at `addr`, mapping their pages.
-        pub(crate) fn write_bytes(&mut self, addr: u64, bytes: &[u8]) {
-            for (i, &byte) in bytes.iter().enumerate() {
-                let at = addr + i as u64;
-                self.0.entry(at & !(PAGE as u64 - 1)).or_insert([0; PAGE])[at as usize % PAGE] = byte;
-            }
-        }
-    }
-
-    impl AddressSpace for Image {
-        fn read_partial(&self, addr: u64, buf: &mut [u8]) -> usize {
-            let mut done = 0;
-            while done < buf.len() {
-                let at = addr + done as u64;
-                let Some(page) = self.0.get(&(at & !(PAGE as u64 - 1))) else { break };
-                let offset = at as usize % PAGE;
-                let n = (PAGE - offset).min(buf.len() - done);
-                buf[done..done + n].copy_from_slice(&page[offset..offset + n]);
-                done += n;
-            }
-            done
-        }
     }
 
     #[test]

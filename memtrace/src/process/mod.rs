@@ -4,6 +4,7 @@
 //! and named in one sentence.
 
 pub mod discovery;
+pub mod files;
 pub mod memory;
 pub mod proc_maps;
 pub mod source;

@@ -13,11 +13,18 @@ use super::{
     layouts::{InstrKind, Layout, UNICODE_ASCII, UNICODE_COMPACT, UNICODE_KIND_MASK, UNICODE_KIND_SHIFT},
     linetable::{self, LineTableFormat},
 };
-use crate::{process::memory::ProcessMemory, snapshot::Frame};
+use crate::{
+    process::memory::{AddressSpace, ProcessMemory},
+    snapshot::Frame,
+};
 
 /// Bounds on what is read from the target, which could hold garbage.
 const MAX_STRING: usize = 4096;
 const MAX_LINETABLE: usize = 1 << 20;
+/// Bytes of code objects remembered: far more than a process runs, and a
+/// bound on what a target forging frames and code objects (each may name a
+/// table of [`MAX_LINETABLE`] bytes) can make memtrace keep.
+const MAX_HELD: usize = 64 << 20;
 
 struct Code {
     filename: String,
@@ -30,13 +37,15 @@ struct Code {
     first_traceable: i64,
 }
 
-pub struct CodeResolver {
-    memory: ProcessMemory,
+pub struct CodeResolver<A = ProcessMemory> {
+    memory: A,
     layout: Layout,
     format: LineTableFormat,
     /// By (address, tag); None when the object could not be read or had
     /// changed by the time it was.
     codes: HashMap<(u64, u64), Option<Code>>,
+    /// Bytes the codes hold.
+    held: usize,
 }
 
 /// A resolved Python frame: None for one still being set up (before its
@@ -48,12 +57,13 @@ pub struct ResolvedFrame {
     pub entry: bool,
 }
 
-/// Shown for a frame whose code object was gone before it could be read.
-pub const UNREADABLE_CODE: &str = "<code object freed before it could be read>";
+/// Shown for a frame whose code object could not be read: gone before it
+/// was, or not what a code object is (a table or name beyond the bounds).
+pub const UNREADABLE_CODE: &str = "<code object that could not be read>";
 
-impl CodeResolver {
-    pub fn new(memory: ProcessMemory, layout: Layout) -> Self {
-        Self { memory, layout, format: layout.line_table, codes: HashMap::new() }
+impl<A: AddressSpace> CodeResolver<A> {
+    pub fn new(memory: A, layout: Layout) -> Self {
+        Self { memory, layout, format: layout.line_table, codes: HashMap::new(), held: 0 }
     }
 
     /// The stack's frames, innermost first.
@@ -84,7 +94,7 @@ impl CodeResolver {
     /// Byte offset in the bytecode of the instruction a frame is at;
     /// negative before the first one.
     fn byte_offset(&self, code: u64, instr: u64) -> i64 {
-        let bytecode = code + self.layout.code_bytecode;
+        let bytecode = code.wrapping_add(self.layout.code_bytecode);
         match self.layout.instr_kind {
             InstrKind::LastiBytes => i64::from(instr as u32 as i32),
             InstrKind::LastiCodeUnits => i64::from(instr as u32 as i32) * 2,
@@ -95,6 +105,15 @@ impl CodeResolver {
     fn code(&mut self, address: u64, tag: u64) -> Option<&Code> {
         if !self.codes.contains_key(&(address, tag)) {
             let code = self.read_code(address, tag);
+            let size = size_of::<Option<Code>>()
+                + code.as_ref().map_or(0, |c| c.linetable.len() + c.filename.len() + c.function.len());
+            // Past the bound, start again rather than grow: what is still
+            // in use is read again once.
+            if self.held + size > MAX_HELD {
+                self.codes.clear();
+                self.held = 0;
+            }
+            self.held += size;
             self.codes.insert((address, tag), code);
         }
         self.codes.get(&(address, tag))?.as_ref()
@@ -103,19 +122,19 @@ impl CodeResolver {
     fn read_code(&self, address: u64, tag: u64) -> Option<Code> {
         let l = &self.layout;
         let m = &self.memory;
-        let firstlineno = m.read_u32(address + l.code_firstlineno).ok()?;
-        let name = m.read_u64(address + l.code_name).ok()?;
-        let filename = m.read_u64(address + l.code_filename).ok()?;
+        let firstlineno = m.read_u32(address.wrapping_add(l.code_firstlineno)).ok()?;
+        let name = m.read_u64(address.wrapping_add(l.code_name)).ok()?;
+        let filename = m.read_u64(address.wrapping_add(l.code_filename)).ok()?;
         if code_tag(firstlineno, name, filename) != tag {
             return None;
         }
-        let table = m.read_u64(address + l.code_linetable).ok()?;
+        let table = m.read_u64(address.wrapping_add(l.code_linetable)).ok()?;
         let function = match l.code_qualname {
-            Some(offset) => m.read_u64(address + offset).ok()?,
+            Some(offset) => m.read_u64(address.wrapping_add(offset)).ok()?,
             None => name,
         };
         let first_traceable = match l.code_firsttraceable {
-            Some(offset) => i64::from(m.read_u32(address + offset).ok()? as i32) * 2,
+            Some(offset) => i64::from(m.read_u32(address.wrapping_add(offset)).ok()? as i32) * 2,
             None => 0,
         };
         Some(Code {
@@ -129,25 +148,25 @@ impl CodeResolver {
 
     /// A `bytes` object's contents.
     fn read_bytes(&self, object: u64) -> Option<Vec<u8>> {
-        let len = self.memory.read_u64(object + self.layout.bytes_size).ok()? as usize;
+        let len = self.memory.read_u64(object.wrapping_add(self.layout.bytes_size)).ok()? as usize;
         if len > MAX_LINETABLE {
             return None;
         }
-        self.memory.read_vec(object + self.layout.bytes_data, len).ok()
+        self.memory.read_vec(object.wrapping_add(self.layout.bytes_data), len).ok()
     }
 
     /// A compact `str` object's text (code object strings always are).
     fn read_str(&self, object: u64) -> Option<String> {
         let l = &self.layout;
-        let len = self.memory.read_u64(object + l.unicode_length).ok()? as usize;
-        let state = self.memory.read_u32(object + l.unicode_state).ok()?;
+        let len = self.memory.read_u64(object.wrapping_add(l.unicode_length)).ok()? as usize;
+        let state = self.memory.read_u32(object.wrapping_add(l.unicode_state)).ok()?;
         let kind = (state >> UNICODE_KIND_SHIFT) & UNICODE_KIND_MASK;
         let (compact, ascii) = (state & UNICODE_COMPACT != 0, state & UNICODE_ASCII != 0);
         if !compact || len > MAX_STRING || !matches!(kind, 1 | 2 | 4) {
             return None;
         }
         let data = if ascii { l.unicode_ascii_data } else { l.unicode_compact_data };
-        let raw = self.memory.read_vec(object + data, len * kind as usize).ok()?;
+        let raw = self.memory.read_vec(object.wrapping_add(data), len * kind as usize).ok()?;
         Some(match kind {
             1 => raw.iter().map(|&b| b as char).collect(),
             2 => char::decode_utf16(raw.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])))

@@ -21,7 +21,10 @@ use crate::{
     binary::elf::ElfFile,
     census::pymalloc::PymallocState,
     privileges::{self, Need},
-    process::{Target, memory::ProcessMemory},
+    process::{
+        Target,
+        memory::{AddressSpace as _, ProcessMemory},
+    },
 };
 
 pub struct Interpreter {
@@ -166,7 +169,10 @@ fn walk_recipe(layout: &Layout, runtime: u64) -> Option<PythonWalk> {
 fn window<const N: usize>(fields: [Option<(u64, u64)>; N]) -> Option<(Window, [u64; N])> {
     let present = fields.iter().flatten();
     let start = present.clone().map(|&(offset, _)| offset).min()?;
-    let end = present.map(|&(offset, size)| offset + size).max()?;
+    // 3.13's offsets are read from the target: one past the address space
+    // is no window.
+    let end =
+        present.map(|&(offset, size)| offset.checked_add(size)).collect::<Option<Vec<u64>>>()?.into_iter().max()?;
     if end - start > WINDOW_MAX as u64 {
         return None;
     }
@@ -222,5 +228,6 @@ mod tests {
         let (w, at) = window([Some((56, 8)), None, Some((0, 8)), Some((70, 1))]).unwrap();
         assert_eq!((w, at), (Window { start: 0, len: 71 }, [56, NO_OFFSET, 0, 70]));
         assert!(window([Some((0, 8)), Some((200, 8))]).is_none());
+        assert!(window([Some((0, 8)), Some((u64::MAX - 3, 8))]).is_none(), "past the address space");
     }
 }

@@ -80,7 +80,7 @@ struct StackCopy<'a> {
 impl StackCopy<'_> {
     fn read(&self, address: u64) -> Option<u64> {
         let at = usize::try_from(address.checked_sub(self.base)?).ok()?;
-        Some(u64::from_le_bytes(self.bytes.get(at..at + 8)?.try_into().ok()?))
+        Some(u64::from_le_bytes(self.bytes.get(at..at.checked_add(8)?)?.try_into().ok()?))
     }
 }
 
@@ -125,12 +125,14 @@ impl Unwinder {
 
     fn step(&mut self, map: &MemoryMap, pc: u64, regs: &Registers, stack: &StackCopy) -> Option<Registers> {
         let mapping = map.find(pc)?;
-        if mapping.path.is_empty() {
+        // A return address forged into data (a file mapped without
+        // execute, such as a device) is no code to unwind through.
+        if mapping.path.is_empty() || !mapping.executable {
             return None;
         }
         let path = self.paths.host_path(&mapping.path);
         let elf = self.files.entry(mapping.path.clone()).or_insert_with(|| ElfFile::open(&path).ok()).as_ref()?;
-        let vaddr = elf.vaddr_of_offset(pc - mapping.start + mapping.file_offset)?;
+        let vaddr = elf.vaddr_of_offset((pc - mapping.start).wrapping_add(mapping.file_offset))?;
         caller(&CallFrames::of(elf)?.unwind_row(vaddr)?, regs, stack)
     }
 }

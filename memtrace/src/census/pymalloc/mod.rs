@@ -17,7 +17,7 @@ pub mod locate;
 use std::io;
 
 use crate::{
-    process::memory::ProcessMemory,
+    process::memory::AddressSpace,
     python::layouts::{BlockCounter, Pymalloc},
 };
 
@@ -26,6 +26,9 @@ use crate::{
 /// 256 GiB of arenas) it is taken for garbage.
 const INITIAL_ARENA_OBJECTS: u32 = 16;
 const MAX_ARENAS: u32 = 1 << 20;
+/// Pools in use counted before the state is taken for garbage: 64 GiB of
+/// 16 KiB pools, and a bound on the list kept of them.
+const MAX_POOLS: usize = 1 << 22;
 /// Walks tried before an inconsistent state is reported.
 const ATTEMPTS: usize = 4;
 /// Where pymalloc's bookkeeping is in one target.
@@ -43,7 +46,7 @@ pub struct PymallocState {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Anchor {
+pub enum Anchor {
     /// The fields are at fixed addresses (3.8 to 3.11's statics).
     Fixed,
     /// The fields are offsets from the pointer stored at this address
@@ -74,13 +77,21 @@ pub struct Pool {
 }
 
 impl PymallocState {
+    /// The state whose `arenas`, `maxarenas` and block counter are at
+    /// `fields` (addresses, or offsets from `anchor`'s pointer), laid out
+    /// as `layout` says.
+    pub fn new(anchor: Anchor, fields: [u64; 3], layout: Pymalloc) -> Self {
+        let [arenas, maxarenas, counter] = fields;
+        Self { anchor, arenas, maxarenas, counter, layout }
+    }
+
     /// Walks the arenas and pools now.
-    pub fn census(&self, memory: &ProcessMemory) -> io::Result<Census> {
+    pub fn census(&self, memory: &impl AddressSpace) -> io::Result<Census> {
         Ok(self.walk_consistently(memory)?.1)
     }
 
     /// The pools with blocks in use now, with the census they add up to.
-    pub fn pools(&self, memory: &ProcessMemory) -> io::Result<(Vec<Pool>, Census)> {
+    pub fn pools(&self, memory: &impl AddressSpace) -> io::Result<(Vec<Pool>, Census)> {
         self.walk_consistently(memory)
     }
 
@@ -89,7 +100,7 @@ impl PymallocState {
         &self.layout
     }
 
-    fn walk_consistently(&self, memory: &ProcessMemory) -> io::Result<(Vec<Pool>, Census)> {
+    fn walk_consistently(&self, memory: &impl AddressSpace) -> io::Result<(Vec<Pool>, Census)> {
         let mut why = "";
         for _ in 0..ATTEMPTS {
             match self.walk(memory) {
@@ -101,7 +112,7 @@ impl PymallocState {
         Err(io::Error::new(io::ErrorKind::InvalidData, format!("pymalloc's state is not consistent: {why}")))
     }
 
-    fn walk(&self, memory: &ProcessMemory) -> Result<(Vec<Pool>, Census), Miss> {
+    fn walk(&self, memory: &impl AddressSpace) -> Result<(Vec<Pool>, Census), Miss> {
         let base = match self.anchor {
             Anchor::Fixed => 0,
             Anchor::Pointer(at) => match memory.read_u64(at)? {
@@ -145,7 +156,7 @@ impl PymallocState {
     /// against how new_arena() and the pool carving in obmalloc.c set it up.
     fn count_arena(
         &self,
-        memory: &ProcessMemory,
+        memory: &impl AddressSpace,
         index: usize,
         object: &[u8],
         pools: &mut Vec<Pool>,
@@ -194,6 +205,9 @@ impl PymallocState {
             if count > (pool_size - fields.size) / size {
                 return Err(Miss::Inconsistent("a pool holds more blocks than fit"));
             }
+            if pools.len() == MAX_POOLS {
+                return Err(Miss::Inconsistent("more pools in use than memtrace counts"));
+            }
             pools.push(Pool { address: pool, block_size: size, used: count });
         }
         Ok(())
@@ -228,6 +242,7 @@ fn u32_at(bytes: &[u8], at: u64) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::process::memory::ProcessMemory;
 
     /// A state pointing at memory that is not pymalloc's (this test's own)
     /// is refused, not counted: a `maxarenas` that is no power of two, then
@@ -239,13 +254,8 @@ mod tests {
         for maxarenas in [24, 16] {
             let statics: [u64; 3] = [garbage.as_ptr() as u64, maxarenas, 7];
             let at = std::hint::black_box(&statics).as_ptr() as u64;
-            let state = PymallocState {
-                anchor: Anchor::Fixed,
-                arenas: at,
-                maxarenas: at + 8,
-                counter: at + 16,
-                layout: crate::python::layouts::PY313.pymalloc,
-            };
+            let state =
+                PymallocState::new(Anchor::Fixed, [at, at + 8, at + 16], crate::python::layouts::PY313.pymalloc);
             assert_eq!(state.census(&me).unwrap_err().kind(), io::ErrorKind::InvalidData);
         }
         std::hint::black_box(&garbage);
