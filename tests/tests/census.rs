@@ -11,14 +11,9 @@ use std::{
     process::Command,
 };
 
-use memtrace_tests::{JsonReport, Memtrace, Target, final_report, require_root};
+use memtrace_tests::{JsonReport, Memtrace, Target, final_report, pyenv, require_root};
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/census.py");
-
-fn pyenv(version: &str) -> PathBuf {
-    let root = std::env::var("PYENV_ROOT").unwrap_or_else(|_| "/root/.pyenv".into());
-    Path::new(&root).join("versions").join(version).join("bin/python")
-}
 
 /// Runs a `--census-only` memtrace over one step of `target`: attached
 /// before `send`ing it on, stopped after it printed `then`. Returns the

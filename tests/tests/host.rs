@@ -6,7 +6,7 @@
 
 use std::{path::Path, process::Command};
 
-use memtrace_tests::{JsonReport, Memtrace, Target, json_reports, memtrace_bin, require_root, run_memtrace};
+use memtrace_tests::{JsonReport, Memtrace, Target, json_reports, memtrace_bin, pyenv, require_root, run_memtrace};
 
 /// Holds instances of its own class, `grow N` more at a time.
 const SCRIPT: &str = "import sys
@@ -19,8 +19,8 @@ for line in sys.stdin:
     print('grown', flush=True)
 ";
 
-fn python(path: &str, marker: &str) -> Target {
-    assert!(Path::new(path).exists(), "{path} is missing");
+fn python(path: &Path, marker: &str) -> Target {
+    assert!(path.exists(), "{} is missing", path.display());
     let mut target = Target::spawn(Command::new(path).args(["-c", SCRIPT, marker]));
     target.expect_line("ready");
     target
@@ -35,14 +35,22 @@ fn leaks(report: &JsonReport) -> u64 {
 fn every_matching_python_is_watched_with_exact_counts() {
     require_root();
     let marker = format!("memtrace-host-test-{}", std::process::id());
-    let pyenv = |v: &str| format!("/root/.pyenv/versions/{v}/bin/python");
     let mut targets: Vec<Target> =
         [pyenv("3.8.18"), pyenv("3.12.1"), "/usr/bin/python3.11".into()].iter().map(|p| python(p, &marker)).collect();
     // A Python that does not match is left alone.
     let other = python(&pyenv("3.12.1"), "some-other-service");
     let pattern = format!("{marker}$");
-    let mut memtrace =
-        Memtrace::attach(&["--all-python", "--match", &pattern, "--interval", "0.5", "--format", "json", "--types-limit", "5"]);
+    let mut memtrace = Memtrace::attach(&[
+        "--all-python",
+        "--match",
+        &pattern,
+        "--interval",
+        "0.5",
+        "--format",
+        "json",
+        "--types-limit",
+        "5",
+    ]);
     for target in &targets[1..] {
         memtrace.wait_stderr(&format!("{}{} ", Memtrace::TRACING, target.pid())).unwrap();
     }
@@ -81,13 +89,19 @@ fn no_python_yet_is_said_and_watched_for() {
     ]));
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(stdout, "");
-    assert_eq!(stderr, "memtrace: no Python process matching no-such-program-anywhere yet; looking again at every report\n");
+    assert_eq!(
+        stderr,
+        "memtrace: no Python process matching no-such-program-anywhere yet; looking again at every report\n"
+    );
 }
 
 #[test]
 fn host_mode_mistakes_are_usage_errors() {
     for (args, needle) in [
-        (&["--all-python", "--match", "("][..], "invalid value '(' for '--match <REGEX>': is not a regular expression: unclosed group"),
+        (
+            &["--all-python", "--match", "("][..],
+            "invalid value '(' for '--match <REGEX>': is not a regular expression: unclosed group",
+        ),
         (&["--all-python", "--pid", "1"][..], "the argument '--all-python' cannot be used with '--pid <PID>'"),
         (&["--match", "x", "--pid", "1"][..], "--match narrows --all-python, which is not given"),
         (&["--all-python", "--native"][..], "the argument '--all-python' cannot be used with '--native'"),

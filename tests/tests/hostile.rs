@@ -13,16 +13,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use memtrace_tests::{Memtrace, Target, require_root};
+use memtrace_tests::{Memtrace, Target, pyenv, require_root};
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/hostile.py");
 /// From SIGINT to memtrace's exit: its final report of a small process.
 const STOP_WITHIN: Duration = Duration::from_secs(20);
-
-fn pyenv(version: &str) -> PathBuf {
-    let root = std::env::var("PYENV_ROOT").unwrap_or_else(|_| "/root/.pyenv".into());
-    Path::new(&root).join("versions").join(version).join("bin/python")
-}
 
 /// memtrace with `mode`'s flags over two rounds of the target's
 /// allocations, in text (whose tracebacks show source lines, so the FIFO

@@ -8,7 +8,7 @@
 
 use std::{path::Path, process::Command};
 
-use memtrace_tests::{JsonReport, Memtrace, Row, Target, json_reports, require_root, workspace_root};
+use memtrace_tests::{JsonReport, Memtrace, Row, Target, json_reports, pyenv, require_root, workspace_root};
 
 fn script() -> String {
     workspace_root().join("tests/python/lifecycle.py").display().to_string()
@@ -107,11 +107,6 @@ fn exec(python: &Path) {
     assert!(row(new, "before").is_none(), "the former image's blocks are gone with it");
     assert!(new.notes.iter().any(|n| n.starts_with("a new image (exec), traced from ")), "{:?}", new.notes);
     assert!(new.losses.values().all(|&v| v == 0), "the new image is read with its own layout: {:?}", new.losses);
-}
-
-fn pyenv(version: &str) -> std::path::PathBuf {
-    let root = std::env::var("PYENV_ROOT").unwrap_or_else(|_| "/root/.pyenv".into());
-    Path::new(&root).join("versions").join(version).join("bin/python")
 }
 
 macro_rules! interpreter {

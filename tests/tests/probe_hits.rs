@@ -8,7 +8,7 @@
 
 use std::{collections::BTreeMap, os::fd::FromRawFd as _, os::fd::OwnedFd, path::Path, process::Command};
 
-use memtrace_tests::{Memtrace, Target, final_report, require_root};
+use memtrace_tests::{Memtrace, Target, final_report, pyenv, require_root};
 
 /// 20,000 bytes objects kept in a list, and a dict of 20,000 str.
 const WORKLOAD: &str = "import sys
@@ -72,11 +72,6 @@ fn hits_per_allocation(python: &Path) -> f64 {
     let ratio = total as f64 / allocations as f64;
     eprintln!("{}: {total} probe hits ({hits:?}) for {allocations} allocations: {ratio:.2}", python.display());
     ratio
-}
-
-fn pyenv(version: &str) -> std::path::PathBuf {
-    let root = std::env::var("PYENV_ROOT").unwrap_or_else(|_| "/root/.pyenv".into());
-    Path::new(&root).join("versions").join(version).join("bin/python")
 }
 
 /// Today: an entry and a return probe on every allocation, _Py_NewReference
