@@ -659,7 +659,8 @@ impl Session<'_> {
     /// once of each that cannot be watched why not.
     fn discover(&mut self) {
         let processes = &self.processes;
-        let scan = discovery::scan(self.options.matching.as_ref(), |pid| processes.get(&pid).is_some_and(|t| !t.exited));
+        let scan =
+            discovery::scan(self.options.matching.as_ref(), |pid| processes.get(&pid).is_some_and(|t| !t.exited));
         for (pid, reason) in scan.skipped {
             if self.skipped.get(&pid) != Some(&reason) {
                 eprintln!("memtrace: pid {pid} is not watched: {reason}");

@@ -185,11 +185,7 @@ mod tests {
     use crate::{snapshot::Frame, symbolize::native::Function};
 
     fn frame(raw: &str, module: &str) -> NativeFrame {
-        NativeFrame {
-            frame: Frame::at(raw, 0),
-            function: Some(Function::demangle(raw)),
-            module: module.into(),
-        }
+        NativeFrame { frame: Frame::at(raw, 0), function: Some(Function::demangle(raw)), module: module.into() }
     }
 
     #[test]

@@ -120,11 +120,8 @@ impl Symbolizer {
                 }
             }
             _ => {
-                let pieces = native
-                    .iter()
-                    .flat_map(|&pc| self.native.frames(&self.map, pc))
-                    .map(Piece::Native)
-                    .collect();
+                let pieces =
+                    native.iter().flat_map(|&pc| self.native.frames(&self.map, pc)).map(Piece::Native).collect();
                 let mut frames = self.from_program(pieces);
                 frames.truncate(self.frames);
                 frames
