@@ -86,10 +86,12 @@ impl View {
         report::View { group_by: self.group_by, top: self.top, types: self.types_limit }
     }
 
-    /// The writer of reports to stdout, with source lines from `sources`.
-    pub fn stdout_writer(&self, sources: SourceFiles) -> Output {
+    /// The writer of reports to stdout, with source lines from `sources`;
+    /// in text, of host reports only when `host`.
+    pub fn stdout_writer(&self, sources: SourceFiles, host: bool) -> Output {
         let out = std::io::stdout();
         let writer: Box<dyn Writer> = match self.format {
+            Format::Text if host => Box::new(TextWriter::for_host(out, sources, self.report())),
             Format::Text => Box::new(TextWriter::new(out, sources, self.report())),
             Format::Json => Box::new(JsonWriter::new(out, self.report())),
         };
@@ -313,7 +315,7 @@ impl Options {
     /// before anything is traced.
     pub fn outputs(&self) -> Result<Vec<Output>> {
         let View { group_by, top, .. } = self.view;
-        let mut outputs = vec![self.view.stdout_writer(SourceFiles::default())];
+        let mut outputs = vec![self.view.stdout_writer(SourceFiles::default(), self.host_mode())];
         let mut file = |option: &str, path: &PathBuf, writer: Box<dyn Writer>| -> Result<()> {
             let name = format!("--{option} {}", path.display());
             check_writable(path).with_context(|| format!("cannot write {name}"))?;
@@ -361,6 +363,13 @@ impl Options {
     pub fn interval(&self) -> Duration {
         let default = if self.all_python { 10.0 } else { 5.0 };
         Duration::from_secs_f64(self.interval.unwrap_or(default))
+    }
+
+    /// Host mode: many processes at the free tier, reported together,
+    /// ranked by growth (`--all-python`, or `--census-only` over several
+    /// pids).
+    pub fn host_mode(&self) -> bool {
+        self.all_python || (self.census_only && self.pids.len() > 1)
     }
 
     /// Whether no probe is attached: `--census-only`, or host mode's free tier.

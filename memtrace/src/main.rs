@@ -80,7 +80,7 @@ fn offline(view: &View, load: impl FnOnce() -> anyhow::Result<(Option<SavedSnaps
     let written = load().and_then(|(old, new)| {
         // The process may be gone, or its pid reused: sources come from the
         // host's files as they are now.
-        let mut output = view.stdout_writer(SourceFiles::on_host());
+        let mut output = view.stdout_writer(SourceFiles::on_host(), false);
         output.writer.write(&new.report(old.as_ref())).map_err(|e| anyhow::anyhow!("cannot write the report: {e}"))
     });
     match written {

@@ -28,7 +28,7 @@ use tokio::{
 
 use crate::{
     binary::elf::ElfFile,
-    census::{Census, CensusTaker},
+    census::{Census, CensusTaker, schedule::CensusBudget},
     cli::Options,
     collect,
     coverage::Coverage,
@@ -44,7 +44,8 @@ use crate::{
     progress::Progress,
     python::{self, Detection},
     report::{
-        CensusChange, Output, ProcessInfo, Report,
+        CensusChange, HostReport, Output, ProcessInfo, Report, Writer,
+        host::{self, Skipped, Standing, Watch},
         trend::{History, TypeHistory},
     },
     snapshot::{Snapshot, Stat},
@@ -127,6 +128,8 @@ pub async fn run(options: Options) -> Result<Outcome> {
         exits,
         gone_untracked: 0,
         skipped: BTreeMap::new(),
+        census_budget: CensusBudget::default(),
+        host_reports: 0,
     };
     if options.all_python {
         session.discover();
@@ -247,6 +250,14 @@ impl Prepared {
         };
         let symbolizer =
             |python, mixed| Symbolizer::new(&target, python, mixed, allocators.clone(), options.frames as usize);
+        // The census at attach is where host reports count growth from.
+        let attached_at = SystemTime::now();
+        let mut types = TypeHistory::default();
+        if let Some(objects) = &baseline.objects {
+            types.push(attached_at, objects);
+        }
+        let mut watch = Watch::default();
+        watch.record(attached_at, baseline.memory, baseline.heap);
         let traced = |symbolizer, coverage, plan, unwinding| Traced {
             plan,
             unwinding,
@@ -259,9 +270,12 @@ impl Prepared {
             notes,
             previous: Snapshot::default(),
             history: History::default(),
-            types: TypeHistory::default(),
+            types,
+            watch,
+            in_container: target.in_container,
             sequence: 0,
             exited: false,
+            gone: false,
         };
         let Some(tracer) = tracer else {
             progress.say(&format!(
@@ -373,9 +387,15 @@ struct Traced {
     history: History,
     /// Its censuses so far, for the types' verdicts.
     types: TypeHistory,
+    /// Its memory over time, for host reports.
+    watch: Watch,
+    /// In another pid or mount namespace (a container).
+    in_container: bool,
     sequence: u32,
     /// Its final report is written; nothing more is.
     exited: bool,
+    /// It exited (or replaced its image).
+    gone: bool,
     /// Allocations the kernel side could not track, at its latest report.
     untracked: u64,
     /// None without probes (`--census-only`).
@@ -439,7 +459,11 @@ struct Session<'a> {
     gone_untracked: u64,
     /// With --all-python: the Python processes it cannot watch, and why,
     /// each said once.
-    skipped: BTreeMap<u32, String>,
+    skipped: BTreeMap<u32, Skipped>,
+    /// Host mode: when each process's object census may be taken.
+    census_budget: CensusBudget,
+    /// Host reports written.
+    host_reports: u32,
 }
 
 impl Session<'_> {
@@ -550,11 +574,13 @@ impl Session<'_> {
 
     /// A process exited: its final report, covering its whole life since attach.
     fn exited(&mut self, pid: u32) -> Result<()> {
-        if self.processes.get(&pid).is_none_or(|t| t.exited) {
-            return Ok(());
+        let Some(traced) = self.processes.get_mut(&pid).filter(|t| !t.exited) else { return Ok(()) };
+        traced.gone = true;
+        self.final_report_of(pid)?;
+        // Host reports name the processes that exited.
+        if !self.options.host_mode() {
+            eprintln!("memtrace: pid {pid} exited; the final report above covers its whole life since attach");
         }
-        self.report(&[pid], true)?;
-        eprintln!("memtrace: pid {pid} exited; the final report above covers its whole life since attach");
         // Its records would only fill the maps, and its pid may come back.
         if let Some(tracer) = &mut self.tracer {
             tracer.forget(pid)?;
@@ -579,7 +605,7 @@ impl Session<'_> {
                 let Some(traced) = self.processes.get_mut(&pid).filter(|t| !t.exited) else { return Ok(()) };
                 // The kernel side stopped counting it at the exec.
                 traced.notes.push("it replaced its image (exec): this final report covers the former image".into());
-                self.report(&[pid], true)?;
+                self.final_report_of(pid)?;
                 eprintln!("memtrace: pid {pid} exec'd; the final report above covers its former image");
                 if let Some(tracer) = &mut self.tracer {
                     tracer.forget(pid)?;
@@ -661,10 +687,13 @@ impl Session<'_> {
         let processes = &self.processes;
         let scan =
             discovery::scan(self.options.matching.as_ref(), |pid| processes.get(&pid).is_some_and(|t| !t.exited));
+        // A skipped process that is gone is no longer news.
+        self.skipped.retain(|pid, _| Target::is_alive(*pid));
         for (pid, reason) in scan.skipped {
-            if self.skipped.get(&pid) != Some(&reason) {
+            if self.skipped.get(&pid).is_none_or(|s| s.reason != reason) {
                 eprintln!("memtrace: pid {pid} is not watched: {reason}");
-                self.skipped.insert(pid, reason);
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                self.skipped.insert(pid, Skipped { pid, comm: comm.trim().to_owned(), reason });
             }
         }
         for pid in scan.python {
@@ -723,20 +752,74 @@ impl Session<'_> {
     /// of `pids`.
     fn report(&mut self, pids: &[u32], is_final: bool) -> Result<()> {
         self.sweep();
-        pids.iter().try_for_each(|&pid| self.report_one(pid, is_final))
+        if !self.options.host_mode() {
+            return pids.iter().try_for_each(|&pid| self.report_one(pid, is_final, true));
+        }
+        // The censuses the budget allows go to the processes censused
+        // longest ago; a final report censuses every one.
+        self.census_budget.fill(Instant::now());
+        let mut order = pids.to_vec();
+        order.sort_by_key(|pid| self.processes.get(pid).and_then(|t| t.types.latest()).map(|(time, _)| time));
+        for pid in order {
+            let census = is_final || self.census_budget.allows();
+            let started = Instant::now();
+            self.report_one(pid, is_final, census)?;
+            if census {
+                self.census_budget.spend(started.elapsed());
+            }
+        }
+        self.host_report(is_final);
+        Ok(())
     }
 
-    /// Reads `pid`'s sites into a snapshot, takes its census, and writes
-    /// its report.
-    fn report_one(&mut self, pid: u32, is_final: bool) -> Result<()> {
+    /// The final report of one process whose life (or image) ended; in
+    /// host mode without a census, which it would not survive, and with
+    /// its standing left to the next host report.
+    fn final_report_of(&mut self, pid: u32) -> Result<()> {
+        self.sweep();
+        self.report_one(pid, true, !self.options.host_mode())
+    }
+
+    /// Host mode's report of every process: those live, and those that
+    /// exited since the previous one (then forgotten, so that churn leaves
+    /// nothing behind).
+    fn host_report(&mut self, is_final: bool) {
+        let top = self.options.view.top;
+        let mut processes: Vec<Standing> = self
+            .processes
+            .values()
+            .map(|t| Standing::new(t.info.clone(), t.in_container, t.gone, &t.watch, &t.types, top))
+            .collect();
+        host::rank(&mut processes);
+        self.host_reports += 1;
+        let report = HostReport {
+            time: SystemTime::now(),
+            sequence: self.host_reports,
+            is_final,
+            processes,
+            skipped: self.skipped.values().cloned().collect(),
+        };
+        self.progress.clear();
+        write_host_to(&mut self.outputs, &mut self.failed, &report);
+        let gone: Vec<u32> = self.processes.iter().filter(|(_, t)| t.gone).map(|(&pid, _)| pid).collect();
+        for pid in gone {
+            self.drop_process(pid);
+        }
+    }
+
+    /// Reads `pid`'s sites into a snapshot, takes its census (its memory
+    /// only, unless `census`), and writes its report.
+    fn report_one(&mut self, pid: u32, is_final: bool, census: bool) -> Result<()> {
         let Some(traced) = self.processes.get_mut(&pid) else { return Ok(()) };
         if traced.sequence == 0 {
             self.progress.step(format!("pid {pid}: its census and symbols for the first report"));
         }
-        let census = traced.census.take();
+        let census = if census { traced.census.take() } else { traced.census.take_memory() };
+        let now = SystemTime::now();
         if let Some(objects) = &census.objects {
-            traced.types.push(SystemTime::now(), objects);
+            traced.types.push(now, objects);
         }
+        traced.watch.record(now, census.memory, census.heap);
         let type_trends = traced.types.trends();
         let Some(tracer) = &self.tracer else {
             traced.sequence += 1;
@@ -759,7 +842,7 @@ impl Session<'_> {
             };
             self.progress.clear();
             write_to(&mut self.outputs, &mut self.failed, &report);
-            traced.census_before = report.census.map(|c| c.now).unwrap_or_default();
+            traced.census_before = report.census.map(CensusChange::carried_on).unwrap_or_default();
             return Ok(());
         };
         let sites = collect::sites(tracer, pid)?;
@@ -825,7 +908,7 @@ impl Session<'_> {
         write_to(&mut self.outputs, &mut self.failed, &report);
         traced.previous = report.current;
         traced.history = report.history;
-        traced.census_before = report.census.map(|c| c.now).unwrap_or_default();
+        traced.census_before = report.census.map(CensusChange::carried_on).unwrap_or_default();
         Ok(())
     }
 }
@@ -833,7 +916,19 @@ impl Session<'_> {
 /// Hands `report` to every output; one that fails is dropped, its failure
 /// kept in `failed` (the first) or said on stderr (any later one).
 fn write_to(outputs: &mut Vec<Output>, failed: &mut Option<anyhow::Error>, report: &Report) {
-    outputs.retain_mut(|output| match output.writer.write(report) {
+    write_each(outputs, failed, |writer| writer.write(report));
+}
+
+fn write_host_to(outputs: &mut Vec<Output>, failed: &mut Option<anyhow::Error>, report: &HostReport) {
+    write_each(outputs, failed, |writer| writer.write_host(report));
+}
+
+fn write_each(
+    outputs: &mut Vec<Output>,
+    failed: &mut Option<anyhow::Error>,
+    mut write: impl FnMut(&mut dyn Writer) -> io::Result<()>,
+) {
+    outputs.retain_mut(|output| match write(output.writer.as_mut()) {
         Ok(()) => true,
         Err(e) => {
             let error = anyhow::anyhow!("cannot write {}: {e}", output.name);

@@ -323,13 +323,29 @@ pub fn parse_line(line: &str) -> Option<ReportLine> {
     })
 }
 
-pub use memtrace::report::json::{JsonReport, Row};
+pub use memtrace::report::json::{JsonHostReport, JsonReport, Row};
 
-/// memtrace's reports, from its stdout under `--format json`.
+/// Whether a line of `--format json` output is a host report.
+fn is_host_report(line: &str) -> bool {
+    line.starts_with(r#"{"report":"host""#)
+}
+
+/// memtrace's reports of each process, from its stdout under `--format
+/// json` (host reports left out).
 pub fn json_reports(stdout: &str) -> Vec<JsonReport> {
     stdout
         .lines()
+        .filter(|line| !is_host_report(line))
         .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON report ({e}): {line}")))
+        .collect()
+}
+
+/// memtrace's host reports, from its stdout under `--format json`.
+pub fn host_reports(stdout: &str) -> Vec<JsonHostReport> {
+    stdout
+        .lines()
+        .filter(|line| is_host_report(line))
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not a host report ({e}): {line}")))
         .collect()
 }
 

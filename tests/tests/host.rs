@@ -6,7 +6,10 @@
 
 use std::{path::Path, process::Command};
 
-use memtrace_tests::{JsonReport, Memtrace, Target, json_reports, memtrace_bin, pyenv, require_root, run_memtrace};
+use memtrace_tests::{
+    JsonHostReport, JsonReport, Memtrace, Target, host_reports, json_reports, memtrace_bin, pyenv, require_root,
+    run_memtrace,
+};
 
 /// Holds instances of its own class, `grow N` more at a time.
 const SCRIPT: &str = "import sys
@@ -26,9 +29,11 @@ fn python(path: &Path, marker: &str) -> Target {
     target
 }
 
-fn leaks(report: &JsonReport) -> u64 {
-    let census = report.census.as_ref().expect("a census");
-    census.types.iter().find(|t| t.name == "__main__.Leak").map_or(0, |t| t.count)
+/// The `Leak` objects a host report counts in process `pid`: grown since
+/// memtrace first saw it, it is among the types that grew.
+fn leaks(report: &JsonHostReport, pid: u32) -> u64 {
+    let standing = report.processes.iter().find(|p| p.pid == pid).expect("each process ranked");
+    standing.types.iter().find(|t| t.name == "__main__.Leak").map_or(0, |t| t.count)
 }
 
 #[test]
@@ -67,12 +72,118 @@ fn every_matching_python_is_watched_with_exact_counts() {
     let (status, stdout, stderr) = memtrace.finish();
     assert_eq!(status.code(), Some(0), "{stderr:?}");
     let reports = json_reports(&stdout);
+    let host = host_reports(&stdout).pop().expect("host reports");
+    assert!(host.is_final && host.watched == 4, "{host:?}");
     for (target, n) in targets.iter().zip([1000, 2000, 3000, 4000]) {
-        let last = reports.iter().filter(|r| r.pid == target.pid()).last().expect("reports of each");
+        let last: &JsonReport = reports.iter().filter(|r| r.pid == target.pid()).last().expect("reports of each");
         assert!(last.is_final && !last.traced, "census only: {last:?}");
-        assert_eq!(leaks(last), n, "pid {}: {:?}", target.pid(), last.census);
+        assert_eq!(leaks(&host, target.pid()), n, "pid {}: {host:?}", target.pid());
     }
     assert!(reports.iter().all(|r| r.pid != other.pid()), "the other Python does not match");
+    assert!(host.processes.iter().all(|p| p.pid != other.pid()), "the other Python does not match");
+}
+
+/// Leaks `Leak` instances (argv[1] of them every 0.25 s), churns 8 MiB
+/// of private memory (argv[1] 0: mapped, touched and unmapped every 0.35 s,
+/// a period memtrace's 0.5 s interval cannot fall in step with; malloc
+/// would keep it after the first free, raising its mmap threshold, and a
+/// shared mapping is not anonymous memory), or sits still
+/// (`still`); on "freeze" stops and says how many `Leak` objects
+/// gc.get_objects() holds.
+const HOST_SCRIPT: &str = "import gc, mmap, sys, threading, time
+class Leak:
+    pass
+keep = []
+freeze = threading.Event()
+threading.Thread(target=lambda: sys.stdin.readline() and freeze.set(), daemon=True).start()
+print('ready', flush=True)
+rate = None if sys.argv[1] == 'still' else int(sys.argv[1])
+churn = None
+while not freeze.is_set():
+    if rate:
+        keep.extend(Leak() for _ in range(rate))
+        time.sleep(0.25)
+    elif rate == 0:
+        if churn:
+            churn.close()
+            churn = None
+        else:
+            churn = mmap.mmap(-1, 8 << 20, flags=mmap.MAP_PRIVATE)
+            for page in range(0, 8 << 20, 4096):
+                churn[page] = 1
+        time.sleep(0.35)
+    else:
+        time.sleep(0.1)
+print('count', sum(1 for o in gc.get_objects() if type(o) is Leak), flush=True)
+time.sleep(3600)
+";
+
+fn host_target(path: &Path, args: &[&str]) -> Target {
+    assert!(path.exists(), "{} is missing", path.display());
+    let mut target = Target::spawn(Command::new(path).args(["-c", HOST_SCRIPT]).args(args));
+    target.expect_line("ready");
+    target
+}
+
+/// The issue's host report: interpreters of every kind at once, ranked by
+/// growth; the leakers first (the faster first), growing, with their class
+/// counted as their own gc.get_objects() counts it; the churner churns and
+/// the still one is on a plateau.
+#[test]
+fn the_host_report_ranks_the_leakers_first_with_their_type() {
+    require_root();
+    let marker = format!("memtrace-host-report-{}", std::process::id());
+    let mut fast = host_target(&pyenv("3.12.1"), &["400", &marker]);
+    let mut slow = host_target(&pyenv("3.13.0"), &["100", &marker]);
+    let churner = host_target(&pyenv("3.8.18"), &["0", &marker]);
+    let still = host_target(Path::new("/usr/bin/python3.11"), &["still", &marker]);
+    let pattern = format!("{marker}$");
+    let memtrace = Memtrace::attach(&["--all-python", "--match", &pattern, "--interval", "0.5", "--format", "json"]);
+    std::thread::sleep(std::time::Duration::from_secs(9));
+    // Frozen, the leakers hold still while memtrace's final census is taken.
+    let mut own = Vec::new();
+    for target in [&mut fast, &mut slow] {
+        target.send("freeze");
+        own.push(target.expect_line_prefix("count ").trim_start_matches("count ").trim().parse::<u64>().unwrap());
+    }
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    memtrace.signal(libc::SIGINT);
+    let (status, stdout, stderr) = memtrace.finish();
+    assert_eq!(status.code(), Some(0), "{stderr:?}");
+    let reports = host_reports(&stdout);
+    assert!(reports.len() >= 12, "a host report every 0.5 s: {}", reports.len());
+    let last: &JsonHostReport = reports.last().unwrap();
+    assert!(last.is_final);
+    assert_eq!((last.watched, last.in_containers, last.skipped.len()), (4, 0, 0), "{last:?}");
+    // Ranked on a report while all four ran.
+    let ranked = &reports[reports.len() - 4];
+    let order: Vec<u32> = ranked.processes.iter().map(|p| p.pid).collect();
+    assert_eq!(&order[..2], [fast.pid(), slow.pid()], "{ranked:#?}");
+    let verdict = |pid: u32| {
+        let standing = ranked.processes.iter().find(|p| p.pid == pid).unwrap();
+        standing.verdict.clone().unwrap_or_default()
+    };
+    assert_eq!(verdict(fast.pid()), "growing");
+    assert_eq!(verdict(slow.pid()), "growing");
+    assert_eq!(verdict(churner.pid()), "churn");
+    assert_eq!(verdict(still.pid()), "plateau");
+    for (target, own) in [&fast, &slow].into_iter().zip(own) {
+        let growing = ranked.processes.iter().find(|p| p.pid == target.pid()).unwrap();
+        assert!(growing.growing_since.is_some(), "{growing:?}");
+        let leak = &growing.types[0];
+        assert_eq!(leak.name, "__main__.Leak", "the growing type first: {growing:?}");
+        assert_eq!(leak.verdict.as_deref(), Some("growing"), "{leak:?}");
+        // Frozen before the final census: the same objects, counted twice.
+        let last_leak = last.processes.iter().find(|p| p.pid == target.pid()).unwrap();
+        let last_leak = last_leak.types.iter().find(|t| t.name == "__main__.Leak").expect("still grown");
+        assert_eq!(last_leak.count, own, "pid {}", target.pid());
+        assert!(last_leak.change > 0 && last_leak.change as u64 <= own, "{last_leak:?}");
+    }
+    for standing in &last.processes {
+        let memory = standing.memory.expect("memory read at every report");
+        assert!(memory.rss > 0 && standing.memory_at_start.is_some(), "{standing:?}");
+        assert!(standing.census_time.is_some(), "{standing:?}");
+    }
 }
 
 #[test]
@@ -88,7 +199,15 @@ fn no_python_yet_is_said_and_watched_for() {
         "2",
     ]));
     assert_eq!(code, Some(0), "{stderr}");
-    assert_eq!(stdout, "");
+    // Each interval's host report says so too.
+    let headers: Vec<&str> = stdout.lines().filter(|l| !l.is_empty()).map(|l| l.split_once("] ").unwrap().1).collect();
+    assert_eq!(
+        headers,
+        [
+            "memtrace host report 1: 0 processes watched (0 in containers), 0 skipped",
+            "memtrace host final report 2: 0 processes watched (0 in containers), 0 skipped"
+        ]
+    );
     assert_eq!(
         stderr,
         "memtrace: no Python process matching no-such-program-anywhere yet; looking again at every report\n"

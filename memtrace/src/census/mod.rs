@@ -9,6 +9,7 @@ pub mod gc;
 pub mod memory;
 pub mod pools;
 pub mod pymalloc;
+pub mod schedule;
 pub mod types;
 
 use std::{
@@ -91,6 +92,12 @@ impl CensusTaker {
     pub fn take(&mut self) -> Census {
         let memory = Memory::read(self.pid).ok();
         Census { memory, ..self.take_from(&ProcessMemory::new(self.pid)) }
+    }
+
+    /// The kernel's count of the process's memory only: what host mode
+    /// reads at every report of a process whose census waits its turn.
+    pub fn take_memory(&self) -> Census {
+        Census { memory: Memory::read(self.pid).ok(), heap: None, objects: None }
     }
 
     /// The census of what `reader` holds (the process's memory, or an

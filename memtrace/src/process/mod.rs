@@ -28,6 +28,8 @@ pub struct Target {
     pub comm: String,
     /// Its cgroup v2 path (a container's name); None when unreadable.
     pub cgroup: Option<String>,
+    /// In another pid or mount namespace than memtrace's: a container's.
+    pub in_container: bool,
     pub map: MemoryMap,
     /// How the files its map names are reached from here.
     pub paths: MappedPaths,
@@ -69,7 +71,10 @@ impl Target {
         let ns_pid =
             ns_pid(&status).ok_or_else(|| anyhow::anyhow!("/proc/{pid}/status has no NSpid line memtrace can read"))?;
         let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok().and_then(|c| cgroup_path(&c));
-        Ok(Self { pid, ns_pid, comm: comm.to_owned(), cgroup, map, paths: MappedPaths::of(pid) })
+        let namespace = |pid: &str, kind: &str| fs::read_link(format!("/proc/{pid}/ns/{kind}")).ok();
+        let in_container =
+            ["pid", "mnt"].iter().any(|kind| namespace(&pid.to_string(), kind) != namespace("self", kind));
+        Ok(Self { pid, ns_pid, comm: comm.to_owned(), cgroup, in_container, map, paths: MappedPaths::of(pid) })
     }
 
     /// Whether the process still exists (and is not a zombie).
@@ -131,5 +136,6 @@ mod tests {
         assert_eq!(ns_pid("Name:\tpython\n"), None);
         let me = Target::open(std::process::id()).unwrap();
         assert_eq!(me.ns_pid, me.pid, "the tests run outside a container");
+        assert!(!me.in_container);
     }
 }

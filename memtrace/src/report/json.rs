@@ -1,14 +1,23 @@
 //! `--format json`: one JSON object per report per process, on one line,
 //! for log pipelines, `jq` and programs (memtrace's own tests and bench read
-//! memtrace this way). [`JsonReport`] is the document, field by field as
-//! the README documents it; it reads back with serde as well as it writes.
+//! memtrace this way), and in host mode one [`JsonHostReport`] per interval
+//! after them. [`JsonReport`] is the document, field by field as the README
+//! documents it; both read back with serde as well as they write.
 
 use std::{collections::BTreeMap, io::Write, time::SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Report, View, Writer, format::type_growth, model::Counters};
-use crate::snapshot::{Frame, Stat, StatDiff};
+use super::{
+    HostReport, Report, View, Writer,
+    format::type_growth,
+    host::{self, Standing},
+    model::Counters,
+};
+use crate::{
+    census::{memory::Memory, pymalloc},
+    snapshot::{Frame, Stat, StatDiff},
+};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JsonReport {
@@ -144,7 +153,7 @@ impl JsonReport {
         let census = report.census.as_ref();
         let named = |counters: &Counters| counters.iter().map(|(n, v)| (n.to_string(), *v)).collect();
         Self {
-            time: report.time.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
+            time: epoch_seconds(report.time),
             pid: report.process.pid,
             ns_pid: report.process.ns_pid,
             comm: report.process.comm.clone(),
@@ -179,16 +188,8 @@ impl JsonReport {
                     })
                     .collect()
             },
-            memory: census.and_then(|c| c.now.memory).map(|m| MemoryJson {
-                rss: m.rss,
-                anonymous: m.anonymous,
-                swap: m.swap,
-            }),
-            heap: census.and_then(|c| c.now.heap).map(|h| HeapJson {
-                blocks: h.blocks,
-                bytes: h.bytes,
-                raw_blocks: h.raw_blocks,
-            }),
+            memory: census.and_then(|c| c.now.memory).map(MemoryJson::of),
+            heap: census.and_then(|c| c.now.heap).map(HeapJson::of),
             census: census.and_then(|c| {
                 let objects = c.now.objects.as_ref()?;
                 let types = type_growth(objects, c.before.objects.as_ref())
@@ -218,6 +219,127 @@ impl JsonReport {
                 })
             }),
         }
+    }
+}
+
+/// Host mode's report, one line per interval after the processes' own
+/// lines; `"report": "host"` tells it from theirs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JsonHostReport {
+    /// Always "host".
+    pub report: String,
+    pub time: f64,
+    pub sequence: u32,
+    #[serde(rename = "final")]
+    pub is_final: bool,
+    pub watched: usize,
+    pub in_containers: usize,
+    /// Ranked: growing first, fastest first.
+    pub processes: Vec<JsonStanding>,
+    pub skipped: Vec<JsonSkipped>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JsonStanding {
+    pub pid: u32,
+    pub ns_pid: u32,
+    pub comm: String,
+    pub interpreter: Option<String>,
+    pub cgroup: Option<String>,
+    pub in_container: bool,
+    pub exited: bool,
+    /// Of its private memory (anonymous and swapped): "growing",
+    /// "plateau", "churn" or "shrinking"; null before enough reports.
+    pub verdict: Option<String>,
+    pub slope_bytes_per_second: Option<f64>,
+    /// Seconds since the Unix epoch, while growing.
+    pub growing_since: Option<f64>,
+    pub watched_since: f64,
+    pub memory: Option<MemoryJson>,
+    pub memory_at_start: Option<MemoryJson>,
+    pub heap: Option<HeapJson>,
+    /// When its latest object census was taken.
+    pub census_time: Option<f64>,
+    /// Its top types, growing ones first; `change` is since its first census.
+    pub types: Vec<JsonTypeStanding>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JsonTypeStanding {
+    pub name: String,
+    pub count: u64,
+    pub change: i64,
+    pub verdict: Option<String>,
+    pub slope_objects_per_minute: Option<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JsonSkipped {
+    pub pid: u32,
+    pub comm: String,
+    pub reason: String,
+}
+
+impl JsonHostReport {
+    pub fn new(report: &HostReport, view: View) -> Self {
+        let standing = |s: &Standing| JsonStanding {
+            pid: s.process.pid,
+            ns_pid: s.process.ns_pid,
+            comm: s.process.comm.clone(),
+            interpreter: s.process.interpreter.clone(),
+            cgroup: s.process.cgroup.clone(),
+            in_container: s.in_container,
+            exited: s.exited,
+            verdict: s.trend.map(|t| host::verdict_name(t.verdict).to_owned()),
+            slope_bytes_per_second: s.trend.map(|t| t.slope),
+            growing_since: s.growing_since.map(epoch_seconds),
+            watched_since: epoch_seconds(s.watched_since),
+            memory: s.memory.map(MemoryJson::of),
+            memory_at_start: s.memory_at_start.map(MemoryJson::of),
+            heap: s.heap.map(HeapJson::of),
+            census_time: s.census_at.map(epoch_seconds),
+            types: s
+                .types
+                .iter()
+                .map(|t| JsonTypeStanding {
+                    name: t.name.clone(),
+                    count: t.count,
+                    change: t.change,
+                    verdict: t.trend.map(|t| t.verdict.name().to_owned()),
+                    slope_objects_per_minute: t.trend.map(|t| t.slope * 60.0),
+                })
+                .collect(),
+        };
+        Self {
+            report: "host".into(),
+            time: epoch_seconds(report.time),
+            sequence: report.sequence,
+            is_final: report.is_final,
+            watched: report.processes.len(),
+            in_containers: report.in_containers(),
+            processes: report.processes.iter().take(view.top).map(standing).collect(),
+            skipped: report
+                .skipped
+                .iter()
+                .map(|s| JsonSkipped { pid: s.pid, comm: s.comm.clone(), reason: s.reason.clone() })
+                .collect(),
+        }
+    }
+}
+
+fn epoch_seconds(time: SystemTime) -> f64 {
+    time.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+impl MemoryJson {
+    fn of(m: Memory) -> Self {
+        Self { rss: m.rss, anonymous: m.anonymous, swap: m.swap }
+    }
+}
+
+impl HeapJson {
+    fn of(h: pymalloc::Census) -> Self {
+        Self { blocks: h.blocks, bytes: h.bytes, raw_blocks: h.raw_blocks }
     }
 }
 
@@ -257,6 +379,12 @@ impl<W: Write> JsonWriter<W> {
 impl<W: Write> Writer for JsonWriter<W> {
     fn write(&mut self, report: &Report) -> std::io::Result<()> {
         serde_json::to_writer(&mut self.out, &JsonReport::new(report, self.view))?;
+        writeln!(self.out)?;
+        self.out.flush()
+    }
+
+    fn write_host(&mut self, report: &HostReport) -> std::io::Result<()> {
+        serde_json::to_writer(&mut self.out, &JsonHostReport::new(report, self.view))?;
         writeln!(self.out)?;
         self.out.flush()
     }

@@ -7,6 +7,7 @@
 
 pub mod flamegraph;
 pub mod format;
+pub mod host;
 pub mod json;
 pub mod model;
 pub mod pprof;
@@ -18,6 +19,7 @@ pub mod trend;
 
 use std::io;
 
+pub use host::HostReport;
 pub use model::{CensusChange, ProcessInfo, Report};
 
 use crate::snapshot::GroupBy;
@@ -34,6 +36,13 @@ pub struct View {
 /// Something that writes reports somewhere, in its own format.
 pub trait Writer {
     fn write(&mut self, report: &Report) -> io::Result<()>;
+
+    /// Host mode's report of every watched process, after their own
+    /// reports of the same interval; formats about one process's
+    /// allocations (profiles, flame graphs) have nothing to add.
+    fn write_host(&mut self, _report: &HostReport) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A writer and how the user asked for it (`--pprof out.pb.gz`), which

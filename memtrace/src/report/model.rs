@@ -76,6 +76,22 @@ pub struct CensusChange {
     pub before: Census,
 }
 
+impl CensusChange {
+    /// What the next report compares with: this census, or when it read
+    /// only the process's memory (host mode's censuses wait their turn),
+    /// its memory with the latest census's objects and heap.
+    pub fn carried_on(self) -> Census {
+        match self.now.objects {
+            Some(_) => self.now,
+            None => Census {
+                memory: self.now.memory,
+                heap: self.now.heap.or(self.before.heap),
+                objects: self.before.objects,
+            },
+        }
+    }
+}
+
 impl Report {
     /// The groups of `group_by` with their changes since the previous
     /// report, biggest change first (tracemalloc's `compare_to`).

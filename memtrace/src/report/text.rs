@@ -6,13 +6,16 @@
 //! memory, its objects' totals, and its types in objgraph's `show_growth()`
 //! format. Without probes (`--census-only`) the census is the report.
 //! After the groups, one `growing:` line per group whose verdict is growing
-//! (see `trend`), once there are enough reports.
+//! (see `trend`), once there are enough reports. In host mode the host
+//! report (see `host`) replaces the processes' own: a header counting what
+//! is watched, then each process ranked by growth, a few lines each.
 
 use std::{collections::HashMap, io::Write, time::SystemTime};
 
 use super::{
-    CensusChange, Report, View, Writer,
+    CensusChange, HostReport, Report, View, Writer,
     format::{format_size, growth_lines, stat_diff_line, type_growth},
+    host::Standing,
     model::Counters,
     trend::{Trend, Verdict},
 };
@@ -29,11 +32,19 @@ pub struct TextWriter<W, S> {
     out: W,
     sources: S,
     view: View,
+    /// Host mode: the host report stands for the processes' own reports.
+    host: bool,
 }
 
 impl<W: Write, S: SourceLines> TextWriter<W, S> {
     pub fn new(out: W, sources: S, view: View) -> Self {
-        Self { out, sources, view }
+        Self { out, sources, view, host: false }
+    }
+
+    /// A writer of host reports only: with many processes, one report
+    /// ranking them replaces one report each.
+    pub fn for_host(out: W, sources: S, view: View) -> Self {
+        Self { host: true, ..Self::new(out, sources, view) }
     }
 
     fn write_traced(&mut self, report: &Report) -> std::io::Result<()> {
@@ -181,6 +192,9 @@ impl<W: Write, S: SourceLines> TextWriter<W, S> {
 
 impl<W: Write, S: SourceLines> Writer for TextWriter<W, S> {
     fn write(&mut self, report: &Report) -> std::io::Result<()> {
+        if self.host {
+            return Ok(());
+        }
         if report.traced {
             self.write_traced(report)?;
         } else {
@@ -192,6 +206,119 @@ impl<W: Write, S: SourceLines> Writer for TextWriter<W, S> {
         writeln!(self.out)?;
         self.out.flush()
     }
+
+    fn write_host(&mut self, report: &HostReport) -> std::io::Result<()> {
+        if self.host { self.write_host_report(report) } else { Ok(()) }
+    }
+}
+
+impl<W: Write, S: SourceLines> TextWriter<W, S> {
+    /// The host report: a header counting what is watched, then each
+    /// process, fastest growing first, then what could not be watched.
+    fn write_host_report(&mut self, report: &HostReport) -> std::io::Result<()> {
+        let out = &mut self.out;
+        writeln!(
+            out,
+            "[{}] memtrace host {}report {}: {} watched ({} in containers), {} skipped",
+            clock_time(report.time),
+            if report.is_final { "final " } else { "" },
+            report.sequence,
+            plural(report.processes.len(), "process", "processes"),
+            report.in_containers(),
+            report.skipped.len(),
+        )?;
+        for (rank, standing) in report.processes.iter().take(self.view.top).enumerate() {
+            let process = &standing.process;
+            let interpreter = process.interpreter.as_deref().map(|i| format!(" {i}")).unwrap_or_default();
+            let exited = if standing.exited { "exited; " } else { "" };
+            writeln!(
+                out,
+                "{:>2}. pid {} ({}){interpreter}: {exited}{}",
+                rank + 1,
+                process.pid,
+                process.comm,
+                standing_verdict(standing)
+            )?;
+            if standing.in_container {
+                writeln!(
+                    out,
+                    "    container: cgroup {}, pid {} inside",
+                    process.cgroup.as_deref().unwrap_or("unknown"),
+                    process.ns_pid
+                )?;
+            }
+            if let Some(memory) = standing.memory {
+                let start = standing.memory_at_start.unwrap_or(memory);
+                let change = |now: u64, then: u64| format_size(now as f64 - then as f64, true);
+                write!(
+                    out,
+                    "    memory: rss {} ({} since {}), anonymous {} ({}), swap {}",
+                    format_size(memory.rss as f64, false),
+                    change(memory.rss, start.rss),
+                    clock_time(standing.watched_since),
+                    format_size(memory.anonymous as f64, false),
+                    change(memory.anonymous, start.anonymous),
+                    format_size(memory.swap as f64, false),
+                )?;
+                if let Some(heap) = standing.heap {
+                    write!(out, "; Python heap {} in {} blocks", format_size(heap.bytes as f64, false), heap.blocks)?;
+                }
+                writeln!(out)?;
+            }
+            if let Some(at) = standing.census_at {
+                let types: Vec<String> = standing
+                    .types
+                    .iter()
+                    .map(|t| {
+                        let growing = t
+                            .trend
+                            .filter(|t| t.verdict == Verdict::Growing)
+                            .map(|t| format!(", growing {:+.0}/min", t.slope * 60.0))
+                            .unwrap_or_default();
+                        format!("{} {} ({:+}{growing})", t.name, t.count, t.change)
+                    })
+                    .collect();
+                let types = if types.is_empty() { "none grew".to_owned() } else { types.join(", ") };
+                writeln!(
+                    out,
+                    "    types since {} (census at {}): {types}",
+                    clock_time(standing.watched_since),
+                    clock_time(at)
+                )?;
+            }
+        }
+        if report.processes.len() > self.view.top {
+            writeln!(out, "    ... and {} more (--top)", report.processes.len() - self.view.top)?;
+        }
+        for skipped in &report.skipped {
+            writeln!(out, "skipped: pid {} ({}): {}", skipped.pid, skipped.comm, skipped.reason)?;
+        }
+        writeln!(out)?;
+        out.flush()
+    }
+}
+
+/// "growing by +12.0 KiB/min since 12:29:20, in 7 of 7 intervals", and
+/// the other verdicts, of a process's private memory.
+fn standing_verdict(standing: &Standing) -> String {
+    let Some(trend) = standing.trend else {
+        return format!("watching (a verdict needs {} reports)", super::trend::MIN_REPORTS);
+    };
+    let per_minute = format_size(trend.slope * 60.0, true);
+    let intervals = format!("in {} of {} intervals", trend.grew, trend.intervals);
+    match trend.verdict {
+        Verdict::Growing => {
+            let since = standing.growing_since.map(|t| format!(" since {}", clock_time(t))).unwrap_or_default();
+            format!("growing by {per_minute}/min{since}, {intervals}")
+        }
+        Verdict::Churn => format!("churn (grew {intervals}, {per_minute}/min overall)"),
+        Verdict::Plateau => "plateau".into(),
+        Verdict::Freed => format!("shrinking by {}/min", format_size(-trend.slope * 60.0, false)),
+    }
+}
+
+fn plural(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 /// HH:MM:SS in local time.

@@ -157,6 +157,8 @@ impl History {
 #[derive(Clone, Debug, Default)]
 pub struct TypeHistory {
     window: VecDeque<(SystemTime, HashMap<String, u64>)>,
+    /// The first census's counts, which host reports count growth from.
+    first: Option<HashMap<String, u64>>,
 }
 
 impl TypeHistory {
@@ -164,7 +166,18 @@ impl TypeHistory {
         if self.window.len() == WINDOW {
             self.window.pop_front();
         }
-        self.window.push_back((time, objects.types.iter().map(|t| (t.name.clone(), t.count())).collect()));
+        let counts: HashMap<String, u64> = objects.types.iter().map(|t| (t.name.clone(), t.count())).collect();
+        self.first.get_or_insert_with(|| counts.clone());
+        self.window.push_back((time, counts));
+    }
+
+    /// The latest census: when it was taken, and its counts by type.
+    pub fn latest(&self) -> Option<(SystemTime, &HashMap<String, u64>)> {
+        self.window.back().map(|(time, counts)| (*time, counts))
+    }
+
+    pub fn first_counts(&self) -> Option<&HashMap<String, u64>> {
+        self.first.as_ref()
     }
 
     /// Every type's trend over the window (its slope in objects per second).
@@ -183,6 +196,69 @@ impl TypeHistory {
                     })
                     .collect();
                 trend(&points).map(|t| (name.clone(), t))
+            })
+            .collect()
+    }
+}
+
+/// Points a [`SeriesHistory`] keeps: an hour at host mode's 10 s interval.
+pub const SERIES_POINTS: usize = 360;
+
+/// One measure's history (a process's private memory, in host mode): the
+/// last [`SERIES_POINTS`] (time, value) points. Its trend is the rule's,
+/// over the last `WINDOW` points; [`SeriesHistory::growing_since`] looks
+/// further back, for how long the growth has held.
+#[derive(Clone, Debug, Default)]
+pub struct SeriesHistory {
+    points: VecDeque<(SystemTime, u64)>,
+}
+
+impl SeriesHistory {
+    pub fn push(&mut self, time: SystemTime, value: u64) {
+        if self.points.len() == SERIES_POINTS {
+            self.points.pop_front();
+        }
+        self.points.push_back((time, value));
+    }
+
+    pub fn first(&self) -> Option<(SystemTime, u64)> {
+        self.points.front().copied()
+    }
+
+    /// The trend over the last `WINDOW` points.
+    pub fn trend(&self) -> Option<Trend> {
+        let recent = self.points.len().saturating_sub(WINDOW);
+        trend(&Self::seconds(self.points.range(recent..)))
+    }
+
+    /// When a growing measure started growing: the oldest point from which
+    /// every stretch of `WINDOW` points up to now is itself growing, so a
+    /// leak that held for an hour says so even though its verdict only
+    /// looks at the last window. None unless the latest window grows.
+    pub fn growing_since(&self) -> Option<SystemTime> {
+        let points: Vec<(SystemTime, u64)> = self.points.iter().copied().collect();
+        let growing = |from: usize| {
+            let to = (from + WINDOW).min(points.len());
+            trend(&Self::seconds(points[from..to].iter())).is_some_and(|t| t.verdict == Verdict::Growing)
+        };
+        let last = points.len().checked_sub(WINDOW.min(points.len()))?;
+        if !growing(last) {
+            return None;
+        }
+        let mut since = last;
+        while since > 0 && growing(since - 1) {
+            since -= 1;
+        }
+        Some(points[since].0)
+    }
+
+    /// Seconds since the first of `points`, for the rule.
+    fn seconds<'p>(points: impl Iterator<Item = &'p (SystemTime, u64)>) -> Vec<(f64, u64)> {
+        let mut start = None;
+        points
+            .map(|&(time, value)| {
+                let start = *start.get_or_insert(time);
+                (time.duration_since(start).unwrap_or_default().as_secs_f64(), value)
             })
             .collect()
     }
@@ -231,6 +307,32 @@ mod tests {
             let sizes: Vec<u64> = (0..WINDOW as u32).map(|i| u64::from((phase >> (i % 6)) & 1) * 4096).collect();
             assert_ne!(verdict(&sizes), Some(Verdict::Growing), "{sizes:?}");
         }
+    }
+
+    #[test]
+    fn a_series_says_since_when_it_grows() {
+        let t0 = SystemTime::UNIX_EPOCH;
+        let at = |i: u64| t0 + std::time::Duration::from_secs(10 * i);
+        let mut series = SeriesHistory::default();
+        // Flat for 20 points, then up by 4 KiB every point for 20.
+        for i in 0..40u64 {
+            series.push(at(i), (1 << 20) + if i < 20 { 0 } else { (i - 19) * 4096 });
+        }
+        let trend = series.trend().unwrap();
+        assert_eq!(trend.verdict, Verdict::Growing);
+        assert!((trend.slope - 409.6).abs() < 1e-6, "{trend:?}");
+        // The oldest window that grows in 3/4 of its intervals (6 of 7)
+        // holds one flat step: it starts at point 18.
+        assert_eq!(series.growing_since(), Some(at(18)));
+        series.push(at(40), 1 << 20);
+        for i in 41..50 {
+            series.push(at(i), 1 << 20);
+        }
+        assert_ne!(series.trend().unwrap().verdict, Verdict::Growing);
+        assert_eq!(series.growing_since(), None);
+        let mut short = SeriesHistory::default();
+        short.push(t0, 1);
+        assert_eq!((short.trend(), short.growing_since()), (None, None));
     }
 
     #[test]
