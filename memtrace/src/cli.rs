@@ -104,11 +104,11 @@ pub struct Options {
     /// Process to trace; repeat it, or separate pids with commas, to trace
     /// several at once (each gets its own reports). A thread id is refused,
     /// with its process's pid.
-    #[arg(long = "pid", short = 'p', value_name = "PID", value_delimiter = ',', required_unless_present = "all_python",
+    #[arg(long = "pid", short = 'p', value_name = "PID", value_delimiter = ',', required_unless_present_any = ["all_python", "all"],
           allow_negative_numbers = true, value_parser = whole::<u32>(1..=u32::MAX.into(), "a process id, a whole number above 0"))]
     pub pids: Vec<u32>,
 
-    /// Seconds between reports [default: 5; 10 with --all-python].
+    /// Seconds between reports [default: 5; 10 with --all-python or --all].
     #[arg(long, short = 'i', value_name = "SECS", allow_negative_numbers = true, value_parser = positive_seconds)]
     pub interval: Option<f64>,
 
@@ -119,8 +119,14 @@ pub struct Options {
     #[arg(long, conflicts_with_all = PROBE_OPTIONS, conflicts_with = "pids")]
     pub all_python: bool,
 
-    /// With --all-python, only the processes whose command line (its
-    /// arguments joined by spaces) matches this regular expression.
+    /// As --all-python, for every process on the host: native processes
+    /// get their memory over time (RSS, anonymous, swapped), Python ones
+    /// their census as well.
+    #[arg(long, conflicts_with_all = PROBE_OPTIONS, conflicts_with_all = ["pids", "all_python"])]
+    pub all: bool,
+
+    /// With --all-python or --all, only the processes whose command line
+    /// (its arguments joined by spaces) matches this regular expression.
     #[arg(long = "match", value_name = "REGEX", value_parser = regex_arg)]
     pub matching: Option<Regex>,
 
@@ -304,8 +310,8 @@ impl Options {
                 self.min_size, self.max_size
             ));
         }
-        if self.matching.is_some() && !self.all_python {
-            return Err("--match narrows --all-python, which is not given".into());
+        if self.matching.is_some() && !self.host_wide() {
+            return Err("--match narrows --all-python or --all, neither of which is given".into());
         }
         Ok(())
     }
@@ -361,7 +367,7 @@ impl Options {
     }
 
     pub fn interval(&self) -> Duration {
-        let default = if self.all_python { 10.0 } else { 5.0 };
+        let default = if self.host_wide() { 10.0 } else { 5.0 };
         Duration::from_secs_f64(self.interval.unwrap_or(default))
     }
 
@@ -369,12 +375,17 @@ impl Options {
     /// ranked by growth (`--all-python`, or `--census-only` over several
     /// pids).
     pub fn host_mode(&self) -> bool {
-        self.all_python || (self.census_only && self.pids.len() > 1)
+        self.host_wide() || (self.census_only && self.pids.len() > 1)
+    }
+
+    /// Whether the processes are found on the host rather than given.
+    pub fn host_wide(&self) -> bool {
+        self.all_python || self.all
     }
 
     /// Whether no probe is attached: `--census-only`, or host mode's free tier.
     pub fn probes_off(&self) -> bool {
-        self.census_only || self.all_python
+        self.census_only || self.host_wide()
     }
 
     pub fn duration(&self) -> Option<Duration> {

@@ -89,7 +89,7 @@ pub async fn run(options: Options) -> Result<Outcome> {
     // Each pid once, in the order given: a repeated one would be probed twice.
     let mut seen = std::collections::BTreeSet::new();
     let pids: Vec<u32> = options.pids.iter().copied().filter(|pid| seen.insert(*pid)).collect();
-    let prepared = pids.iter().map(|&pid| Prepared::new(pid, &options, &progress)).collect::<Result<Vec<_>>>()?;
+    let prepared = prepare_each(&pids, &options, &progress)?;
     let mut tracer = if options.probes_off() {
         None
     } else {
@@ -101,8 +101,19 @@ pub async fn run(options: Options) -> Result<Outcome> {
     let mut rules = RuleBook::default();
     for prepared in prepared {
         let pid = prepared.target.pid;
-        watch_exit(pid, exits.clone())?;
-        processes.insert(pid, prepared.attach(tracer.as_mut(), &mut rules, &allocators, &options, &progress, None)?);
+        let traced = watch_exit(pid, exits.clone())
+            .and_then(|()| prepared.attach(tracer.as_mut(), &mut rules, &allocators, &options, &progress, None));
+        match traced {
+            Ok(traced) => {
+                processes.insert(pid, traced);
+            }
+            // Of several, one that exited or refused meanwhile is one line.
+            Err(e) if pids.len() > 1 => progress.say(&format!("memtrace: pid {pid} is not traced: {e:#}")),
+            Err(e) => return Err(e),
+        }
+    }
+    if processes.is_empty() && !pids.is_empty() {
+        bail!("none of the pids given can be traced");
     }
     progress.step("waiting for the first report");
     let rings = match &mut tracer {
@@ -131,7 +142,7 @@ pub async fn run(options: Options) -> Result<Outcome> {
         census_budget: CensusBudget::default(),
         host_reports: 0,
     };
-    if options.all_python {
+    if options.host_wide() {
         session.discover();
     }
     let end = session.run_loop(stops, exited, rings).await?;
@@ -355,6 +366,30 @@ impl Prepared {
     }
 }
 
+/// Validates and plans each of `pids`. One pid fails the session; of
+/// several, one that cannot be traced (gone, a kernel thread, not
+/// readable) is one line and the others are traced, unless none can be.
+fn prepare_each(pids: &[u32], options: &Options, progress: &Progress) -> Result<Vec<Prepared>> {
+    if let [pid] = pids {
+        return Ok(vec![Prepared::new(*pid, options, progress)?]);
+    }
+    let mut prepared = Vec::new();
+    let mut first_failure = None;
+    for &pid in pids {
+        match Prepared::new(pid, options, progress) {
+            Ok(p) => prepared.push(p),
+            Err(e) => {
+                progress.say(&format!("memtrace: pid {pid} is not traced: {e:#}"));
+                first_failure.get_or_insert(e);
+            }
+        }
+    }
+    match first_failure {
+        Some(e) if prepared.is_empty() && !pids.is_empty() => Err(e.context("none of the pids given can be traced")),
+        _ => Ok(prepared),
+    }
+}
+
 /// What a process is counted with: its probes and the kernel side's
 /// configuration for it.
 #[derive(Clone)]
@@ -506,7 +541,7 @@ impl Session<'_> {
                         break End::Limit;
                     }
                     self.intervals += 1;
-                    if self.options.all_python {
+                    if self.options.host_wide() {
                         self.discover();
                     }
                     let live: Vec<u32> = self.live().collect();
@@ -554,7 +589,7 @@ impl Session<'_> {
                         break End::Limit;
                     }
                     // Host mode watches on, for the processes still to come.
-                    if self.live().next().is_none() && !self.options.all_python {
+                    if self.live().next().is_none() && !self.options.host_wide() {
                         return Ok(End::TargetExited);
                     }
                 }
@@ -685,8 +720,9 @@ impl Session<'_> {
     /// once of each that cannot be watched why not.
     fn discover(&mut self) {
         let processes = &self.processes;
-        let scan =
-            discovery::scan(self.options.matching.as_ref(), |pid| processes.get(&pid).is_some_and(|t| !t.exited));
+        let scan = discovery::scan(self.options.matching.as_ref(), self.options.all, |pid| {
+            processes.get(&pid).is_some_and(|t| !t.exited)
+        });
         // A skipped process that is gone is no longer news.
         self.skipped.retain(|pid, _| Target::is_alive(*pid));
         for (pid, reason) in scan.skipped {
@@ -696,14 +732,15 @@ impl Session<'_> {
                 self.skipped.insert(pid, Skipped { pid, comm: comm.trim().to_owned(), reason });
             }
         }
-        for pid in scan.python {
+        for pid in scan.watchable {
             self.drop_process(pid);
             self.follow(pid, Followed::Found, collect::monotonic_now_ns());
         }
         let watched = self.live().count();
         if watched == 0 && self.intervals == 0 {
             let matching = self.options.matching.as_ref().map(|re| format!(" matching {re}")).unwrap_or_default();
-            eprintln!("memtrace: no Python process{matching} yet; looking again at every report");
+            let what = if self.options.all { "process" } else { "Python process" };
+            eprintln!("memtrace: no {what}{matching} yet; looking again at every report");
         }
     }
 

@@ -4,11 +4,11 @@
 //! the census counts exactly what each process holds, on every kind of
 //! interpreter at once. Mistakes are one line.
 
-use std::{path::Path, process::Command};
+use std::{os::unix::process::CommandExt as _, path::Path, process::Command};
 
 use memtrace_tests::{
-    JsonHostReport, JsonReport, Memtrace, Target, host_reports, json_reports, memtrace_bin, pyenv, require_root,
-    run_memtrace,
+    JsonHostReport, JsonReport, Memtrace, Target, TempDir, compile_c, host_reports, json_reports, memtrace_bin, pyenv,
+    require_root, run_memtrace,
 };
 
 /// Holds instances of its own class, `grow N` more at a time.
@@ -222,11 +222,105 @@ fn host_mode_mistakes_are_usage_errors() {
             "invalid value '(' for '--match <REGEX>': is not a regular expression: unclosed group",
         ),
         (&["--all-python", "--pid", "1"][..], "the argument '--all-python' cannot be used with '--pid <PID>'"),
-        (&["--match", "x", "--pid", "1"][..], "--match narrows --all-python, which is not given"),
+        (&["--match", "x", "--pid", "1"][..], "--match narrows --all-python or --all, neither of which is given"),
+        (&["--all", "--all-python"][..], "the argument '--all' cannot be used with '--all-python'"),
+        (&["--all", "--pid", "1"][..], "the argument '--all' cannot be used with '--pid <PID>'"),
         (&["--all-python", "--native"][..], "the argument '--all-python' cannot be used with '--native'"),
     ] {
         let (code, _, stderr) = run_memtrace(Command::new(memtrace_bin()).args(args));
         assert_eq!(code, Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
+}
+
+/// `--census-only` over several pids is host mode on chosen processes; a
+/// pid among them that does not exist is one line, the others are watched.
+#[test]
+fn several_pids_census_only_get_a_host_report_and_a_missing_one_is_one_line() {
+    require_root();
+    let a = host_target(&pyenv("3.12.1"), &["still"]);
+    let b = host_target(Path::new("/usr/bin/python3.11"), &["still"]);
+    let pids = format!("{},4194305,{}", a.pid(), b.pid());
+    let (code, stdout, stderr) = run_memtrace(Command::new(memtrace_bin()).args([
+        "--census-only",
+        "--pid",
+        &pids,
+        "--interval",
+        "0.3",
+        "--count",
+        "2",
+        "--format",
+        "json",
+    ]));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.lines().any(|l| l == "memtrace: pid 4194305 is not traced: no process with pid 4194305"),
+        "{stderr}"
+    );
+    let last = host_reports(&stdout).pop().expect("host reports");
+    let mut watched: Vec<u32> = last.processes.iter().map(|p| p.pid).collect();
+    watched.sort_unstable();
+    let mut want = vec![a.pid(), b.pid()];
+    want.sort_unstable();
+    assert_eq!(watched, want, "{last:?}");
+    // None of them: the session fails with one line.
+    let (code, _, stderr) =
+        run_memtrace(Command::new(memtrace_bin()).args(["--census-only", "--pid", "4194305,4194306"]));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.ends_with("memtrace: none of the pids given can be traced: no process with pid 4194305\n"),
+        "{stderr}"
+    );
+}
+
+/// `--all` watches native processes too: a C program that touches 256 KiB
+/// more every 0.2 s is ranked first and growing, its memory counted.
+#[test]
+fn all_watches_native_processes_by_their_memory() {
+    require_root();
+    let dir = TempDir::new("host-all");
+    let grower = compile_c(
+        &dir,
+        "grower",
+        r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+int main(void) {
+    printf("ready\n");
+    fflush(stdout);
+    for (;;) {
+        memset(malloc(256 << 10), 1, 256 << 10);
+        usleep(200000);
+    }
+}
+"#,
+        &[],
+    );
+    let marker = format!("memtrace-host-all-{}", std::process::id());
+    let mut target = Target::spawn(Command::new(&grower).arg0(&marker));
+    target.expect_line("ready");
+    let (code, stdout, stderr) = run_memtrace(Command::new(memtrace_bin()).args([
+        "--all",
+        "--match",
+        &format!("^{marker}$"),
+        "--interval",
+        "0.5",
+        "--count",
+        "8",
+        "--format",
+        "json",
+    ]));
+    assert_eq!(code, Some(0), "{stderr}");
+    let last = host_reports(&stdout).pop().expect("host reports");
+    assert_eq!(last.watched, 1, "{last:?}");
+    let standing = &last.processes[0];
+    assert_eq!((standing.pid, standing.interpreter.as_deref()), (target.pid(), None));
+    assert_eq!(standing.verdict.as_deref(), Some("growing"), "{standing:?}");
+    // 256 KiB every 0.2 s is 1.25 MiB/s, give or take the scheduling.
+    let slope = standing.slope_bytes_per_second.unwrap();
+    assert!((0.8e6..1.6e6).contains(&slope), "{slope}");
+    let (memory, start) = (standing.memory.unwrap(), standing.memory_at_start.unwrap());
+    assert!(memory.anonymous > start.anonymous + (2 << 20), "{standing:?}");
 }

@@ -1,7 +1,7 @@
-//! Host mode's discovery: every CPython process on the host, found by a
-//! scan of /proc (at start, and again at every report, so that one started
-//! later is found within an interval), narrowed by `--match` on its command
-//! line. A process that is Python but cannot be watched (an unsupported
+//! Host mode's discovery: every CPython process on the host (every
+//! process, with `--all`), found by a scan of /proc (at start, and again at
+//! every report, so that one started later is found within an interval),
+//! narrowed by `--match` on its command line. A process that is Python but cannot be watched (an unsupported
 //! interpreter, one memtrace may not read) is kept with the reason, so
 //! reports can count and name it instead of dropping it silently; one that
 //! exits while it is looked at is simply not there.
@@ -16,15 +16,16 @@ use crate::python::{self, Detection};
 /// What a scan found, by pid.
 #[derive(Default)]
 pub struct Scan {
-    /// Processes running a CPython memtrace reads.
-    pub python: Vec<u32>,
+    /// Processes running a CPython memtrace reads (or any, with `native`).
+    pub watchable: Vec<u32>,
     /// Python processes it cannot watch, and why.
     pub skipped: BTreeMap<u32, String>,
 }
 
 /// Scans /proc for CPython processes whose command line `matches` (all of
-/// them without a pattern), leaving out memtrace itself and `known` pids.
-pub fn scan(matches: Option<&Regex>, known: impl Fn(u32) -> bool) -> Scan {
+/// them without a pattern), and with `native` for the other processes as
+/// well, leaving out memtrace itself and `known` pids.
+pub fn scan(matches: Option<&Regex>, native: bool, known: impl Fn(u32) -> bool) -> Scan {
     let mut scan = Scan::default();
     let me = std::process::id();
     let Ok(entries) = fs::read_dir("/proc") else { return scan };
@@ -42,10 +43,11 @@ pub fn scan(matches: Option<&Regex>, known: impl Fn(u32) -> bool) -> Scan {
         }
         let Ok(target) = Target::open(pid) else { continue };
         match python::detect(&target) {
-            Ok(Detection::Supported(_)) => scan.python.push(pid),
+            Ok(Detection::Supported(_)) => scan.watchable.push(pid),
             Ok(Detection::Unsupported(reason)) => {
                 scan.skipped.insert(pid, reason);
             }
+            Ok(Detection::NotPython) if native => scan.watchable.push(pid),
             Ok(Detection::NotPython) => {}
             // Gone while it was read: not a process any more.
             Err(_) if !Target::is_alive(pid) => {}
@@ -75,11 +77,18 @@ mod tests {
         // Until the interpreter is mapped, it is not Python yet.
         let found = (0..100).any(|_| {
             std::thread::sleep(std::time::Duration::from_millis(20));
-            scan(Some(&Regex::new("discovery-marker").unwrap()), |_| false).python == [pid]
+            scan(Some(&Regex::new("discovery-marker").unwrap()), false, |_| false).watchable == [pid]
         });
         assert!(found, "pid {pid} found");
-        assert!(scan(Some(&Regex::new("no-such-marker-anywhere").unwrap()), |_| false).python.is_empty());
-        assert!(!scan(Some(&Regex::new("discovery-marker").unwrap()), |p| p == pid).python.contains(&pid));
+        assert!(scan(Some(&Regex::new("no-such-marker-anywhere").unwrap()), false, |_| false).watchable.is_empty());
+        assert!(!scan(Some(&Regex::new("discovery-marker").unwrap()), false, |p| p == pid).watchable.contains(&pid));
+        // With --all, a native process is watched too; without, it is not.
+        let mut sleeper = std::process::Command::new("sleep").args(["30", "discovery-marker-native"]).spawn().unwrap();
+        let native = Regex::new("discovery-marker-native").unwrap();
+        assert_eq!(scan(Some(&native), true, |_| false).watchable, [sleeper.id()]);
+        assert!(scan(Some(&native), false, |_| false).watchable.is_empty());
+        sleeper.kill().unwrap();
+        sleeper.wait().unwrap();
         child.kill().unwrap();
         child.wait().unwrap();
     }
