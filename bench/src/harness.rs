@@ -45,6 +45,9 @@ pub enum Config {
     CensusBaseline,
     /// memtrace --census-only, a census every CENSUS_INTERVAL: no probe.
     Census,
+    /// memtrace --all-python finding the workload by its command line,
+    /// every CENSUS_INTERVAL: host mode's free tier.
+    AllPython,
     Tracemalloc,
     Memray {
         python_allocators: bool,
@@ -53,13 +56,14 @@ pub enum Config {
 
 impl Config {
     /// Every configuration, in the order runs and tables take them.
-    pub const ALL: [Config; 9] = [
+    pub const ALL: [Config; 10] = [
         Config::Untraced,
         Config::Memtrace(None),
         Config::Memtrace(Some(1)),
         Config::Floor,
         Config::CensusBaseline,
         Config::Census,
+        Config::AllPython,
         Config::Tracemalloc,
         Config::Memray { python_allocators: false },
         Config::Memray { python_allocators: true },
@@ -74,6 +78,7 @@ impl Config {
             Config::Memtrace(Some(_)) => "frames1",
             Config::Floor => "floor",
             Config::CensusBaseline | Config::Census => "census",
+            Config::AllPython => "all-python",
             Config::Tracemalloc => "tracemalloc",
             Config::Memray { python_allocators: false } => "memray",
             Config::Memray { python_allocators: true } => "memray-python-allocators",
@@ -88,6 +93,7 @@ impl Config {
             Config::Floor => "floor: bpftrace, empty probes".into(),
             Config::CensusBaseline => format!("untraced, {CENSUS_SPAN}× as long"),
             Config::Census => format!("memtrace --census-only --interval {CENSUS_INTERVAL}, {CENSUS_SPAN}× as long"),
+            Config::AllPython => format!("memtrace --all-python --interval {CENSUS_INTERVAL}, {CENSUS_SPAN}× as long"),
             Config::Tracemalloc => "python -X tracemalloc=1".into(),
             Config::Memray { python_allocators: false } => "memray run".into(),
             Config::Memray { python_allocators: true } => "memray run --trace-python-allocators".into(),
@@ -102,6 +108,7 @@ impl Config {
             Config::Floor => "floor".into(),
             Config::CensusBaseline => format!("untraced {CENSUS_SPAN}×"),
             Config::Census => format!("--census-only {CENSUS_SPAN}×"),
+            Config::AllPython => format!("--all-python {CENSUS_SPAN}×"),
             Config::Tracemalloc => "tracemalloc".into(),
             _ => self.label(),
         }
@@ -117,7 +124,7 @@ impl Config {
     /// seconds are kept divided by it.
     pub fn span(self) -> u64 {
         match self {
-            Config::CensusBaseline | Config::Census => CENSUS_SPAN,
+            Config::CensusBaseline | Config::Census | Config::AllPython => CENSUS_SPAN,
             _ => 1,
         }
     }
@@ -126,7 +133,7 @@ impl Config {
     /// other than the plain untraced run.
     pub fn baseline(self) -> Config {
         match self {
-            Config::Census => Config::CensusBaseline,
+            Config::Census | Config::AllPython => Config::CensusBaseline,
             _ => Config::Untraced,
         }
     }
@@ -244,6 +251,14 @@ fn run_once(setup: &Setup, workload: &Workload, config: Config) -> Result<(f64, 
             let args = ["--pid", &pid, "--census-only", "--interval", CENSUS_INTERVAL, "--format", "json"];
             Some(Attached::Census(Memtrace::try_attach(&setup.memtrace, &args, ATTACH_TIMEOUT)?))
         }
+        Config::AllPython => {
+            // Found as host mode finds any process: by its command line.
+            let command_line =
+                format!("{} {}", setup.venv_python.display(), workload.args(&setup.bench_dir, size, port).join(" "));
+            let pattern = format!("^{}$", regex::escape(&command_line));
+            let args = ["--all-python", "--match", &pattern, "--interval", CENSUS_INTERVAL, "--format", "json"];
+            Some(Attached::Census(Memtrace::try_attach(&setup.memtrace, &args, ATTACH_TIMEOUT)?))
+        }
         Config::Floor => Some(Attached::Floor(bpftrace(setup, target.pid())?)),
         Config::Untraced | Config::CensusBaseline | Config::Tracemalloc | Config::Memray { .. } => None,
     };
@@ -280,7 +295,12 @@ fn interpreter(setup: &Setup, config: Config) -> Command {
                 cmd.arg("--trace-python-allocators");
             }
         }
-        Config::Untraced | Config::Memtrace(_) | Config::Floor | Config::CensusBaseline | Config::Census => {}
+        Config::Untraced
+        | Config::Memtrace(_)
+        | Config::Floor
+        | Config::CensusBaseline
+        | Config::Census
+        | Config::AllPython => {}
     }
     cmd
 }

@@ -8,8 +8,9 @@
 //! (bench/workload.py, also 20 Python frames deep for the cost of the frame
 //! walk), a subset of pyperformance's benchmarks, each one's own function
 //! in a loop in one process (bench/pyperformance_loop.py), and a Flask app
-//! under a fixed client (bench/flask_app.py, bench/src/service.rs); and a
-//! fourth, what a census costs memtrace itself. Every configuration runs N
+//! under a fixed client (bench/flask_app.py, bench/src/service.rs); then
+//! what a census costs memtrace itself, and what host mode costs it
+//! watching fifty processes. Every configuration runs N
 //! times, interleaved so that the machine's noise falls on all of them
 //! alike, and the medians go to tables on stdout and to BENCHMARKS.md,
 //! which this crate regenerates wholesale. A tool that cannot run fails the
@@ -18,11 +19,13 @@
 //! links memtrace's library and so cannot be part of xtask. Its jobs:
 //! `setup` (tools, the venv, the bpftrace shim, probe discovery,
 //! calibration), `workload` (what runs), `harness` (the interleaved, timed
-//! runs), `service` (the web client), `census` (the census's own cost) and
+//! runs), `service` (the web client), `census` (the census's own cost),
+//! `host` (host mode's own cost) and
 //! `report` (medians, tables, BENCHMARKS.md from bench/template.md).
 
 mod census;
 mod harness;
+mod host;
 mod report;
 mod service;
 mod setup;
@@ -60,7 +63,7 @@ struct Options {
     #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(PYPERFORMANCE))]
     benchmarks: Vec<String>,
     /// Configurations to run besides untraced, comma-separated: memtrace,
-    /// frames1, floor, census, tracemalloc, memray,
+    /// frames1, floor, census, all-python, tracemalloc, memray,
     /// memray-python-allocators (default: all).
     #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(config_names()))]
     configs: Vec<String>,
@@ -90,7 +93,7 @@ fn main() -> ExitCode {
 fn run(options: &Options) -> Result<()> {
     let whole = options.only.is_empty() && options.benchmarks.is_empty() && options.configs.is_empty();
     let groups = if options.only.is_empty() {
-        vec![Group::Micro, Group::Pyperformance, Group::Flask, Group::Census]
+        vec![Group::Micro, Group::Pyperformance, Group::Flask, Group::Census, Group::Host]
     } else {
         options.only.clone()
     };
@@ -114,7 +117,11 @@ fn run(options: &Options) -> Result<()> {
         true => Some(census::measure(&setup.memtrace, &[&setup.python, Path::new("/usr/bin/python3.11")])?),
         false => None,
     };
-    let parts = report::results(&workloads, &samples, &setup.points, census_costs.as_deref());
+    let host_costs = match groups.contains(&Group::Host) {
+        true => Some(host::measure(&setup.memtrace, &setup.python)?),
+        false => None,
+    };
+    let parts = report::results(&workloads, &samples, &setup.points, census_costs.as_deref(), host_costs.as_deref());
     for part in &parts {
         if let Some(text) = &part.text {
             println!("## {}\n\n{text}\n", part.title);

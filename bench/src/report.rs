@@ -11,6 +11,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::{
     census::CensusCost,
     harness::{CENSUS_INTERVAL, CENSUS_SPAN, Config, Samples},
+    host::HostCost,
     output,
     setup::{AttachPoint, CALIBRATION_SECONDS, Setup},
     workload::{DEEP_DEPTH, Group, Kind, Workload},
@@ -146,6 +147,7 @@ pub fn results(
     samples: &[Vec<Samples>],
     points: &[AttachPoint],
     census_costs: Option<&[CensusCost]>,
+    host_costs: Option<&[HostCost]>,
 ) -> Vec<Part> {
     let part = |group, write: &dyn Fn(&[Measures]) -> String| {
         let runs = measures(workloads, samples, group);
@@ -164,6 +166,7 @@ pub fn results(
         },
         Part { name: "flask_results", title: "The web service", text: part(Group::Flask, &flask) },
         Part { name: "census_results", title: "The object census's own cost", text: census_costs.map(census) },
+        Part { name: "host_results", title: "Host mode's own cost", text: host_costs.map(host) },
     ]
 }
 
@@ -387,6 +390,24 @@ fn census(costs: &[CensusCost]) -> String {
     table(&["interpreter", "objects counted", "median ms", "ms per million objects", "each census, ms"], &rows)
 }
 
+/// memtrace's CPU and memory watching fifty processes, idle and busy.
+fn host(costs: &[HostCost]) -> String {
+    let mib = |b: u64| format!("{:.1}", b as f64 / (1024.0 * 1024.0));
+    let rows: Vec<Vec<String>> = costs
+        .iter()
+        .map(|c| {
+            vec![
+                format!("{} {} processes", c.processes, if c.busy { "busy" } else { "idle" }),
+                format!("{:.2}%", 100.0 * c.cpu_share),
+                mib(c.rss),
+                mib(c.peak_rss),
+                c.reports.to_string(),
+            ]
+        })
+        .collect();
+    table(&["watched", "memtrace CPU (of one core)", "RSS MiB", "peak RSS MiB", "host reports"], &rows)
+}
+
 /// A Markdown table, padded so that it also reads as plain text.
 fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
@@ -466,6 +487,8 @@ pub fn document(setup: &Setup, scope: &Scope, parts: &[Part]) -> Result<String> 
         ("calibration", CALIBRATION_SECONDS.to_string()),
         ("census_interval", CENSUS_INTERVAL.to_owned()),
         ("census_span", CENSUS_SPAN.to_string()),
+        ("host_processes", crate::host::PROCESSES.to_string()),
+        ("host_window", crate::host::WINDOW.as_secs().to_string()),
         ("single_stepped", if single_stepped.is_empty() { "none".into() } else { single_stepped.join(", ") }),
     ]);
     for part in parts {

@@ -49,6 +49,8 @@ pub enum Group {
     Flask,
     /// What one census costs memtrace (no timed target).
     Census,
+    /// What host mode costs memtrace watching fifty processes.
+    Host,
 }
 
 #[derive(Clone, PartialEq)]

@@ -6,8 +6,10 @@
 //! (label `type`, `--types-limit` of them); per top group of the report
 //! (label `site`, as the text report prints it, `--top` of them):
 //! outstanding bytes and blocks, peak at reports, and the trend's slope and
-//! verdict. Values are those of each process's latest report; a process's
-//! series go away after its final report. memtrace's own CPU time and RSS
+//! verdict; in host mode, how many processes are watched and skipped, and
+//! each one's private memory slope and whether it grows. Values are those
+//! of each process's latest report; a process's series go away after its
+//! final report. memtrace's own CPU time and RSS
 //! are read at each scrape, under the names every exporter gives its own
 //! (`process_cpu_seconds_total`, `process_resident_memory_bytes`). A small
 //! blocking HTTP server answers on its own thread.
@@ -25,7 +27,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use super::{Report, View, Writer, trend::Verdict};
+use super::{HostReport, Report, View, Writer, trend::Verdict};
 use crate::census::memory::Memory;
 
 /// Which process a series is about; `cgroup` names its container (its
@@ -79,6 +81,12 @@ struct Metrics {
     heap_blocks: Family<ProcessLabels, Gauge>,
     heap_bytes: Family<ProcessLabels, Gauge>,
     type_objects: Family<TypeLabels, Gauge>,
+    /// Host mode's: what it watches and cannot watch, and each process's
+    /// private memory trend.
+    watched_processes: Gauge,
+    skipped_processes: Gauge,
+    memory_slope: Family<ProcessLabels, F64Gauge>,
+    memory_growing: Family<ProcessLabels, Gauge>,
     /// memtrace's own, set at each scrape.
     own_cpu_seconds: Counter<f64, AtomicU64>,
     own_rss_bytes: Gauge,
@@ -136,6 +144,22 @@ impl Metrics {
             "Objects of one of the process's largest Python types, tracked by the GC or not",
             m.type_objects,
         );
+        registry.register("memtrace_watched_processes", "Processes host mode watches", m.watched_processes);
+        registry.register(
+            "memtrace_skipped_processes",
+            "Processes host mode found but cannot watch (unsupported, unreadable)",
+            m.skipped_processes,
+        );
+        registry.register(
+            "memtrace_memory_slope_bytes_per_second",
+            "Host mode: least-squares slope of a process's private memory (anonymous + swap) over the last reports",
+            m.memory_slope,
+        );
+        registry.register(
+            "memtrace_memory_growing",
+            "Host mode: 1 if the process's private memory is growing, else 0",
+            m.memory_growing,
+        );
         registry.register("process_cpu_seconds", "CPU time memtrace itself has used", m.own_cpu_seconds);
         registry.register("process_resident_memory_bytes", "Resident bytes of memtrace itself", m.own_rss_bytes);
     }
@@ -170,6 +194,8 @@ pub struct MetricsServer {
     /// the top.
     sites: BTreeMap<u32, BTreeSet<SiteLabels>>,
     types: BTreeMap<u32, BTreeSet<TypeLabels>>,
+    /// The processes of the latest host report, to remove those gone.
+    standings: BTreeSet<ProcessLabels>,
     server: Arc<tiny_http::Server>,
 }
 
@@ -185,7 +211,7 @@ impl MetricsServer {
         let serving = Arc::clone(&server);
         let own = metrics.clone();
         thread::Builder::new().name("metrics".into()).spawn(move || serve(&serving, &registry, &own))?;
-        Ok(Self { metrics, view, sites: BTreeMap::new(), types: BTreeMap::new(), server })
+        Ok(Self { metrics, view, sites: BTreeMap::new(), types: BTreeMap::new(), standings: BTreeSet::new(), server })
     }
 }
 
@@ -264,24 +290,34 @@ impl Writer for MetricsServer {
             (&m.rss_bytes, memory.map(|m| m.rss)),
             (&m.anonymous_bytes, memory.map(|m| m.anonymous)),
             (&m.swap_bytes, memory.map(|m| m.swap)),
-            (&m.heap_blocks, heap.map(|h| h.blocks)),
-            (&m.heap_bytes, heap.map(|h| h.bytes)),
         ] {
             set_or_remove(family, &process, value);
         }
-        // The census lists types biggest first: the largest populations are
-        // the series, so that their number stays bounded and they change
-        // only when the ranking does.
-        let mut types = BTreeSet::new();
-        for count in census.and_then(|c| c.objects.as_ref()).iter().flat_map(|o| &o.types).take(self.view.types) {
-            let labels = TypeLabels { process: process.clone(), r#type: count.name.clone() };
-            m.type_objects.get_or_create(&labels).set(count.count() as i64);
-            types.insert(labels);
+        match census.and_then(|c| c.objects.as_ref()) {
+            Some(objects) => {
+                set_or_remove(&m.heap_blocks, &process, heap.map(|h| h.blocks));
+                set_or_remove(&m.heap_bytes, &process, heap.map(|h| h.bytes));
+                // The census lists types biggest first: the largest
+                // populations are the series, so that their number stays
+                // bounded and they change only when the ranking does.
+                let mut types = BTreeSet::new();
+                for count in objects.types.iter().take(self.view.types) {
+                    let labels = TypeLabels { process: process.clone(), r#type: count.name.clone() };
+                    m.type_objects.get_or_create(&labels).set(count.count() as i64);
+                    types.insert(labels);
+                }
+                for gone in old_types.difference(&types) {
+                    m.type_objects.remove(gone);
+                }
+                self.types.insert(pid, types);
+            }
+            // Host mode read only its memory this time (its census waits
+            // its turn): the heap and type series keep the latest census's
+            // values rather than vanish until the next.
+            None => {
+                self.types.insert(pid, old_types);
+            }
         }
-        for gone in old_types.difference(&types) {
-            m.type_objects.remove(gone);
-        }
-        self.types.insert(pid, types);
         let group_by = self.view.group_by;
         let trends = report.history.trends(group_by);
         let mut sites = BTreeSet::new();
@@ -314,6 +350,43 @@ impl Writer for MetricsServer {
         }
         self.sites.insert(pid, sites);
         Ok(())
+    }
+
+    fn write_host(&mut self, report: &HostReport) -> std::io::Result<()> {
+        self.write_standings(report);
+        Ok(())
+    }
+}
+
+impl MetricsServer {
+    fn write_standings(&mut self, report: &HostReport) {
+        let m = &self.metrics;
+        m.watched_processes.set(report.processes.len() as i64);
+        m.skipped_processes.set(report.skipped.len() as i64);
+        let mut standings = BTreeSet::new();
+        for standing in report.processes.iter().filter(|s| !s.exited && !report.is_final) {
+            let labels = ProcessLabels {
+                pid: standing.process.pid,
+                comm: standing.process.comm.clone(),
+                cgroup: standing.process.cgroup.clone().unwrap_or_default(),
+            };
+            match standing.trend {
+                Some(trend) => {
+                    m.memory_slope.get_or_create(&labels).set(trend.slope);
+                    m.memory_growing.get_or_create(&labels).set(i64::from(trend.verdict == Verdict::Growing));
+                }
+                None => {
+                    m.memory_slope.remove(&labels);
+                    m.memory_growing.remove(&labels);
+                }
+            }
+            standings.insert(labels);
+        }
+        for gone in self.standings.difference(&standings) {
+            m.memory_slope.remove(gone);
+            m.memory_growing.remove(gone);
+        }
+        self.standings = standings;
     }
 }
 
