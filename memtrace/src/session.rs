@@ -35,12 +35,16 @@ use crate::{
     filter::Filters,
     privileges::{self, Need},
     probes::{
-        attach::Tracer,
+        attach::{Purpose, Tracer},
         inlined, kernel,
         plan::{self, AttachPoint, ProbedBinary, PythonProbes},
         unwinding::{RuleBook, Unwinding},
     },
-    process::{Target, discovery, proc_maps::MemoryMap},
+    process::{
+        Target, discovery,
+        host::{Decision, Host, HostCounts},
+        proc_maps::MemoryMap,
+    },
     progress::Progress,
     python::{self, Detection},
     report::{
@@ -54,6 +58,11 @@ use crate::{
 /// How often memory maps are refreshed and Python stacks the kernel could
 /// not announce (its ring was full) are resolved.
 const SWEEP_EVERY: Duration = Duration::from_millis(500);
+
+/// How soon host mode looks again at a process just started whose
+/// interpreter is not mapped yet: its dynamic loader maps libpython within
+/// milliseconds, and a short-lived process is gone soon after.
+const LOOK_AGAIN_EVERY: Duration = Duration::from_millis(5);
 
 /// Why the session ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,7 +81,7 @@ pub struct Outcome {
 }
 
 pub async fn run(options: Options) -> Result<Outcome> {
-    if options.probes_off() {
+    if options.probes_off() && !options.all_python {
         privileges::check(Need::Reading)?;
     } else {
         privileges::check(Need::Tracing)?;
@@ -89,11 +98,19 @@ pub async fn run(options: Options) -> Result<Outcome> {
     let mut seen = std::collections::BTreeSet::new();
     let pids: Vec<u32> = options.pids.iter().copied().filter(|pid| seen.insert(*pid)).collect();
     let prepared = pids.iter().map(|&pid| Prepared::new(pid, &options, &progress)).collect::<Result<Vec<_>>>()?;
-    let mut tracer = if options.probes_off() {
-        None
-    } else {
-        progress.step("loading the eBPF programs");
-        Some(privileges::explain(Tracer::load(kernel::config()?, options.max_allocs, options.verbose), Need::Tracing)?)
+    // Host mode loads the kernel side for its announcements of every
+    // process, and attaches no probe.
+    let purpose = match (options.all_python, options.probes_off()) {
+        (true, _) => Some(Purpose::Host),
+        (false, true) => None,
+        (false, false) => Some(Purpose::Probes { max_allocs: options.max_allocs }),
+    };
+    let mut tracer = match purpose {
+        None => None,
+        Some(purpose) => {
+            progress.step("loading the eBPF programs");
+            Some(privileges::explain(Tracer::load(kernel::config()?, purpose, options.verbose), Need::Tracing)?)
+        }
     };
     let (exits, exited) = mpsc::unbounded_channel();
     let mut processes = BTreeMap::new();
@@ -126,12 +143,18 @@ pub async fn run(options: Options) -> Result<Outcome> {
         progress,
         exits,
         gone_untracked: 0,
-        skipped: BTreeMap::new(),
+        host: options.all_python.then(|| Host::new(options.matching.clone())),
     };
     if options.all_python {
-        session.discover();
+        session.discover(false);
     }
     let end = session.run_loop(stops, exited, rings).await?;
+    if let Some(counts) = session.host_counts() {
+        eprintln!(
+            "memtrace: host mode: {} Python processes started since memtrace started, {} of them exited before they could be read; {} found by the /proc scan that the kernel's announcements missed; {} announcements lost",
+            counts.announced, counts.vanished, counts.missed, counts.events_lost
+        );
+    }
     if let Some(failure) = session.failed {
         return Err(failure);
     }
@@ -156,6 +179,12 @@ impl Prepared {
         progress.step(format!("pid {pid}: reading its interpreter"));
         let target = Target::open(pid)?;
         let python = python::detect(&target)?;
+        Self::detected(target, python, options, progress)
+    }
+
+    /// `new` for a process whose interpreter was read already.
+    fn detected(target: Target, python: Detection, options: &Options, progress: &Progress) -> Result<Self> {
+        let pid = target.pid;
         let mut notes = Vec::new();
         let interpreter = match python {
             Detection::Supported(interpreter) => Some(*interpreter),
@@ -229,6 +258,8 @@ impl Prepared {
         counting: Option<Plan>,
     ) -> Result<Traced> {
         let Self { target, interpreter, points, notes, includes_raw } = self;
+        // Host mode's tracer only announces processes.
+        let tracer = tracer.filter(|_| !options.probes_off());
         let pid = target.pid;
         progress.step(format!("pid {pid}: its first census"));
         let mut census = CensusTaker::new(
@@ -437,9 +468,9 @@ struct Session<'a> {
     exits: mpsc::UnboundedSender<u32>,
     /// `untracked` of the processes no longer in `processes`.
     gone_untracked: u64,
-    /// With --all-python: the Python processes it cannot watch, and why,
-    /// each said once.
-    skipped: BTreeMap<u32, String>,
+    /// With --all-python: every process on the host, as the kernel
+    /// announces them.
+    host: Option<Host>,
 }
 
 impl Session<'_> {
@@ -475,6 +506,13 @@ impl Session<'_> {
             let site_stacks = readable(site_stacks);
             let process_events = readable(process_events);
             let kernel_log = readable(kernel_log);
+            let has_pending = self.host.as_ref().is_some_and(Host::has_pending);
+            let look_again = async {
+                match has_pending {
+                    true => tokio::time::sleep(LOOK_AGAIN_EVERY).await,
+                    false => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = reports.tick() => {
                     // The last report allowed by --count is the final one.
@@ -483,7 +521,15 @@ impl Session<'_> {
                     }
                     self.intervals += 1;
                     if self.options.all_python {
-                        self.discover();
+                        // Announcements first: the scan is to count only
+                        // what they missed.
+                        if let Some(Rings { process_events, .. }) = rings.as_mut() {
+                            for event in collect::drain_process_events(process_events.get_mut()) {
+                                self.announced(event)?;
+                            }
+                        }
+                        self.examine_pending();
+                        self.discover(true);
                     }
                     let live: Vec<u32> = self.live().collect();
                     self.report(&live, false)?;
@@ -511,8 +557,13 @@ impl Session<'_> {
                 ready = process_events => {
                     let mut guard = ready?;
                     for event in collect::drain_process_events(guard.get_inner_mut()) {
-                        self.process_changed(event)?;
+                        if self.host.is_some() {
+                            self.announced(event)?;
+                        } else {
+                            self.process_changed(event)?;
+                        }
                     }
+                    self.examine_pending();
                     guard.clear_ready();
                     if self.failed.is_some() {
                         break End::Limit;
@@ -524,6 +575,7 @@ impl Session<'_> {
                     guard.clear_ready();
                 }
                 _ = sweep.tick() => self.sweep(),
+                _ = look_again => self.examine_pending(),
                 Some(pid) = exited.recv() => {
                     self.exited(pid)?;
                     if self.failed.is_some() {
@@ -655,26 +707,93 @@ impl Session<'_> {
         }
     }
 
-    /// Host mode: watches the Python processes not watched yet, and says
-    /// once of each that cannot be watched why not.
-    fn discover(&mut self) {
+    /// Host mode's scan of /proc: at start, every Python process; later
+    /// (`safety_net`), any the kernel's announcements missed.
+    fn discover(&mut self, safety_net: bool) {
+        let Some(host) = &mut self.host else { return };
         let processes = &self.processes;
-        let scan =
-            discovery::scan(self.options.matching.as_ref(), |pid| processes.get(&pid).is_some_and(|t| !t.exited));
-        for (pid, reason) in scan.skipped {
-            if self.skipped.get(&pid) != Some(&reason) {
-                eprintln!("memtrace: pid {pid} is not watched: {reason}");
-                self.skipped.insert(pid, reason);
-            }
+        let (found, decisions) = host.scan(|pid| processes.get(&pid).is_some_and(|t| !t.exited), safety_net);
+        for decision in decisions {
+            self.decided(decision);
         }
-        for pid in scan.python {
+        for pid in found {
             self.drop_process(pid);
             self.follow(pid, Followed::Found, collect::monotonic_now_ns());
         }
         let watched = self.live().count();
-        if watched == 0 && self.intervals == 0 {
+        if watched == 0 && !safety_net {
             let matching = self.options.matching.as_ref().map(|re| format!(" matching {re}")).unwrap_or_default();
-            eprintln!("memtrace: no Python process{matching} yet; looking again at every report");
+            eprintln!("memtrace: no Python process{matching} yet; watching for new ones");
+        }
+    }
+
+    /// Host mode: any process on the host forked, exec'd or exited.
+    fn announced(&mut self, event: ProcessEvent) -> Result<()> {
+        if event.kind == ProcessEvent::EXEC && self.processes.get(&event.pid).is_some_and(|t| !t.exited) {
+            let pid = event.pid;
+            if let Some(traced) = self.processes.get_mut(&pid) {
+                traced.notes.push("it replaced its image (exec): this final report covers the former image".into());
+            }
+            self.report(&[pid], true)?;
+            self.drop_process(pid);
+        }
+        let Some(host) = &mut self.host else { return Ok(()) };
+        let processes = &self.processes;
+        if let Some(decision) = host.announced(&event, |pid| processes.get(&pid).is_some_and(|t| !t.exited)) {
+            self.decided(decision);
+        }
+        Ok(())
+    }
+
+    /// Host mode: looks again at the processes just announced.
+    fn examine_pending(&mut self) {
+        let Some(host) = &mut self.host else { return };
+        for pid in host.pending() {
+            let Some(host) = &mut self.host else { return };
+            if let Some(decision) = host.examine(pid) {
+                self.decided(decision);
+            }
+        }
+    }
+
+    /// What host mode has seen so far.
+    pub fn host_counts(&mut self) -> Option<HostCounts> {
+        let host = self.host.as_mut()?;
+        if let Some(lost) = self.tracer.as_ref().and_then(|t| collect::events_lost(t).ok()) {
+            host.counts.events_lost = lost;
+        }
+        Some(host.counts)
+    }
+
+    /// Carries out host mode's decision about a process.
+    fn decided(&mut self, decision: Decision) {
+        match decision {
+            Decision::Skip(pid, reason) => eprintln!("memtrace: pid {pid} is not watched: {reason}"),
+            Decision::Vanished(pid, name) => {
+                eprintln!("memtrace: pid {pid} ({name}) exited before it could be read")
+            }
+            Decision::Watch(target, interpreter) => {
+                let (pid, comm) = (target.pid, target.comm.clone());
+                let quiet = Progress::start(true);
+                let watched = Prepared::detected(target, Detection::Supported(interpreter), self.options, &quiet)
+                    .and_then(|prepared| {
+                        watch_exit(pid, self.exits.clone())?;
+                        prepared.attach(None, &mut self.rules, &self.allocators, self.options, &quiet, None)
+                    });
+                match watched {
+                    Ok(traced) => {
+                        self.drop_process(pid);
+                        self.processes.insert(pid, traced);
+                    }
+                    Err(e) if !discovery::exiting(pid) => eprintln!("memtrace: pid {pid} is not watched: {e:#}"),
+                    Err(_) => {
+                        if let Some(host) = &mut self.host {
+                            let decision = host.watch_failed(pid, &comm);
+                            self.decided(decision);
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -689,7 +808,7 @@ impl Session<'_> {
     /// Python stack the kernel could not announce.
     fn sweep(&mut self) {
         let Some(tracer) = &mut self.tracer else { return };
-        for (&pid, traced) in self.processes.iter_mut().filter(|(_, t)| !t.exited) {
+        for (&pid, traced) in self.processes.iter_mut().filter(|(_, t)| !t.exited && t.plan.is_some()) {
             // Gone already (a zombie's map is empty): its exit is on its way.
             if !Target::is_alive(pid) {
                 continue;
@@ -738,7 +857,7 @@ impl Session<'_> {
             traced.types.push(SystemTime::now(), objects);
         }
         let type_trends = traced.types.trends();
-        let Some(tracer) = &self.tracer else {
+        let Some(tracer) = self.tracer.as_ref().filter(|_| traced.plan.is_some()) else {
             traced.sequence += 1;
             traced.exited |= is_final;
             let report = Report {
