@@ -477,27 +477,52 @@ pub struct KernelConfig {
     /// Offset of `pid` in `struct task_struct`: a task's id, its
     /// process's for the child of a fork.
     pub task_pid: u64,
+    /// Offsets of `mm` in `struct task_struct` and of `arg_start` and
+    /// `arg_end` in `struct mm_struct`: where a process's command line lies
+    /// in its memory, read at its exec in host mode so that one that exits
+    /// before it could be read can still be named and matched.
+    pub task_mm: u64,
+    pub mm_arg_start: u64,
+    pub mm_arg_end: u64,
 }
 
-/// A traced process changed: it forked a child process, or replaced its
-/// image (exec). What PROCESS_EVENTS carries.
+/// A traced process changed: it forked a child process, replaced its image
+/// (exec) or exited; in host mode, any process did. What PROCESS_EVENTS
+/// carries.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProcessEvent {
-    /// [`ProcessEvent::FORK`] or [`ProcessEvent::EXEC`].
+    /// [`ProcessEvent::FORK`], [`ProcessEvent::EXEC`] or [`ProcessEvent::EXIT`].
     pub kind: u32,
-    /// The traced process (the parent, for a fork).
+    /// The process (the parent, for a fork).
     pub pid: u32,
     /// The new child process, for a fork.
     pub child: u32,
-    pub _pad: u32,
+    /// Bytes of `args` read, for an exec in host mode.
+    pub args_len: u32,
     /// bpf_ktime_get_ns when it happened.
     pub time_ns: u64,
+    /// The process's name (the task's `comm`, NUL-padded) after the event.
+    pub comm: [u8; 16],
+    /// The start of the new image's command line, NUL-separated as in
+    /// /proc/PID/cmdline: host mode's exec events only.
+    pub args: [u8; PROCESS_ARGS_MAX],
 }
+
+/// The most of a command line an exec event carries.
+pub const PROCESS_ARGS_MAX: usize = 256;
 
 impl ProcessEvent {
     pub const FORK: u32 = 0;
     pub const EXEC: u32 = 1;
+    /// The process's last thread exited (host mode only).
+    pub const EXIT: u32 = 2;
+}
+
+impl Default for ProcessEvent {
+    fn default() -> Self {
+        Self { kind: 0, pid: 0, child: 0, args_len: 0, time_ns: 0, comm: [0; 16], args: [0; PROCESS_ARGS_MAX] }
+    }
 }
 
 /// One process's counters, per CPU in COUNTERS: indexed by [`counter`].
@@ -526,8 +551,9 @@ pub mod map_name {
     pub const SITE_STACKS: &str = "SITE_STACKS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const PROCESS_EVENTS: &str = "PROCESS_EVENTS";
+    pub const EVENTS_LOST: &str = "EVENTS_LOST";
     pub const UNWIND_RULES: &str = "UNWIND_RULES";
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         TARGETS,
         ALLOCS,
         SITES,
@@ -538,6 +564,7 @@ pub mod map_name {
         COUNTERS,
         PROCESS_EVENTS,
         UNWIND_RULES,
+        EVENTS_LOST,
     ];
 }
 

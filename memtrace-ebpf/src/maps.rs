@@ -18,7 +18,8 @@ use memtrace_common::{
 
 /// Filled in by userspace at load time, from the kernel's BTF.
 #[unsafe(no_mangle)]
-pub static KERNEL_CONFIG: KernelConfig = KernelConfig { task_fsbase: 0, task_pid: 0 };
+pub static KERNEL_CONFIG: KernelConfig =
+    KernelConfig { task_fsbase: 0, task_pid: 0, task_mm: 0, mm_arg_start: 0, mm_arg_end: 0 };
 
 /// Traced processes (by tgid) and what to collect for each. A process not
 /// listed here is ignored by every program.
@@ -64,9 +65,11 @@ pub static NEW_PYTHON_STACKS: RingBuf = RingBuf::with_byte_size(1 << 16, 0);
 #[map]
 pub static SITE_STACKS: RingBuf = RingBuf::with_byte_size(1 << 21, 0);
 
-/// Forks and execs of traced processes (`memtrace_common::ProcessEvent`).
+/// Forks and execs of traced processes (`memtrace_common::ProcessEvent`);
+/// in host mode, every process's forks, execs and exits, in a ring
+/// userspace enlarges before loading (`memtrace::probes::attach`).
 #[map]
-pub static PROCESS_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 14, 0);
+pub static PROCESS_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 16, 0);
 
 /// Each traced process's loss and coverage counters (see
 /// `memtrace_common::counter`), per CPU. Userspace creates a process's entry

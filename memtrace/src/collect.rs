@@ -7,7 +7,7 @@
 use std::collections::HashMap as StdHashMap;
 
 use anyhow::{Context as _, Result, anyhow};
-use aya::maps::{HashMap, MapData, PerCpuHashMap, RingBuf};
+use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use memtrace_common::{
     AllocInfo, AllocKey, CounterSet, NativeStack, ProcessEvent, PythonStack, SiteKey, SiteStackCopy, SiteStats,
     StackKey, counter, layer, map_name,
@@ -130,6 +130,13 @@ pub fn site_stacks(tracer: &mut Tracer) -> Result<RingBuf<MapData>> {
 /// so that the session can wait on it.
 pub fn process_events(tracer: &mut Tracer) -> Result<RingBuf<MapData>> {
     take_ring(tracer, map_name::PROCESS_EVENTS)
+}
+
+/// Host mode's announcements of untraced processes that the process ring
+/// had no room for, summed over CPUs.
+pub fn events_lost(tracer: &Tracer) -> Result<u64> {
+    let lost: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map(tracer, map_name::EVENTS_LOST)?)?;
+    Ok(lost.get(&0, 0)?.iter().sum())
 }
 
 /// Drains `ring`, returning the events it held, oldest first.

@@ -35,12 +35,16 @@ use crate::{
     filter::Filters,
     privileges::{self, Need},
     probes::{
-        attach::Tracer,
+        attach::{Purpose, Tracer},
         inlined, kernel,
         plan::{self, AttachPoint, ProbedBinary, PythonProbes},
         unwinding::{RuleBook, Unwinding},
     },
-    process::{Target, discovery, proc_maps::MemoryMap},
+    process::{
+        Target, discovery,
+        host::{Decision, Host, HostCounts},
+        proc_maps::MemoryMap,
+    },
     progress::Progress,
     python::{self, Detection},
     report::{
@@ -55,6 +59,11 @@ use crate::{
 /// How often memory maps are refreshed and Python stacks the kernel could
 /// not announce (its ring was full) are resolved.
 const SWEEP_EVERY: Duration = Duration::from_millis(500);
+
+/// How soon host mode looks again at a process just started whose
+/// interpreter is not mapped yet: its dynamic loader maps libpython within
+/// milliseconds, and a short-lived process is gone soon after.
+const LOOK_AGAIN_EVERY: Duration = Duration::from_millis(5);
 
 /// Why the session ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,7 +82,7 @@ pub struct Outcome {
 }
 
 pub async fn run(options: Options) -> Result<Outcome> {
-    if options.probes_off() {
+    if options.probes_off() && !options.host_wide() {
         privileges::check(Need::Reading)?;
     } else {
         privileges::check(Need::Tracing)?;
@@ -90,11 +99,19 @@ pub async fn run(options: Options) -> Result<Outcome> {
     let mut seen = std::collections::BTreeSet::new();
     let pids: Vec<u32> = options.pids.iter().copied().filter(|pid| seen.insert(*pid)).collect();
     let prepared = prepare_each(&pids, &options, &progress)?;
-    let mut tracer = if options.probes_off() {
-        None
-    } else {
-        progress.step("loading the eBPF programs");
-        Some(privileges::explain(Tracer::load(kernel::config()?, options.max_allocs, options.verbose), Need::Tracing)?)
+    // Host mode loads the kernel side for its announcements of every
+    // process, and attaches no probe.
+    let purpose = match (options.host_wide(), options.probes_off()) {
+        (true, _) => Some(Purpose::Host),
+        (false, true) => None,
+        (false, false) => Some(Purpose::Probes { max_allocs: options.max_allocs }),
+    };
+    let mut tracer = match purpose {
+        None => None,
+        Some(purpose) => {
+            progress.step("loading the eBPF programs");
+            Some(privileges::explain(Tracer::load(kernel::config()?, purpose, options.verbose), Need::Tracing)?)
+        }
     };
     let (exits, exited) = mpsc::unbounded_channel();
     let mut processes = BTreeMap::new();
@@ -139,13 +156,21 @@ pub async fn run(options: Options) -> Result<Outcome> {
         exits,
         gone_untracked: 0,
         skipped: BTreeMap::new(),
+        vanished: Vec::new(),
         census_budget: CensusBudget::default(),
         host_reports: 0,
+        host: options.host_wide().then(|| Host::new(options.matching.clone(), options.all)),
     };
     if options.host_wide() {
-        session.discover();
+        session.discover(false);
     }
     let end = session.run_loop(stops, exited, rings).await?;
+    if let Some(counts) = session.host_counts() {
+        eprintln!(
+            "memtrace: host mode: {} Python processes started since memtrace started, {} of them exited before they could be read; {} found by the /proc scan that the kernel's announcements missed; {} announcements lost",
+            counts.announced, counts.vanished, counts.missed, counts.events_lost
+        );
+    }
     if let Some(failure) = session.failed {
         return Err(failure);
     }
@@ -170,6 +195,12 @@ impl Prepared {
         progress.step(format!("pid {pid}: reading its interpreter"));
         let target = Target::open(pid)?;
         let python = python::detect(&target)?;
+        Self::detected(target, python, options, progress)
+    }
+
+    /// `new` for a process whose interpreter was read already.
+    fn detected(target: Target, python: Detection, options: &Options, progress: &Progress) -> Result<Self> {
+        let pid = target.pid;
         let mut notes = Vec::new();
         let interpreter = match python {
             Detection::Supported(interpreter) => Some(*interpreter),
@@ -243,6 +274,8 @@ impl Prepared {
         counting: Option<Plan>,
     ) -> Result<Traced> {
         let Self { target, interpreter, points, notes, includes_raw } = self;
+        // Host mode's tracer only announces processes.
+        let tracer = tracer.filter(|_| !options.probes_off());
         let pid = target.pid;
         progress.step(format!("pid {pid}: its first census"));
         let mut census = CensusTaker::new(
@@ -492,13 +525,18 @@ struct Session<'a> {
     exits: mpsc::UnboundedSender<u32>,
     /// `untracked` of the processes no longer in `processes`.
     gone_untracked: u64,
-    /// With --all-python: the Python processes it cannot watch, and why,
-    /// each said once.
+    /// Host mode: the processes it cannot watch, and why, for its reports.
     skipped: BTreeMap<u32, Skipped>,
+    /// Host mode: the processes that exited before they could be read,
+    /// since the last host report.
+    vanished: Vec<Skipped>,
     /// Host mode: when each process's object census may be taken.
     census_budget: CensusBudget,
     /// Host reports written.
     host_reports: u32,
+    /// Host mode (--all-python, --all): every process on the host, as the
+    /// kernel announces them.
+    host: Option<Host>,
 }
 
 impl Session<'_> {
@@ -534,6 +572,13 @@ impl Session<'_> {
             let site_stacks = readable(site_stacks);
             let process_events = readable(process_events);
             let kernel_log = readable(kernel_log);
+            let has_pending = self.host.as_ref().is_some_and(Host::has_pending);
+            let look_again = async {
+                match has_pending {
+                    true => tokio::time::sleep(LOOK_AGAIN_EVERY).await,
+                    false => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = reports.tick() => {
                     // The last report allowed by --count is the final one.
@@ -542,7 +587,15 @@ impl Session<'_> {
                     }
                     self.intervals += 1;
                     if self.options.host_wide() {
-                        self.discover();
+                        // Announcements first: the scan is to count only
+                        // what they missed.
+                        if let Some(Rings { process_events, .. }) = rings.as_mut() {
+                            for event in collect::drain_process_events(process_events.get_mut()) {
+                                self.announced(event)?;
+                            }
+                        }
+                        self.examine_pending();
+                        self.discover(true);
                     }
                     let live: Vec<u32> = self.live().collect();
                     self.report(&live, false)?;
@@ -570,8 +623,13 @@ impl Session<'_> {
                 ready = process_events => {
                     let mut guard = ready?;
                     for event in collect::drain_process_events(guard.get_inner_mut()) {
-                        self.process_changed(event)?;
+                        if self.host.is_some() {
+                            self.announced(event)?;
+                        } else {
+                            self.process_changed(event)?;
+                        }
                     }
+                    self.examine_pending();
                     guard.clear_ready();
                     if self.failed.is_some() {
                         break End::Limit;
@@ -583,6 +641,7 @@ impl Session<'_> {
                     guard.clear_ready();
                 }
                 _ = sweep.tick() => self.sweep(),
+                _ = look_again => self.examine_pending(),
                 Some(pid) = exited.recv() => {
                     self.exited(pid)?;
                     if self.failed.is_some() {
@@ -612,8 +671,10 @@ impl Session<'_> {
         let Some(traced) = self.processes.get_mut(&pid).filter(|t| !t.exited) else { return Ok(()) };
         traced.gone = true;
         self.final_report_of(pid)?;
-        // Host reports name the processes that exited.
-        if !self.options.host_mode() {
+        // In host mode, the next host report stands for its final report.
+        if self.options.host_mode() {
+            eprintln!("memtrace: pid {pid} exited");
+        } else {
             eprintln!("memtrace: pid {pid} exited; the final report above covers its whole life since attach");
         }
         // Its records would only fill the maps, and its pid may come back.
@@ -716,31 +777,103 @@ impl Session<'_> {
         }
     }
 
-    /// Host mode: watches the Python processes not watched yet, and says
-    /// once of each that cannot be watched why not.
-    fn discover(&mut self) {
+    /// Host mode's scan of /proc: at start, every Python process; later
+    /// (`safety_net`), any the kernel's announcements missed.
+    fn discover(&mut self, safety_net: bool) {
+        let Some(host) = &mut self.host else { return };
         let processes = &self.processes;
-        let scan = discovery::scan(self.options.matching.as_ref(), self.options.all, |pid| {
-            processes.get(&pid).is_some_and(|t| !t.exited)
-        });
+        let (found, decisions) = host.scan(|pid| processes.get(&pid).is_some_and(|t| !t.exited), safety_net);
         // A skipped process that is gone is no longer news.
         self.skipped.retain(|pid, _| Target::is_alive(*pid));
-        for (pid, reason) in scan.skipped {
-            if self.skipped.get(&pid).is_none_or(|s| s.reason != reason) {
-                eprintln!("memtrace: pid {pid} is not watched: {reason}");
-                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-                self.skipped.insert(pid, Skipped { pid, comm: comm.trim().to_owned(), reason });
-            }
+        for decision in decisions {
+            self.decided(decision);
         }
-        for pid in scan.watchable {
+        for pid in found {
             self.drop_process(pid);
             self.follow(pid, Followed::Found, collect::monotonic_now_ns());
         }
         let watched = self.live().count();
-        if watched == 0 && self.intervals == 0 {
+        if watched == 0 && !safety_net {
             let matching = self.options.matching.as_ref().map(|re| format!(" matching {re}")).unwrap_or_default();
             let what = if self.options.all { "process" } else { "Python process" };
-            eprintln!("memtrace: no {what}{matching} yet; looking again at every report");
+            eprintln!("memtrace: no {what}{matching} yet; watching for new ones");
+        }
+    }
+
+    /// Host mode: any process on the host forked, exec'd or exited.
+    fn announced(&mut self, event: ProcessEvent) -> Result<()> {
+        if event.kind == ProcessEvent::EXEC && self.processes.get(&event.pid).is_some_and(|t| !t.exited) {
+            let pid = event.pid;
+            if let Some(traced) = self.processes.get_mut(&pid) {
+                traced.notes.push("it replaced its image (exec): this final report covers the former image".into());
+            }
+            self.final_report_of(pid)?;
+            self.drop_process(pid);
+        }
+        let Some(host) = &mut self.host else { return Ok(()) };
+        let processes = &self.processes;
+        if let Some(decision) = host.announced(&event, |pid| processes.get(&pid).is_some_and(|t| !t.exited)) {
+            self.decided(decision);
+        }
+        Ok(())
+    }
+
+    /// Host mode: looks again at the processes just announced.
+    fn examine_pending(&mut self) {
+        let Some(host) = &mut self.host else { return };
+        for pid in host.pending() {
+            let Some(host) = &mut self.host else { return };
+            if let Some(decision) = host.examine(pid) {
+                self.decided(decision);
+            }
+        }
+    }
+
+    /// What host mode has seen so far.
+    pub fn host_counts(&mut self) -> Option<HostCounts> {
+        let host = self.host.as_mut()?;
+        if let Some(lost) = self.tracer.as_ref().and_then(|t| collect::events_lost(t).ok()) {
+            host.counts.events_lost = lost;
+        }
+        Some(host.counts)
+    }
+
+    /// Carries out host mode's decision about a process.
+    fn decided(&mut self, decision: Decision) {
+        match decision {
+            Decision::Skip(pid, reason) => {
+                if self.skipped.get(&pid).is_none_or(|s| s.reason != reason) {
+                    eprintln!("memtrace: pid {pid} is not watched: {reason}");
+                    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                    self.skipped.insert(pid, Skipped { pid, comm: comm.trim().to_owned(), reason });
+                }
+            }
+            Decision::Vanished(pid, name) => {
+                eprintln!("memtrace: pid {pid} ({name}) exited before it could be read");
+                self.vanished.push(Skipped { pid, comm: name, reason: "exited before it could be read".into() });
+            }
+            Decision::Watch(target, interpreter) => {
+                let (pid, comm) = (target.pid, target.comm.clone());
+                let quiet = Progress::start(true);
+                let detection = interpreter.map_or(Detection::NotPython, Detection::Supported);
+                let watched = Prepared::detected(target, detection, self.options, &quiet).and_then(|prepared| {
+                    watch_exit(pid, self.exits.clone())?;
+                    prepared.attach(None, &mut self.rules, &self.allocators, self.options, &quiet, None)
+                });
+                match watched {
+                    Ok(traced) => {
+                        self.drop_process(pid);
+                        self.processes.insert(pid, traced);
+                    }
+                    Err(e) if !discovery::exiting(pid) => eprintln!("memtrace: pid {pid} is not watched: {e:#}"),
+                    Err(_) => {
+                        if let Some(host) = &mut self.host {
+                            let decision = host.watch_failed(pid, &comm);
+                            self.decided(decision);
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -755,7 +888,7 @@ impl Session<'_> {
     /// Python stack the kernel could not announce.
     fn sweep(&mut self) {
         let Some(tracer) = &mut self.tracer else { return };
-        for (&pid, traced) in self.processes.iter_mut().filter(|(_, t)| !t.exited) {
+        for (&pid, traced) in self.processes.iter_mut().filter(|(_, t)| !t.exited && t.plan.is_some()) {
             // Gone already (a zombie's map is empty): its exit is on its way.
             if !Target::is_alive(pid) {
                 continue;
@@ -794,7 +927,7 @@ impl Session<'_> {
         }
         // The censuses the budget allows go to the processes censused
         // longest ago; a final report censuses every one.
-        self.census_budget.fill(Instant::now());
+        self.census_budget.fill();
         let mut order = pids.to_vec();
         order.sort_by_key(|pid| self.processes.get(pid).and_then(|t| t.types.latest()).map(|(time, _)| time));
         for pid in order {
@@ -858,7 +991,7 @@ impl Session<'_> {
         }
         traced.watch.record(now, census.memory, census.heap);
         let type_trends = traced.types.trends();
-        let Some(tracer) = &self.tracer else {
+        let Some(tracer) = self.tracer.as_ref().filter(|_| traced.plan.is_some()) else {
             traced.sequence += 1;
             traced.exited |= is_final;
             let report = Report {

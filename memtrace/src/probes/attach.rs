@@ -3,7 +3,8 @@
 //! image is gone. Dropping the `Tracer` detaches everything; so does the
 //! kernel if memtrace dies, since every probe lives only as long as its
 //! file descriptor. The fork and exec tracepoints (see the kernel side's
-//! `lifecycle`) are attached once, at load, for every traced process.
+//! `lifecycle`) are attached once, at load, for every traced process (in
+//! host mode, for every process).
 //!
 //! Probes are attached as uprobe_multi links (Linux 6.6): one link per
 //! program and binary, holding every offset with its cookie. Detaching a
@@ -44,7 +45,24 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/me
 
 /// The kernel side's raw tracepoints: each program is named after its
 /// tracepoint.
-const TRACEPOINTS: [&str; 2] = ["task_newtask", "sched_process_exec"];
+const TRACEPOINTS: [&str; 3] = ["task_newtask", "sched_process_exec", "sched_process_exit"];
+
+/// What the kernel side is loaded for.
+#[derive(Clone, Copy, Debug)]
+pub enum Purpose {
+    /// Probes on chosen processes, with room for `max_allocs` live blocks.
+    Probes { max_allocs: u32 },
+    /// Host mode: every process's forks, execs and exits announced, no
+    /// allocation probe, so the maps of live blocks and sites are left at
+    /// one entry (a preallocated ALLOCS would pin ~100 MiB of kernel memory
+    /// for nothing).
+    Host,
+}
+
+/// Host mode's process ring: about 3,000 events (an exec's carries its
+/// command line), so that a burst of short-lived processes (a shell loop,
+/// a build) is not lost while userspace reads.
+const HOST_PROCESS_RING: u32 = 1 << 20;
 
 pub struct Tracer {
     /// Each process's probes. Declared first so that the links go before
@@ -55,20 +73,31 @@ pub struct Tracer {
 }
 
 impl Tracer {
-    /// Creates the maps and loads and verifies the BPF programs. `max_allocs`
-    /// sizes the map of live allocations. A program the verifier rejects is
+    /// Creates the maps and loads and verifies the BPF programs (for host
+    /// mode, its tracepoints only). A program the verifier rejects is
     /// one line; its log, pages long, is printed only when `verbose`, which
     /// also turns on the kernel side's own diagnostics (aya-log).
-    pub fn load(kernel: KernelConfig, max_allocs: u32, verbose: bool) -> Result<Self> {
+    pub fn load(kernel: KernelConfig, purpose: Purpose, verbose: bool) -> Result<Self> {
         // aya-log's levels: 0 is off; 2 is warnings and worse.
         let log_level: u8 = if verbose { 2 } else { 0 };
-        let mut ebpf = EbpfLoader::new()
+        let every_process = u32::from(matches!(purpose, Purpose::Host));
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global("KERNEL_CONFIG", &kernel, true)
             .override_global("AYA_LOG_LEVEL", &log_level, true)
-            .map_max_entries(map_name::ALLOCS, max_allocs)
-            .load(OBJECT)
-            .context("cannot load memtrace's eBPF maps")?;
-        let programs = load_programs(&ebpf, OBJECT, verbose)?;
+            .override_global("WATCH_EVERY_PROCESS", &every_process, true);
+        match purpose {
+            Purpose::Probes { max_allocs } => loader.map_max_entries(map_name::ALLOCS, max_allocs),
+            Purpose::Host => loader
+                .map_max_entries(map_name::ALLOCS, 1)
+                .map_max_entries(map_name::SITES, 1)
+                .map_max_entries(map_name::PROCESS_EVENTS, HOST_PROCESS_RING),
+        };
+        let mut ebpf = loader.load(OBJECT).context("cannot load memtrace's eBPF maps")?;
+        let programs = match purpose {
+            Purpose::Probes { .. } => load_programs(&ebpf, OBJECT, verbose)?,
+            Purpose::Host => BTreeMap::new(),
+        };
         // Kept attached by the object, which owns the links.
         for name in TRACEPOINTS {
             let program: &mut RawTracePoint = ebpf

@@ -1,8 +1,9 @@
 //! What the running kernel offers, checked before anything is loaded so
 //! that each shortfall is one sentence (privileges are `privileges`'s), and
 //! the kernel facts the BPF side needs, from BTF: where a task keeps its
-//! user-space thread pointer (`task_struct.thread.fsbase`) and its id
-//! (`task_struct.pid`).
+//! user-space thread pointer (`task_struct.thread.fsbase`), its id
+//! (`task_struct.pid`) and where its command line lies (`task_struct.mm`,
+//! `mm_struct.arg_start`, `arg_end`).
 
 use std::fs;
 
@@ -43,9 +44,14 @@ pub fn check_kernel() -> Result<()> {
 /// What the kernel side needs to know of this kernel before it is loaded,
 /// from its BTF.
 pub fn config() -> Result<KernelConfig> {
+    let data = fs::read(BTF_PATH).with_context(|| format!("cannot read {BTF_PATH}"))?;
+    let btf = Btf::parse(&data).ok_or_else(|| anyhow!("cannot parse {BTF_PATH}"))?;
     Ok(KernelConfig {
-        task_fsbase: task_struct_offset(&["thread", "fsbase"])?,
-        task_pid: task_struct_offset(&["pid"])?,
+        task_fsbase: btf.offset("task_struct", &["thread", "fsbase"])?,
+        task_pid: btf.offset("task_struct", &["pid"])?,
+        task_mm: btf.offset("task_struct", &["mm"])?,
+        mm_arg_start: btf.offset("mm_struct", &["arg_start"])?,
+        mm_arg_end: btf.offset("mm_struct", &["arg_end"])?,
     })
 }
 
@@ -53,15 +59,7 @@ pub fn config() -> Result<KernelConfig> {
 /// then its `fsbase`), from the kernel's BTF.
 pub fn task_struct_offset(path: &[&str]) -> Result<u64> {
     let data = fs::read(BTF_PATH).with_context(|| format!("cannot read {BTF_PATH}"))?;
-    let btf = Btf::parse(&data).ok_or_else(|| anyhow!("cannot parse {BTF_PATH}"))?;
-    let task = btf.struct_named("task_struct").ok_or_else(|| anyhow!("BTF has no struct task_struct"))?;
-    let (mut offset, mut within) = (0, task);
-    for member in path {
-        let (at, member_type) =
-            btf.member(within, member).ok_or_else(|| anyhow!("BTF: task_struct has no member {}", path.join(".")))?;
-        (offset, within) = (offset + at, member_type);
-    }
-    Ok(offset)
+    Btf::parse(&data).ok_or_else(|| anyhow!("cannot parse {BTF_PATH}"))?.offset("task_struct", path)
 }
 
 /// Just enough of the BTF format (Documentation/bpf/btf.rst) to find struct
@@ -112,6 +110,18 @@ impl<'a> Btf<'a> {
             at = end;
         }
         Some(Self { types, strings })
+    }
+
+    /// Offset in struct `name` of the member `path` names.
+    fn offset(&self, name: &str, path: &[&str]) -> Result<u64> {
+        let found = self.struct_named(name).ok_or_else(|| anyhow!("BTF has no struct {name}"))?;
+        let (mut offset, mut within) = (0, found);
+        for member in path {
+            let (at, member_type) =
+                self.member(within, member).ok_or_else(|| anyhow!("BTF: {name} has no member {}", path.join(".")))?;
+            (offset, within) = (offset + at, member_type);
+        }
+        Ok(offset)
     }
 
     fn name(&self, offset: u32) -> &[u8] {

@@ -5,6 +5,7 @@
 
 pub mod discovery;
 pub mod files;
+pub mod host;
 pub mod memory;
 pub mod proc_maps;
 pub mod source;
