@@ -125,6 +125,20 @@ pub struct Options {
     #[arg(long, conflicts_with_all = PROBE_OPTIONS, conflicts_with_all = ["pids", "all_python"])]
     pub all: bool,
 
+    /// In host mode, trace a process whose private memory has grown for 8
+    /// reports, for --window seconds, one process at a time and each at
+    /// most once: the births of its growing class (as --type) when a class
+    /// of its own grows, else every allocation (exact tracing); then print
+    /// that report, with what the window cost it, and detach. Off by
+    /// default: during its window a process pays what tracing costs (see
+    /// BENCHMARKS.md), where host mode alone costs it nothing.
+    #[arg(long)]
+    pub escalate: bool,
+
+    /// How long an --escalate window lasts, in seconds [default: 60].
+    #[arg(long, value_name = "SECS", requires = "escalate", allow_negative_numbers = true, value_parser = positive_seconds)]
+    pub window: Option<f64>,
+
     /// With --all-python or --all, only the processes whose command line
     /// (its arguments joined by spaces) matches this regular expression.
     #[arg(long = "match", value_name = "REGEX", value_parser = regex_arg)]
@@ -310,6 +324,9 @@ impl Options {
                 self.min_size, self.max_size
             ));
         }
+        if self.escalate && !self.host_mode() {
+            return Err("--escalate traces growing processes in host mode: give --all-python, --all, or --census-only with several pids".into());
+        }
         if self.matching.is_some() && !self.host_wide() {
             return Err("--match narrows --all-python or --all, neither of which is given".into());
         }
@@ -386,6 +403,11 @@ impl Options {
     /// Whether no probe is attached: `--census-only`, or host mode's free tier.
     pub fn probes_off(&self) -> bool {
         self.census_only || self.host_wide()
+    }
+
+    /// How long an `--escalate` window lasts.
+    pub fn window(&self) -> Duration {
+        Duration::from_secs_f64(self.window.unwrap_or(60.0))
     }
 
     pub fn duration(&self) -> Option<Duration> {

@@ -15,7 +15,8 @@
 //!   keeps those tracemalloc's filters would.
 //! - `report`: the report model built from snapshots and censuses, and one
 //!   writer per output format.
-//! - `session`: drives the stages for the traced processes.
+//! - `session`: drives the stages for the traced processes; in host mode,
+//!   `escalation` decides which growing process to trace for a while.
 //!
 //! `cli` holds the command-line options and builds the outputs;
 //! `privileges` says what memtrace must be allowed, and why the kernel
@@ -27,6 +28,7 @@ pub mod census;
 pub mod cli;
 pub mod collect;
 pub mod coverage;
+pub mod escalation;
 pub mod filter;
 pub mod privileges;
 pub mod probes;

@@ -32,6 +32,7 @@ use crate::{
     cli::Options,
     collect,
     coverage::Coverage,
+    escalation::{self, Tier},
     filter::Filters,
     privileges::{self, Need},
     probes::{
@@ -82,7 +83,7 @@ pub struct Outcome {
 }
 
 pub async fn run(options: Options) -> Result<Outcome> {
-    if options.probes_off() && !options.host_wide() {
+    if options.probes_off() && !options.host_wide() && !options.escalate {
         privileges::check(Need::Reading)?;
     } else {
         privileges::check(Need::Tracing)?;
@@ -101,10 +102,12 @@ pub async fn run(options: Options) -> Result<Outcome> {
     let prepared = prepare_each(&pids, &options, &progress)?;
     // Host mode loads the kernel side for its announcements of every
     // process, and attaches no probe.
-    let purpose = match (options.host_wide(), options.probes_off()) {
-        (true, _) => Some(Purpose::Host),
-        (false, true) => None,
-        (false, false) => Some(Purpose::Probes { max_allocs: options.max_allocs }),
+    let purpose = if options.host_wide() {
+        Some(Purpose::Host { escalate: options.escalate.then_some(options.max_allocs) })
+    } else if options.escalate || !options.probes_off() {
+        Some(Purpose::Probes { max_allocs: options.max_allocs })
+    } else {
+        None
     };
     let mut tracer = match purpose {
         None => None,
@@ -160,6 +163,7 @@ pub async fn run(options: Options) -> Result<Outcome> {
         census_budget: CensusBudget::default(),
         host_reports: 0,
         host: options.host_wide().then(|| Host::new(options.matching.clone(), options.all)),
+        escalations: Escalations::default(),
     };
     if options.host_wide() {
         session.discover(false);
@@ -192,14 +196,26 @@ struct Prepared {
 
 impl Prepared {
     fn new(pid: u32, options: &Options, progress: &Progress) -> Result<Self> {
+        Self::with_probes(pid, options, progress, !options.probes_off())
+    }
+
+    /// `new`, probed or not whatever the options say: host mode's
+    /// escalation probes one process of those it watches.
+    fn with_probes(pid: u32, options: &Options, progress: &Progress, probes: bool) -> Result<Self> {
         progress.step(format!("pid {pid}: reading its interpreter"));
         let target = Target::open(pid)?;
         let python = python::detect(&target)?;
-        Self::detected(target, python, options, progress)
+        Self::detected(target, python, options, progress, probes)
     }
 
-    /// `new` for a process whose interpreter was read already.
-    fn detected(target: Target, python: Detection, options: &Options, progress: &Progress) -> Result<Self> {
+    /// `with_probes` for a process whose interpreter was read already.
+    fn detected(
+        target: Target,
+        python: Detection,
+        options: &Options,
+        progress: &Progress,
+        probes: bool,
+    ) -> Result<Self> {
         let pid = target.pid;
         let mut notes = Vec::new();
         let interpreter = match python {
@@ -211,7 +227,7 @@ impl Prepared {
             }
             Detection::NotPython => None,
         };
-        if options.probes_off() {
+        if !probes {
             return Ok(Self { target, interpreter, points: Vec::new(), notes, includes_raw: true });
         }
         progress.step(format!("pid {pid}: finding where to probe"));
@@ -274,8 +290,8 @@ impl Prepared {
         counting: Option<Plan>,
     ) -> Result<Traced> {
         let Self { target, interpreter, points, notes, includes_raw } = self;
-        // Host mode's tracer only announces processes.
-        let tracer = tracer.filter(|_| !options.probes_off());
+        // Host mode's tracer only announces processes, but for escalations.
+        let tracer = tracer.filter(|_| !points.is_empty());
         let pid = target.pid;
         progress.step(format!("pid {pid}: its first census"));
         let mut census = CensusTaker::new(
@@ -483,6 +499,25 @@ enum Followed {
     Found,
 }
 
+/// Host mode's `--escalate`: at most one process traced at a time, each
+/// at most once.
+#[derive(Default)]
+struct Escalations {
+    running: Option<Escalation>,
+    done: std::collections::BTreeSet<u32>,
+}
+
+struct Escalation {
+    pid: u32,
+    tier: Tier,
+    started: Instant,
+    until: Instant,
+    /// memtrace's programs' run count when it started.
+    hits_before: u64,
+    /// Keeps the kernel's run counts on during the window.
+    stats: Option<OwnedFd>,
+}
+
 /// The signals that end a session.
 struct Stops {
     sigint: tokio::signal::unix::Signal,
@@ -537,6 +572,8 @@ struct Session<'a> {
     /// Host mode (--all-python, --all): every process on the host, as the
     /// kernel announces them.
     host: Option<Host>,
+    /// `--escalate`: the window running, and the processes traced before.
+    escalations: Escalations,
 }
 
 impl Session<'_> {
@@ -668,6 +705,11 @@ impl Session<'_> {
 
     /// A process exited: its final report, covering its whole life since attach.
     fn exited(&mut self, pid: u32) -> Result<()> {
+        if self.escalations.running.as_ref().is_some_and(|e| e.pid == pid) {
+            self.end_escalation(false)?;
+            eprintln!("memtrace: pid {pid} exited");
+            return Ok(());
+        }
         let Some(traced) = self.processes.get_mut(&pid).filter(|t| !t.exited) else { return Ok(()) };
         traced.gone = true;
         self.final_report_of(pid)?;
@@ -856,7 +898,7 @@ impl Session<'_> {
                 let (pid, comm) = (target.pid, target.comm.clone());
                 let quiet = Progress::start(true);
                 let detection = interpreter.map_or(Detection::NotPython, Detection::Supported);
-                let watched = Prepared::detected(target, detection, self.options, &quiet).and_then(|prepared| {
+                let watched = Prepared::detected(target, detection, self.options, &quiet, false).and_then(|prepared| {
                     watch_exit(pid, self.exits.clone())?;
                     prepared.attach(None, &mut self.rules, &self.allocators, self.options, &quiet, None)
                 });
@@ -938,7 +980,10 @@ impl Session<'_> {
                 self.census_budget.spend(started.elapsed());
             }
         }
-        self.host_report(is_final);
+        let report = self.host_report(is_final);
+        if self.options.escalate && !is_final {
+            self.escalate(&report)?;
+        }
         Ok(())
     }
 
@@ -953,7 +998,7 @@ impl Session<'_> {
     /// Host mode's report of every process: those live, and those that
     /// exited since the previous one (then forgotten, so that churn leaves
     /// nothing behind).
-    fn host_report(&mut self, is_final: bool) {
+    fn host_report(&mut self, is_final: bool) -> HostReport {
         let top = self.options.view.top;
         let mut processes: Vec<Standing> = self
             .processes
@@ -968,6 +1013,7 @@ impl Session<'_> {
             is_final,
             processes,
             skipped: self.skipped.values().cloned().collect(),
+            vanished: std::mem::take(&mut self.vanished),
         };
         self.progress.clear();
         write_host_to(&mut self.outputs, &mut self.failed, &report);
@@ -975,6 +1021,99 @@ impl Session<'_> {
         for pid in gone {
             self.drop_process(pid);
         }
+        report
+    }
+
+    /// `--escalate`, after each host report: ends the window that is over,
+    /// or starts one on the process that has grown longest.
+    fn escalate(&mut self, report: &HostReport) -> Result<()> {
+        if let Some(running) = &self.escalations.running {
+            if Instant::now() >= running.until {
+                self.end_escalation(true)?;
+            }
+            return Ok(());
+        }
+        let Some((pid, tier)) = escalation::candidate(report, &self.escalations.done, self.options.interval()) else {
+            return Ok(());
+        };
+        self.escalations.done.insert(pid);
+        let Some(tracer) = self.tracer.as_mut() else { return Ok(()) };
+        let quiet = Progress::start(true);
+        // The kernel counts its programs' runs while this is open.
+        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
+        let hits_before = tracer.probe_hits();
+        let traced = Prepared::with_probes(pid, self.options, &quiet, true).and_then(|prepared| {
+            prepared.attach(Some(tracer), &mut self.rules, &self.allocators, self.options, &quiet, None)
+        });
+        let mut traced = match traced {
+            Ok(traced) => traced,
+            Err(e) => {
+                eprintln!("memtrace: pid {pid} is growing but cannot be traced: {e:#}");
+                return tracer.forget(pid);
+            }
+        };
+        // Its history goes on: the host report still ranks it meanwhile.
+        if let Some(watched) = self.processes.remove(&pid) {
+            traced.watch = watched.watch;
+            traced.types = watched.types;
+            traced.census = watched.census;
+            traced.sequence = watched.sequence;
+        }
+        let window = self.options.window();
+        eprintln!(
+            "memtrace: pid {pid} has grown for {} reports: {} for {:.0} s (--escalate)",
+            escalation::GROWING_FOR,
+            tier.describe(),
+            window.as_secs_f64()
+        );
+        self.processes.insert(pid, traced);
+        self.escalations.running =
+            Some(Escalation { pid, tier, until: Instant::now() + window, started: Instant::now(), hits_before, stats });
+        Ok(())
+    }
+
+    /// Ends the running escalation: its report, with what it cost, and
+    /// detaches; with `rewatch`, the process is watched on as before.
+    fn end_escalation(&mut self, rewatch: bool) -> Result<()> {
+        let Some(running) = self.escalations.running.take() else { return Ok(()) };
+        let pid = running.pid;
+        let hits = self.tracer.as_ref().map_or(0, |t| t.probe_hits().saturating_sub(running.hits_before));
+        drop(running.stats);
+        if let Some(traced) = self.processes.get_mut(&pid) {
+            traced.notes.push(escalation::cost_note(&running.tier, running.started.elapsed(), hits));
+            // Its changes are the window's, as tracemalloc's compare_to
+            // with a snapshot taken when tracing started.
+            traced.previous = Snapshot::default();
+        }
+        self.sweep();
+        self.report_one(pid, true, false)?;
+        if let Some(tracer) = &mut self.tracer {
+            tracer.forget(pid)?;
+        }
+        let Some(traced) = self.processes.remove(&pid) else { return Ok(()) };
+        let quiet = Progress::start(true);
+        let watched = if rewatch {
+            Prepared::with_probes(pid, self.options, &quiet, false)
+                .and_then(|p| p.attach(None, &mut self.rules, &self.allocators, self.options, &quiet, None))
+                .ok()
+        } else {
+            None
+        };
+        match watched {
+            Some(mut watched) => {
+                watched.watch = traced.watch;
+                watched.types = traced.types;
+                watched.sequence = traced.sequence;
+                self.processes.insert(pid, watched);
+            }
+            // Gone: its last standing is the next host report's.
+            None => {
+                let mut traced = traced;
+                traced.gone = true;
+                self.processes.insert(pid, traced);
+            }
+        }
+        Ok(())
     }
 
     /// Reads `pid`'s sites into a snapshot, takes its census (its memory

@@ -455,3 +455,65 @@ fn a_thousand_short_lived_processes_are_each_seen_or_named() {
     assert_eq!(after.1, before.1, "descriptors");
     assert!(after.0 <= before.0 + 1024, "RSS grew from {} KiB to {} KiB", before.0, after.0);
 }
+
+/// Grows by 200 bytes objects (a built-in type) every 0.25 s from one line.
+const BYTES_LEAK: &str = "import sys, time
+keep = []
+print('ready', flush=True)
+while True:
+    keep.extend(bytes(100) for _ in range(200))  # LEAK
+    time.sleep(0.25)
+";
+
+/// `--escalate`: a process growing for a whole verdict window is traced
+/// for `--window` seconds (exactly, what grows being built-in objects),
+/// its tracemalloc report names the leaking line and what the window cost,
+/// and it is watched on after.
+#[test]
+fn escalate_traces_the_grower_for_a_window_then_watches_it_again() {
+    require_root();
+    let marker = format!("memtrace-host-escalate-{}", std::process::id());
+    let target = host_target_script(&pyenv("3.12.1"), BYTES_LEAK, &marker);
+    let pattern = format!("{marker}$");
+    let (code, stdout, stderr) = run_memtrace(Command::new(memtrace_bin()).args([
+        "--all-python",
+        "--match",
+        &pattern,
+        "--interval",
+        "0.5",
+        "--escalate",
+        "--window",
+        "2",
+        "--duration",
+        "9",
+        "--format",
+        "json",
+    ]));
+    assert_eq!(code, Some(0), "{stderr}");
+    let pid = target.pid();
+    assert!(
+        stderr.contains(&format!(
+            "memtrace: pid {pid} has grown for 8 reports: exact tracing of every allocation for 2 s (--escalate)"
+        )),
+        "{stderr}"
+    );
+    let reports = json_reports(&stdout);
+    let window = reports.iter().find(|r| r.pid == pid && r.traced && r.is_final).expect("the window's report");
+    let leak_line = format!("<string>:{}", memtrace_tests::line_of(BYTES_LEAK, "# LEAK"));
+    assert_eq!(window.rows[0].location, leak_line, "{window:?}");
+    assert!(window.rows[0].count > 0, "{:?}", window.rows[0]);
+    let note =
+        window.notes.iter().find(|n| n.starts_with("escalated from host mode (--escalate) for 2 s")).expect("the cost");
+    assert!(note.contains("probe hits, about"), "{note}");
+    // Watched on, at the free tier, after the window.
+    let after = reports.iter().filter(|r| r.pid == pid).skip_while(|r| !r.traced).find(|r| !r.traced);
+    assert!(after.is_some_and(|r| r.sequence > window.sequence), "{after:?}");
+    let last = host_reports(&stdout).pop().unwrap();
+    assert!(last.processes.iter().any(|p| p.pid == pid), "{last:?}");
+}
+
+fn host_target_script(path: &Path, script: &str, marker: &str) -> Target {
+    let mut target = Target::spawn(Command::new(path).args(["-c", script, marker]));
+    target.expect_line("ready");
+    target
+}

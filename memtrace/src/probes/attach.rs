@@ -52,11 +52,12 @@ const TRACEPOINTS: [&str; 3] = ["task_newtask", "sched_process_exec", "sched_pro
 pub enum Purpose {
     /// Probes on chosen processes, with room for `max_allocs` live blocks.
     Probes { max_allocs: u32 },
-    /// Host mode: every process's forks, execs and exits announced, no
-    /// allocation probe, so the maps of live blocks and sites are left at
-    /// one entry (a preallocated ALLOCS would pin ~100 MiB of kernel memory
-    /// for nothing).
-    Host,
+    /// Host mode: every process's forks, execs and exits announced. With no
+    /// `escalate`, no allocation probe, so the maps of live blocks and
+    /// sites are left at one entry (a preallocated ALLOCS would pin ~100 MiB
+    /// of kernel memory for nothing); with it (`--escalate`), the programs
+    /// that trace one process at a time, with room for that many blocks.
+    Host { escalate: Option<u32> },
 }
 
 /// Host mode's process ring: about 3,000 events (an exec's carries its
@@ -80,7 +81,7 @@ impl Tracer {
     pub fn load(kernel: KernelConfig, purpose: Purpose, verbose: bool) -> Result<Self> {
         // aya-log's levels: 0 is off; 2 is warnings and worse.
         let log_level: u8 = if verbose { 2 } else { 0 };
-        let every_process = u32::from(matches!(purpose, Purpose::Host));
+        let every_process = u32::from(matches!(purpose, Purpose::Host { .. }));
         let mut loader = EbpfLoader::new();
         loader
             .override_global("KERNEL_CONFIG", &kernel, true)
@@ -88,15 +89,18 @@ impl Tracer {
             .override_global("WATCH_EVERY_PROCESS", &every_process, true);
         match purpose {
             Purpose::Probes { max_allocs } => loader.map_max_entries(map_name::ALLOCS, max_allocs),
-            Purpose::Host => loader
+            Purpose::Host { escalate: Some(max_allocs) } => loader
+                .map_max_entries(map_name::ALLOCS, max_allocs)
+                .map_max_entries(map_name::PROCESS_EVENTS, HOST_PROCESS_RING),
+            Purpose::Host { escalate: None } => loader
                 .map_max_entries(map_name::ALLOCS, 1)
                 .map_max_entries(map_name::SITES, 1)
                 .map_max_entries(map_name::PROCESS_EVENTS, HOST_PROCESS_RING),
         };
         let mut ebpf = loader.load(OBJECT).context("cannot load memtrace's eBPF maps")?;
         let programs = match purpose {
-            Purpose::Probes { .. } => load_programs(&ebpf, OBJECT, verbose)?,
-            Purpose::Host => BTreeMap::new(),
+            Purpose::Probes { .. } | Purpose::Host { escalate: Some(_) } => load_programs(&ebpf, OBJECT, verbose)?,
+            Purpose::Host { escalate: None } => BTreeMap::new(),
         };
         // Kept attached by the object, which owns the links.
         for name in TRACEPOINTS {
@@ -154,6 +158,18 @@ impl Tracer {
     /// of it: its configuration, counters, live blocks, sites, stacks and
     /// unwind rules. For a process that exited, or whose image an exec
     /// replaced (its records then describe memory that no longer exists).
+    /// How many times memtrace's probe programs have run, all processes
+    /// together, while the kernel keeps run counts (BPF_ENABLE_STATS, see
+    /// aya::sys::enable_stats); read from /proc/self/fdinfo, where the
+    /// kernel prints each program descriptor's `run_cnt`.
+    pub fn probe_hits(&self) -> u64 {
+        let run_count = |fd: &OwnedFd| {
+            let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()?;
+            info.lines().find_map(|l| l.strip_prefix("run_cnt:")?.trim().parse::<u64>().ok())
+        };
+        self.programs.values().filter_map(run_count).sum()
+    }
+
     pub fn forget(&mut self, pid: u32) -> Result<()> {
         self.links.remove(&pid);
         HashMap::<_, u32, TargetConfig>::try_from(self.map_mut(map_name::TARGETS)?)?.remove(&pid).ok();

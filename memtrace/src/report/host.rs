@@ -24,6 +24,9 @@ pub struct HostReport {
     pub processes: Vec<Standing>,
     /// By pid.
     pub skipped: Vec<Skipped>,
+    /// Processes that exited before they could be read, since the previous
+    /// host report.
+    pub vanished: Vec<Skipped>,
 }
 
 impl HostReport {

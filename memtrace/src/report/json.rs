@@ -237,6 +237,9 @@ pub struct JsonHostReport {
     /// Ranked: growing first, fastest first.
     pub processes: Vec<JsonStanding>,
     pub skipped: Vec<JsonSkipped>,
+    /// Processes that exited before they could be read, since the previous
+    /// host report.
+    pub missed: Vec<JsonSkipped>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -318,12 +321,15 @@ impl JsonHostReport {
             watched: report.processes.len(),
             in_containers: report.in_containers(),
             processes: report.processes.iter().take(view.top).map(standing).collect(),
-            skipped: report
-                .skipped
-                .iter()
-                .map(|s| JsonSkipped { pid: s.pid, comm: s.comm.clone(), reason: s.reason.clone() })
-                .collect(),
+            skipped: report.skipped.iter().map(JsonSkipped::of).collect(),
+            missed: report.vanished.iter().map(JsonSkipped::of).collect(),
         }
+    }
+}
+
+impl JsonSkipped {
+    fn of(s: &host::Skipped) -> Self {
+        Self { pid: s.pid, comm: s.comm.clone(), reason: s.reason.clone() }
     }
 }
 

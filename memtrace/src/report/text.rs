@@ -41,8 +41,9 @@ impl<W: Write, S: SourceLines> TextWriter<W, S> {
         Self { out, sources, view, host: false }
     }
 
-    /// A writer of host reports only: with many processes, one report
-    /// ranking them replaces one report each.
+    /// A writer of host reports (with many processes, one report ranking
+    /// them replaces one report each), and of the reports of `--escalate`'s
+    /// windows.
     pub fn for_host(out: W, sources: S, view: View) -> Self {
         Self { host: true, ..Self::new(out, sources, view) }
     }
@@ -192,7 +193,8 @@ impl<W: Write, S: SourceLines> TextWriter<W, S> {
 
 impl<W: Write, S: SourceLines> Writer for TextWriter<W, S> {
     fn write(&mut self, report: &Report) -> std::io::Result<()> {
-        if self.host {
+        // In host mode, only an --escalate window's report is printed.
+        if self.host && !(report.traced && report.is_final) {
             return Ok(());
         }
         if report.traced {
@@ -292,6 +294,9 @@ impl<W: Write, S: SourceLines> TextWriter<W, S> {
         }
         for skipped in &report.skipped {
             writeln!(out, "skipped: pid {} ({}): {}", skipped.pid, skipped.comm, skipped.reason)?;
+        }
+        for vanished in &report.vanished {
+            writeln!(out, "missed: pid {} ({}): {}", vanished.pid, vanished.comm, vanished.reason)?;
         }
         writeln!(out)?;
         out.flush()
