@@ -25,9 +25,9 @@ use memtrace_common::{
 
 use crate::{
     Regs,
-    saturating_mul,
     maps::{ALLOCS, SITES, TARGETS, atomic_add, count},
     python::python_stack,
+    saturating_mul,
 };
 
 /// The types whose births are traced, per process; userspace fills it in as

@@ -49,6 +49,7 @@ use crate::{
     },
     snapshot::{Snapshot, Stat},
     symbolize::{Symbolizer, allocators::AllocatorFrames},
+    type_births::{Births, TypePlan},
 };
 
 /// How often memory maps are refreshed and Python stacks the kernel could
@@ -149,6 +150,8 @@ struct Prepared {
     /// Whether pymalloc's large blocks count in the probed pymalloc layer
     /// (function-level probes; with inlined sites those are libc's).
     includes_raw: bool,
+    /// `--type`: the type found, whose births `points` probe.
+    births: Option<TypePlan>,
 }
 
 impl Prepared {
@@ -167,7 +170,7 @@ impl Prepared {
             Detection::NotPython => None,
         };
         if options.probes_off() {
-            return Ok(Self { target, interpreter, points: Vec::new(), notes, includes_raw: true });
+            return Ok(Self { target, interpreter, points: Vec::new(), notes, includes_raw: true, births: None });
         }
         progress.step(format!("pid {pid}: finding where to probe"));
         let libc_path = plan::find_libc(&target)?;
@@ -182,7 +185,7 @@ impl Prepared {
                 sites.pops.iter().filter(|pop| pop.request.is_none()).count()
             ));
         }
-        let points = plan::plan(
+        let mut points = plan::plan(
             &target.paths,
             ProbedBinary { path: libc_path, elf: &libc_elf },
             interpreter
@@ -211,7 +214,19 @@ impl Prepared {
             }
         }
         let includes_raw = inlined.pymalloc.is_none();
-        Ok(Self { target, interpreter, points, notes, includes_raw })
+        let births = match (&options.type_name, &interpreter) {
+            (None, _) => None,
+            (Some(name), None) => bail!("--type {name}: pid {pid} ({}) is not a CPython memtrace reads", target.comm),
+            (Some(name), Some(i)) => {
+                progress.step(format!("pid {pid}: finding type {name}"));
+                let mut census = CensusTaker::new(pid, Some((i.layout, i.runtime)), i.pymalloc);
+                let births = TypePlan::new(&target, i, &mut census, name, &points)?;
+                points = births.points.clone();
+                notes = vec![births.note()];
+                Some(births)
+            }
+        };
+        Ok(Self { target, interpreter, points, notes, includes_raw, births })
     }
 
     /// Takes the first census and, with a tracer, attaches the probes,
@@ -228,7 +243,7 @@ impl Prepared {
         progress: &Progress,
         counting: Option<Plan>,
     ) -> Result<Traced> {
-        let Self { target, interpreter, points, notes, includes_raw } = self;
+        let Self { target, interpreter, points, notes, includes_raw, births } = self;
         let pid = target.pid;
         progress.step(format!("pid {pid}: its first census"));
         let mut census = CensusTaker::new(
@@ -262,6 +277,7 @@ impl Prepared {
             types: TypeHistory::default(),
             sequence: 0,
             exited: false,
+            births: None,
         };
         let Some(tracer) = tracer else {
             progress.say(&format!(
@@ -332,12 +348,18 @@ impl Prepared {
             options.interval().as_secs_f64()
         ));
         let sizes = (options.min_size, options.max_size);
+        // Births alone say nothing of pymalloc's count.
         let coverage = interpreter
             .as_ref()
             .and_then(|i| i.pymalloc)
+            .filter(|_| births.is_none())
             .and_then(|state| Coverage::start(state, pid, includes_raw, sizes));
         let symbolizer = symbolizer(interpreter.as_ref().map(|i| i.code_resolver(pid)), options.native);
-        Ok(traced(symbolizer, coverage, Some(plan), unwinding))
+        let mut traced = traced(symbolizer, coverage, Some(plan), unwinding);
+        if let (Some(plan), Some(i)) = (&births, &interpreter) {
+            traced.births = Some(Births::start(tracer, &mut traced.census, pid, plan, i)?);
+        }
+        Ok(traced)
     }
 }
 
@@ -382,6 +404,8 @@ struct Traced {
     plan: Option<Plan>,
     /// The kernel side's native unwinding, when it unwinds.
     unwinding: Option<Unwinding>,
+    /// `--type`: its births, kept against its censuses.
+    births: Option<Births>,
 }
 
 /// How a process came to be traced after the session started.
@@ -733,12 +757,13 @@ impl Session<'_> {
         if traced.sequence == 0 {
             self.progress.step(format!("pid {pid}: its census and symbols for the first report"));
         }
+        let census_started_ns = collect::monotonic_now_ns();
         let census = traced.census.take();
         if let Some(objects) = &census.objects {
             traced.types.push(SystemTime::now(), objects);
         }
         let type_trends = traced.types.trends();
-        let Some(tracer) = &self.tracer else {
+        let Some(tracer) = self.tracer.as_mut() else {
             traced.sequence += 1;
             traced.exited |= is_final;
             let report = Report {
@@ -764,14 +789,18 @@ impl Session<'_> {
         };
         let sites = collect::sites(tracer, pid)?;
         let counters = collect::counters(tracer, pid)?;
-        let older = match self.options.older_than {
-            Some(ms) => Some(collect::outstanding_older_than(
+        let older = match (&mut traced.births, self.options.older_than) {
+            (Some(births), _) => {
+                Some(births.outstanding(tracer, &mut traced.census, census.objects.as_ref(), census_started_ns)?)
+            }
+            (None, Some(ms)) => Some(collect::outstanding_older_than(
                 tracer,
                 pid,
                 collect::monotonic_now_ns().saturating_sub(ms * 1_000_000),
             )?),
-            None => None,
+            (None, None) => None,
         };
+        let tracer = &*tracer;
         let mut allocated = Stat::default();
         let mut entries = Vec::new();
         for (site, stats) in &sites {
