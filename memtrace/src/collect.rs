@@ -189,31 +189,10 @@ pub fn outstanding_older_than(tracer: &Tracer, pid: u32, before_ns: u64) -> Resu
     Ok(out)
 }
 
-/// `--type`: outstanding (bytes, count) per site of `pid`'s recorded
-/// births whose object is `alive(address, born_ns)`, and the others'
-/// records with their birth times.
-pub fn births(
-    tracer: &Tracer,
-    pid: u32,
-    alive: impl Fn(u64, u64) -> bool,
-) -> Result<(StdHashMap<SiteKey, (u64, u64)>, Vec<(AllocKey, u64)>)> {
+/// Every live-block record of `pid`: with `--type`, its births.
+pub fn allocations(tracer: &Tracer, pid: u32) -> Result<Vec<(AllocKey, AllocInfo)>> {
     let allocs: HashMap<&MapData, AllocKey, AllocInfo> = HashMap::try_from(map(tracer, map_name::ALLOCS)?)?;
-    let mut out: StdHashMap<SiteKey, (u64, u64)> = StdHashMap::new();
-    let mut dead = Vec::new();
-    for entry in allocs.iter() {
-        let Ok((key, info)) = entry else { continue };
-        if key.pid != pid {
-            continue;
-        }
-        if alive(key.addr, info.timestamp_ns) {
-            let slot = out.entry(info.site).or_default();
-            slot.0 += info.size;
-            slot.1 += 1;
-        } else {
-            dead.push((key, info.timestamp_ns));
-        }
-    }
-    Ok((out, dead))
+    Ok(allocs.iter().filter_map(Result::ok).filter(|(key, _)| key.pid == pid).collect())
 }
 
 /// Now on CLOCK_MONOTONIC, in nanoseconds.

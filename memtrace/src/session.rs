@@ -340,6 +340,11 @@ impl Prepared {
                 (Plan { points: points.clone(), config }, unwinding)
             }
         };
+        // Its type is watched before it is said to be traced.
+        let births = match (&births, &interpreter) {
+            (Some(plan), Some(i)) => Some(Births::start(tracer, pid, plan, i)?),
+            _ => None,
+        };
         progress.say(&format!(
             "memtrace: tracing pid {pid} ({}){}: {} probes; a report every {} s; Ctrl-C to stop",
             target.comm,
@@ -356,10 +361,10 @@ impl Prepared {
             .and_then(|state| Coverage::start(state, pid, includes_raw, sizes));
         let symbolizer = symbolizer(interpreter.as_ref().map(|i| i.code_resolver(pid)), options.native);
         let mut traced = traced(symbolizer, coverage, Some(plan), unwinding);
-        if let (Some(plan), Some(i)) = (&births, &interpreter) {
-            traced.births = Some(Births::start(tracer, &mut traced.census, pid, plan, i)?);
+        if let Some(births) = &births {
+            births.watch(&mut traced.census);
         }
-        Ok(traced)
+        Ok(Traced { births, ..traced })
     }
 }
 

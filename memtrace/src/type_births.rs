@@ -108,6 +108,11 @@ impl TypePlan {
         let mut names: Vec<&str> = found.iter().map(|(_, info)| info.name.as_str()).collect();
         names.sort_unstable();
         names.dedup();
+        // A name that is exactly one type's is that type, whatever classes
+        // of other modules share it.
+        if names.contains(&wanted.0.as_str()) {
+            names.retain(|n| *n == wanted.0);
+        }
         let name = match names[..] {
             [] => bail!(
                 "pid {pid} ({}) has no type named {wanted}: none of its objects is of that type and no class of that name is on its GC's lists (names are as its census shows them, e.g. MyObject, mymodule.MyObject, dict)",
@@ -209,14 +214,9 @@ pub struct Births {
 
 impl Births {
     /// Starts counting `plan`'s type in process `pid`, whose probes are
-    /// attached, and has `census` list its objects from now on.
-    pub fn start(
-        tracer: &mut Tracer,
-        census: &mut CensusTaker,
-        pid: u32,
-        plan: &TypePlan,
-        interpreter: &Interpreter,
-    ) -> Result<Self> {
+    /// attached; its censuses must then list the type's objects
+    /// ([`Births::watch`]).
+    pub fn start(tracer: &mut Tracer, pid: u32, plan: &TypePlan, interpreter: &Interpreter) -> Result<Self> {
         let mut births = Self {
             pid,
             name: plan.name.clone(),
@@ -224,26 +224,31 @@ impl Births {
             layout: interpreter.layout,
             types: FxHashSet::default(),
         };
-        births.add(tracer, census, &plan.watched)?;
+        births.add(tracer, &plan.watched)?;
         Ok(births)
     }
 
-    fn add(&mut self, tracer: &mut Tracer, census: &mut CensusTaker, watched: &[(u64, WatchedType)]) -> Result<()> {
+    /// Has `census` list the objects of the types watched.
+    pub fn watch(&self, census: &mut CensusTaker) {
+        census.watch(self.types.clone());
+    }
+
+    fn add(&mut self, tracer: &mut Tracer, watched: &[(u64, WatchedType)]) -> Result<()> {
         for &(type_object, sizes) in watched {
             if self.types.insert(type_object) {
                 tracer.watch_type(self.pid, type_object, sizes)?;
             }
         }
-        census.watch(self.types.clone());
         Ok(())
     }
 
-    /// The outstanding objects by site, after a census begun at
-    /// `census_started_ns` (CLOCK_MONOTONIC) found `objects`: each birth
-    /// recorded whose object it found, or which it could not have seen;
-    /// the others are dead and forgotten. Then the name is looked up again
-    /// for the next census. A census that is incomplete proves no death:
-    /// nothing is forgotten then.
+    /// The outstanding objects by site as of a census begun at
+    /// `census_started_ns` (CLOCK_MONOTONIC) that found `objects`: every
+    /// birth recorded before it whose object it found. The others born
+    /// before it are dead and forgotten; those born since wait for the next
+    /// census. A census that is incomplete proves no death: its objects
+    /// not found count as outstanding, and nothing is forgotten. Then the
+    /// name is looked up again, for the next census.
     pub fn outstanding(
         &mut self,
         tracer: &mut Tracer,
@@ -252,10 +257,20 @@ impl Births {
         census_started_ns: u64,
     ) -> Result<HashMap<SiteKey, (u64, u64)>> {
         let complete = objects.is_some_and(|o| o.incomplete.is_empty());
-        let alive = |addr: u64, born_ns: u64| {
-            !complete || born_ns >= census_started_ns || objects.is_some_and(|o| o.watched.contains(&addr))
-        };
-        let (outstanding, dead) = collect::births(tracer, self.pid, alive)?;
+        let mut outstanding: HashMap<SiteKey, (u64, u64)> = HashMap::new();
+        let mut dead = Vec::new();
+        for (key, info) in collect::allocations(tracer, self.pid)? {
+            if info.timestamp_ns >= census_started_ns {
+                continue;
+            }
+            if !complete || objects.is_some_and(|o| o.watched.contains(&key.addr)) {
+                let slot = outstanding.entry(info.site).or_default();
+                slot.0 += info.size;
+                slot.1 += 1;
+            } else {
+                dead.push((key, info.timestamp_ns));
+            }
+        }
         tracer.forget_births(self.pid, &dead)?;
         let again: Vec<(u64, WatchedType)> = census
             .types_named(|name| name == self.name)
@@ -263,7 +278,8 @@ impl Births {
             .filter(|(_, info)| (info.flags & HEAPTYPE != 0) == self.is_class)
             .map(|(address, info)| (address, sizes(&info, &self.layout, self.is_class)))
             .collect();
-        self.add(tracer, census, &again)?;
+        self.add(tracer, &again)?;
+        self.watch(census);
         Ok(outstanding)
     }
 }

@@ -92,7 +92,10 @@ fn scan_pool<A: AddressSpace>(
             match untracked_object(memory, layout, types, pool.address + offset, &mut hint) {
                 Some(Some((object, object_type))) => {
                     *found.by_type.entry(object_type).or_default() += 1;
-                    if watched.contains(&object_type) {
+                    // An object CPython keeps on a free list for reuse
+                    // (dicts, tuples) still names its type, but its
+                    // reference count is 0: it is dead.
+                    if watched.contains(&object_type) && memory.u64(object).is_ok_and(|refcount| refcount != 0) {
                         found.watched.push((object, object_type));
                     }
                 }
@@ -187,6 +190,7 @@ mod tests {
         image.write_u64(POOL + PY312.pymalloc.pool_header.freeblock, block(1));
         image.write_u64(block(1), 0);
         image.write_u64(block(2), 0);
+        image.write_u64(block(2) + 16, 1);
         image.write_u64(block(2) + 16 + 8, TUPLE);
         image.write_u64(block(3), 0x7777_0000);
         image.write_u64(block(3) + 16 + 8, TUPLE);
