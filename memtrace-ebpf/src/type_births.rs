@@ -47,9 +47,16 @@ const EEXIST: i32 = 17;
 /// `PyType_GenericAlloc(type, nitems)`, at its entry and, for a watched
 /// type, at its return. The kernel runs one program for both; a return is
 /// recognised by its stack pointer, the entry's plus the popped return
-/// address, which no nested call shares.
-#[uprobe]
-pub fn type_alloc(ctx: ProbeContext) -> u32 {
+/// address, which no nested call shares. Written out rather than with
+/// `#[uprobe]`, whose wrapper returns 0 whatever the program returns, and
+/// a session entry's return value is what says whether its return runs.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "uprobe")]
+pub fn type_alloc(ctx: *mut core::ffi::c_void) -> u32 {
+    session(ProbeContext::new(ctx))
+}
+
+fn session(ctx: ProbeContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (pid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     // SAFETY: the kernel's pt_regs for this probe.
