@@ -150,15 +150,13 @@ fn the_bundled_examples_leaking_line_with_its_exact_count() {
         let target = Target::spawn(Command::new(&python).arg(&example));
         let pid = target.pid() as i32;
         std::thread::sleep(Duration::from_millis(500));
-        // SAFETY: kill(2) on the target's own pid.
-        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        stop(pid);
         let memtrace =
             Memtrace::attach(&["--pid", &pid.to_string(), "--type", "Record", "--interval", "600", "--format", "json"]);
-        // SAFETY: as above.
+        // SAFETY: kill(2) on the target's own pid.
         unsafe { libc::kill(pid, libc::SIGCONT) };
         std::thread::sleep(Duration::from_millis(1500));
-        // SAFETY: as above.
-        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        stop(pid);
         memtrace.signal(libc::SIGINT);
         let (status, stdout, stderr) = memtrace.finish();
         assert_eq!(status.code(), Some(0), "{stderr:?}");
@@ -170,6 +168,20 @@ fn the_bundled_examples_leaking_line_with_its_exact_count() {
         assert_eq!(count_at(&report, &leak) as i64, gained, "{at}: {report:?}");
         assert_eq!(report.rows.len(), 1, "{at}: only the leaking line: {report:?}");
         drop(target);
+    }
+}
+
+/// Stops process `pid` and waits until it is stopped: the signal is only
+/// sent when kill(2) returns.
+fn stop(pid: i32) {
+    // SAFETY: kill(2) on the target's own pid.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let stat = format!("/proc/{pid}/stat");
+    // The state follows the command's closing parenthesis.
+    let stopped =
+        || std::fs::read_to_string(&stat).is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('T')));
+    while !stopped() {
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
