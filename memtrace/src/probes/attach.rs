@@ -99,7 +99,12 @@ impl Tracer {
             }
         }
         for ((program, binary), group) in links {
-            let prog = self.programs.get(&program).ok_or_else(|| anyhow!("program {} not loaded", program.name()))?;
+            let prog = self.programs.get(&program).ok_or_else(|| match program.kind() {
+                ProbeKind::Session => {
+                    anyhow!("this kernel has no uprobe sessions (Linux 6.13 or later), which --type of a class needs")
+                }
+                _ => anyhow!("program {} not loaded", program.name()),
+            })?;
             let link = link_uprobe_multi(prog.as_raw_fd(), program.kind(), pid, &group)
                 .with_context(|| format!("cannot attach {} probes to {binary}", program.name()))?;
             self.links.entry(pid).or_default().push(link);
@@ -224,6 +229,9 @@ fn load_programs(ebpf: &Ebpf, object: &[u8], verbose: bool) -> Result<BTreeMap<P
         let load = |log| load_program(name, program.kind(), function, &license, btf.as_ref(), log);
         let fd = match load(None) {
             Ok(fd) => fd,
+            // Uprobe sessions came with Linux 6.13; only --type needs one,
+            // and says so when it is missing (see `attach`).
+            Err(_) if program.kind() == ProbeKind::Session => continue,
             Err(io_error) => {
                 if verbose {
                     let mut log = vec![0u8; 16 << 20];
