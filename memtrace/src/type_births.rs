@@ -77,6 +77,12 @@ impl std::fmt::Display for TypeName {
     }
 }
 
+/// `PyType_GenericAlloc`'s address in the process.
+fn class_alloc(target: &Target, interpreter: &Interpreter) -> Option<u64> {
+    let bias = crate::python::load_bias(target, &interpreter.path, &interpreter.elf)?;
+    Some(interpreter.elf.symbol(CLASS_ALLOC)?.vaddr.wrapping_add(bias))
+}
+
 /// One type of one process, found and planned: what host mode's
 /// `--escalate` would build for a growing type, too.
 pub struct TypePlan {
@@ -86,8 +92,11 @@ pub struct TypePlan {
     /// sizes the kernel side gives their objects.
     pub watched: Vec<(u64, WatchedType)>,
     pub points: Vec<AttachPoint>,
-    /// A class (probed at its allocation) rather than a built-in type.
+    /// A class whose instances `PyType_GenericAlloc` allocates, probed
+    /// there; otherwise births are seen at `_Py_NewReference`.
     pub is_class: bool,
+    /// `PyType_GenericAlloc`'s address in the process.
+    pub class_alloc: Option<u64>,
 }
 
 impl TypePlan {
@@ -126,12 +135,13 @@ impl TypePlan {
             ),
         };
         let layout = &interpreter.layout;
-        let is_class = found[0].1.flags & HEAPTYPE != 0;
-        let watched = found
-            .iter()
-            .filter(|(_, info)| info.name == name)
-            .map(|(a, info)| (*a, sizes(info, layout, is_class)))
-            .collect();
+        let chosen: Vec<&(u64, TypeInfo)> = found.iter().filter(|(_, info)| info.name == name).collect();
+        // A class whose instances PyType_GenericAlloc allocates (tp_alloc
+        // is inherited: a dict subclass's, on 3.11 and later, is dict's
+        // own) is probed there; any other type where objects are born.
+        let generic_alloc = class_alloc(target, interpreter);
+        let is_class = chosen.iter().all(|(_, info)| info.flags & HEAPTYPE != 0 && Some(info.alloc) == generic_alloc);
+        let watched = chosen.iter().map(|(a, info)| (*a, sizes(info, layout, is_class))).collect();
         let points = if is_class {
             class_points(target, interpreter)?
         } else {
@@ -148,7 +158,7 @@ impl TypePlan {
             }
             births
         };
-        Ok(Self { name, watched, points, is_class })
+        Ok(Self { name, watched, points, is_class, class_alloc: generic_alloc })
     }
 
     /// Said under every report's header.
@@ -160,7 +170,7 @@ impl TypePlan {
             )
         } else {
             format!(
-                "--type {}: a built-in type, whose objects are also reused from free lists: its births are seen at _Py_NewReference, which traps once per object of any type born; an object counts as outstanding while the census finds it at its address",
+                "--type {}: a type not allocated by {CLASS_ALLOC} (a built-in type, whose objects are also reused from free lists, or a class inheriting another allocator): its births are seen at _Py_NewReference, which traps once per object of any type born; an object counts as outstanding while the census finds it at its address",
                 self.name
             )
         }
@@ -209,6 +219,9 @@ pub struct Births {
     name: String,
     is_class: bool,
     layout: crate::python::layouts::Layout,
+    /// `PyType_GenericAlloc`'s address, which a class defined anew must
+    /// allocate with to be seen where the first was.
+    class_alloc: Option<u64>,
     types: FxHashSet<u64>,
 }
 
@@ -221,6 +234,7 @@ impl Births {
             pid,
             name: plan.name.clone(),
             is_class: plan.is_class,
+            class_alloc: plan.class_alloc,
             layout: interpreter.layout,
             types: FxHashSet::default(),
         };
@@ -275,7 +289,7 @@ impl Births {
         let again: Vec<(u64, WatchedType)> = census
             .types_named(|name| name == self.name)
             .into_iter()
-            .filter(|(_, info)| (info.flags & HEAPTYPE != 0) == self.is_class)
+            .filter(|(_, info)| !self.is_class || self.class_alloc == Some(info.alloc))
             .map(|(address, info)| (address, sizes(&info, &self.layout, self.is_class)))
             .collect();
         self.add(tracer, &again)?;

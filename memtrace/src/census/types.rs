@@ -35,9 +35,11 @@ pub struct TypeInfo {
     pub flags: u64,
     /// Its type: `type`, or a metaclass.
     pub metatype: u64,
-    /// `tp_basicsize` and `tp_itemsize`.
+    /// `tp_basicsize`, `tp_itemsize`, and `tp_alloc`: the function that
+    /// allocates its instances.
     pub basic_size: u64,
     pub item_size: u64,
+    pub alloc: u64,
     /// Where `tp_name` pointed when the type was read: a type freed and
     /// replaced at the same address names itself elsewhere.
     name_pointer: u64,
@@ -127,8 +129,11 @@ fn read_type<A: AddressSpace>(memory: &mut PageCache<A>, layout: &Layout, addres
     if flags & READY == 0 || !BASICSIZE.contains(&basic_size) {
         return None;
     }
-    // tp_itemsize follows tp_basicsize in every version.
+    // tp_itemsize follows tp_basicsize, and tp_alloc is five words after
+    // tp_dict (tp_descr_get, tp_descr_set, tp_dictoffset, tp_init between),
+    // in every version.
     let item_size = memory.u64(address.wrapping_add(layout.type_basicsize + 8)).ok()?;
+    let alloc = memory.u64(address.wrapping_add(layout.type_dict + 40)).ok()?;
     let name_pointer = memory.u64(address.wrapping_add(layout.type_name)).ok()?;
     let full = c_string(memory, name_pointer)?;
     let short = full.rsplit('.').next().unwrap_or(&full);
@@ -136,7 +141,7 @@ fn read_type<A: AddressSpace>(memory: &mut PageCache<A>, layout: &Layout, addres
         Some(module) if module != "builtins" => format!("{module}.{short}"),
         _ => short.to_owned(),
     };
-    Some(TypeInfo { name, flags, metatype, basic_size, item_size, name_pointer })
+    Some(TypeInfo { name, flags, metatype, basic_size, item_size, alloc, name_pointer })
 }
 
 /// A class's `__module__`: the value of the entry of its `tp_dict` whose
