@@ -192,6 +192,18 @@ impl Prepared {
                 .as_ref()
                 .map(|i| PythonProbes { binary: ProbedBinary { path: &i.path, elf: &i.elf }, inlined: &inlined }),
         )?;
+        let births = match (&options.type_name, &interpreter) {
+            (None, _) => None,
+            (Some(name), None) => bail!("--type {name}: pid {pid} ({}) is not a CPython memtrace reads", target.comm),
+            (Some(name), Some(i)) => {
+                progress.step(format!("pid {pid}: finding type {name}"));
+                let mut census = CensusTaker::new(pid, Some((i.layout, i.runtime)), i.pymalloc);
+                let births = TypePlan::new(&target, i, &mut census, name, &points)?;
+                points = births.points.clone();
+                notes = vec![births.note()];
+                Some(births)
+            }
+        };
         if options.verbose {
             if interpreter.is_some() {
                 let found = &inlined.new_references;
@@ -214,18 +226,6 @@ impl Prepared {
             }
         }
         let includes_raw = inlined.pymalloc.is_none();
-        let births = match (&options.type_name, &interpreter) {
-            (None, _) => None,
-            (Some(name), None) => bail!("--type {name}: pid {pid} ({}) is not a CPython memtrace reads", target.comm),
-            (Some(name), Some(i)) => {
-                progress.step(format!("pid {pid}: finding type {name}"));
-                let mut census = CensusTaker::new(pid, Some((i.layout, i.runtime)), i.pymalloc);
-                let births = TypePlan::new(&target, i, &mut census, name, &points)?;
-                points = births.points.clone();
-                notes = vec![births.note()];
-                Some(births)
-            }
-        };
         Ok(Self { target, interpreter, points, notes, includes_raw, births })
     }
 
@@ -340,18 +340,19 @@ impl Prepared {
                 (Plan { points: points.clone(), config }, unwinding)
             }
         };
-        // Its type is watched before it is said to be traced.
+        // Its type is watched, and its census taken, before it is said to
+        // be traced.
         let births = match (&births, &interpreter) {
             (Some(plan), Some(i)) => Some(Births::start(tracer, pid, plan, i)?),
             _ => None,
         };
-        progress.say(&format!(
+        let tracing = format!(
             "memtrace: tracing pid {pid} ({}){}: {} probes; a report every {} s; Ctrl-C to stop",
             target.comm,
             described.as_ref().map(|d| format!(", {d}")).unwrap_or_default(),
             plan.points.len(),
             options.interval().as_secs_f64()
-        ));
+        );
         let sizes = (options.min_size, options.max_size);
         // Births alone say nothing of pymalloc's count.
         let coverage = interpreter
@@ -363,7 +364,11 @@ impl Prepared {
         let mut traced = traced(symbolizer, coverage, Some(plan), unwinding);
         if let Some(births) = &births {
             births.watch(&mut traced.census);
+            // Counted from now: the census it is compared with is of now,
+            // not of before the probes were attached.
+            traced.census_before = traced.census.take();
         }
+        progress.say(&tracing);
         Ok(Traced { births, ..traced })
     }
 }
