@@ -52,11 +52,21 @@ pub enum Config {
     Memray {
         python_allocators: bool,
     },
+    /// memtrace --type of a class the benchmark creates often, or rarely
+    /// (TYPE_CLASSES): it runs only on the benchmarks named there.
+    Type {
+        often: bool,
+    },
 }
+
+/// The classes `--type` is measured with: per pyperformance benchmark, one
+/// it creates often and one it creates rarely. raytrace makes a Vector for
+/// every step of every ray, and one Canvas per loop.
+pub const TYPE_CLASSES: [(&str, &str, &str); 1] = [("raytrace", "Vector", "Canvas")];
 
 impl Config {
     /// Every configuration, in the order runs and tables take them.
-    pub const ALL: [Config; 10] = [
+    pub const ALL: [Config; 12] = [
         Config::Untraced,
         Config::Memtrace(None),
         Config::Memtrace(Some(1)),
@@ -67,6 +77,8 @@ impl Config {
         Config::Tracemalloc,
         Config::Memray { python_allocators: false },
         Config::Memray { python_allocators: true },
+        Config::Type { often: true },
+        Config::Type { often: false },
     ];
 
     /// Its name on the command line (`--configs`); the census's baseline
@@ -82,7 +94,17 @@ impl Config {
             Config::Tracemalloc => "tracemalloc",
             Config::Memray { python_allocators: false } => "memray",
             Config::Memray { python_allocators: true } => "memray-python-allocators",
+            Config::Type { often: true } => "type-often",
+            Config::Type { often: false } => "type-rare",
         }
+    }
+
+    /// The class `--type` traces in benchmark `benchmark`, for a Type
+    /// configuration that runs there.
+    pub fn traced_class(self, benchmark: &str) -> Option<&'static str> {
+        let Config::Type { often } = self else { return None };
+        let &(_, frequent, rare) = TYPE_CLASSES.iter().find(|(b, _, _)| *b == benchmark)?;
+        Some(if often { frequent } else { rare })
     }
 
     pub fn label(self) -> String {
@@ -97,6 +119,8 @@ impl Config {
             Config::Tracemalloc => "python -X tracemalloc=1".into(),
             Config::Memray { python_allocators: false } => "memray run".into(),
             Config::Memray { python_allocators: true } => "memray run --trace-python-allocators".into(),
+            Config::Type { often: true } => "memtrace --type, a class created often".into(),
+            Config::Type { often: false } => "memtrace --type, a class created rarely".into(),
         }
     }
 
@@ -110,6 +134,8 @@ impl Config {
             Config::Census => format!("--census-only {CENSUS_SPAN}×"),
             Config::AllPython => format!("--all-python {CENSUS_SPAN}×"),
             Config::Tracemalloc => "tracemalloc".into(),
+            Config::Type { often: true } => "--type often".into(),
+            Config::Type { often: false } => "--type rare".into(),
             _ => self.label(),
         }
     }
@@ -226,6 +252,8 @@ enum Attached {
     Memtrace(Memtrace),
     Census(Memtrace),
     Floor(Tracer),
+    /// `--type`: its probes are not the floor's.
+    Type(Memtrace),
 }
 
 fn run_once(setup: &Setup, workload: &Workload, config: Config) -> Result<(f64, Measured)> {
@@ -260,6 +288,11 @@ fn run_once(setup: &Setup, workload: &Workload, config: Config) -> Result<(f64, 
             Some(Attached::Census(Memtrace::try_attach(&setup.memtrace, &args, ATTACH_TIMEOUT)?))
         }
         Config::Floor => Some(Attached::Floor(bpftrace(setup, target.pid())?)),
+        Config::Type { .. } => {
+            let class = config.traced_class(&workload.name).context("no class to trace in this workload")?;
+            let args = ["--pid", &pid, "--type", class, "--format", "json"];
+            Some(Attached::Type(Memtrace::try_attach(&setup.memtrace, &args, ATTACH_TIMEOUT)?))
+        }
         Config::Untraced | Config::CensusBaseline | Config::Tracemalloc | Config::Memray { .. } => None,
     };
     let seconds = match workload.kind {
@@ -273,6 +306,10 @@ fn run_once(setup: &Setup, workload: &Workload, config: Config) -> Result<(f64, 
         }
         Some(Attached::Floor(bpftrace)) => Measured::Floor(parse_hits(&bpftrace.stop(RUN_TIMEOUT)?)?),
         Some(Attached::Census(memtrace)) => Measured::Census(censuses(&memtrace.stop(RUN_TIMEOUT)?)),
+        Some(Attached::Type(memtrace)) => {
+            memtrace.stop(RUN_TIMEOUT)?;
+            Measured::Nothing
+        }
     };
     let status = target.try_finish(RUN_TIMEOUT)?;
     if !status.success() {
@@ -300,7 +337,8 @@ fn interpreter(setup: &Setup, config: Config) -> Command {
         | Config::Floor
         | Config::CensusBaseline
         | Config::Census
-        | Config::AllPython => {}
+        | Config::AllPython
+        | Config::Type { .. } => {}
     }
     cmd
 }

@@ -121,16 +121,18 @@ pub fn workloads(
         out.push(Workload { name: name.into(), kind, size, configs });
     };
     if groups.contains(&Group::Micro) {
-        add("shallow", Kind::Micro { depth: 1 }, iterations, &|_| true);
+        add("shallow", Kind::Micro { depth: 1 }, iterations, &|c| !matches!(c, Config::Type { .. }));
         add("deep", Kind::Micro { depth: DEEP_DEPTH }, iterations, &|c| c == Config::Untraced || c.on_probes());
     }
     if groups.contains(&Group::Pyperformance) {
         for (name, loops) in loops {
-            add(name, Kind::Pyperformance, *loops, &|_| true);
+            add(name, Kind::Pyperformance, *loops, &|c| {
+                !matches!(c, Config::Type { .. }) || c.traced_class(name).is_some()
+            });
         }
     }
     if groups.contains(&Group::Flask) {
-        add("flask", Kind::Flask, requests, &|_| true);
+        add("flask", Kind::Flask, requests, &|c| !matches!(c, Config::Type { .. }));
     }
     out
 }

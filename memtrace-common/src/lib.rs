@@ -444,6 +444,38 @@ pub struct TargetConfig {
     pub python: PythonWalk,
 }
 
+/// A type whose objects' births are traced (`--type`), in one process:
+/// WATCHED_TYPES's key. The kernel side compares an object's type with it
+/// before doing anything else.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct WatchedTypeKey {
+    pub pid: u32,
+    pub _pad: u32,
+    /// The type object's address in the process.
+    pub type_object: u64,
+}
+
+/// How big a watched type's objects are, as the allocator was asked for
+/// them: `size`, plus `item_size` per item of a variable-sized object.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WatchedType {
+    pub size: u64,
+    pub item_size: u64,
+}
+
+/// A call that allocates an instance of a watched class, between its entry
+/// and its return: by thread and by the stack pointer at entry, so that
+/// nested calls keep their own.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BirthKey {
+    pub tid: u32,
+    pub _pad: u32,
+    pub entry_sp: u64,
+}
+
 /// Stack bytes copied per new site for userspace unwinding, in chunks that
 /// stop at the first unreadable one (the top of the stack).
 pub const STACK_COPY_CHUNK: usize = 512;
@@ -553,7 +585,8 @@ pub mod map_name {
     pub const PROCESS_EVENTS: &str = "PROCESS_EVENTS";
     pub const EVENTS_LOST: &str = "EVENTS_LOST";
     pub const UNWIND_RULES: &str = "UNWIND_RULES";
-    pub const ALL: [&str; 11] = [
+    pub const WATCHED_TYPES: &str = "WATCHED_TYPES";
+    pub const ALL: [&str; 12] = [
         TARGETS,
         ALLOCS,
         SITES,
@@ -565,6 +598,7 @@ pub mod map_name {
         PROCESS_EVENTS,
         UNWIND_RULES,
         EVENTS_LOST,
+        WATCHED_TYPES,
     ];
 }
 
@@ -680,6 +714,8 @@ mod pod {
     unsafe impl aya::Pod for super::CounterSet {}
     unsafe impl aya::Pod for super::UnwindKey {}
     unsafe impl aya::Pod for super::UnwindRule {}
+    unsafe impl aya::Pod for super::WatchedTypeKey {}
+    unsafe impl aya::Pod for super::WatchedType {}
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ mod lifecycle;
 mod maps;
 mod python;
 mod stacks;
+mod type_births;
 
 use aya_ebpf::{
     EbpfContext,

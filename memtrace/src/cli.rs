@@ -17,6 +17,7 @@ use crate::{
     },
     snapshot::GroupBy,
     symbolize::allocators::AllocatorFrames,
+    type_births::TypeName,
 };
 
 /// Finds what grows, and where, in a running process: traces its libc and
@@ -210,6 +211,18 @@ pub struct Options {
     /// --flamegraph-diff.
     #[arg(long, conflicts_with_all = PROBE_OPTIONS)]
     pub census_only: bool,
+
+    /// Trace only the births of one type's objects: a class by its name
+    /// (MyObject), qualified by its module (mymodule.MyObject) where the
+    /// bare name is ambiguous, or a built-in type (dict). The report is
+    /// tracemalloc's, of that type's objects alone; the object census says
+    /// which are alive, so no free is probed. A class costs one trap per
+    /// instance of any class created (two for this one's); a built-in type
+    /// one trap per object of any type created. Refused with --census-only,
+    /// --all-python, --native, --min-size, --max-size, --older-than.
+    #[arg(long = "type", value_name = "NAME", value_parser = TypeName::parse,
+          conflicts_with_all = ["census_only", "all_python", "all", "native", "min_size", "max_size", "older_than"])]
+    pub type_name: Option<TypeName>,
 
     /// Keep only allocations made in files matching this glob
     /// (tracemalloc's Filter: fnmatch on the innermost frame's file name);

@@ -196,6 +196,12 @@ pub fn outstanding_older_than(tracer: &Tracer, pid: u32, before_ns: u64) -> Resu
     Ok(out)
 }
 
+/// Every live-block record of `pid`: with `--type`, its births.
+pub fn allocations(tracer: &Tracer, pid: u32) -> Result<Vec<(AllocKey, AllocInfo)>> {
+    let allocs: HashMap<&MapData, AllocKey, AllocInfo> = HashMap::try_from(map(tracer, map_name::ALLOCS)?)?;
+    Ok(allocs.iter().filter_map(Result::ok).filter(|(key, _)| key.pid == pid).collect())
+}
+
 /// Now on CLOCK_MONOTONIC, in nanoseconds.
 pub fn monotonic_now_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };

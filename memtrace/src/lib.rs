@@ -39,3 +39,4 @@ pub mod report;
 pub mod session;
 pub mod snapshot;
 pub mod symbolize;
+pub mod type_births;

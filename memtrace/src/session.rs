@@ -55,6 +55,7 @@ use crate::{
     },
     snapshot::{Snapshot, Stat},
     symbolize::{Symbolizer, allocators::AllocatorFrames},
+    type_births::{Births, TypeName, TypePlan},
 };
 
 /// How often memory maps are refreshed and Python stacks the kernel could
@@ -182,6 +183,36 @@ pub async fn run(options: Options) -> Result<Outcome> {
     Ok(Outcome { end, untracked })
 }
 
+/// What a process is probed for.
+enum Probing {
+    /// Nothing: its census alone (`--census-only`, host mode).
+    Nothing,
+    /// Every allocation.
+    Allocations,
+    /// The births of one type (`--type`).
+    Births(TypeName),
+}
+
+impl Probing {
+    fn of(options: &Options) -> Self {
+        match &options.type_name {
+            _ if options.probes_off() => Probing::Nothing,
+            Some(name) => Probing::Births(name.clone()),
+            None => Probing::Allocations,
+        }
+    }
+
+    /// How `--escalate` probes for `tier`.
+    fn for_tier(tier: &Tier) -> Result<Self> {
+        Ok(match tier {
+            Tier::Exact => Probing::Allocations,
+            Tier::Type(name) => {
+                Probing::Births(TypeName::parse(name).map_err(|e| anyhow::anyhow!("--type {name}: {e}"))?)
+            }
+        })
+    }
+}
+
 /// A process validated and planned, not attached yet: every mistake a user
 /// can make about it is found before anything is loaded.
 struct Prepared {
@@ -192,29 +223,31 @@ struct Prepared {
     /// Whether pymalloc's large blocks count in the probed pymalloc layer
     /// (function-level probes; with inlined sites those are libc's).
     includes_raw: bool,
+    /// `--type`: the type found, whose births `points` probe.
+    births: Option<TypePlan>,
 }
 
 impl Prepared {
     fn new(pid: u32, options: &Options, progress: &Progress) -> Result<Self> {
-        Self::with_probes(pid, options, progress, !options.probes_off())
+        Self::probing(pid, options, progress, Probing::of(options))
     }
 
-    /// `new`, probed or not whatever the options say: host mode's
+    /// `new`, probed for `probing` whatever the options say: host mode's
     /// escalation probes one process of those it watches.
-    fn with_probes(pid: u32, options: &Options, progress: &Progress, probes: bool) -> Result<Self> {
+    fn probing(pid: u32, options: &Options, progress: &Progress, probing: Probing) -> Result<Self> {
         progress.step(format!("pid {pid}: reading its interpreter"));
         let target = Target::open(pid)?;
         let python = python::detect(&target)?;
-        Self::detected(target, python, options, progress, probes)
+        Self::detected(target, python, options, progress, probing)
     }
 
-    /// `with_probes` for a process whose interpreter was read already.
+    /// `probing` for a process whose interpreter was read already.
     fn detected(
         target: Target,
         python: Detection,
         options: &Options,
         progress: &Progress,
-        probes: bool,
+        probing: Probing,
     ) -> Result<Self> {
         let pid = target.pid;
         let mut notes = Vec::new();
@@ -227,8 +260,8 @@ impl Prepared {
             }
             Detection::NotPython => None,
         };
-        if !probes {
-            return Ok(Self { target, interpreter, points: Vec::new(), notes, includes_raw: true });
+        if matches!(probing, Probing::Nothing) {
+            return Ok(Self { target, interpreter, points: Vec::new(), notes, includes_raw: true, births: None });
         }
         progress.step(format!("pid {pid}: finding where to probe"));
         let libc_path = plan::find_libc(&target)?;
@@ -243,13 +276,29 @@ impl Prepared {
                 sites.pops.iter().filter(|pop| pop.request.is_none()).count()
             ));
         }
-        let points = plan::plan(
+        let mut points = plan::plan(
             &target.paths,
             ProbedBinary { path: libc_path, elf: &libc_elf },
             interpreter
                 .as_ref()
                 .map(|i| PythonProbes { binary: ProbedBinary { path: &i.path, elf: &i.elf }, inlined: &inlined }),
         )?;
+        let type_name = match &probing {
+            Probing::Births(name) => Some(name),
+            Probing::Nothing | Probing::Allocations => None,
+        };
+        let births = match (type_name, &interpreter) {
+            (None, _) => None,
+            (Some(name), None) => bail!("--type {name}: pid {pid} ({}) is not a CPython memtrace reads", target.comm),
+            (Some(name), Some(i)) => {
+                progress.step(format!("pid {pid}: finding type {name}"));
+                let mut census = CensusTaker::new(pid, Some((i.layout, i.runtime)), i.pymalloc);
+                let births = TypePlan::new(&target, i, &mut census, name, &points)?;
+                points = births.points.clone();
+                notes = vec![births.note()];
+                Some(births)
+            }
+        };
         if options.verbose {
             if interpreter.is_some() {
                 let found = &inlined.new_references;
@@ -272,7 +321,7 @@ impl Prepared {
             }
         }
         let includes_raw = inlined.pymalloc.is_none();
-        Ok(Self { target, interpreter, points, notes, includes_raw })
+        Ok(Self { target, interpreter, points, notes, includes_raw, births })
     }
 
     /// Takes the first census and, with a tracer, attaches the probes,
@@ -289,7 +338,7 @@ impl Prepared {
         progress: &Progress,
         counting: Option<Plan>,
     ) -> Result<Traced> {
-        let Self { target, interpreter, points, notes, includes_raw } = self;
+        let Self { target, interpreter, points, notes, includes_raw, births } = self;
         // Host mode's tracer only announces processes, but for escalations.
         let tracer = tracer.filter(|_| !points.is_empty());
         let pid = target.pid;
@@ -336,6 +385,7 @@ impl Prepared {
             sequence: 0,
             exited: false,
             gone: false,
+            births: None,
         };
         let Some(tracer) = tracer else {
             progress.say(&format!(
@@ -398,20 +448,36 @@ impl Prepared {
                 (Plan { points: points.clone(), config }, unwinding)
             }
         };
-        progress.say(&format!(
+        // Its type is watched, and its census taken, before it is said to
+        // be traced.
+        let births = match (&births, &interpreter) {
+            (Some(plan), Some(i)) => Some(Births::start(tracer, pid, plan, i)?),
+            _ => None,
+        };
+        let tracing = format!(
             "memtrace: tracing pid {pid} ({}){}: {} probes; a report every {} s; Ctrl-C to stop",
             target.comm,
             described.as_ref().map(|d| format!(", {d}")).unwrap_or_default(),
             plan.points.len(),
             options.interval().as_secs_f64()
-        ));
+        );
         let sizes = (options.min_size, options.max_size);
+        // Births alone say nothing of pymalloc's count.
         let coverage = interpreter
             .as_ref()
             .and_then(|i| i.pymalloc)
+            .filter(|_| births.is_none())
             .and_then(|state| Coverage::start(state, pid, includes_raw, sizes));
         let symbolizer = symbolizer(interpreter.as_ref().map(|i| i.code_resolver(pid)), options.native);
-        Ok(traced(symbolizer, coverage, Some(plan), unwinding))
+        let mut traced = traced(symbolizer, coverage, Some(plan), unwinding);
+        if let Some(births) = &births {
+            births.watch(&mut traced.census);
+            // Counted from now: the census it is compared with is of now,
+            // not of before the probes were attached.
+            traced.census_before = traced.census.take();
+        }
+        progress.say(&tracing);
+        Ok(Traced { births, ..traced })
     }
 }
 
@@ -486,6 +552,8 @@ struct Traced {
     plan: Option<Plan>,
     /// The kernel side's native unwinding, when it unwinds.
     unwinding: Option<Unwinding>,
+    /// `--type`: its births, kept against its censuses.
+    births: Option<Births>,
 }
 
 /// How a process came to be traced after the session started.
@@ -898,10 +966,12 @@ impl Session<'_> {
                 let (pid, comm) = (target.pid, target.comm.clone());
                 let quiet = Progress::start(true);
                 let detection = interpreter.map_or(Detection::NotPython, Detection::Supported);
-                let watched = Prepared::detected(target, detection, self.options, &quiet, false).and_then(|prepared| {
-                    watch_exit(pid, self.exits.clone())?;
-                    prepared.attach(None, &mut self.rules, &self.allocators, self.options, &quiet, None)
-                });
+                let watched = Prepared::detected(target, detection, self.options, &quiet, Probing::Nothing).and_then(
+                    |prepared| {
+                        watch_exit(pid, self.exits.clone())?;
+                        prepared.attach(None, &mut self.rules, &self.allocators, self.options, &quiet, None)
+                    },
+                );
                 match watched {
                     Ok(traced) => {
                         self.drop_process(pid);
@@ -1042,7 +1112,9 @@ impl Session<'_> {
         // The kernel counts its programs' runs while this is open.
         let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
         let hits_before = tracer.probe_hits();
-        let traced = Prepared::with_probes(pid, self.options, &quiet, true).and_then(|prepared| {
+        let prepared =
+            Probing::for_tier(&tier).and_then(|probing| Prepared::probing(pid, self.options, &quiet, probing));
+        let traced = prepared.and_then(|prepared| {
             prepared.attach(Some(tracer), &mut self.rules, &self.allocators, self.options, &quiet, None)
         });
         let mut traced = match traced {
@@ -1093,7 +1165,7 @@ impl Session<'_> {
         let Some(traced) = self.processes.remove(&pid) else { return Ok(()) };
         let quiet = Progress::start(true);
         let watched = if rewatch {
-            Prepared::with_probes(pid, self.options, &quiet, false)
+            Prepared::probing(pid, self.options, &quiet, Probing::Nothing)
                 .and_then(|p| p.attach(None, &mut self.rules, &self.allocators, self.options, &quiet, None))
                 .ok()
         } else {
@@ -1123,14 +1195,16 @@ impl Session<'_> {
         if traced.sequence == 0 {
             self.progress.step(format!("pid {pid}: its census and symbols for the first report"));
         }
-        let census = if census { traced.census.take() } else { traced.census.take_memory() };
+        let census_started_ns = collect::monotonic_now_ns();
+        // Births are alive as the census finds them: theirs is never skipped.
+        let census = if census || traced.births.is_some() { traced.census.take() } else { traced.census.take_memory() };
         let now = SystemTime::now();
         if let Some(objects) = &census.objects {
             traced.types.push(now, objects);
         }
         traced.watch.record(now, census.memory, census.heap);
         let type_trends = traced.types.trends();
-        let Some(tracer) = self.tracer.as_ref().filter(|_| traced.plan.is_some()) else {
+        let Some(tracer) = self.tracer.as_mut().filter(|_| traced.plan.is_some()) else {
             traced.sequence += 1;
             traced.exited |= is_final;
             let report = Report {
@@ -1156,14 +1230,18 @@ impl Session<'_> {
         };
         let sites = collect::sites(tracer, pid)?;
         let counters = collect::counters(tracer, pid)?;
-        let older = match self.options.older_than {
-            Some(ms) => Some(collect::outstanding_older_than(
+        let older = match (&mut traced.births, self.options.older_than) {
+            (Some(births), _) => {
+                Some(births.outstanding(tracer, &mut traced.census, census.objects.as_ref(), census_started_ns)?)
+            }
+            (None, Some(ms)) => Some(collect::outstanding_older_than(
                 tracer,
                 pid,
                 collect::monotonic_now_ns().saturating_sub(ms * 1_000_000),
             )?),
-            None => None,
+            (None, None) => None,
         };
+        let tracer = &*tracer;
         let mut allocated = Stat::default();
         let mut entries = Vec::new();
         for (site, stats) in &sites {

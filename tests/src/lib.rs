@@ -5,6 +5,7 @@
 //! `--format json` lines, with memtrace's own document type). Tests that
 //! need eBPF fail, never skip, when they cannot run.
 
+pub mod bpf_stats;
 mod processes;
 
 use std::{

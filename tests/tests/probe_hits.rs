@@ -1,14 +1,16 @@
-//! How many probe traps an allocation costs, counted, not timed: the
-//! kernel's BPF run-time statistics (switched on for the test's lifetime
-//! through BPF_ENABLE_STATS) give each of memtrace's programs its run
-//! count, read from memtrace's own descriptors in /proc/PID/fdinfo; divided
+//! How many probe traps an allocation costs, counted, not timed: each of
+//! memtrace's programs' run count (`bpf_stats`), divided
 //! by the allocations memtrace reports on a fixed workload. Each
 //! interpreter's bound is what it costs today (issue 11 aims at 2), so a
 //! change that adds a trap per allocation fails here.
 
-use std::{collections::BTreeMap, os::fd::FromRawFd as _, os::fd::OwnedFd, path::Path, process::Command};
+use std::{path::Path, process::Command};
 
-use memtrace_tests::{Memtrace, Target, final_report, pyenv, require_root};
+use memtrace_tests::{
+    Memtrace, Target,
+    bpf_stats::{self, probe_hits},
+    final_report, pyenv, require_root,
+};
 
 /// 20,000 bytes objects kept in a list, and a dict of 20,000 str.
 const WORKLOAD: &str = "import sys
@@ -24,38 +26,9 @@ print('done', flush=True)
 sys.stdin.readline()
 ";
 
-/// BPF_ENABLE_STATS with BPF_STATS_RUN_TIME (include/uapi/linux/bpf.h):
-/// statistics are kept while the returned descriptor is open.
-fn enable_bpf_stats() -> OwnedFd {
-    let attr = [0u8; 128];
-    // SAFETY: bpf(2) reads `size` bytes of a zeroed attr (type 0: run time).
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, 32, attr.as_ptr(), attr.len()) };
-    assert!(fd >= 0, "BPF_ENABLE_STATS: {}", std::io::Error::last_os_error());
-    // SAFETY: a new descriptor nothing else owns.
-    unsafe { OwnedFd::from_raw_fd(fd as i32) }
-}
-
-/// Run counts of the uprobe programs (kprobe type) process `pid` holds, by
-/// program id.
-fn probe_hits(pid: u32) -> BTreeMap<u32, u64> {
-    let mut hits = BTreeMap::new();
-    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap().flatten() {
-        let Ok(info) = std::fs::read_to_string(fd.path()) else { continue };
-        let field = |name: &str| {
-            info.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(":")).map(|v| v.trim().to_owned())
-        };
-        if field("prog_type").as_deref() == Some("2")
-            && let (Some(id), Some(count)) = (field("prog_id"), field("run_cnt"))
-        {
-            hits.insert(id.parse().unwrap(), count.parse().unwrap());
-        }
-    }
-    hits
-}
-
 fn hits_per_allocation(python: &Path) -> f64 {
     assert!(python.exists(), "{} is missing", python.display());
-    let _stats = enable_bpf_stats();
+    let _stats = bpf_stats::enable();
     let mut target = Target::spawn(Command::new(python).args(["-c", WORKLOAD]));
     target.expect_line("ready");
     let pid = target.pid().to_string();

@@ -6,7 +6,7 @@
 //! bounded in steps, and a list that stops making sense is left out with
 //! the reason, never counted in part as if complete.
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::{
     process::memory::{AddressSpace, Fault, PageCache},
@@ -40,13 +40,21 @@ pub struct GcCensus {
     pub permanent: u64,
     /// Why the walk stopped early, if it did: the counts are then partial.
     pub stopped: Option<String>,
+    /// (object, type) of every object whose type is one of those watched.
+    pub watched: Vec<(u64, u64)>,
 }
 
 /// Counts the objects on every GC list of the process whose `_PyRuntime`
-/// is at `runtime`, through `memory`.
-pub fn walk<A: AddressSpace>(memory: &mut PageCache<A>, layout: &Layout, runtime: u64) -> GcCensus {
+/// is at `runtime`, through `memory`, and lists those of the `watched`
+/// types.
+pub fn walk<A: AddressSpace>(
+    memory: &mut PageCache<A>,
+    layout: &Layout,
+    runtime: u64,
+    watched: &FxHashSet<u64>,
+) -> GcCensus {
     let mut census = GcCensus::default();
-    if let Err(stop) = walk_all(memory, layout, runtime, &mut census) {
+    if let Err(stop) = walk_all(memory, layout, runtime, watched, &mut census) {
         census.stopped = Some(stop);
     }
     census
@@ -56,6 +64,7 @@ fn walk_all<A: AddressSpace>(
     memory: &mut PageCache<A>,
     layout: &Layout,
     runtime: u64,
+    watched: &FxHashSet<u64>,
     census: &mut GcCensus,
 ) -> Result<(), String> {
     let gc = &layout.gc;
@@ -76,8 +85,9 @@ fn walk_all<A: AddressSpace>(
                 true => state.wrapping_add(gc.permanent_generation),
                 false => state.wrapping_add(gc.generations + generation * gc.generation_size),
             };
-            match walk_list(memory, layout, head, census.tracked + census.permanent) {
-                Ok(list) => {
+            match walk_list(memory, layout, head, census.tracked + census.permanent, watched) {
+                Ok((list, objects)) => {
+                    census.watched.extend(objects);
                     *if permanent { &mut census.permanent } else { &mut census.tracked } += list.values().sum::<u64>();
                     for (object_type, count) in list {
                         *census.by_type.entry(object_type).or_default() += count;
@@ -113,17 +123,19 @@ fn interpreters<A: AddressSpace>(memory: &mut PageCache<A>, layout: &Layout, run
 }
 
 /// Counts one circular list from its head, by type, `counted` objects
-/// having been counted before it.
+/// having been counted before it; and lists its objects of `watched` types.
 fn walk_list<A: AddressSpace>(
     memory: &mut PageCache<A>,
     layout: &Layout,
     head: u64,
     counted: u64,
-) -> Result<FxHashMap<u64, u64>, String> {
+    watched: &FxHashSet<u64>,
+) -> Result<(FxHashMap<u64, u64>, Vec<(u64, u64)>), String> {
     let gc_head = layout.gc_head_size;
     let mut previous = head;
     let mut node = memory.u64(head).map_err(|f| read_failure(f, "a generation's list head"))?;
     let mut by_type = FxHashMap::default();
+    let mut objects = Vec::new();
     let mut count = 0;
     while node != head {
         if node & NEXT_UNREACHABLE != 0 {
@@ -144,11 +156,14 @@ fn walk_list<A: AddressSpace>(
             return Err(format!("more than {MAX_TYPES} types: not a list of objects"));
         }
         *by_type.entry(object_type).or_default() += 1;
+        if watched.contains(&object_type) {
+            objects.push((node.wrapping_add(gc_head), object_type));
+        }
         count += 1;
         previous = node;
         node = next;
     }
-    Ok(by_type)
+    Ok((by_type, objects))
 }
 
 fn read_failure(fault: Fault, what: &str) -> String {
@@ -197,7 +212,7 @@ mod tests {
     }
 
     fn census_of(image: Image, runtime: u64) -> GcCensus {
-        walk(&mut PageCache::new(image, 1 << 30), &PY312, runtime)
+        walk(&mut PageCache::new(image, 1 << 30), &PY312, runtime, &FxHashSet::default())
     }
 
     #[test]
@@ -207,6 +222,14 @@ mod tests {
         assert_eq!(census.stopped, None);
         assert_eq!((census.tracked, census.permanent), (4, 0));
         assert_eq!(census.by_type, FxHashMap::from_iter([(0xa000, 3), (0xb000, 1)]));
+    }
+
+    #[test]
+    fn lists_the_objects_of_watched_types() {
+        let (image, runtime) = image(&[0xa000, 0xb000, 0xa000]);
+        let census = walk(&mut PageCache::new(image, 1 << 30), &PY312, runtime, &FxHashSet::from_iter([0xa000]));
+        // Each object follows its 16-byte PyGC_Head; nodes are 64 bytes apart.
+        assert_eq!(census.watched, vec![(0x100000 + 16, 0xa000), (0x100000 + 128 + 16, 0xa000)]);
     }
 
     #[test]

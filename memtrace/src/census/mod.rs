@@ -17,9 +17,14 @@ use std::{
     time::{Duration, Instant},
 };
 
+use rustc_hash::FxHashSet;
 use serde::{Deserialize, Serialize};
 
-use self::{memory::Memory, pymalloc::PymallocState, types::TypeNames};
+use self::{
+    memory::Memory,
+    pymalloc::PymallocState,
+    types::{TypeInfo, TypeNames},
+};
 use crate::{
     process::memory::{AddressSpace, PageCache, ProcessMemory},
     python::layouts::Layout,
@@ -57,6 +62,10 @@ pub struct ObjectCensus {
     pub copied: usize,
     /// Why a part of it is partial, each a sentence; empty when complete.
     pub incomplete: Vec<String>,
+    /// The address of every object of the watched types (see
+    /// [`CensusTaker::watch`]); not part of a saved census.
+    #[serde(skip)]
+    pub watched: FxHashSet<u64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,13 +89,44 @@ pub struct CensusTaker {
     python: Option<(Layout, u64)>,
     pymalloc: Option<PymallocState>,
     types: TypeNames,
+    watched: FxHashSet<u64>,
 }
 
 impl CensusTaker {
     /// For process `pid`; `python` is its interpreter's layout and the
     /// address of its `_PyRuntime`, when memtrace reads it.
     pub fn new(pid: u32, python: Option<(Layout, u64)>, pymalloc: Option<PymallocState>) -> Self {
-        Self { pid, python, pymalloc, types: TypeNames::default() }
+        Self { pid, python, pymalloc, types: TypeNames::default(), watched: FxHashSet::default() }
+    }
+
+    /// From the next census on, lists the objects of the types at these
+    /// addresses (`ObjectCensus::watched`).
+    pub fn watch(&mut self, types: FxHashSet<u64>) {
+        self.watched = types;
+    }
+
+    /// Every type of the process whose name `matches` (as censuses name
+    /// them), with its address: the types of the objects the last census
+    /// found, and the classes on the GC's lists, which need no instance to
+    /// be found. Takes a walk of the GC's lists.
+    pub fn types_named(&mut self, matches: impl Fn(&str) -> bool) -> Vec<(u64, TypeInfo)> {
+        let Some((layout, runtime)) = self.python else { return Vec::new() };
+        let reader = ProcessMemory::new(self.pid);
+        let mut cache = PageCache::new(&reader, MAX_COPIED);
+        let metatypes: FxHashSet<u64> = self.types.checked().map(|(_, info)| info.metatype).collect();
+        let classes = gc::walk(&mut cache, &layout, runtime, &metatypes).watched;
+        let mut found: Vec<(u64, TypeInfo)> =
+            self.types.checked().filter(|(_, info)| matches(&info.name)).map(|(a, i)| (a, i.clone())).collect();
+        for (class, _) in classes {
+            if let Some(info) = self.types.get(&mut cache, &layout, class)
+                && matches(&info.name)
+                && !found.iter().any(|(a, _)| *a == class)
+            {
+                found.push((class, info.clone()));
+            }
+        }
+        found.sort_by_key(|(address, _)| *address);
+        found
     }
 
     pub fn take(&mut self) -> Census {
@@ -113,7 +153,7 @@ impl CensusTaker {
             let mut attempts = 0;
             let (mut cache, found) = loop {
                 let mut cache = PageCache::new(reader, MAX_COPIED);
-                let found = gc::walk(&mut cache, &layout, runtime);
+                let found = gc::walk(&mut cache, &layout, runtime, &self.watched);
                 attempts += 1;
                 if found.stopped.is_none() || attempts == GC_ATTEMPTS {
                     break (cache, found);
@@ -121,7 +161,7 @@ impl CensusTaker {
             };
             let mut incomplete: Vec<String> = found.stopped.iter().map(|why| format!("GC lists: {why}")).collect();
             let untracked = match &pools {
-                Some(Ok((pools, _))) => pools::scan(&mut cache, &layout, &mut self.types, pools),
+                Some(Ok((pools, _))) => pools::scan(&mut cache, &layout, &mut self.types, pools, &self.watched),
                 Some(Err(e)) => {
                     incomplete.push(format!("untracked objects not counted: {e}"));
                     pools::PoolObjects::default()
@@ -166,6 +206,7 @@ impl CensusTaker {
                 other_blocks: untracked.other_blocks,
                 took: started.elapsed(),
                 copied: cache.copied(),
+                watched: found.watched.iter().chain(&untracked.watched).map(|&(object, _)| object).collect(),
                 incomplete,
             }
         });

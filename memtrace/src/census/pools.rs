@@ -8,7 +8,7 @@
 //! (`_gc_next` is 0), since the GC walk counts the tracked ones. Objects
 //! larger than pymalloc's 512-byte limit are malloc's and are not seen.
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::{
     pymalloc::Pool,
@@ -32,6 +32,8 @@ pub struct PoolObjects {
     pub inconsistent_pools: u64,
     /// Why the scan stopped early, if it did.
     pub stopped: Option<String>,
+    /// (object, type) of every object found of the types watched.
+    pub watched: Vec<(u64, u64)>,
 }
 
 pub fn scan<A: AddressSpace>(
@@ -39,10 +41,11 @@ pub fn scan<A: AddressSpace>(
     layout: &Layout,
     types: &mut TypeNames,
     pools: &[Pool],
+    watched: &FxHashSet<u64>,
 ) -> PoolObjects {
     let mut found = PoolObjects::default();
     for pool in pools {
-        if let Err(stop) = scan_pool(memory, layout, types, pool, &mut found) {
+        if let Err(stop) = scan_pool(memory, layout, types, pool, watched, &mut found) {
             found.stopped = Some(stop);
             break;
         }
@@ -55,6 +58,7 @@ fn scan_pool<A: AddressSpace>(
     layout: &Layout,
     types: &mut TypeNames,
     pool: &Pool,
+    watched: &FxHashSet<u64>,
     found: &mut PoolObjects,
 ) -> Result<(), String> {
     let pymalloc = &layout.pymalloc;
@@ -86,7 +90,15 @@ fn scan_pool<A: AddressSpace>(
     for offset in (first..first + capacity * size).step_by(size as usize) {
         if free.binary_search(&offset).is_err() {
             match untracked_object(memory, layout, types, pool.address + offset, &mut hint) {
-                Some(Some(object_type)) => *found.by_type.entry(object_type).or_default() += 1,
+                Some(Some((object, object_type))) => {
+                    *found.by_type.entry(object_type).or_default() += 1;
+                    // An object CPython keeps on a free list for reuse
+                    // (dicts, tuples) still names its type, but its
+                    // reference count is 0: it is dead.
+                    if watched.contains(&object_type) && memory.u64(object).is_ok_and(|refcount| refcount != 0) {
+                        found.watched.push((object, object_type));
+                    }
+                }
                 Some(None) => {}
                 None => found.other_blocks += 1,
             }
@@ -95,8 +107,8 @@ fn scan_pool<A: AddressSpace>(
     Ok(())
 }
 
-/// The block at `block` as an object: Some(Some(type)) for an object the
-/// GC does not track, Some(None) for a tracked one (counted by the GC
+/// The block at `block` as an object: Some(Some((object, type))) for an
+/// object the GC does not track, Some(None) for a tracked one (counted by the GC
 /// walk), None for no object of a checked type.
 fn untracked_object<A: AddressSpace>(
     memory: &mut PageCache<A>,
@@ -104,7 +116,7 @@ fn untracked_object<A: AddressSpace>(
     types: &mut TypeNames,
     block: u64,
     hint: &mut usize,
-) -> Option<Option<u64>> {
+) -> Option<Option<(u64, u64)>> {
     let gc_head = layout.gc_head_size;
     // Where the object would start: the block itself (no GC header), after
     // its PyGC_Head, or after a two-word pre-header too (3.11+ managed dict
@@ -141,11 +153,11 @@ fn untracked_object<A: AddressSpace>(
     let (i, object, gc, object_type) = found?;
     *hint = i;
     if gc.is_none() {
-        return Some(Some(object_type));
+        return Some(Some((object, object_type)));
     }
     // `_gc_next` is 0 for an object the collector does not track.
     let tracked = memory.u64(object - gc_head).ok()? != 0;
-    Some((!tracked).then_some(object_type))
+    Some((!tracked).then_some((object, object_type)))
 }
 
 #[cfg(test)]
@@ -178,6 +190,7 @@ mod tests {
         image.write_u64(POOL + PY312.pymalloc.pool_header.freeblock, block(1));
         image.write_u64(block(1), 0);
         image.write_u64(block(2), 0);
+        image.write_u64(block(2) + 16, 1);
         image.write_u64(block(2) + 16 + 8, TUPLE);
         image.write_u64(block(3), 0x7777_0000);
         image.write_u64(block(3) + 16 + 8, TUPLE);
@@ -189,13 +202,20 @@ mod tests {
 
     fn scan_image(image: Image, used: u64) -> PoolObjects {
         let pool = Pool { address: POOL, block_size: 48, used };
-        scan(&mut PageCache::new(image, 1 << 20), &PY312, &mut TypeNames::default(), &[pool])
+        scan(
+            &mut PageCache::new(image, 1 << 20),
+            &PY312,
+            &mut TypeNames::default(),
+            &[pool],
+            &FxHashSet::from_iter([TUPLE]),
+        )
     }
 
     #[test]
     fn counts_untracked_objects_and_skips_free_and_tracked_blocks() {
         let found = scan_image(image(), 4);
         assert_eq!(found.by_type, FxHashMap::from_iter([(BYTES, 1), (TUPLE, 1)]));
+        assert_eq!(found.watched, vec![(POOL + 48 + 2 * 48 + 16, TUPLE)], "the untracked tuple, after its PyGC_Head");
         assert_eq!((found.other_blocks, found.inconsistent_pools, found.stopped), (1, 0, None));
     }
 

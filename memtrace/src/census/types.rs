@@ -20,7 +20,7 @@ const TYPE_SUBCLASS: u64 = 1 << 31;
 /// `Py_TPFLAGS_HAVE_GC`.
 pub const HAVE_GC: u64 = 1 << 14;
 /// `Py_TPFLAGS_HEAPTYPE`: a class, whose module is in its dict.
-const HEAPTYPE: u64 = 1 << 9;
+pub const HEAPTYPE: u64 = 1 << 9;
 /// A class's dict holds a few dozen entries; more is not one.
 const MAX_CLASS_DICT: u64 = 4096;
 /// `Py_TPFLAGS_READY`: set on every type in use, once `PyType_Ready` ran.
@@ -33,6 +33,13 @@ pub struct TypeInfo {
     /// `__name__`: the part of `tp_name` after its last dot.
     pub name: String,
     pub flags: u64,
+    /// Its type: `type`, or a metaclass.
+    pub metatype: u64,
+    /// `tp_basicsize`, `tp_itemsize`, and `tp_alloc`: the function that
+    /// allocates its instances.
+    pub basic_size: u64,
+    pub item_size: u64,
+    pub alloc: u64,
     /// Where `tp_name` pointed when the type was read: a type freed and
     /// replaced at the same address names itself elsewhere.
     name_pointer: u64,
@@ -56,6 +63,14 @@ impl TypeNames {
         let last = self.census;
         self.types.retain(|_, (_, checked)| *checked == last);
         self.census += 1;
+    }
+
+    /// The types found in this census so far.
+    pub fn checked(&self) -> impl Iterator<Item = (u64, &TypeInfo)> {
+        self.types
+            .iter()
+            .filter(|(_, (_, checked))| *checked == self.census)
+            .map(|(&address, (info, _))| (address, info))
     }
 
     /// The type at `address` if it was found to be one in this census:
@@ -110,9 +125,15 @@ fn read_type<A: AddressSpace>(memory: &mut PageCache<A>, layout: &Layout, addres
         return None;
     }
     let flags = memory.u64(address.wrapping_add(layout.type_flags)).ok()?;
-    if flags & READY == 0 || !BASICSIZE.contains(&memory.u64(address.wrapping_add(layout.type_basicsize)).ok()?) {
+    let basic_size = memory.u64(address.wrapping_add(layout.type_basicsize)).ok()?;
+    if flags & READY == 0 || !BASICSIZE.contains(&basic_size) {
         return None;
     }
+    // tp_itemsize follows tp_basicsize, and tp_alloc is five words after
+    // tp_dict (tp_descr_get, tp_descr_set, tp_dictoffset, tp_init between),
+    // in every version.
+    let item_size = memory.u64(address.wrapping_add(layout.type_basicsize + 8)).ok()?;
+    let alloc = memory.u64(address.wrapping_add(layout.type_dict + 40)).ok()?;
     let name_pointer = memory.u64(address.wrapping_add(layout.type_name)).ok()?;
     let full = c_string(memory, name_pointer)?;
     let short = full.rsplit('.').next().unwrap_or(&full);
@@ -120,7 +141,7 @@ fn read_type<A: AddressSpace>(memory: &mut PageCache<A>, layout: &Layout, addres
         Some(module) if module != "builtins" => format!("{module}.{short}"),
         _ => short.to_owned(),
     };
-    Some(TypeInfo { name, flags, name_pointer })
+    Some(TypeInfo { name, flags, metatype, basic_size, item_size, alloc, name_pointer })
 }
 
 /// A class's `__module__`: the value of the entry of its `tp_dict` whose

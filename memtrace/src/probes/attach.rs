@@ -35,10 +35,14 @@ use aya_obj::{
 };
 use memtrace_common::{
     AllocInfo, AllocKey, CounterSet, KernelConfig, NativeStack, PythonStack, SiteKey, SiteStats, StackKey,
-    TargetConfig, UnwindKey, UnwindRule, map_name,
+    TargetConfig, UnwindKey, UnwindRule, WatchedType, WatchedTypeKey, map_name,
 };
 
-use super::plan::{AttachPoint, Program};
+use super::plan::{AttachPoint, ProbeKind, Program};
+
+/// `BPF_TRACE_UPROBE_SESSION` of Linux 6.13's `enum bpf_attach_type`,
+/// which aya-obj's bindings predate.
+const BPF_TRACE_UPROBE_SESSION: u32 = 57;
 
 /// The kernel side, built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memtrace"));
@@ -128,8 +132,13 @@ impl Tracer {
             }
         }
         for ((program, binary), group) in links {
-            let prog = self.programs.get(&program).ok_or_else(|| anyhow!("program {} not loaded", program.name()))?;
-            let link = link_uprobe_multi(prog.as_raw_fd(), program == Program::AllocReturn, pid, &group)
+            let prog = self.programs.get(&program).ok_or_else(|| match program.kind() {
+                ProbeKind::Session => {
+                    anyhow!("this kernel has no uprobe sessions (Linux 6.13 or later), which --type of a class needs")
+                }
+                _ => anyhow!("program {} not loaded", program.name()),
+            })?;
+            let link = link_uprobe_multi(prog.as_raw_fd(), program.kind(), pid, &group)
                 .with_context(|| format!("cannot attach {} probes to {binary}", program.name()))?;
             self.links.entry(pid).or_default().push(link);
         }
@@ -179,6 +188,29 @@ impl Tracer {
         self.forget_entries::<StackKey, NativeStack>(map_name::NATIVE_STACKS, |k| k.pid == pid)?;
         self.forget_entries::<StackKey, PythonStack>(map_name::PYTHON_STACKS, |k| k.pid == pid)?;
         self.forget_entries::<UnwindKey, UnwindRule>(map_name::UNWIND_RULES, |k| k.pid == pid)?;
+        self.forget_entries::<WatchedTypeKey, WatchedType>(map_name::WATCHED_TYPES, |k| k.pid == pid)?;
+        Ok(())
+    }
+
+    /// `--type`: counts the births of objects of the type at `type_object`
+    /// in `pid`, each `sizes` big.
+    pub fn watch_type(&mut self, pid: u32, type_object: u64, sizes: WatchedType) -> Result<()> {
+        let mut map: HashMap<&mut MapData, WatchedTypeKey, WatchedType> =
+            HashMap::try_from(self.map_mut(map_name::WATCHED_TYPES)?)?;
+        map.insert(WatchedTypeKey { pid, _pad: 0, type_object }, sizes, 0).context("cannot watch the type")
+    }
+
+    /// `--type`: drops the records of births whose objects died, each
+    /// given with its birth time. A record a new birth replaced since (it
+    /// has another time) stays; one replaced between that check and the
+    /// removal, a window of one system call, goes.
+    pub fn forget_births(&mut self, pid: u32, dead: &[(AllocKey, u64)]) -> Result<()> {
+        let mut map: HashMap<&mut MapData, AllocKey, AllocInfo> = HashMap::try_from(self.map_mut(map_name::ALLOCS)?)?;
+        for (key, born_ns) in dead.iter().filter(|(k, _)| k.pid == pid) {
+            if map.get(key, 0).is_ok_and(|info| info.timestamp_ns == *born_ns) {
+                map.remove(key).ok();
+            }
+        }
         Ok(())
     }
 
@@ -239,9 +271,12 @@ fn load_programs(ebpf: &Ebpf, object: &[u8], verbose: bool) -> Result<BTreeMap<P
         let name = program.name();
         let prog = obj.programs.get(name).ok_or_else(|| anyhow!("eBPF object lacks program {name}"))?;
         let function = &obj.functions[&prog.function_key()];
-        let load = |log| load_program(name, function, &license, btf.as_ref(), log);
+        let load = |log| load_program(name, program.kind(), function, &license, btf.as_ref(), log);
         let fd = match load(None) {
             Ok(fd) => fd,
+            // Uprobe sessions came with Linux 6.13; only --type needs one,
+            // and says so when it is missing (see `attach`).
+            Err(_) if program.kind() == ProbeKind::Session => continue,
             Err(io_error) => {
                 if verbose {
                     let mut log = vec![0u8; 16 << 20];
@@ -309,6 +344,7 @@ fn load_btf(obj: &mut aya_obj::Object) -> Result<Option<OwnedFd>> {
 /// verifier's log into `log` when given.
 fn load_program(
     name: &str,
+    kind: ProbeKind,
     function: &aya_obj::Function,
     license: &CString,
     btf: Option<&OwnedFd>,
@@ -322,7 +358,7 @@ fn load_program(
     // SAFETY: writing the prog-load member of the union we zeroed.
     let load = unsafe { &mut attr.__bindgen_anon_3 };
     load.prog_type = bpf_prog_type::BPF_PROG_TYPE_KPROBE as u32;
-    load.expected_attach_type = bpf_attach_type::BPF_TRACE_UPROBE_MULTI as u32;
+    load.expected_attach_type = attach_type(kind);
     load.insns = insns.as_ptr() as u64;
     load.insn_cnt = insns.len() as u32;
     load.license = license.as_ptr() as u64;
@@ -352,7 +388,7 @@ fn load_program(
 
 /// One uprobe_multi link of program `prog` on every point of `group` (one
 /// binary), each with its cookie, in process `pid` only.
-fn link_uprobe_multi(prog: RawFd, is_return: bool, pid: u32, group: &[&AttachPoint]) -> io::Result<OwnedFd> {
+fn link_uprobe_multi(prog: RawFd, kind: ProbeKind, pid: u32, group: &[&AttachPoint]) -> io::Result<OwnedFd> {
     let path = CString::new(group[0].host_path.as_os_str().as_encoded_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path with a NUL byte"))?;
     let offsets: Vec<u64> = group.iter().map(|p| p.file_offset).collect();
@@ -362,16 +398,25 @@ fn link_uprobe_multi(prog: RawFd, is_return: bool, pid: u32, group: &[&AttachPoi
     // SAFETY: writing the link-create member of the union we zeroed.
     let create = unsafe { &mut attr.link_create };
     create.__bindgen_anon_1.prog_fd = prog as u32;
-    create.attach_type = bpf_attach_type::BPF_TRACE_UPROBE_MULTI as u32;
+    create.attach_type = attach_type(kind);
     // SAFETY: writing the uprobe_multi member of the union we zeroed.
     let multi = unsafe { &mut create.__bindgen_anon_3.uprobe_multi };
     multi.path = path.as_ptr() as u64;
     multi.offsets = offsets.as_ptr() as u64;
     multi.cookies = cookies.as_ptr() as u64;
     multi.cnt = offsets.len() as u32;
-    multi.flags = if is_return { BPF_F_UPROBE_MULTI_RETURN } else { 0 };
+    multi.flags = if kind == ProbeKind::Return { BPF_F_UPROBE_MULTI_RETURN } else { 0 };
     multi.pid = pid;
     bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr)
+}
+
+/// A session program is loaded and linked as one; the others as
+/// uprobe_multi programs, entry or return by the link's flag.
+fn attach_type(kind: ProbeKind) -> u32 {
+    match kind {
+        ProbeKind::Session => BPF_TRACE_UPROBE_SESSION,
+        ProbeKind::Entry | ProbeKind::Return => bpf_attach_type::BPF_TRACE_UPROBE_MULTI as u32,
+    }
 }
 
 #[cfg(test)]

@@ -26,11 +26,22 @@ pub enum Program {
     Free,
     NewReference,
     PoolPop,
+    /// `--type`: where a class's instance is allocated (a uprobe session).
+    TypeAlloc,
+    /// `--type` of a built-in type: where an object is born.
+    TypeNewReference,
 }
 
 impl Program {
-    pub const ALL: [Program; 5] =
-        [Program::AllocEntry, Program::AllocReturn, Program::Free, Program::NewReference, Program::PoolPop];
+    pub const ALL: [Program; 7] = [
+        Program::AllocEntry,
+        Program::AllocReturn,
+        Program::Free,
+        Program::NewReference,
+        Program::PoolPop,
+        Program::TypeAlloc,
+        Program::TypeNewReference,
+    ];
 
     /// The BPF program's name in the object file.
     pub fn name(self) -> &'static str {
@@ -40,6 +51,18 @@ impl Program {
             Program::Free => "free_entry",
             Program::NewReference => "new_reference",
             Program::PoolPop => "pool_pop",
+            Program::TypeAlloc => "type_alloc",
+            Program::TypeNewReference => "type_new_reference",
+        }
+    }
+
+    /// How the kernel runs it: at the entry, at the return, or at both as
+    /// a uprobe session whose entry decides whether its return runs.
+    pub fn kind(self) -> ProbeKind {
+        match self {
+            Program::AllocReturn => ProbeKind::Return,
+            Program::TypeAlloc => ProbeKind::Session,
+            _ => ProbeKind::Entry,
         }
     }
 
@@ -51,6 +74,13 @@ impl Program {
             _ => &[Program::AllocReturn, Program::AllocEntry],
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeKind {
+    Entry,
+    Return,
+    Session,
 }
 
 #[derive(Clone, Debug)]

@@ -182,7 +182,7 @@ fn window<const N: usize>(fields: [Option<(u64, u64)>; N]) -> Option<(Window, [u
 /// What to add to the binary's virtual addresses to get the target's: from
 /// any mapping of the file (statics may lie in .bss, which has no file
 /// offset to map).
-fn load_bias(target: &Target, path: &str, elf: &ElfFile) -> Option<u64> {
+pub(crate) fn load_bias(target: &Target, path: &str, elf: &ElfFile) -> Option<u64> {
     target
         .map
         .mappings
