@@ -465,15 +465,36 @@ while True:
     time.sleep(0.25)
 ";
 
+/// Grows by 200 instances of its own class every 0.25 s from one line.
+const CLASS_LEAK: &str = "import sys, time
+class Leak:
+    pass
+keep = []
+print('ready', flush=True)
+while True:
+    keep.extend(Leak() for _ in range(200))  # LEAK
+    time.sleep(0.25)
+";
+
 /// `--escalate`: a process growing for a whole verdict window is traced
 /// for `--window` seconds (exactly, what grows being built-in objects),
 /// its tracemalloc report names the leaking line and what the window cost,
 /// and it is watched on after.
 #[test]
 fn escalate_traces_the_grower_for_a_window_then_watches_it_again() {
+    escalated("exact", "exact tracing of every allocation", BYTES_LEAK);
+}
+
+/// A class of the program's own that grows is traced by its births alone.
+#[test]
+fn escalate_traces_a_growing_class_by_its_births() {
+    escalated("class", "the births of __main__.Leak (--type __main__.Leak)", CLASS_LEAK);
+}
+
+fn escalated(name: &str, tier: &str, script: &str) {
     require_root();
-    let marker = format!("memtrace-host-escalate-{}", std::process::id());
-    let target = host_target_script(&pyenv("3.12.1"), BYTES_LEAK, &marker);
+    let marker = format!("memtrace-host-escalate-{name}-{}", std::process::id());
+    let target = host_target_script(&pyenv("3.12.1"), script, &marker);
     let pattern = format!("{marker}$");
     let (code, stdout, stderr) = run_memtrace(Command::new(memtrace_bin()).args([
         "--all-python",
@@ -492,14 +513,12 @@ fn escalate_traces_the_grower_for_a_window_then_watches_it_again() {
     assert_eq!(code, Some(0), "{stderr}");
     let pid = target.pid();
     assert!(
-        stderr.contains(&format!(
-            "memtrace: pid {pid} has grown for 8 reports: exact tracing of every allocation for 2 s (--escalate)"
-        )),
+        stderr.contains(&format!("memtrace: pid {pid} has grown for 8 reports: {tier} for 2 s (--escalate)")),
         "{stderr}"
     );
     let reports = json_reports(&stdout);
     let window = reports.iter().find(|r| r.pid == pid && r.traced && r.is_final).expect("the window's report");
-    let leak_line = format!("<string>:{}", memtrace_tests::line_of(BYTES_LEAK, "# LEAK"));
+    let leak_line = format!("<string>:{}", memtrace_tests::line_of(script, "# LEAK"));
     assert_eq!(window.rows[0].location, leak_line, "{window:?}");
     assert!(window.rows[0].count > 0, "{:?}", window.rows[0]);
     let note =
