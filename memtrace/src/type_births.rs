@@ -112,7 +112,8 @@ impl TypePlan {
         allocator_points: &[AttachPoint],
     ) -> Result<Self> {
         let pid = target.pid;
-        census.take();
+        let taken = census.take();
+        let incomplete = taken.objects.map(|o| o.incomplete).unwrap_or_default();
         let found = census.types_named(|name| wanted.matches(name));
         let mut names: Vec<&str> = found.iter().map(|(_, info)| info.name.as_str()).collect();
         names.sort_unstable();
@@ -123,6 +124,11 @@ impl TypePlan {
             names.retain(|n| *n == wanted.0);
         }
         let name = match names[..] {
+            [] if !incomplete.is_empty() => bail!(
+                "pid {pid} ({}): no type named {wanted} found, but its census is incomplete ({}): try again",
+                target.comm,
+                incomplete.join("; ")
+            ),
             [] => bail!(
                 "pid {pid} ({}) has no type named {wanted}: none of its objects is of that type and no class of that name is on its GC's lists (names are as its census shows them, e.g. MyObject, mymodule.MyObject, dict)",
                 target.comm

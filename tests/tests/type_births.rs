@@ -11,8 +11,8 @@
 use std::{path::Path, process::Command, time::Duration};
 
 use memtrace_tests::{
-    JsonReport, Memtrace, Target, TempDir, bpf_stats, final_report, line_of, memtrace_bin, pyenv, require_root,
-    run_memtrace, workspace_root,
+    JsonReport, Memtrace, TIMEOUT, Target, TempDir, bpf_stats, final_report, line_of, memtrace_bin, pyenv,
+    require_root, run_memtrace, workspace_root,
 };
 
 /// `Item` created from two lines, `Other` instances and dicts besides, so
@@ -139,7 +139,8 @@ fn a_built_in_type_reused_from_its_free_list() {
 /// The bundled example keeps 500 `Record`s per request forever. It is
 /// stopped while memtrace attaches and while its final census is taken, so
 /// that the census's gain of Records since attach is exactly what was born
-/// since: the leaking line must have every one of them.
+/// since: the leaking line must have every one of them (when the census is
+/// complete; every birth it counted, either way).
 #[test]
 fn the_bundled_examples_leaking_line_with_its_exact_count() {
     require_root();
@@ -149,10 +150,23 @@ fn the_bundled_examples_leaking_line_with_its_exact_count() {
     for python in interpreters() {
         let target = Target::spawn(Command::new(&python).arg(&example));
         let pid = target.pid() as i32;
-        std::thread::sleep(Duration::from_millis(500));
-        stop(pid);
-        let memtrace =
-            Memtrace::attach(&["--pid", &pid.to_string(), "--type", "Record", "--interval", "600", "--format", "json"]);
+        let args =
+            ["--pid", &pid.to_string(), "--type", "Record", "--interval", "600", "--format", "json"].map(String::from);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        // Stopped inside a collection, its GC lists do not add up and
+        // memtrace cannot look the class up: it is let run a little more.
+        let memtrace = (0..10)
+            .find_map(|_| {
+                std::thread::sleep(Duration::from_millis(500));
+                stop(pid);
+                let attached = Memtrace::try_attach(&memtrace_bin(), &args, TIMEOUT);
+                if attached.is_err() {
+                    // SAFETY: kill(2) on the target's own pid.
+                    unsafe { libc::kill(pid, libc::SIGCONT) };
+                }
+                attached.ok()
+            })
+            .expect("memtrace attached");
         // SAFETY: kill(2) on the target's own pid.
         unsafe { libc::kill(pid, libc::SIGCONT) };
         std::thread::sleep(Duration::from_millis(1500));
@@ -164,8 +178,16 @@ fn the_bundled_examples_leaking_line_with_its_exact_count() {
         let census = report.census.as_ref().expect("a census");
         let gained = census.types.iter().find(|t| t.name == "__main__.Record").expect("Record in the census").change;
         let at = python.display();
-        assert!(gained >= 1000, "{at}: the example ran: {gained} Records");
-        assert_eq!(count_at(&report, &leak) as i64, gained, "{at}: {report:?}");
+        let count = count_at(&report, &leak);
+        assert!(count >= 1000, "{at}: the example ran: {count} Records");
+        // Every Record the example makes is kept.
+        assert_eq!(count, report.allocated.count, "{at}: {report:?}");
+        // Stopped inside a collection, the process's lists do not add up
+        // and the census says so: it then proves no death, and its count
+        // falls short.
+        if census.incomplete.is_empty() {
+            assert_eq!(count as i64, gained, "{at}: {report:?}");
+        }
         assert_eq!(report.rows.len(), 1, "{at}: only the leaking line: {report:?}");
         drop(target);
     }
