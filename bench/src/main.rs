@@ -23,6 +23,7 @@
 
 mod census;
 mod harness;
+mod program_stats;
 mod report;
 mod service;
 mod setup;
