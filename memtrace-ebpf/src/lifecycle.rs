@@ -17,7 +17,7 @@ use aya_ebpf::{
 };
 use memtrace_common::{ProcessEvent, counter};
 
-use crate::maps::{KERNEL_CONFIG, PROCESS_EVENTS, TARGETS, count};
+use crate::maps::{ACTIVE, KERNEL_CONFIG, PROCESS_EVENTS, TARGETS, count};
 
 /// include/uapi/linux/sched.h.
 const CLONE_VM: u64 = 0x100;
@@ -56,6 +56,9 @@ pub fn sched_process_exec(_ctx: RawTracePointContext) -> u32 {
     }
     // Failing is harmless: the entry is then already gone.
     let _ = TARGETS.remove(&pid);
+    // The one thread left (it has the process's pid as its tid) must not
+    // carry the old image's thread state into the new one's frame walks.
+    let _ = ACTIVE.remove(&pid);
     announce(ProcessEvent::EXEC, pid, 0);
     0
 }
