@@ -282,11 +282,8 @@ fn record_at_site(
     at_return: bool,
     tstate: &mut u64,
 ) -> bool {
-    site.python_stack = if target.python_frames > 0 {
-        python_stack(site.pid, &target.python, target.python_frames, tstate)
-    } else {
-        0
-    };
+    site.python_stack =
+        if target.python_frames > 0 { python_stack(site.pid, &target.python, target.python_frames, tstate) } else { 0 };
     match record_alloc(block, size, site) {
         Recorded::Untracked => false,
         Recorded::AtNewSite if target.copy_stacks != 0 => {
