@@ -131,9 +131,12 @@ pub struct WalkState {
 
 /// The innermost frame of thread state `tstate` if it is the thread state
 /// of thread `me`: its thread id and its first pointer towards the frame
-/// copied with one read where they lie close enough, as they do in every
-/// layout memtrace knows. None when it is not `me`'s (the thread state
-/// was freed, or reused by another thread), or cannot be read.
+/// copied with one read (they lie within TSTATE_WINDOW of each other in
+/// every layout memtrace knows; where they did not, every walk would take
+/// the long way). None when it is not `me`'s (the thread state was freed,
+/// or reused by another thread), or cannot be read. A thread that keeps
+/// two thread states (an embedder swapping them) is walked in the one it
+/// last ran Python in, which only the long way would notice.
 fn own_frame(walk: &PythonWalk, tstate: u64, me: u64, buf: &mut [u8; TSTATE_WINDOW]) -> Option<u64> {
     let first = *walk.frame_chain.first()?;
     if walk.frame_chain_len == 0 {
