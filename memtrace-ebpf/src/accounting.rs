@@ -53,18 +53,19 @@ pub fn record_alloc(addr: u64, size: u64, site: SiteKey) -> Recorded {
     added
 }
 
-pub fn is_tracked(pid: u32, addr: u64) -> bool {
-    // SAFETY: only checks presence.
-    unsafe { ALLOCS.get(&AllocKey { pid, _pad: 0, addr }) }.is_some()
+/// The record of the live block at `addr`, if it is tracked. The record
+/// stays where it is while the thread that is using the block holds it:
+/// no other thread can free the block meanwhile.
+pub fn tracked(pid: u32, addr: u64) -> Option<*mut AllocInfo> {
+    ALLOCS.get_ptr_mut(&AllocKey { pid, _pad: 0, addr })
 }
 
-/// Hands the live block at `addr` to the site with Python stack
-/// `python_stack` (same caller and native stack): its outstanding bytes
-/// follow it, its allocation stays counted where it was made. Returns the
-/// site when it is a new one.
-pub fn move_block(pid: u32, addr: u64, python_stack: u64) -> Option<SiteKey> {
-    let info = ALLOCS.get_ptr_mut(&AllocKey { pid, _pad: 0, addr })?;
-    // SAFETY: `info` points into the block's ALLOCS value.
+/// Hands the live block whose record is `info` (from [`tracked`]) to the
+/// site with Python stack `python_stack` (same caller and native stack):
+/// its outstanding bytes follow it, its allocation stays counted where it
+/// was made. Returns the site when it is a new one.
+pub fn move_block(info: *mut AllocInfo, python_stack: u64) -> Option<SiteKey> {
+    // SAFETY: `info` points into the block's ALLOCS value (see `tracked`).
     let info = unsafe { &mut *info };
     let old = info.site;
     if old.python_stack == python_stack {

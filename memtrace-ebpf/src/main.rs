@@ -28,7 +28,7 @@ use aya_ebpf::{
 use memtrace_common::{NO_ARG, PendingCall, ProbeCookie, Reg, SiteKey, TargetConfig, counter, layer, op};
 
 use crate::{
-    accounting::{Recorded, is_tracked, move_block, record_alloc, record_free, restore},
+    accounting::{Recorded, move_block, record_alloc, record_free, restore, tracked},
     maps::{ACTIVE, TARGETS, count},
     python::python_stack,
     stacks::{copy_stack, native_stack},
@@ -403,9 +403,9 @@ pub fn new_reference(ctx: ProbeContext) -> u32 {
         }
     }
     let Some(block) = python::object_block(&target.python, object) else { return 0 };
-    if !is_tracked(pid, block) {
+    let Some(info) = tracked(pid, block) else {
         return 0; // allocated before attach, or never seen: nothing to move
-    }
+    };
     // SAFETY: this thread's own ACTIVE entry.
     let mut tstate = thread.map_or(0, |last| unsafe { (*last).tstate });
     let stack = python_stack(pid, &target.python, target.python_frames, &mut tstate);
@@ -414,7 +414,7 @@ pub fn new_reference(ctx: ProbeContext) -> u32 {
         unsafe { (*last).tstate = tstate };
     }
     if stack != 0
-        && let Some(site) = move_block(pid, block, stack)
+        && let Some(site) = move_block(info, stack)
         && target.copy_stacks != 0
     {
         copy_stack(ctx.regs, false, &site);
