@@ -15,6 +15,7 @@ use anyhow::{Context as _, Result, bail};
 use memtrace_tests::{JsonReport, Line, Memtrace, Target, Tracer, free_port};
 
 use crate::{
+    program_stats::{Counting, RunTime},
     service,
     setup::{Setup, attached_probes, probe_count},
     workload::{Kind, RUN_TIMEOUT, Workload, start_workload},
@@ -193,11 +194,17 @@ pub struct Samples {
     pub hits: BTreeMap<String, Vec<u64>>,
     pub total_hits: Vec<u64>,
     pub censuses: Vec<u64>,
+    /// The tracer's BPF programs over the timed part, by program name
+    /// (configurations on memtrace's probes only).
+    pub programs: BTreeMap<String, Vec<RunTime>>,
 }
 
 impl Samples {
-    fn add(&mut self, seconds: f64, measured: Measured) {
+    fn add(&mut self, seconds: f64, measured: Measured, programs: BTreeMap<String, RunTime>) {
         self.seconds.push(seconds);
+        for (name, time) in programs {
+            self.programs.entry(name).or_default().push(time);
+        }
         match measured {
             Measured::Nothing => {}
             Measured::Memtrace(c) => {
@@ -226,7 +233,7 @@ pub fn run(setup: &Setup, workloads: &[Workload], repeat: u64) -> Result<Vec<Vec
         for (workload, samples) in workloads.iter().zip(&mut samples) {
             for (&config, samples) in workload.configs.iter().zip(samples) {
                 let run_start = Instant::now();
-                let (seconds, measured) = run_once(setup, workload, config)
+                let (seconds, measured, programs) = run_once(setup, workload, config)
                     .with_context(|| format!("{} workload, {}", workload.name, config.label()))?;
                 eprintln!(
                     "bench: round {round}/{repeat}: {} / {}: {seconds:.3} s (the run took {:.1} s)",
@@ -234,7 +241,7 @@ pub fn run(setup: &Setup, workloads: &[Workload], repeat: u64) -> Result<Vec<Vec
                     config.label(),
                     run_start.elapsed().as_secs_f64()
                 );
-                samples.add(seconds, measured);
+                samples.add(seconds, measured, programs);
             }
         }
         let per_round = start.elapsed().as_secs_f64() / round as f64;
@@ -256,7 +263,7 @@ enum Attached {
     Type(Memtrace),
 }
 
-fn run_once(setup: &Setup, workload: &Workload, config: Config) -> Result<(f64, Measured)> {
+fn run_once(setup: &Setup, workload: &Workload, config: Config) -> Result<(f64, Measured, BTreeMap<String, RunTime>)> {
     let size = workload.size * config.span();
     let port = free_port();
     let mut cmd = interpreter(setup, config);
@@ -295,10 +302,18 @@ fn run_once(setup: &Setup, workload: &Workload, config: Config) -> Result<(f64, 
         }
         Config::Untraced | Config::CensusBaseline | Config::Tracemalloc | Config::Memray { .. } => None,
     };
+    // Kept on the floor's runs as well as memtrace's: the statistics add
+    // the same clock reads to every program run, the floor's included.
+    let counting = match &attached {
+        Some(Attached::Memtrace(memtrace)) => Some(Counting::start(memtrace.pid())?),
+        Some(Attached::Floor(bpftrace)) => Some(Counting::start(bpftrace.pid())?),
+        Some(Attached::Census(_) | Attached::Type(_)) | None => None,
+    };
     let seconds = match workload.kind {
         Kind::Flask => service::time_requests(port, size)?,
         Kind::Micro { .. } | Kind::Pyperformance => timed_loop(&mut target)?,
     };
+    let programs = counting.map(Counting::finish).transpose()?.unwrap_or_default();
     let measured = match attached {
         None => Measured::Nothing,
         Some(Attached::Memtrace(memtrace)) => {
@@ -315,7 +330,7 @@ fn run_once(setup: &Setup, workload: &Workload, config: Config) -> Result<(f64, 
     if !status.success() {
         bail!("the workload failed after its timed part: {status}");
     }
-    Ok((seconds / config.span() as f64, measured))
+    Ok((seconds / config.span() as f64, measured, programs))
 }
 
 /// The interpreter as `config` runs it: the venv's python (the benchmarked

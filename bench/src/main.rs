@@ -26,6 +26,7 @@
 mod census;
 mod harness;
 mod host;
+mod program_stats;
 mod report;
 mod service;
 mod setup;

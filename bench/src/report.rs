@@ -13,6 +13,7 @@ use crate::{
     harness::{CENSUS_INTERVAL, CENSUS_SPAN, Config, Samples},
     host::HostCost,
     output,
+    program_stats::RunTime,
     setup::{AttachPoint, CALIBRATION_SECONDS, Setup},
     workload::{DEEP_DEPTH, Group, Kind, Workload},
 };
@@ -209,6 +210,17 @@ fn micro(runs: &[Measures], points: &[AttachPoint]) -> String {
             &rows,
         );
         out.push('\n');
+        let tracers: Vec<(Config, &Samples)> =
+            run.workload.configs.iter().zip(run.samples).filter(|(c, _)| c.on_probes()).map(|(&c, s)| (c, s)).collect();
+        if !tracers.is_empty() {
+            let _ = writeln!(
+                out,
+                "Inside the kernel ({} workload): each BPF program's run time, from the kernel's statistics.\n",
+                run.workload.name
+            );
+            out += &program_table(&tracers, hits);
+            out.push('\n');
+        }
     }
     let floors: Vec<(&Measures, &Samples)> = runs.iter().filter_map(|r| Some((r, r.of(Config::Floor)?))).collect();
     if floors.is_empty() {
@@ -336,7 +348,37 @@ fn pyperformance(runs: &[Measures]) -> String {
     rows.push(summary);
     let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
     let _ = write!(out, "\n### What the probes cost\n\n{}", table(&headers, &rows));
+    let _ = write!(
+        out,
+        "\n### Inside the kernel, over the subset\n\nEach BPF program's run time per run of it, from the kernel's statistics, every benchmark's runs together; ns / probe hit over the subset's probe hits.\n\n{}",
+        subset_programs(runs)
+    );
     out
+}
+
+/// Every tracer's programs summed over the subset's benchmarks, round by
+/// round, as one table.
+fn subset_programs(runs: &[Measures]) -> String {
+    let mut tracers = Vec::new();
+    for config in configs_run(runs).into_iter().filter(|c| c.on_probes()) {
+        let mut total = Samples::default();
+        let rounds = runs.iter().filter_map(|r| Some(r.of(config)?.seconds.len())).min().unwrap_or(0);
+        total.seconds = vec![0.0; rounds];
+        for run in runs {
+            let Some(samples) = run.of(config) else { continue };
+            for (name, times) in &samples.programs {
+                let sum = total.programs.entry(name.clone()).or_insert_with(|| vec![RunTime::default(); rounds]);
+                for (s, t) in sum.iter_mut().zip(times) {
+                    s.ns += t.ns;
+                    s.runs += t.runs;
+                }
+            }
+        }
+        tracers.push((config, total));
+    }
+    let hits: f64 = runs.iter().filter_map(|r| r.hits()).sum();
+    let tracers: Vec<(Config, &Samples)> = tracers.iter().map(|(c, s)| (*c, s)).collect();
+    program_table(&tracers, Some(hits))
 }
 
 /// The web service: requests per second under each configuration.
@@ -362,6 +404,58 @@ fn flask(runs: &[Measures]) -> String {
         );
     }
     out
+}
+
+/// The median of a program's per-run totals: runs, and ns per run.
+fn program_medians(times: &[RunTime]) -> (Option<f64>, Option<f64>) {
+    let runs: Vec<u64> = times.iter().map(|t| t.runs).collect();
+    let per_run: Vec<f64> = times.iter().filter(|t| t.runs > 0).map(|t| t.ns as f64 / t.runs as f64).collect();
+    (median_count(&runs), median(&per_run))
+}
+
+/// Every tracer's programs over `hits` probe hits per run (the floor's
+/// count): how often each ran, its ns per run and per probe hit, and all
+/// of a tracer's programs together. memtrace's ns per hit over the
+/// floor's is, to the extent that the 2 cores do not contend, its
+/// programs' ns per hit over the floor's programs'.
+fn program_table(tracers: &[(Config, &Samples)], hits: Option<f64>) -> String {
+    let mut rows = Vec::new();
+    for &(config, samples) in tracers {
+        let per_hit = |ns: f64| hits.filter(|&h| h > 0.0).map(|h| ns / h);
+        // The floor's programs are bpftrace's, one per probe, named after
+        // it by bpftrace: only their sum says something.
+        let programs = samples.programs.iter().filter(|_| config != Config::Floor);
+        for (name, times) in programs {
+            let (runs, ns_per_run) = program_medians(times);
+            if runs.is_none_or(|r| r == 0.0) {
+                continue;
+            }
+            let ns: Vec<u64> = times.iter().map(|t| t.ns).collect();
+            rows.push(vec![
+                config.column(),
+                name.clone(),
+                cell(runs, |r| format!("{r:.0}")),
+                cell(ns_per_run, |ns| format!("{ns:.0}")),
+                cell(median_count(&ns).and_then(per_hit), |ns| format!("{ns:.0}")),
+            ]);
+        }
+        let round_ns: Vec<u64> = (0..samples.seconds.len())
+            .map(|i| samples.programs.values().filter_map(|t| t.get(i)).map(|t| t.ns).sum())
+            .collect();
+        let round_runs: Vec<u64> = (0..samples.seconds.len())
+            .map(|i| samples.programs.values().filter_map(|t| t.get(i)).map(|t| t.runs).sum())
+            .collect();
+        let all: Vec<RunTime> = round_ns.iter().zip(&round_runs).map(|(&ns, &runs)| RunTime { ns, runs }).collect();
+        let (runs, ns_per_run) = program_medians(&all);
+        rows.push(vec![
+            config.column(),
+            "all programs".into(),
+            cell(runs, |r| format!("{r:.0}")),
+            cell(ns_per_run, |ns| format!("{ns:.0}")),
+            cell(median_count(&round_ns).and_then(per_hit), |ns| format!("{ns:.0}")),
+        ]);
+    }
+    table(&["configuration", "program", "runs / run", "ns / run", "ns / probe hit"], &rows)
 }
 
 /// A run's values, smallest to largest: `min–max`.

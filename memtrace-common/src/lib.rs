@@ -173,6 +173,11 @@ pub struct PendingCall {
     /// the block is still live and this record is put back.
     pub replaced: AllocInfo,
     pub has_replaced: u64,
+    /// The thread's Python thread state as the last frame walk found it, 0
+    /// before one: checked first, it spares the walk the search through
+    /// the interpreter's structures. It outlives the calls, which write
+    /// the other fields in place.
+    pub tstate: u64,
 }
 
 /// A live allocation: (process, address).

@@ -21,42 +21,51 @@ pub enum Recorded {
 /// `site`.
 pub fn record_alloc(addr: u64, size: u64, site: SiteKey) -> Recorded {
     let key = AllocKey { pid: site.pid, _pad: 0, addr };
-    // SAFETY: the value is copied out before the map can change it.
-    if let Some(old) = unsafe { ALLOCS.get(&key) }.copied() {
-        // The block was released by a path no probe sees (or before a probe
-        // was attached); it cannot be live twice.
-        count(counter::MISSED_FREE);
-        site_sub(&old.site, old.size);
+    // SAFETY: a helper without arguments.
+    let info = AllocInfo { size, timestamp_ns: unsafe { bpf_ktime_get_ns() }, site };
+    // Inserted only if new, rather than looked up first: a block is almost
+    // always new, and the insert looks for the key anyway.
+    match ALLOCS.insert(&key, &info, BPF_NOEXIST as u64) {
+        Ok(()) => {}
+        Err(e) if e == -EEXIST => {
+            let Some(old) = ALLOCS.get_ptr_mut(&key) else { return Recorded::Untracked };
+            // The block was released by a path no probe sees (or before a
+            // probe was attached); it cannot be live twice.
+            // SAFETY: `old` points into the block's ALLOCS value.
+            let old = unsafe { core::mem::replace(&mut *old, info) };
+            count(counter::MISSED_FREE);
+            site_sub(&old.site, old.size);
+        }
+        Err(_) => {
+            // Untracked blocks must not stay outstanding: their frees would
+            // never be matched and they would look like leaks.
+            count(counter::ALLOC_MAP_FULL);
+            return Recorded::Untracked;
+        }
     }
     let added = site_add(&site, size, true);
     if added == Recorded::Untracked {
+        // A record without a site would subtract from none when freed.
+        let _ = ALLOCS.remove(&key);
         return added;
-    }
-    // SAFETY: a helper without arguments.
-    let info = AllocInfo { size, timestamp_ns: unsafe { bpf_ktime_get_ns() }, site };
-    if ALLOCS.insert(&key, &info, 0).is_err() {
-        // Untracked blocks must not stay outstanding: their frees would
-        // never be matched and they would look like leaks.
-        count(counter::ALLOC_MAP_FULL);
-        site_sub(&site, size);
-        return Recorded::Untracked;
     }
     count(counter::ALLOCS_SEEN + site.layer);
     added
 }
 
-pub fn is_tracked(pid: u32, addr: u64) -> bool {
-    // SAFETY: only checks presence.
-    unsafe { ALLOCS.get(&AllocKey { pid, _pad: 0, addr }) }.is_some()
+/// The record of the live block at `addr`, if it is tracked. The record
+/// stays where it is while the thread that is using the block holds it:
+/// no other thread can free the block meanwhile.
+pub fn tracked(pid: u32, addr: u64) -> Option<*mut AllocInfo> {
+    ALLOCS.get_ptr_mut(&AllocKey { pid, _pad: 0, addr })
 }
 
-/// Hands the live block at `addr` to the site with Python stack
-/// `python_stack` (same caller and native stack): its outstanding bytes
-/// follow it, its allocation stays counted where it was made. Returns the
-/// site when it is a new one.
-pub fn move_block(pid: u32, addr: u64, python_stack: u64) -> Option<SiteKey> {
-    let info = ALLOCS.get_ptr_mut(&AllocKey { pid, _pad: 0, addr })?;
-    // SAFETY: `info` points into the block's ALLOCS value.
+/// Hands the live block whose record is `info` (from [`tracked`]) to the
+/// site with Python stack `python_stack` (same caller and native stack):
+/// its outstanding bytes follow it, its allocation stays counted where it
+/// was made. Returns the site when it is a new one.
+pub fn move_block(info: *mut AllocInfo, python_stack: u64) -> Option<SiteKey> {
+    // SAFETY: `info` points into the block's ALLOCS value (see `tracked`).
     let info = unsafe { &mut *info };
     let old = info.site;
     if old.python_stack == python_stack {

@@ -26,7 +26,7 @@ use aya_ebpf::{
 };
 use memtrace_common::{PROCESS_ARGS_MAX, ProcessEvent, counter};
 
-use crate::maps::{KERNEL_CONFIG, PROCESS_EVENTS, TARGETS, count};
+use crate::maps::{ACTIVE, KERNEL_CONFIG, PROCESS_EVENTS, TARGETS, count};
 
 /// The read tried when a full one faults (see `read_args`).
 const SHORT_ARGS: usize = 64;
@@ -91,6 +91,9 @@ pub fn sched_process_exec(ctx: RawTracePointContext) -> u32 {
     } else if !every_process() {
         return 0;
     }
+    // The one thread left (it has the process's pid as its tid) must not
+    // carry the old image's thread state into the new one's frame walks.
+    let _ = ACTIVE.remove(&pid);
     announce(ProcessEvent::EXEC, pid, 0, ctx.arg::<u64>(0));
     0
 }

@@ -29,7 +29,7 @@ use aya_ebpf::{
 use memtrace_common::{NO_ARG, PendingCall, ProbeCookie, Reg, SiteKey, TargetConfig, counter, layer, op};
 
 use crate::{
-    accounting::{Recorded, is_tracked, move_block, record_alloc, record_free, restore},
+    accounting::{Recorded, move_block, record_alloc, record_free, restore, tracked},
     maps::{ACTIVE, TARGETS, count},
     python::python_stack,
     stacks::{copy_stack, native_stack},
@@ -128,13 +128,15 @@ fn saturating_mul(a: u64, b: u64) -> u64 {
     }
 }
 
-/// (tgid, tid) of the current thread when its process is traced.
-fn traced_thread() -> Option<(u32, u32)> {
+/// (tgid, tid) of the current thread and its process's configuration,
+/// when the process is traced: the one TARGETS lookup of a program run.
+fn traced_thread() -> Option<(u32, u32, &'static TargetConfig)> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let pid = (pid_tgid >> 32) as u32;
-    // SAFETY: only checks presence; the value is not kept.
-    unsafe { TARGETS.get(&pid) }?;
-    Some((pid, pid_tgid as u32))
+    // SAFETY: the map value outlives this program run, which is as long
+    // as the reference is used.
+    let target = unsafe { TARGETS.get(&pid) }?;
+    Some((pid, pid_tgid as u32, target))
 }
 
 fn cookie<C: EbpfContext>(ctx: &C) -> (u64, ProbeCookie) {
@@ -145,9 +147,10 @@ fn cookie<C: EbpfContext>(ctx: &C) -> (u64, ProbeCookie) {
 
 #[uprobe]
 pub fn alloc_entry(ctx: ProbeContext) -> u32 {
-    let Some((pid, tid)) = traced_thread() else { return 0 };
+    let Some((pid, tid, _)) = traced_thread() else { return 0 };
     let (raw, cookie) = cookie(&ctx);
-    if let Some(outer) = ACTIVE.get_ptr_mut(&tid) {
+    let thread = ACTIVE.get_ptr_mut(&tid);
+    if let Some(outer) = thread {
         // SAFETY: `outer` points into this thread's ACTIVE entry.
         let outer = unsafe { &mut *outer };
         if outer.done == 0 {
@@ -190,13 +193,21 @@ pub fn alloc_entry(ctx: ProbeContext) -> u32 {
         }
         _ => {}
     }
-    let _ = ACTIVE.insert(&tid, &call, 0);
+    match thread {
+        // Written in place: a thread keeps its entry from one call to the
+        // next, and an LRU insert would take a fresh element every time.
+        // SAFETY: this thread's own ACTIVE entry.
+        Some(entry) => unsafe { *entry = PendingCall { tstate: (*entry).tstate, ..call } },
+        None => {
+            let _ = ACTIVE.insert(&tid, &call, 0);
+        }
+    }
     0
 }
 
 #[uretprobe]
 pub fn alloc_return(ctx: RetProbeContext) -> u32 {
-    let Some((pid, tid)) = traced_thread() else { return 0 };
+    let Some((pid, tid, target)) = traced_thread() else { return 0 };
     let (_, cookie) = cookie(&ctx);
     let Some(pending) = ACTIVE.get_ptr_mut(&tid) else { return 0 };
     // SAFETY: `pending` points into this thread's ACTIVE entry, which only
@@ -234,8 +245,6 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
         }
         return 0;
     }
-    // SAFETY: the map value outlives this program run.
-    let Some(target) = (unsafe { TARGETS.get(&pid) }) else { return 0 };
     let size =
         if cookie.op == op::POOL_NEW { python::pool_block_size(&target.python, addr).unwrap_or(0) } else { size };
     if size < target.min_size || size > target.max_size {
@@ -252,17 +261,18 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
         native_stack: if target.native_frames > 1 { native_stack(pid, ctx.regs, target.native_frames) } else { 0 },
         python_stack: 0,
     };
-    if !record_at_site(ctx.regs, target, site, addr, size, true) {
+    if !record_at_site(ctx.regs, target, site, addr, size, true, &mut pending.tstate) {
         return 0;
     }
     pending.block = addr;
+    pending.size = size;
     0
 }
 
 /// Records `block` as a `size`-byte allocation at `site` with the current
 /// Python stack, and copies a new site's native stack for --native
-/// (`at_return`: the probe is a return probe). False when the block could
-/// not be tracked.
+/// (`at_return`: the probe is a return probe). `tstate` is the thread's
+/// `PendingCall::tstate`. False when the block could not be tracked.
 #[inline(always)]
 fn record_at_site(
     regs: *const pt_regs,
@@ -271,9 +281,10 @@ fn record_at_site(
     block: u64,
     size: u64,
     at_return: bool,
+    tstate: &mut u64,
 ) -> bool {
     site.python_stack =
-        if target.python_frames > 0 { python_stack(site.pid, &target.python, target.python_frames) } else { 0 };
+        if target.python_frames > 0 { python_stack(site.pid, &target.python, target.python_frames, tstate) } else { 0 };
     match record_alloc(block, size, site) {
         Recorded::Untracked => false,
         Recorded::AtNewSite if target.copy_stacks != 0 => {
@@ -286,17 +297,20 @@ fn record_at_site(
 
 #[uprobe]
 pub fn free_entry(ctx: ProbeContext) -> u32 {
-    let Some((pid, tid)) = traced_thread() else { return 0 };
-    // SAFETY: the value is read at once, before the map can change it.
-    if unsafe { ACTIVE.get(&tid) }.is_some_and(|call| call.done == 0) {
-        return 0; // released by an allocator call in progress (realloc)
-    }
+    let Some((pid, tid, _)) = traced_thread() else { return 0 };
     let (_, cookie) = cookie(&ctx);
     let addr = Regs::read(ctx.regs).get(cookie.ptr_reg);
     if addr == 0 {
         return 0;
     }
+    // A block a call in progress releases (realloc's old block) was
+    // already forgotten at the call's entry, so the thread's state is only
+    // looked at for a block that is not known.
     let known = record_free(pid, addr).is_some();
+    // SAFETY: the value is read at once, before the map can change it.
+    if !known && unsafe { ACTIVE.get(&tid) }.is_some_and(|call| call.done == 0) {
+        return 0; // released by an allocator call in progress (realloc)
+    }
     let Some(last_upper) = LAST_UPPER_FREE.get_ptr_mut(0) else { return 0 };
     // SAFETY: this CPU's slot of LAST_UPPER_FREE, alive for the program's
     // run; a preempting program would only make UNKNOWN_FREE miscount.
@@ -316,16 +330,14 @@ pub fn free_entry(ctx: ProbeContext) -> u32 {
 /// an allocation that no function call shows.
 #[uprobe]
 pub fn pool_pop(ctx: ProbeContext) -> u32 {
-    let Some((pid, tid)) = traced_thread() else { return 0 };
-    let mut thread = ACTIVE.get_ptr_mut(&tid);
+    let Some((pid, tid, target)) = traced_thread() else { return 0 };
+    let thread = ACTIVE.get_ptr_mut(&tid);
     if let Some(call) = thread {
         // SAFETY: this thread's own ACTIVE entry.
         if unsafe { (*call).done } == 0 {
             return 0; // inside an allocator call that counts itself
         }
     }
-    // SAFETY: the map value outlives this program run.
-    let Some(target) = (unsafe { TARGETS.get(&pid) }) else { return 0 };
     let (_, cookie) = cookie(&ctx);
     let regs = Regs::read(ctx.regs);
     let Some((block, class_size)) = python::pool_pop(&target.python, regs.get(cookie.ptr_reg)) else { return 0 };
@@ -346,13 +358,15 @@ pub fn pool_pop(ctx: ProbeContext) -> u32 {
         native_stack: if target.native_frames > 1 { native_stack(pid, ctx.regs, target.native_frames) } else { 0 },
         python_stack: 0,
     };
-    if !record_at_site(ctx.regs, target, site, block, size, false) {
+    // SAFETY: this thread's own ACTIVE entry.
+    let mut tstate = thread.map_or(0, |call| unsafe { (*call).tstate });
+    if !record_at_site(ctx.regs, target, site, block, size, false, &mut tstate) {
         return 0;
     }
     // The thread's last allocation, for new_reference to tell fresh
     // objects from reused ones.
-    let done = PendingCall { done: 1, block, ..PendingCall::default() };
-    match thread.take() {
+    let done = PendingCall { done: 1, block, size, tstate, ..PendingCall::default() };
+    match thread {
         // SAFETY: this thread's own ACTIVE entry.
         Some(call) => unsafe { *call = done },
         None => {
@@ -368,9 +382,7 @@ pub fn pool_pop(ctx: ProbeContext) -> u32 {
 /// the code creating the object rather than to whoever allocated it first.
 #[uprobe]
 pub fn new_reference(ctx: ProbeContext) -> u32 {
-    let Some((pid, tid)) = traced_thread() else { return 0 };
-    // SAFETY: the map value outlives this program run.
-    let Some(target) = (unsafe { TARGETS.get(&pid) }) else { return 0 };
+    let Some((pid, tid, target)) = traced_thread() else { return 0 };
     if target.python_frames == 0 {
         return 0;
     }
@@ -378,21 +390,32 @@ pub fn new_reference(ctx: ProbeContext) -> u32 {
     // an inlined copy.
     let (_, cookie) = cookie(&ctx);
     let object = Regs::read(ctx.regs).get(cookie.ptr_reg);
-    let Some(block) = python::object_block(&target.python, object) else { return 0 };
-    if let Some(last) = ACTIVE.get_ptr_mut(&tid) {
+    let thread = ACTIVE.get_ptr_mut(&tid);
+    if let Some(last) = thread {
         // SAFETY: this thread's own ACTIVE entry.
         let last = unsafe { &mut *last };
-        if last.done != 0 && last.block == block {
-            last.block = 0; // the first object born in a new block: fresh
+        // The first object born inside the block its thread just
+        // allocated is fresh. Told without reading the object's type: an
+        // object lies inside its own block (after its headers), and
+        // blocks do not overlap.
+        if last.done != 0 && last.block != 0 && object.wrapping_sub(last.block) < last.size {
+            last.block = 0;
             return 0;
         }
     }
-    if !is_tracked(pid, block) {
+    let Some(block) = python::object_block(&target.python, object) else { return 0 };
+    let Some(info) = tracked(pid, block) else {
         return 0; // allocated before attach, or never seen: nothing to move
+    };
+    // SAFETY: this thread's own ACTIVE entry.
+    let mut tstate = thread.map_or(0, |last| unsafe { (*last).tstate });
+    let stack = python_stack(pid, &target.python, target.python_frames, &mut tstate);
+    if let Some(last) = thread {
+        // SAFETY: as above.
+        unsafe { (*last).tstate = tstate };
     }
-    let stack = python_stack(pid, &target.python, target.python_frames);
     if stack != 0
-        && let Some(site) = move_block(pid, block, stack)
+        && let Some(site) = move_block(info, stack)
         && target.copy_stacks != 0
     {
         copy_stack(ctx.regs, false, &site);

@@ -61,12 +61,11 @@ fn follow(mut p: u64, offsets: &[u64], len: u64) -> Result<u64, ()> {
 const MAX_THREADS: u32 = 128;
 
 /// The current thread's thread state, 0 if it runs no Python. Usually it
-/// holds the GIL (one read finds it); a thread in a C call that released
-/// the GIL (ctypes, I/O) is found along the interpreter's thread list. A
-/// thread is matched by its thread id, which is its thread pointer: any
-/// other thread's frames would be the wrong ones to blame.
-fn current_tstate(walk: &PythonWalk) -> u64 {
-    let me = current_thread_pointer();
+/// holds the GIL (one chain of reads finds it); a thread in a C call that
+/// released the GIL (ctypes, I/O) is found along the interpreter's thread
+/// list. A thread is matched by its thread id `me`, which is its thread
+/// pointer: any other thread's frames would be the wrong ones to blame.
+fn current_tstate(walk: &PythonWalk, me: u64) -> u64 {
     if let Ok(holder) = follow(walk.runtime, &walk.tstate_chain, walk.tstate_chain_len)
         && holder != 0
         && read::<u64>(holder + walk.tstate_thread_id) == Ok(me)
@@ -112,6 +111,10 @@ extern "C" fn find_thread_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 
     0
 }
 
+/// Thread state bytes read at once: from the thread id to the first step
+/// towards the innermost frame, or the other way round, in every layout.
+const TSTATE_WINDOW: usize = 256;
+
 /// The walk between `bpf_loop` steps. It lives in a per-CPU map value, not
 /// on the BPF stack: a PythonStack does not fit in 512 bytes, and a map
 /// value is reachable from the step callback without pointer juggling.
@@ -123,6 +126,40 @@ pub struct WalkState {
     stack: PythonStack,
     frame_bytes: [u8; WINDOW_MAX],
     code_bytes: [u8; WINDOW_MAX],
+    tstate_bytes: [u8; TSTATE_WINDOW],
+}
+
+/// The innermost frame of thread state `tstate` if it is the thread state
+/// of thread `me`: its thread id and its first pointer towards the frame
+/// copied with one read (they lie within TSTATE_WINDOW of each other in
+/// every layout memtrace knows; where they did not, every walk would take
+/// the long way). None when it is not `me`'s (the thread state was freed,
+/// or reused by another thread), or cannot be read. A thread that keeps
+/// two thread states (an embedder swapping them) is walked in the one it
+/// last ran Python in, which only the long way would notice.
+fn own_frame(walk: &PythonWalk, tstate: u64, me: u64, buf: &mut [u8; TSTATE_WINDOW]) -> Option<u64> {
+    let first = *walk.frame_chain.first()?;
+    if walk.frame_chain_len == 0 {
+        return None;
+    }
+    let start = walk.tstate_thread_id.min(first);
+    let end = walk.tstate_thread_id.max(first) + 8;
+    let len = (end - start) as usize;
+    let buf = buf.get_mut(..len)?;
+    // SAFETY: bpf_probe_read_user_buf copies from the target's address space
+    // and fails cleanly on an unmapped address. A failure is not counted as
+    // a fault: a thread state that went away is looked for afresh.
+    unsafe { bpf_probe_read_user_buf((tstate + start) as *const u8, buf) }.ok()?;
+    let at = |offset: u64| -> Option<u64> {
+        let at = (offset - start) as usize;
+        Some(u64::from_le_bytes(buf.get(at..at + 8)?.try_into().ok()?))
+    };
+    if at(walk.tstate_thread_id)? != me {
+        return None;
+    }
+    let step = at(first)?;
+    let rest = walk.frame_chain.get(1..)?;
+    follow(step, rest, walk.frame_chain_len - 1).ok()
 }
 
 /// Copies `window` of the object at `object` into `buf`.
@@ -149,19 +186,29 @@ fn word(buf: &[u8; WINDOW_MAX], at: u64) -> Option<u64> {
 /// Walks the current thread's Python frames, innermost first, up to
 /// `max_frames`, and returns the id of the stack among process `pid`'s in
 /// PYTHON_STACKS; 0 when the thread is not running Python code (no GIL, a C
-/// thread, start-up) or the walk found nothing.
-pub fn python_stack(pid: u32, walk: &PythonWalk, max_frames: u32) -> u64 {
-    let tstate = current_tstate(walk);
-    if tstate == 0 {
-        count(counter::NO_PYTHON_THREAD);
-        return 0;
-    }
-    let Ok(frame) = follow(tstate, &walk.frame_chain, walk.frame_chain_len) else {
-        return 0;
-    };
+/// thread, start-up) or the walk found nothing. `tstate` is the thread
+/// state the thread's last walk found (0 for none), tried first, and is
+/// updated to this walk's.
+pub fn python_stack(pid: u32, walk: &PythonWalk, max_frames: u32, tstate: &mut u64) -> u64 {
     let Some(state) = WALK_SCRATCH.get_ptr_mut(0) else { return 0 };
     // SAFETY: per-CPU scratch, alive as long as the map (see native_stack).
     let state = unsafe { &mut *state };
+    let me = current_thread_pointer();
+    let known = if *tstate != 0 { own_frame(walk, *tstate, me, &mut state.tstate_bytes) } else { None };
+    let frame = match known {
+        Some(frame) => frame,
+        None => {
+            *tstate = current_tstate(walk, me);
+            if *tstate == 0 {
+                count(counter::NO_PYTHON_THREAD);
+                return 0;
+            }
+            let Ok(frame) = follow(*tstate, &walk.frame_chain, walk.frame_chain_len) else {
+                return 0;
+            };
+            frame
+        }
+    };
     state.walk = *walk;
     state.frame = frame;
     state.max_frames = (max_frames as u64).min(MAX_PYTHON_FRAMES as u64);

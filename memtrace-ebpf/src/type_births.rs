@@ -113,13 +113,16 @@ pub fn type_new_reference(ctx: ProbeContext) -> u32 {
 fn record_birth(regs: *const pt_regs, pid: u32, object: u64, size: u64) {
     // SAFETY: the map value outlives this program run.
     let Some(target) = (unsafe { TARGETS.get(&pid) }) else { return };
+    // A birth is not inside an allocator call, so the thread has no
+    // remembered thread state to try first: the walk finds it.
+    let mut tstate = 0;
     let site = SiteKey {
         pid,
         layer: layer::PYMALLOC as u32,
         // SAFETY: the context is the kernel's pt_regs for this probe.
         caller: unsafe { (*regs).rip },
         native_stack: 0,
-        python_stack: python_stack(pid, &target.python, target.python_frames),
+        python_stack: python_stack(pid, &target.python, target.python_frames, &mut tstate),
     };
     // SAFETY: a helper without arguments.
     let info = AllocInfo { size, timestamp_ns: unsafe { bpf_ktime_get_ns() }, site };
