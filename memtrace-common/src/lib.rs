@@ -440,9 +440,52 @@ pub struct TargetConfig {
     /// userspace, which unwinds them deeper than the kernel side does, to
     /// merge native frames with Python's (`--native` on Python).
     pub copy_stacks: u32,
-    pub _pad: u32,
+    /// Non-zero to charge the process's new resident pages to the Python
+    /// stack that first touched them (host mode's free tier).
+    pub first_touch: u32,
     pub python: PythonWalk,
 }
+
+/// A place new resident pages were first touched from, the key of
+/// FIRST_TOUCH_SITES: the Python stack (an id in PYTHON_STACKS), or with
+/// none the faulting instruction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TouchKey {
+    pub pid: u32,
+    pub _pad: u32,
+    pub python_stack: u64,
+    /// The faulting instruction when there is no Python stack, else 0.
+    pub ip: u64,
+}
+
+/// A charged page of a process, the key of FIRST_TOUCH_PAGES.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PageKey {
+    pub pid: u32,
+    pub _pad: u32,
+    pub page: u64,
+}
+
+/// How one process's faults are chosen for a walk: growth past its
+/// resident high-water mark always, the rest under a budget per second.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TouchState {
+    /// The most anonymous resident pages seen at a fault.
+    pub high_water: u64,
+    pub window_start_ns: u64,
+    /// Faults below the high-water mark walked in the current window.
+    pub sampled: u64,
+}
+
+/// Faults below the high-water mark walked per process and second.
+pub const FIRST_TOUCH_SAMPLES_PER_SECOND: u64 = 100;
+
+/// Pages a munmap or madvise gives back that are looked up one by one;
+/// beyond them (64 MiB) charged pages stay charged, and are counted.
+pub const FIRST_TOUCH_RELEASE_MAX_PAGES: u64 = 1 << 14;
 
 /// Stack bytes copied per new site for userspace unwinding, in chunks that
 /// stop at the first unreadable one (the top of the stack).
@@ -484,6 +527,10 @@ pub struct KernelConfig {
     pub task_mm: u64,
     pub mm_arg_start: u64,
     pub mm_arg_end: u64,
+    /// Offset in `struct mm_struct` of the global part of its count of
+    /// anonymous resident pages (`rss_stat[MM_ANONPAGES].count`), which
+    /// lags the exact count by at most a per-CPU batch.
+    pub mm_anon_rss: u64,
 }
 
 /// A traced process changed: it forked a child process, replaced its image
@@ -552,8 +599,11 @@ pub mod map_name {
     pub const COUNTERS: &str = "COUNTERS";
     pub const PROCESS_EVENTS: &str = "PROCESS_EVENTS";
     pub const EVENTS_LOST: &str = "EVENTS_LOST";
+    pub const FIRST_TOUCH_SITES: &str = "FIRST_TOUCH_SITES";
+    pub const FIRST_TOUCH_PAGES: &str = "FIRST_TOUCH_PAGES";
+    pub const FIRST_TOUCH_STATE: &str = "FIRST_TOUCH_STATE";
     pub const UNWIND_RULES: &str = "UNWIND_RULES";
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 14] = [
         TARGETS,
         ALLOCS,
         SITES,
@@ -565,6 +615,9 @@ pub mod map_name {
         PROCESS_EVENTS,
         UNWIND_RULES,
         EVENTS_LOST,
+        FIRST_TOUCH_SITES,
+        FIRST_TOUCH_PAGES,
+        FIRST_TOUCH_STATE,
     ];
 }
 
@@ -607,7 +660,18 @@ pub mod counter {
     /// Forks and execs of the process that could not be announced (their
     /// ring was full): a child not followed, an exec seen late.
     pub const PROCESS_EVENT_LOST: u32 = UNKNOWN_FREE + super::layer::COUNT as u32;
-    pub const COUNT: u32 = PROCESS_EVENT_LOST + 1;
+    /// First touch (host mode): page faults walked because they took the
+    /// process past its resident high-water mark, those below it walked
+    /// under the per-process budget, those below it not walked (over the
+    /// budget: their pages are not charged), pages not charged because the
+    /// page map was full, and given-back pages not looked up (a release
+    /// larger than FIRST_TOUCH_RELEASE_MAX_PAGES).
+    pub const TOUCH_GROWTH: u32 = PROCESS_EVENT_LOST + 1;
+    pub const TOUCH_SAMPLED: u32 = TOUCH_GROWTH + 1;
+    pub const TOUCH_SKIPPED: u32 = TOUCH_SAMPLED + 1;
+    pub const TOUCH_MAP_FULL: u32 = TOUCH_SKIPPED + 1;
+    pub const TOUCH_RELEASE_CUT: u32 = TOUCH_MAP_FULL + 1;
+    pub const COUNT: u32 = TOUCH_RELEASE_CUT + 1;
 
     /// The counters of what could not be accounted, in the order reports
     /// print them.
@@ -650,6 +714,11 @@ pub mod counter {
             NO_PYTHON_THREAD => "no-python-thread",
             STACK_COPY_LOST => "native-copies",
             PROCESS_EVENT_LOST => "process-events",
+            TOUCH_GROWTH => "growth-faults-walked",
+            TOUCH_SAMPLED => "faults-sampled",
+            TOUCH_SKIPPED => "faults-skipped",
+            TOUCH_MAP_FULL => "page-map-full",
+            TOUCH_RELEASE_CUT => "release-cut",
             i if i >= UNKNOWN_FREE && i < COUNT => "unknown-frees",
             i if i >= FREES_MATCHED && i < UNKNOWN_FREE => "frees-matched",
             i if i >= ALLOCS_SEEN && i < FREES_MATCHED => "allocs-seen",
@@ -680,6 +749,9 @@ mod pod {
     unsafe impl aya::Pod for super::CounterSet {}
     unsafe impl aya::Pod for super::UnwindKey {}
     unsafe impl aya::Pod for super::UnwindRule {}
+    unsafe impl aya::Pod for super::TouchKey {}
+    unsafe impl aya::Pod for super::PageKey {}
+    unsafe impl aya::Pod for super::TouchState {}
 }
 
 #[cfg(test)]

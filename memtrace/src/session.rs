@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{Result, bail};
 use aya::maps::{MapData, RingBuf};
-use memtrace_common::{MAX_NATIVE_FRAMES, ProcessEvent, SiteStats, StackKey, TargetConfig};
+use memtrace_common::{MAX_NATIVE_FRAMES, ProcessEvent, SiteKey, SiteStats, StackKey, TargetConfig};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -48,7 +48,7 @@ use crate::{
     progress::Progress,
     python::{self, Detection},
     report::{
-        CensusChange, Output, ProcessInfo, Report,
+        CensusChange, FirstTouch, Output, ProcessInfo, Report,
         trend::{History, TypeHistory},
     },
     snapshot::{Snapshot, Stat},
@@ -100,17 +100,27 @@ pub async fn run(options: Options) -> Result<Outcome> {
     let prepared = pids.iter().map(|&pid| Prepared::new(pid, &options, &progress)).collect::<Result<Vec<_>>>()?;
     // Host mode loads the kernel side for its announcements of every
     // process, and attaches no probe.
-    let purpose = match (options.all_python, options.probes_off()) {
-        (true, _) => Some(Purpose::Host),
-        (false, true) => None,
-        (false, false) => Some(Purpose::Probes { max_allocs: options.max_allocs }),
-    };
-    let mut tracer = match purpose {
-        None => None,
-        Some(purpose) => {
+    let mut tracer = match (options.all_python, options.probes_off()) {
+        (false, false) => {
             progress.step("loading the eBPF programs");
+            let purpose = Purpose::Probes { max_allocs: options.max_allocs };
             Some(privileges::explain(Tracer::load(kernel::config()?, purpose, options.verbose), Need::Tracing)?)
         }
+        (true, _) => {
+            progress.step("loading the eBPF programs");
+            let purpose = Purpose::Free { every_process: true };
+            Some(privileges::explain(Tracer::load(kernel::config()?, purpose, options.verbose), Need::Tracing)?)
+        }
+        // --census-only needs no eBPF; with it, first touch comes along.
+        (false, true) => privileges::check(Need::Tracing)
+            .and_then(|()| kernel::check_kernel())
+            .and_then(|()| Tracer::load(kernel::config()?, Purpose::Free { every_process: false }, options.verbose))
+            .inspect_err(|e| {
+                if options.verbose {
+                    eprintln!("memtrace: no first-touch accounting: {e:#}");
+                }
+            })
+            .ok(),
     };
     let (exits, exited) = mpsc::unbounded_channel();
     let mut processes = BTreeMap::new();
@@ -258,8 +268,8 @@ impl Prepared {
         counting: Option<Plan>,
     ) -> Result<Traced> {
         let Self { target, interpreter, points, notes, includes_raw } = self;
-        // Host mode's tracer only announces processes.
-        let tracer = tracer.filter(|_| !options.probes_off());
+        // The free tier's tracer attaches no probe: it charges first touches.
+        let (tracer, free_tier) = if options.probes_off() { (None, tracer) } else { (tracer, None) };
         let pid = target.pid;
         progress.step(format!("pid {pid}: its first census"));
         let mut census = CensusTaker::new(
@@ -293,15 +303,37 @@ impl Prepared {
             types: TypeHistory::default(),
             sequence: 0,
             exited: false,
+            first_touch: None,
         };
         let Some(tracer) = tracer else {
+            let touching = free_tier.is_some_and(|tracer| {
+                let config = TargetConfig {
+                    min_size: 0,
+                    max_size: u64::MAX,
+                    native_frames: 1,
+                    python_frames: if interpreter.is_some() { options.frames } else { 0 },
+                    copy_stacks: 0,
+                    first_touch: 1,
+                    python: interpreter.as_ref().map(|i| i.walk()).unwrap_or_default(),
+                };
+                tracer
+                    .start_first_touch(pid, &config)
+                    .inspect_err(|e| eprintln!("memtrace: pid {pid}: no first-touch accounting: {e:#}"))
+                    .is_ok()
+            });
             progress.say(&format!(
                 "memtrace: tracing pid {pid} ({}){}: census only, no probes; a report every {} s; Ctrl-C to stop",
                 target.comm,
                 described.as_ref().map(|d| format!(", {d}")).unwrap_or_default(),
                 options.interval().as_secs_f64()
             ));
-            return Ok(traced(symbolizer(None, false), None, None, None));
+            if !touching {
+                return Ok(traced(symbolizer(None, false), None, None, None));
+            }
+            let mut traced =
+                traced(symbolizer(interpreter.as_ref().map(|i| i.code_resolver(pid)), false), None, None, None);
+            traced.first_touch = Some(Snapshot::default());
+            return Ok(traced);
         };
         // A native program's sites are its native stacks, whatever the
         // grouping: two callers of one wrapper are two sites, and a site
@@ -316,7 +348,7 @@ impl Prepared {
             native_frames: if unwinds { MAX_NATIVE_FRAMES as u32 } else { 1 },
             python_frames: if interpreter.is_some() { options.frames } else { 0 },
             copy_stacks: u32::from(options.native && interpreter.is_some()),
-            _pad: 0,
+            first_touch: 0,
             python: interpreter.as_ref().map(|i| i.walk()).unwrap_or_default(),
         };
         let elf = interpreter.as_ref().map(|i| &i.elf);
@@ -413,6 +445,9 @@ struct Traced {
     plan: Option<Plan>,
     /// The kernel side's native unwinding, when it unwinds.
     unwinding: Option<Unwinding>,
+    /// With first-touch accounting (the free tier), its pages at the
+    /// previous report.
+    first_touch: Option<Snapshot>,
 }
 
 /// How a process came to be traced after the session started.
@@ -778,7 +813,14 @@ impl Session<'_> {
                 let watched = Prepared::detected(target, Detection::Supported(interpreter), self.options, &quiet)
                     .and_then(|prepared| {
                         watch_exit(pid, self.exits.clone())?;
-                        prepared.attach(None, &mut self.rules, &self.allocators, self.options, &quiet, None)
+                        prepared.attach(
+                            self.tracer.as_mut(),
+                            &mut self.rules,
+                            &self.allocators,
+                            self.options,
+                            &quiet,
+                            None,
+                        )
                     });
                 match watched {
                     Ok(traced) => {
@@ -858,6 +900,10 @@ impl Session<'_> {
         }
         let type_trends = traced.types.trends();
         let Some(tracer) = self.tracer.as_ref().filter(|_| traced.plan.is_some()) else {
+            let first_touch = match (&self.tracer, traced.first_touch.take()) {
+                (Some(tracer), Some(before)) => Some(first_touch(tracer, traced, before)?),
+                _ => None,
+            };
             traced.sequence += 1;
             traced.exited |= is_final;
             let report = Report {
@@ -875,10 +921,12 @@ impl Session<'_> {
                 census: Some(CensusChange { now: census, before: std::mem::take(&mut traced.census_before) }),
                 history: History::default(),
                 type_trends,
+                first_touch,
             };
             self.progress.clear();
             write_to(&mut self.outputs, &mut self.failed, &report);
             traced.census_before = report.census.map(|c| c.now).unwrap_or_default();
+            traced.first_touch = report.first_touch.map(|touch| touch.now);
             return Ok(());
         };
         let sites = collect::sites(tracer, pid)?;
@@ -939,6 +987,7 @@ impl Session<'_> {
             census: Some(CensusChange { now: census, before: std::mem::take(&mut traced.census_before) }),
             history: std::mem::take(&mut traced.history),
             type_trends,
+            first_touch: None,
         };
         self.progress.clear();
         write_to(&mut self.outputs, &mut self.failed, &report);
@@ -964,6 +1013,29 @@ fn write_to(outputs: &mut Vec<Output>, failed: &mut Option<anyhow::Error>, repor
         }
     });
 }
+
+/// `traced`'s resident pages by where they were first touched, against
+/// `before`, the previous report's.
+fn first_touch(tracer: &Tracer, traced: &mut Traced, before: Snapshot) -> Result<FirstTouch> {
+    let pid = traced.info.pid;
+    let places = collect::first_touch(tracer, pid)?;
+    // Native places are instructions, which may lie in code mapped since.
+    if places.iter().any(|(key, _)| key.ip != 0)
+        && let Ok(map) = MemoryMap::read(pid)
+    {
+        traced.symbolizer.set_map(map);
+    }
+    let entries = places.into_iter().filter(|&(_, pages)| pages > 0).map(|(key, pages)| {
+        let site = SiteKey { pid, layer: 0, caller: key.ip, native_stack: 0, python_stack: key.python_stack };
+        (traced.symbolizer.traceback(&site, |_| None), Stat { size: pages * PAGE_SIZE, count: pages })
+    });
+    let now = Snapshot::from_entries(entries.collect::<Vec<_>>());
+    let counters = collect::counters(tracer, pid)?;
+    Ok(FirstTouch { now, before, counters: counters.first_touch().into_iter().map(|(n, v)| (n.into(), v)).collect() })
+}
+
+/// The pages first touch charges.
+const PAGE_SIZE: u64 = 4096;
 
 fn outstanding(stats: &SiteStats) -> Stat {
     Stat { size: stats.outstanding_bytes, count: stats.outstanding_count }

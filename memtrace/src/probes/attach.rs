@@ -26,7 +26,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, Map, MapData, PerCpuHashMap, PerCpuValues},
-    programs::RawTracePoint,
+    programs::{RawTracePoint, TracePoint},
     util::nr_cpus,
 };
 use aya_obj::{
@@ -34,8 +34,8 @@ use aya_obj::{
     generated::{BPF_F_UPROBE_MULTI_RETURN, bpf_attach_type, bpf_attr, bpf_cmd, bpf_insn, bpf_prog_type},
 };
 use memtrace_common::{
-    AllocInfo, AllocKey, CounterSet, KernelConfig, NativeStack, PythonStack, SiteKey, SiteStats, StackKey,
-    TargetConfig, UnwindKey, UnwindRule, map_name,
+    AllocInfo, AllocKey, CounterSet, KernelConfig, NativeStack, PageKey, PythonStack, SiteKey, SiteStats, StackKey,
+    TargetConfig, TouchKey, TouchState, UnwindKey, UnwindRule, map_name,
 };
 
 use super::plan::{AttachPoint, Program};
@@ -52,12 +52,22 @@ const TRACEPOINTS: [&str; 3] = ["task_newtask", "sched_process_exec", "sched_pro
 pub enum Purpose {
     /// Probes on chosen processes, with room for `max_allocs` live blocks.
     Probes { max_allocs: u32 },
-    /// Host mode: every process's forks, execs and exits announced, no
-    /// allocation probe, so the maps of live blocks and sites are left at
-    /// one entry (a preallocated ALLOCS would pin ~100 MiB of kernel memory
-    /// for nothing).
-    Host,
+    /// The free tier (host mode, `--census-only`): no allocation probe, so
+    /// the maps of live blocks and sites are left at one entry (a
+    /// preallocated ALLOCS would pin ~100 MiB of kernel memory for
+    /// nothing); page faults charged to where they were first touched; and
+    /// with `every_process` (host mode), every process's forks, execs and
+    /// exits announced.
+    Free { every_process: bool },
 }
+
+/// The free tier's first-touch programs: the page-fault tracepoint, and the
+/// system calls that give pages back (program, syscalls tracepoint). The
+/// syscall tracepoints are read through tracefs, root's: kprobes would need
+/// CONFIG_KPROBE_EVENTS, which kernels like this project's lack.
+const FIRST_TOUCH_FAULTS: &str = "page_fault_user";
+const FIRST_TOUCH_RELEASES: [(&str, &str); 2] =
+    [("touch_munmap", "sys_enter_munmap"), ("touch_madvise", "sys_enter_madvise")];
 
 /// Host mode's process ring: about 3,000 events (an exec's carries its
 /// command line), so that a burst of short-lived processes (a shell loop,
@@ -80,7 +90,7 @@ impl Tracer {
     pub fn load(kernel: KernelConfig, purpose: Purpose, verbose: bool) -> Result<Self> {
         // aya-log's levels: 0 is off; 2 is warnings and worse.
         let log_level: u8 = if verbose { 2 } else { 0 };
-        let every_process = u32::from(matches!(purpose, Purpose::Host));
+        let every_process = u32::from(matches!(purpose, Purpose::Free { every_process: true }));
         let mut loader = EbpfLoader::new();
         loader
             .override_global("KERNEL_CONFIG", &kernel, true)
@@ -88,7 +98,7 @@ impl Tracer {
             .override_global("WATCH_EVERY_PROCESS", &every_process, true);
         match purpose {
             Purpose::Probes { max_allocs } => loader.map_max_entries(map_name::ALLOCS, max_allocs),
-            Purpose::Host => loader
+            Purpose::Free { .. } => loader
                 .map_max_entries(map_name::ALLOCS, 1)
                 .map_max_entries(map_name::SITES, 1)
                 .map_max_entries(map_name::PROCESS_EVENTS, HOST_PROCESS_RING),
@@ -96,8 +106,11 @@ impl Tracer {
         let mut ebpf = loader.load(OBJECT).context("cannot load memtrace's eBPF maps")?;
         let programs = match purpose {
             Purpose::Probes { .. } => load_programs(&ebpf, OBJECT, verbose)?,
-            Purpose::Host => BTreeMap::new(),
+            Purpose::Free { .. } => BTreeMap::new(),
         };
+        if let Purpose::Free { .. } = purpose {
+            attach_first_touch(&mut ebpf)?;
+        }
         // Kept attached by the object, which owns the links.
         for name in TRACEPOINTS {
             let program: &mut RawTracePoint = ebpf
@@ -163,7 +176,19 @@ impl Tracer {
         self.forget_entries::<StackKey, NativeStack>(map_name::NATIVE_STACKS, |k| k.pid == pid)?;
         self.forget_entries::<StackKey, PythonStack>(map_name::PYTHON_STACKS, |k| k.pid == pid)?;
         self.forget_entries::<UnwindKey, UnwindRule>(map_name::UNWIND_RULES, |k| k.pid == pid)?;
+        HashMap::<_, u32, TouchState>::try_from(self.map_mut(map_name::FIRST_TOUCH_STATE)?)?.remove(&pid).ok();
+        self.forget_entries::<PageKey, TouchKey>(map_name::FIRST_TOUCH_PAGES, |k| k.pid == pid)?;
+        self.forget_entries::<TouchKey, u64>(map_name::FIRST_TOUCH_SITES, |k| k.pid == pid)?;
         Ok(())
+    }
+
+    /// Starts charging `pid`'s new resident pages to where they were first
+    /// touched, walking its Python stacks as `config` says.
+    pub fn start_first_touch(&mut self, pid: u32, config: &TargetConfig) -> Result<()> {
+        let mut state: HashMap<&mut MapData, u32, TouchState> =
+            HashMap::try_from(self.map_mut(map_name::FIRST_TOUCH_STATE)?)?;
+        state.insert(pid, TouchState::default(), 0).context("cannot start first-touch accounting")?;
+        self.set_target(pid, config)
     }
 
     /// Removes the entries of hash map `name` whose key `matches`; keys are
@@ -203,6 +228,30 @@ impl Tracer {
     pub fn take_logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>> {
         aya_log::EbpfLogger::init(&mut self.ebpf).context("cannot read the kernel side's log")
     }
+}
+
+/// Loads and attaches the free tier's first-touch programs; they stay
+/// attached as long as the object.
+fn attach_first_touch(ebpf: &mut Ebpf) -> Result<()> {
+    let program: &mut RawTracePoint = ebpf
+        .program_mut(FIRST_TOUCH_FAULTS)
+        .ok_or_else(|| anyhow!("eBPF object lacks program {FIRST_TOUCH_FAULTS}"))?
+        .try_into()
+        .context("the page-fault program is not a raw tracepoint")?;
+    program.load().context("the kernel rejected the page-fault program")?;
+    program.attach(FIRST_TOUCH_FAULTS).context("cannot attach to tracepoint page_fault_user")?;
+    for (name, function) in FIRST_TOUCH_RELEASES {
+        let program: &mut TracePoint = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("eBPF object lacks program {name}"))?
+            .try_into()
+            .with_context(|| format!("eBPF program {name} is not a tracepoint"))?;
+        program.load().with_context(|| format!("the kernel rejected eBPF program {name}"))?;
+        program
+            .attach("syscalls", function)
+            .with_context(|| format!("cannot attach to tracepoint syscalls:{function}"))?;
+    }
+    Ok(())
 }
 
 /// Loads each of memtrace's programs for uprobe_multi links, relocated

@@ -53,6 +53,18 @@ pub struct JsonReport {
     pub heap: Option<HeapJson>,
     /// The object census.
     pub census: Option<CensusJson>,
+    /// Where new resident memory was first touched (the free tier).
+    #[serde(default)]
+    pub first_touch: Option<FirstTouchJson>,
+}
+
+/// Resident pages by the group that first touched them, biggest growth
+/// first; `size` is bytes, `count` pages.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FirstTouchJson {
+    pub rows: Vec<Row>,
+    /// How faults were chosen for a walk, and what was not charged.
+    pub counters: BTreeMap<String, u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,6 +200,10 @@ impl JsonReport {
                 blocks: h.blocks,
                 bytes: h.bytes,
                 raw_blocks: h.raw_blocks,
+            }),
+            first_touch: report.first_touch.as_ref().map(|touch| FirstTouchJson {
+                rows: touch.rows(view.group_by).iter().take(view.top).map(Row::of).collect(),
+                counters: named(&touch.counters),
             }),
             census: census.and_then(|c| {
                 let objects = c.now.objects.as_ref()?;

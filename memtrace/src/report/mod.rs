@@ -18,7 +18,7 @@ pub mod trend;
 
 use std::io;
 
-pub use model::{CensusChange, ProcessInfo, Report};
+pub use model::{CensusChange, FirstTouch, ProcessInfo, Report};
 
 use crate::snapshot::GroupBy;
 

@@ -13,7 +13,7 @@ use std::{collections::HashMap, io::Write, time::SystemTime};
 use super::{
     CensusChange, Report, View, Writer,
     format::{format_size, growth_lines, stat_diff_line, type_growth},
-    model::Counters,
+    model::{Counters, FirstTouch},
     trend::{Trend, Verdict},
 };
 use crate::snapshot::GroupBy;
@@ -91,6 +91,30 @@ impl<W: Write, S: SourceLines> TextWriter<W, S> {
                 trend.grew,
                 trend.intervals,
                 format_size(report.history.peak(group_by, &diff.traceback).unwrap_or(diff.size) as f64, false),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The "first touched at" section: the top groups by growth of the
+    /// resident pages they first touched.
+    fn write_first_touch(&mut self, touch: &FirstTouch) -> std::io::Result<()> {
+        let out = &mut self.out;
+        let counters = touch.counters.iter().map(|(name, value)| format!("{name}={value}")).collect::<Vec<_>>();
+        writeln!(
+            out,
+            "first touched at (new resident pages, by the line that first touched them): {}",
+            counters.join(" ")
+        )?;
+        for diff in touch.rows(self.view.group_by).iter().take(self.view.top) {
+            writeln!(
+                out,
+                "{}: {} ({}) in {} pages ({:+})",
+                diff.traceback,
+                format_size(diff.size as f64, false),
+                format_size(diff.size_diff as f64, true),
+                diff.count,
+                diff.count_diff
             )?;
         }
         Ok(())
@@ -189,6 +213,9 @@ impl<W: Write, S: SourceLines> Writer for TextWriter<W, S> {
         if let Some(change) = &report.census {
             self.write_census(change, &report.type_trends)?;
         }
+        if let Some(touch) = &report.first_touch {
+            self.write_first_touch(touch)?;
+        }
         writeln!(self.out)?;
         self.out.flush()
     }
@@ -253,6 +280,7 @@ pub(crate) mod tests {
             census: None,
             history: Default::default(),
             type_trends: Default::default(),
+            first_touch: None,
             current: Snapshot::from_entries([
                 (leak.clone(), Stat { size: 3_708_000, count: 51_734 }),
                 (new, Stat { size: 40, count: 1 }),
