@@ -10,6 +10,7 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{
     census::CensusCost,
+    first_touch::Accuracy,
     harness::{CENSUS_INTERVAL, CENSUS_SPAN, Config, Samples},
     output,
     setup::{AttachPoint, CALIBRATION_SECONDS, Setup},
@@ -146,6 +147,7 @@ pub fn results(
     samples: &[Vec<Samples>],
     points: &[AttachPoint],
     census_costs: Option<&[CensusCost]>,
+    accuracy: Option<&[Accuracy]>,
 ) -> Vec<Part> {
     let part = |group, write: &dyn Fn(&[Measures]) -> String| {
         let runs = measures(workloads, samples, group);
@@ -164,6 +166,11 @@ pub fn results(
         },
         Part { name: "flask_results", title: "The web service", text: part(Group::Flask, &flask) },
         Part { name: "census_results", title: "The object census's own cost", text: census_costs.map(census) },
+        Part {
+            name: "first_touch_results",
+            title: "First-touch attribution: how often the leak is named first",
+            text: accuracy.map(first_touch),
+        },
     ]
 }
 
@@ -385,6 +392,29 @@ fn census(costs: &[CensusCost]) -> String {
         })
         .collect();
     table(&["interpreter", "objects counted", "median ms", "ms per million objects", "each census, ms"], &rows)
+}
+
+/// How often each leak-plus-churn workload's reports named the leak first.
+fn first_touch(accuracy: &[Accuracy]) -> String {
+    let rows: Vec<Vec<String>> = accuracy
+        .iter()
+        .map(|a| {
+            let counter = |name: &str| a.counters.get(name).copied().unwrap_or(0).to_string();
+            vec![
+                format!("{} ({})", a.mode, a.what),
+                a.reports.to_string(),
+                format!("{} ({:.0}%)", a.leak_first, 100.0 * a.leak_first as f64 / a.reports.max(1) as f64),
+                a.instead.as_ref().map_or("–".into(), |(place, n)| format!("{place} ({n})")),
+                counter("growth-faults-walked"),
+                counter("faults-sampled"),
+                counter("faults-skipped"),
+            ]
+        })
+        .collect();
+    table(
+        &["workload", "reports", "leak first", "first otherwise", "growth faults walked", "sampled", "skipped"],
+        &rows,
+    )
 }
 
 /// A Markdown table, padded so that it also reads as plain text.

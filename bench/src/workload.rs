@@ -49,6 +49,8 @@ pub enum Group {
     Flask,
     /// What one census costs memtrace (no timed target).
     Census,
+    /// How often first touch names the leaking line (no timed target).
+    FirstTouch,
 }
 
 #[derive(Clone, PartialEq)]
