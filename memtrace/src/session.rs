@@ -770,6 +770,9 @@ impl Session<'_> {
                 traced.notes.push("it replaced its image (exec): this final report covers the former image".into());
             }
             self.report(&[pid], true)?;
+            if let Some(tracer) = &mut self.tracer {
+                tracer.forget(pid)?;
+            }
             self.drop_process(pid);
         }
         let Some(host) = &mut self.host else { return Ok(()) };

@@ -7,9 +7,7 @@
 
 use std::{process::Command, time::Duration};
 
-use memtrace_tests::{
-    JsonReport, Memtrace, Target, TempDir, compile_c, json_reports, line_of, pyenv, require_root,
-};
+use memtrace_tests::{JsonReport, Memtrace, Target, TempDir, compile_c, json_reports, line_of, pyenv, require_root};
 
 /// Leaks 300-byte bytes objects (pymalloc's 336-byte class, which nothing
 /// else here uses) at a steady rate, and churns short strings (another
@@ -45,8 +43,7 @@ fn a_leak_in_its_own_size_class_is_first_touched_at_its_line() {
     std::fs::write(&script, LEAK_AND_CHURN).unwrap();
     let marker = format!("memtrace-first-touch-{}", std::process::id());
     let pattern = format!("{marker}$");
-    let mut memtrace =
-        Memtrace::start(&["--all-python", "--match", &pattern, "--interval", "0.5", "--format", "json"]);
+    let mut memtrace = Memtrace::start(&["--all-python", "--match", &pattern, "--interval", "0.5", "--format", "json"]);
     memtrace.wait_stderr("memtrace: no Python process matching").unwrap();
     let mut target = Target::spawn(Command::new(pyenv("3.12.1")).args([script.to_str().unwrap(), &marker]));
     target.expect_line("ready");

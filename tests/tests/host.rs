@@ -6,7 +6,9 @@
 
 use std::{path::Path, process::Command};
 
-use memtrace_tests::{JsonReport, Memtrace, Target, json_reports, memtrace_bin, pyenv, require_root, run_memtrace};
+use memtrace_tests::{
+    JsonReport, Memtrace, Target, ensure_package, json_reports, memtrace_bin, pyenv, require_root, run_memtrace,
+};
 
 /// Holds instances of its own class, `grow N` more at a time.
 const SCRIPT: &str = "import sys
@@ -169,6 +171,23 @@ fn footprint(pid: u32) -> (u64, usize) {
     (rss.trim().parse().unwrap(), std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count())
 }
 
+/// Entries in the hash maps of memtrace process `pid` (found by the map ids
+/// in its descriptors' fdinfo), counted with bpftool.
+fn map_entries(pid: u32) -> usize {
+    ensure_package("bpftool", "bpftool").unwrap();
+    let mut entries = 0;
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap().flatten() {
+        let Ok(info) = std::fs::read_to_string(fd.path()) else { continue };
+        let field = |name: &str| info.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_owned());
+        // BPF_MAP_TYPE_HASH and BPF_MAP_TYPE_PERCPU_HASH.
+        let (Some(id), Some("1" | "5")) = (field("map_id:"), field("map_type:").as_deref()) else { continue };
+        let dump = Command::new("bpftool").args(["-j", "map", "dump", "id", &id]).output().unwrap();
+        let values: serde_json::Value = serde_json::from_slice(&dump.stdout).unwrap_or(serde_json::Value::Null);
+        entries += values.as_array().map_or(0, Vec::len);
+    }
+    entries
+}
+
 /// Starts `n` Python processes that exit at once, `per_second` a second,
 /// and returns their pids.
 fn churn(python: &Path, marker: &str, n: usize, per_second: usize) -> Vec<u32> {
@@ -205,10 +224,10 @@ fn a_thousand_short_lived_processes_are_each_seen_or_named() {
     // Warmed up: its allocator has seen a few processes come and go.
     let mut pids = churn(&python, &marker, 50, 50);
     std::thread::sleep(std::time::Duration::from_secs(2));
-    let before = footprint(memtrace.pid());
+    let (before, entries_before) = (footprint(memtrace.pid()), map_entries(memtrace.pid()));
     pids.extend(churn(&python, &marker, 950, 50));
     std::thread::sleep(std::time::Duration::from_secs(2));
-    let after = footprint(memtrace.pid());
+    let (after, entries_after) = (footprint(memtrace.pid()), map_entries(memtrace.pid()));
     memtrace.signal(libc::SIGINT);
     let (status, _, stderr) = memtrace.finish();
     assert_eq!(status.code(), Some(0), "{stderr:?}");
@@ -234,7 +253,11 @@ fn a_thousand_short_lived_processes_are_each_seen_or_named() {
         summary.ends_with("0 found by the /proc scan that the kernel's announcements missed; 0 announcements lost"),
         "{summary}"
     );
-    eprintln!("memtrace RSS {} KiB -> {} KiB, descriptors {} -> {}; {summary}", before.0, after.0, before.1, after.1);
+    eprintln!(
+        "memtrace RSS {} KiB -> {} KiB, descriptors {} -> {}, map entries {entries_before} -> {entries_after}; {summary}",
+        before.0, after.0, before.1, after.1
+    );
     assert_eq!(after.1, before.1, "descriptors");
+    assert_eq!(entries_after, entries_before, "entries in memtrace's maps");
     assert!(after.0 <= before.0 + 1024, "RSS grew from {} KiB to {} KiB", before.0, after.0);
 }
