@@ -646,6 +646,11 @@ impl Session<'_> {
         if let Some(tracer) = &mut self.tracer {
             tracer.forget(pid)?;
         }
+        // Host mode sees processes come and go for as long as it runs: what
+        // it kept of one that exited would only grow.
+        if self.host.is_some() {
+            self.drop_process(pid);
+        }
         Ok(())
     }
 

@@ -315,4 +315,34 @@ pub(crate) mod tests {
         let text = String::from_utf8(out).unwrap();
         assert_eq!(text.lines().filter(|l| l.contains(": size=")).count(), 1, "{text}");
     }
+
+    /// The first-touch section: its counters, then the top groups by growth
+    /// of their pages, in the order and limit of the view.
+    #[test]
+    fn first_touch_is_a_section_of_its_own() {
+        let mut report = sample(false);
+        let line = |lineno| Traceback(vec![Frame::at("/w/app.py", lineno)]);
+        report.first_touch = Some(FirstTouch {
+            now: Snapshot::from_entries([
+                (line(16), Stat { size: 40 * 4096, count: 40 }),
+                (line(20), Stat { size: 3 * 4096, count: 3 }),
+            ]),
+            before: Snapshot::from_entries([(line(16), Stat { size: 10 * 4096, count: 10 })]),
+            counters: vec![("growth-faults-walked".into(), 43), ("faults-skipped".into(), 7)],
+        });
+        let mut out = Vec::new();
+        TextWriter::new(&mut out, OneLine, View { group_by: GroupBy::Lineno, top: 1, types: 10 })
+            .write(&report)
+            .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let section: Vec<&str> = text.lines().skip_while(|l| !l.starts_with("first touched at")).take(2).collect();
+        assert_eq!(
+            section,
+            [
+                "first touched at (new resident pages, by the line that first touched them): growth-faults-walked=43 faults-skipped=7",
+                "/w/app.py:16: 160 KiB (+120 KiB) in 40 pages (+30)",
+            ],
+            "{text}"
+        );
+    }
 }
