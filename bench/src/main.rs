@@ -9,8 +9,9 @@
 //! walk), a subset of pyperformance's benchmarks, each one's own function
 //! in a loop in one process (bench/pyperformance_loop.py), and a Flask app
 //! under a fixed client (bench/flask_app.py, bench/src/service.rs); then
-//! what a census costs memtrace itself, and what host mode costs it
-//! watching fifty processes. Every configuration runs N
+//! what a census costs memtrace itself, what host mode costs it watching
+//! fifty processes, and how often first touch names a leaking line
+//! (bench/first_touch.py, bench/src/first_touch.rs). Every configuration runs N
 //! times, interleaved so that the machine's noise falls on all of them
 //! alike, and the medians go to tables on stdout and to BENCHMARKS.md,
 //! which this crate regenerates wholesale. A tool that cannot run fails the
@@ -24,6 +25,7 @@
 //! `report` (medians, tables, BENCHMARKS.md from bench/template.md).
 
 mod census;
+mod first_touch;
 mod harness;
 mod host;
 mod program_stats;
@@ -94,7 +96,7 @@ fn main() -> ExitCode {
 fn run(options: &Options) -> Result<()> {
     let whole = options.only.is_empty() && options.benchmarks.is_empty() && options.configs.is_empty();
     let groups = if options.only.is_empty() {
-        vec![Group::Micro, Group::Pyperformance, Group::Flask, Group::Census, Group::Host]
+        vec![Group::Micro, Group::Pyperformance, Group::Flask, Group::Census, Group::Host, Group::FirstTouch]
     } else {
         options.only.clone()
     };
@@ -122,7 +124,18 @@ fn run(options: &Options) -> Result<()> {
         true => Some(host::measure(&setup.memtrace, &setup.python)?),
         false => None,
     };
-    let parts = report::results(&workloads, &samples, &setup.points, census_costs.as_deref(), host_costs.as_deref());
+    let accuracy = match groups.contains(&Group::FirstTouch) {
+        true => Some(first_touch::measure(&setup.memtrace, &setup.python, &setup.bench_dir)?),
+        false => None,
+    };
+    let parts = report::results(
+        &workloads,
+        &samples,
+        &setup.points,
+        census_costs.as_deref(),
+        host_costs.as_deref(),
+        accuracy.as_deref(),
+    );
     for part in &parts {
         if let Some(text) = &part.text {
             println!("## {}\n\n{text}\n", part.title);

@@ -10,6 +10,7 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{
     census::CensusCost,
+    first_touch::Accuracy,
     harness::{CENSUS_INTERVAL, CENSUS_SPAN, Config, Samples},
     host::HostCost,
     output,
@@ -149,6 +150,7 @@ pub fn results(
     points: &[AttachPoint],
     census_costs: Option<&[CensusCost]>,
     host_costs: Option<&[HostCost]>,
+    accuracy: Option<&[Accuracy]>,
 ) -> Vec<Part> {
     let part = |group, write: &dyn Fn(&[Measures]) -> String| {
         let runs = measures(workloads, samples, group);
@@ -168,6 +170,11 @@ pub fn results(
         Part { name: "flask_results", title: "The web service", text: part(Group::Flask, &flask) },
         Part { name: "census_results", title: "The object census's own cost", text: census_costs.map(census) },
         Part { name: "host_results", title: "Host mode's own cost", text: host_costs.map(host) },
+        Part {
+            name: "first_touch_results",
+            title: "First-touch attribution: how often the leak is named first",
+            text: accuracy.map(first_touch),
+        },
     ]
 }
 
@@ -500,6 +507,29 @@ fn host(costs: &[HostCost]) -> String {
         })
         .collect();
     table(&["watched", "memtrace CPU (of one core)", "RSS MiB", "peak RSS MiB", "host reports"], &rows)
+}
+
+/// How often each leak-plus-churn workload's reports named the leak first.
+fn first_touch(accuracy: &[Accuracy]) -> String {
+    let rows: Vec<Vec<String>> = accuracy
+        .iter()
+        .map(|a| {
+            let counter = |name: &str| a.counters.get(name).copied().unwrap_or(0).to_string();
+            vec![
+                format!("{} ({})", a.mode, a.what),
+                a.reports.to_string(),
+                format!("{} ({:.0}%)", a.leak_first, 100.0 * a.leak_first as f64 / a.reports.max(1) as f64),
+                a.instead.as_ref().map_or("–".into(), |(place, n)| format!("{place} ({n})")),
+                counter("growth-faults-walked"),
+                counter("faults-sampled"),
+                counter("faults-skipped"),
+            ]
+        })
+        .collect();
+    table(
+        &["workload", "reports", "leak first", "first otherwise", "growth faults walked", "sampled", "skipped"],
+        &rows,
+    )
 }
 
 /// A Markdown table, padded so that it also reads as plain text.

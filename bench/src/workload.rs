@@ -51,6 +51,8 @@ pub enum Group {
     Census,
     /// What host mode costs memtrace watching fifty processes.
     Host,
+    /// How often first touch names the leaking line (no timed target).
+    FirstTouch,
 }
 
 #[derive(Clone, PartialEq)]

@@ -445,7 +445,9 @@ pub struct TargetConfig {
     /// userspace, which unwinds them deeper than the kernel side does, to
     /// merge native frames with Python's (`--native` on Python).
     pub copy_stacks: u32,
-    pub _pad: u32,
+    /// Non-zero to charge the process's new resident pages to the Python
+    /// stack that first touched them (host mode's free tier).
+    pub first_touch: u32,
     pub python: PythonWalk,
 }
 
@@ -480,6 +482,47 @@ pub struct BirthKey {
     pub _pad: u32,
     pub entry_sp: u64,
 }
+
+/// A place new resident pages were first touched from, the key of
+/// FIRST_TOUCH_SITES: the Python stack (an id in PYTHON_STACKS), or with
+/// none the faulting instruction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TouchKey {
+    pub pid: u32,
+    pub _pad: u32,
+    pub python_stack: u64,
+    /// The faulting instruction when there is no Python stack, else 0.
+    pub ip: u64,
+}
+
+/// A charged page of a process, the key of FIRST_TOUCH_PAGES.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PageKey {
+    pub pid: u32,
+    pub _pad: u32,
+    pub page: u64,
+}
+
+/// How one process's faults are chosen for a walk: growth past its
+/// resident high-water mark always, the rest under a budget per second.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TouchState {
+    /// The most anonymous resident pages seen at a fault.
+    pub high_water: u64,
+    pub window_start_ns: u64,
+    /// Faults below the high-water mark walked in the current window.
+    pub sampled: u64,
+}
+
+/// Faults below the high-water mark walked per process and second.
+pub const FIRST_TOUCH_SAMPLES_PER_SECOND: u64 = 100;
+
+/// Pages a munmap or madvise gives back that are looked up one by one;
+/// beyond them (64 MiB) charged pages stay charged, and are counted.
+pub const FIRST_TOUCH_RELEASE_MAX_PAGES: u64 = 1 << 14;
 
 /// Stack bytes copied per new site for userspace unwinding, in chunks that
 /// stop at the first unreadable one (the top of the stack).
@@ -521,6 +564,10 @@ pub struct KernelConfig {
     pub task_mm: u64,
     pub mm_arg_start: u64,
     pub mm_arg_end: u64,
+    /// Offset in `struct mm_struct` of the global part of its count of
+    /// anonymous resident pages (`rss_stat[MM_ANONPAGES].count`), which
+    /// lags the exact count by at most a per-CPU batch.
+    pub mm_anon_rss: u64,
 }
 
 /// A traced process changed: it forked a child process, replaced its image
@@ -589,9 +636,12 @@ pub mod map_name {
     pub const COUNTERS: &str = "COUNTERS";
     pub const PROCESS_EVENTS: &str = "PROCESS_EVENTS";
     pub const EVENTS_LOST: &str = "EVENTS_LOST";
+    pub const FIRST_TOUCH_SITES: &str = "FIRST_TOUCH_SITES";
+    pub const FIRST_TOUCH_PAGES: &str = "FIRST_TOUCH_PAGES";
+    pub const FIRST_TOUCH_STATE: &str = "FIRST_TOUCH_STATE";
     pub const UNWIND_RULES: &str = "UNWIND_RULES";
     pub const WATCHED_TYPES: &str = "WATCHED_TYPES";
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 15] = [
         TARGETS,
         ALLOCS,
         SITES,
@@ -604,6 +654,9 @@ pub mod map_name {
         UNWIND_RULES,
         EVENTS_LOST,
         WATCHED_TYPES,
+        FIRST_TOUCH_SITES,
+        FIRST_TOUCH_PAGES,
+        FIRST_TOUCH_STATE,
     ];
 }
 
@@ -646,7 +699,18 @@ pub mod counter {
     /// Forks and execs of the process that could not be announced (their
     /// ring was full): a child not followed, an exec seen late.
     pub const PROCESS_EVENT_LOST: u32 = UNKNOWN_FREE + super::layer::COUNT as u32;
-    pub const COUNT: u32 = PROCESS_EVENT_LOST + 1;
+    /// First touch (host mode): page faults walked because they took the
+    /// process past its resident high-water mark, those below it walked
+    /// under the per-process budget, those below it not walked (over the
+    /// budget: their pages are not charged), pages not charged because the
+    /// page map was full, and given-back pages not looked up (a release
+    /// larger than FIRST_TOUCH_RELEASE_MAX_PAGES).
+    pub const TOUCH_GROWTH: u32 = PROCESS_EVENT_LOST + 1;
+    pub const TOUCH_SAMPLED: u32 = TOUCH_GROWTH + 1;
+    pub const TOUCH_SKIPPED: u32 = TOUCH_SAMPLED + 1;
+    pub const TOUCH_MAP_FULL: u32 = TOUCH_SKIPPED + 1;
+    pub const TOUCH_RELEASE_CUT: u32 = TOUCH_MAP_FULL + 1;
+    pub const COUNT: u32 = TOUCH_RELEASE_CUT + 1;
 
     /// The counters of what could not be accounted, in the order reports
     /// print them.
@@ -689,6 +753,11 @@ pub mod counter {
             NO_PYTHON_THREAD => "no-python-thread",
             STACK_COPY_LOST => "native-copies",
             PROCESS_EVENT_LOST => "process-events",
+            TOUCH_GROWTH => "growth-faults-walked",
+            TOUCH_SAMPLED => "faults-sampled",
+            TOUCH_SKIPPED => "faults-skipped",
+            TOUCH_MAP_FULL => "page-map-full",
+            TOUCH_RELEASE_CUT => "release-cut",
             i if i >= UNKNOWN_FREE && i < COUNT => "unknown-frees",
             i if i >= FREES_MATCHED && i < UNKNOWN_FREE => "frees-matched",
             i if i >= ALLOCS_SEEN && i < FREES_MATCHED => "allocs-seen",
@@ -721,6 +790,9 @@ mod pod {
     unsafe impl aya::Pod for super::UnwindRule {}
     unsafe impl aya::Pod for super::WatchedTypeKey {}
     unsafe impl aya::Pod for super::WatchedType {}
+    unsafe impl aya::Pod for super::TouchKey {}
+    unsafe impl aya::Pod for super::PageKey {}
+    unsafe impl aya::Pod for super::TouchState {}
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@
 
 mod accounting;
 mod diagnostics;
+mod first_touch;
 mod lifecycle;
 mod maps;
 mod python;

@@ -19,7 +19,7 @@ use memtrace_common::{
 /// Filled in by userspace at load time, from the kernel's BTF.
 #[unsafe(no_mangle)]
 pub static KERNEL_CONFIG: KernelConfig =
-    KernelConfig { task_fsbase: 0, task_pid: 0, task_mm: 0, mm_arg_start: 0, mm_arg_end: 0 };
+    KernelConfig { task_fsbase: 0, task_pid: 0, task_mm: 0, mm_arg_start: 0, mm_arg_end: 0, mm_anon_rss: 0 };
 
 /// Traced processes (by tgid) and what to collect for each. A process not
 /// listed here is ignored by every program.

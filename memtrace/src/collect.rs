@@ -10,7 +10,7 @@ use anyhow::{Context as _, Result, anyhow};
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use memtrace_common::{
     AllocInfo, AllocKey, CounterSet, NativeStack, ProcessEvent, PythonStack, SiteKey, SiteStackCopy, SiteStats,
-    StackKey, counter, layer, map_name,
+    StackKey, TouchKey, counter, layer, map_name,
 };
 
 use crate::probes::attach::Tracer;
@@ -41,6 +41,21 @@ impl Counters {
     /// Allocations the kernel side could not track because a map was full.
     pub fn untracked(&self) -> u64 {
         self.get(counter::ALLOC_MAP_FULL) + self.get(counter::SITE_MAP_FULL)
+    }
+
+    /// First touch's counters: faults walked as growth and under the
+    /// budget, faults skipped, pages not charged.
+    pub fn first_touch(&self) -> Vec<(&'static str, u64)> {
+        [
+            counter::TOUCH_GROWTH,
+            counter::TOUCH_SAMPLED,
+            counter::TOUCH_SKIPPED,
+            counter::TOUCH_MAP_FULL,
+            counter::TOUCH_RELEASE_CUT,
+        ]
+        .iter()
+        .map(|&c| (counter::name(c), self.get(c)))
+        .collect()
     }
 
     /// Every loss counter, named as reports name them, in print order.
@@ -77,6 +92,12 @@ pub fn sites(tracer: &Tracer, pid: u32) -> Result<Vec<(SiteKey, SiteStats)>> {
         }
     }
     Ok(out)
+}
+
+/// `pid`'s pages charged by first touch, by place.
+pub fn first_touch(tracer: &Tracer, pid: u32) -> Result<Vec<(TouchKey, u64)>> {
+    let sites: HashMap<&MapData, TouchKey, u64> = HashMap::try_from(map(tracer, map_name::FIRST_TOUCH_SITES)?)?;
+    Ok(sites.iter().filter_map(Result::ok).filter(|(key, _)| key.pid == pid).collect())
 }
 
 /// `pid`'s counters; all zero before the process is traced.

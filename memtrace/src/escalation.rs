@@ -114,6 +114,7 @@ mod tests {
             growing_since: since_secs.map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s)),
             census_at: None,
             types,
+            first_touched: vec![],
         }
     }
 

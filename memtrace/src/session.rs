@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{Result, bail};
 use aya::maps::{MapData, RingBuf};
-use memtrace_common::{MAX_NATIVE_FRAMES, ProcessEvent, SiteStats, StackKey, TargetConfig};
+use memtrace_common::{MAX_NATIVE_FRAMES, ProcessEvent, SiteKey, SiteStats, StackKey, TargetConfig};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -49,7 +49,7 @@ use crate::{
     progress::Progress,
     python::{self, Detection},
     report::{
-        CensusChange, HostReport, Output, ProcessInfo, Report, Writer,
+        CensusChange, FirstTouch, HostReport, Output, ProcessInfo, Report, Writer,
         host::{self, Skipped, Standing, Watch},
         trend::{History, TypeHistory},
     },
@@ -102,20 +102,27 @@ pub async fn run(options: Options) -> Result<Outcome> {
     let pids: Vec<u32> = options.pids.iter().copied().filter(|pid| seen.insert(*pid)).collect();
     let prepared = prepare_each(&pids, &options, &progress)?;
     // Host mode loads the kernel side for its announcements of every
-    // process, and attaches no probe.
-    let purpose = if options.host_wide() {
-        Some(Purpose::Host { escalate: options.escalate.then_some(options.max_allocs) })
-    } else if options.escalate || !options.probes_off() {
-        Some(Purpose::Probes { max_allocs: options.max_allocs })
+    // process, and attaches no probe but for an escalation.
+    let load = |purpose| Tracer::load(kernel::config()?, purpose, options.verbose);
+    let escalate = options.escalate.then_some(options.max_allocs);
+    let mut tracer = if options.host_wide() || options.escalate {
+        progress.step("loading the eBPF programs");
+        let purpose = Purpose::Free { every_process: options.host_wide(), escalate };
+        Some(privileges::explain(load(purpose), Need::Tracing)?)
+    } else if !options.probes_off() {
+        progress.step("loading the eBPF programs");
+        Some(privileges::explain(load(Purpose::Probes { max_allocs: options.max_allocs }), Need::Tracing)?)
     } else {
-        None
-    };
-    let mut tracer = match purpose {
-        None => None,
-        Some(purpose) => {
-            progress.step("loading the eBPF programs");
-            Some(privileges::explain(Tracer::load(kernel::config()?, purpose, options.verbose), Need::Tracing)?)
-        }
+        // --census-only needs no eBPF; with it, first touch comes along.
+        privileges::check(Need::Tracing)
+            .and_then(|()| kernel::check_kernel())
+            .and_then(|()| load(Purpose::Free { every_process: false, escalate: None }))
+            .inspect_err(|e| {
+                if options.verbose {
+                    eprintln!("memtrace: no first-touch accounting: {e:#}");
+                }
+            })
+            .ok()
     };
     let (exits, exited) = mpsc::unbounded_channel();
     let mut processes = BTreeMap::new();
@@ -339,8 +346,9 @@ impl Prepared {
         counting: Option<Plan>,
     ) -> Result<Traced> {
         let Self { target, interpreter, points, notes, includes_raw, births } = self;
-        // Host mode's tracer only announces processes, but for escalations.
-        let tracer = tracer.filter(|_| !points.is_empty());
+        // The free tier's tracer attaches no probe: it charges first
+        // touches (and probes only for escalations).
+        let (tracer, free_tier) = if points.is_empty() { (None, tracer) } else { (tracer, None) };
         let pid = target.pid;
         progress.step(format!("pid {pid}: its first census"));
         let mut census = CensusTaker::new(
@@ -386,15 +394,37 @@ impl Prepared {
             exited: false,
             gone: false,
             births: None,
+            first_touch: None,
         };
         let Some(tracer) = tracer else {
+            let touching = free_tier.is_some_and(|tracer| {
+                let config = TargetConfig {
+                    min_size: 0,
+                    max_size: u64::MAX,
+                    native_frames: 1,
+                    python_frames: if interpreter.is_some() { options.frames } else { 0 },
+                    copy_stacks: 0,
+                    first_touch: 1,
+                    python: interpreter.as_ref().map(|i| i.walk()).unwrap_or_default(),
+                };
+                tracer
+                    .start_first_touch(pid, &config)
+                    .inspect_err(|e| eprintln!("memtrace: pid {pid}: no first-touch accounting: {e:#}"))
+                    .is_ok()
+            });
             progress.say(&format!(
                 "memtrace: tracing pid {pid} ({}){}: census only, no probes; a report every {} s; Ctrl-C to stop",
                 target.comm,
                 described.as_ref().map(|d| format!(", {d}")).unwrap_or_default(),
                 options.interval().as_secs_f64()
             ));
-            return Ok(traced(symbolizer(None, false), None, None, None));
+            if !touching {
+                return Ok(traced(symbolizer(None, false), None, None, None));
+            }
+            let mut traced =
+                traced(symbolizer(interpreter.as_ref().map(|i| i.code_resolver(pid)), false), None, None, None);
+            traced.first_touch = Some(Snapshot::default());
+            return Ok(traced);
         };
         // A native program's sites are its native stacks, whatever the
         // grouping: two callers of one wrapper are two sites, and a site
@@ -409,7 +439,7 @@ impl Prepared {
             native_frames: if unwinds { MAX_NATIVE_FRAMES as u32 } else { 1 },
             python_frames: if interpreter.is_some() { options.frames } else { 0 },
             copy_stacks: u32::from(options.native && interpreter.is_some()),
-            _pad: 0,
+            first_touch: 0,
             python: interpreter.as_ref().map(|i| i.walk()).unwrap_or_default(),
         };
         let elf = interpreter.as_ref().map(|i| &i.elf);
@@ -554,6 +584,9 @@ struct Traced {
     unwinding: Option<Unwinding>,
     /// `--type`: its births, kept against its censuses.
     births: Option<Births>,
+    /// With first-touch accounting (the free tier), its pages at the
+    /// previous report.
+    first_touch: Option<Snapshot>,
 }
 
 /// How a process came to be traced after the session started.
@@ -791,6 +824,11 @@ impl Session<'_> {
         if let Some(tracer) = &mut self.tracer {
             tracer.forget(pid)?;
         }
+        // Host mode sees processes come and go for as long as it runs: what
+        // it kept of one that exited would only grow.
+        if self.host.is_some() {
+            self.drop_process(pid);
+        }
         Ok(())
     }
 
@@ -879,9 +917,16 @@ impl Session<'_> {
             (Ok(traced), Followed::Found) => {
                 self.processes.insert(pid, traced);
             }
-            (Err(e), Followed::Found) => {
-                if Target::is_alive(pid) {
-                    eprintln!("memtrace: pid {pid} is not watched: {e:#}");
+            (Err(e), Followed::Found) if !discovery::exiting(pid) => {
+                eprintln!("memtrace: pid {pid} is not watched: {e:#}")
+            }
+            // It exited while it was read (its memory goes before its
+            // state says so): named and counted, as one gone before.
+            (Err(_), Followed::Found) => {
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                if let Some(host) = &mut self.host {
+                    let decision = host.watch_failed(pid, comm.trim());
+                    self.decided(decision);
                 }
             }
         }
@@ -918,6 +963,9 @@ impl Session<'_> {
                 traced.notes.push("it replaced its image (exec): this final report covers the former image".into());
             }
             self.final_report_of(pid)?;
+            if let Some(tracer) = &mut self.tracer {
+                tracer.forget(pid)?;
+            }
             self.drop_process(pid);
         }
         let Some(host) = &mut self.host else { return Ok(()) };
@@ -969,7 +1017,14 @@ impl Session<'_> {
                 let watched = Prepared::detected(target, detection, self.options, &quiet, Probing::Nothing).and_then(
                     |prepared| {
                         watch_exit(pid, self.exits.clone())?;
-                        prepared.attach(None, &mut self.rules, &self.allocators, self.options, &quiet, None)
+                        prepared.attach(
+                            self.tracer.as_mut(),
+                            &mut self.rules,
+                            &self.allocators,
+                            self.options,
+                            &quiet,
+                            None,
+                        )
                     },
                 );
                 match watched {
@@ -1073,7 +1128,9 @@ impl Session<'_> {
         let mut processes: Vec<Standing> = self
             .processes
             .values()
-            .map(|t| Standing::new(t.info.clone(), t.in_container, t.gone, &t.watch, &t.types, top))
+            .map(|t| {
+                Standing::new(t.info.clone(), t.in_container, t.gone, &t.watch, &t.types, t.first_touch.as_ref(), top)
+            })
             .collect();
         host::rank(&mut processes);
         self.host_reports += 1;
@@ -1205,6 +1262,10 @@ impl Session<'_> {
         traced.watch.record(now, census.memory, census.heap);
         let type_trends = traced.types.trends();
         let Some(tracer) = self.tracer.as_mut().filter(|_| traced.plan.is_some()) else {
+            let first_touch = match (&self.tracer, traced.first_touch.take()) {
+                (Some(tracer), Some(before)) => Some(first_touch(tracer, traced, before)?),
+                _ => None,
+            };
             traced.sequence += 1;
             traced.exited |= is_final;
             let report = Report {
@@ -1222,10 +1283,12 @@ impl Session<'_> {
                 census: Some(CensusChange { now: census, before: std::mem::take(&mut traced.census_before) }),
                 history: History::default(),
                 type_trends,
+                first_touch,
             };
             self.progress.clear();
             write_to(&mut self.outputs, &mut self.failed, &report);
             traced.census_before = report.census.map(CensusChange::carried_on).unwrap_or_default();
+            traced.first_touch = report.first_touch.map(|touch| touch.now);
             return Ok(());
         };
         let sites = collect::sites(tracer, pid)?;
@@ -1290,6 +1353,7 @@ impl Session<'_> {
             census: Some(CensusChange { now: census, before: std::mem::take(&mut traced.census_before) }),
             history: std::mem::take(&mut traced.history),
             type_trends,
+            first_touch: None,
         };
         self.progress.clear();
         write_to(&mut self.outputs, &mut self.failed, &report);
@@ -1327,6 +1391,29 @@ fn write_each(
         }
     });
 }
+
+/// `traced`'s resident pages by where they were first touched, against
+/// `before`, the previous report's.
+fn first_touch(tracer: &Tracer, traced: &mut Traced, before: Snapshot) -> Result<FirstTouch> {
+    let pid = traced.info.pid;
+    let places = collect::first_touch(tracer, pid)?;
+    // Native places are instructions, which may lie in code mapped since.
+    if places.iter().any(|(key, _)| key.ip != 0)
+        && let Ok(map) = MemoryMap::read(pid)
+    {
+        traced.symbolizer.set_map(map);
+    }
+    let entries = places.into_iter().filter(|&(_, pages)| pages > 0).map(|(key, pages)| {
+        let site = SiteKey { pid, layer: 0, caller: key.ip, native_stack: 0, python_stack: key.python_stack };
+        (traced.symbolizer.traceback(&site, |_| None), Stat { size: pages * PAGE_SIZE, count: pages })
+    });
+    let now = Snapshot::from_entries(entries.collect::<Vec<_>>());
+    let counters = collect::counters(tracer, pid)?;
+    Ok(FirstTouch { now, before, counters: counters.first_touch().into_iter().map(|(n, v)| (n.into(), v)).collect() })
+}
+
+/// The pages first touch charges.
+const PAGE_SIZE: u64 = 4096;
 
 fn outstanding(stats: &SiteStats) -> Stat {
     Stat { size: stats.outstanding_bytes, count: stats.outstanding_count }

@@ -26,7 +26,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, Map, MapData, PerCpuHashMap, PerCpuValues},
-    programs::RawTracePoint,
+    programs::{RawTracePoint, TracePoint},
     util::nr_cpus,
 };
 use aya_obj::{
@@ -34,8 +34,8 @@ use aya_obj::{
     generated::{BPF_F_UPROBE_MULTI_RETURN, bpf_attach_type, bpf_attr, bpf_cmd, bpf_insn, bpf_prog_type},
 };
 use memtrace_common::{
-    AllocInfo, AllocKey, CounterSet, KernelConfig, NativeStack, PythonStack, SiteKey, SiteStats, StackKey,
-    TargetConfig, UnwindKey, UnwindRule, WatchedType, WatchedTypeKey, map_name,
+    AllocInfo, AllocKey, CounterSet, KernelConfig, NativeStack, PageKey, PythonStack, SiteKey, SiteStats, StackKey,
+    TargetConfig, TouchKey, TouchState, UnwindKey, UnwindRule, WatchedType, WatchedTypeKey, map_name,
 };
 
 use super::plan::{AttachPoint, ProbeKind, Program};
@@ -56,13 +56,23 @@ const TRACEPOINTS: [&str; 3] = ["task_newtask", "sched_process_exec", "sched_pro
 pub enum Purpose {
     /// Probes on chosen processes, with room for `max_allocs` live blocks.
     Probes { max_allocs: u32 },
-    /// Host mode: every process's forks, execs and exits announced. With no
-    /// `escalate`, no allocation probe, so the maps of live blocks and
-    /// sites are left at one entry (a preallocated ALLOCS would pin ~100 MiB
-    /// of kernel memory for nothing); with it (`--escalate`), the programs
+    /// The free tier (host mode, `--census-only`): no allocation probe, so
+    /// the maps of live blocks and sites are left at one entry (a
+    /// preallocated ALLOCS would pin ~100 MiB of kernel memory for
+    /// nothing); page faults charged to where they were first touched; and
+    /// with `every_process` (host mode), every process's forks, execs and
+    /// exits announced. With `escalate` (`--escalate`), also the programs
     /// that trace one process at a time, with room for that many blocks.
-    Host { escalate: Option<u32> },
+    Free { every_process: bool, escalate: Option<u32> },
 }
+
+/// The free tier's first-touch programs: the page-fault tracepoint, and the
+/// system calls that give pages back (program, syscalls tracepoint). The
+/// syscall tracepoints are read through tracefs, root's: kprobes would need
+/// CONFIG_KPROBE_EVENTS, which kernels like this project's lack.
+const FIRST_TOUCH_FAULTS: &str = "page_fault_user";
+const FIRST_TOUCH_RELEASES: [(&str, &str); 2] =
+    [("touch_munmap", "sys_enter_munmap"), ("touch_madvise", "sys_enter_madvise")];
 
 /// Host mode's process ring: about 3,000 events (an exec's carries its
 /// command line), so that a burst of short-lived processes (a shell loop,
@@ -85,7 +95,7 @@ impl Tracer {
     pub fn load(kernel: KernelConfig, purpose: Purpose, verbose: bool) -> Result<Self> {
         // aya-log's levels: 0 is off; 2 is warnings and worse.
         let log_level: u8 = if verbose { 2 } else { 0 };
-        let every_process = u32::from(matches!(purpose, Purpose::Host { .. }));
+        let every_process = u32::from(matches!(purpose, Purpose::Free { every_process: true, .. }));
         let mut loader = EbpfLoader::new();
         loader
             .override_global("KERNEL_CONFIG", &kernel, true)
@@ -93,19 +103,22 @@ impl Tracer {
             .override_global("WATCH_EVERY_PROCESS", &every_process, true);
         match purpose {
             Purpose::Probes { max_allocs } => loader.map_max_entries(map_name::ALLOCS, max_allocs),
-            Purpose::Host { escalate: Some(max_allocs) } => loader
+            Purpose::Free { escalate: Some(max_allocs), .. } => loader
                 .map_max_entries(map_name::ALLOCS, max_allocs)
                 .map_max_entries(map_name::PROCESS_EVENTS, HOST_PROCESS_RING),
-            Purpose::Host { escalate: None } => loader
+            Purpose::Free { escalate: None, .. } => loader
                 .map_max_entries(map_name::ALLOCS, 1)
                 .map_max_entries(map_name::SITES, 1)
                 .map_max_entries(map_name::PROCESS_EVENTS, HOST_PROCESS_RING),
         };
         let mut ebpf = loader.load(OBJECT).context("cannot load memtrace's eBPF maps")?;
         let programs = match purpose {
-            Purpose::Probes { .. } | Purpose::Host { escalate: Some(_) } => load_programs(&ebpf, OBJECT, verbose)?,
-            Purpose::Host { escalate: None } => BTreeMap::new(),
+            Purpose::Probes { .. } | Purpose::Free { escalate: Some(_), .. } => load_programs(&ebpf, OBJECT, verbose)?,
+            Purpose::Free { escalate: None, .. } => BTreeMap::new(),
         };
+        if let Purpose::Free { .. } = purpose {
+            attach_first_touch(&mut ebpf)?;
+        }
         // Kept attached by the object, which owns the links.
         for name in TRACEPOINTS {
             let program: &mut RawTracePoint = ebpf
@@ -188,6 +201,9 @@ impl Tracer {
         self.forget_entries::<StackKey, NativeStack>(map_name::NATIVE_STACKS, |k| k.pid == pid)?;
         self.forget_entries::<StackKey, PythonStack>(map_name::PYTHON_STACKS, |k| k.pid == pid)?;
         self.forget_entries::<UnwindKey, UnwindRule>(map_name::UNWIND_RULES, |k| k.pid == pid)?;
+        HashMap::<_, u32, TouchState>::try_from(self.map_mut(map_name::FIRST_TOUCH_STATE)?)?.remove(&pid).ok();
+        self.forget_entries::<PageKey, TouchKey>(map_name::FIRST_TOUCH_PAGES, |k| k.pid == pid)?;
+        self.forget_entries::<TouchKey, u64>(map_name::FIRST_TOUCH_SITES, |k| k.pid == pid)?;
         self.forget_entries::<WatchedTypeKey, WatchedType>(map_name::WATCHED_TYPES, |k| k.pid == pid)?;
         Ok(())
     }
@@ -212,6 +228,15 @@ impl Tracer {
             }
         }
         Ok(())
+    }
+
+    /// Starts charging `pid`'s new resident pages to where they were first
+    /// touched, walking its Python stacks as `config` says.
+    pub fn start_first_touch(&mut self, pid: u32, config: &TargetConfig) -> Result<()> {
+        let mut state: HashMap<&mut MapData, u32, TouchState> =
+            HashMap::try_from(self.map_mut(map_name::FIRST_TOUCH_STATE)?)?;
+        state.insert(pid, TouchState::default(), 0).context("cannot start first-touch accounting")?;
+        self.set_target(pid, config)
     }
 
     /// Removes the entries of hash map `name` whose key `matches`; keys are
@@ -251,6 +276,30 @@ impl Tracer {
     pub fn take_logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>> {
         aya_log::EbpfLogger::init(&mut self.ebpf).context("cannot read the kernel side's log")
     }
+}
+
+/// Loads and attaches the free tier's first-touch programs; they stay
+/// attached as long as the object.
+fn attach_first_touch(ebpf: &mut Ebpf) -> Result<()> {
+    let program: &mut RawTracePoint = ebpf
+        .program_mut(FIRST_TOUCH_FAULTS)
+        .ok_or_else(|| anyhow!("eBPF object lacks program {FIRST_TOUCH_FAULTS}"))?
+        .try_into()
+        .context("the page-fault program is not a raw tracepoint")?;
+    program.load().context("the kernel rejected the page-fault program")?;
+    program.attach(FIRST_TOUCH_FAULTS).context("cannot attach to tracepoint page_fault_user")?;
+    for (name, function) in FIRST_TOUCH_RELEASES {
+        let program: &mut TracePoint = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("eBPF object lacks program {name}"))?
+            .try_into()
+            .with_context(|| format!("eBPF program {name} is not a tracepoint"))?;
+        program.load().with_context(|| format!("the kernel rejected eBPF program {name}"))?;
+        program
+            .attach("syscalls", function)
+            .with_context(|| format!("cannot attach to tracepoint syscalls:{function}"))?;
+    }
+    Ok(())
 }
 
 /// Loads each of memtrace's programs for uprobe_multi links, relocated

@@ -3,7 +3,8 @@
 //! the kernel facts the BPF side needs, from BTF: where a task keeps its
 //! user-space thread pointer (`task_struct.thread.fsbase`), its id
 //! (`task_struct.pid`) and where its command line lies (`task_struct.mm`,
-//! `mm_struct.arg_start`, `arg_end`).
+//! `mm_struct.arg_start`, `arg_end`) and its count of anonymous resident
+//! pages (`mm_struct.rss_stat`).
 
 use std::fs;
 
@@ -52,8 +53,16 @@ pub fn config() -> Result<KernelConfig> {
         task_mm: btf.offset("task_struct", &["mm"])?,
         mm_arg_start: btf.offset("mm_struct", &["arg_start"])?,
         mm_arg_end: btf.offset("mm_struct", &["arg_end"])?,
+        // rss_stat is an array of percpu_counter by MM_* index
+        // (include/linux/mm_types_task.h: MM_FILEPAGES, MM_ANONPAGES, ...).
+        mm_anon_rss: btf.offset("mm_struct", &["rss_stat"])?
+            + MM_ANONPAGES * btf.size_of("percpu_counter")?
+            + btf.offset("percpu_counter", &["count"])?,
     })
 }
+
+/// The index of anonymous pages in `mm_struct.rss_stat`.
+const MM_ANONPAGES: u64 = 1;
 
 /// Offset in `struct task_struct` of the member `path` names (`thread`,
 /// then its `fsbase`), from the kernel's BTF.
@@ -122,6 +131,12 @@ impl<'a> Btf<'a> {
             (offset, within) = (offset + at, member_type);
         }
         Ok(offset)
+    }
+
+    /// The size in bytes of struct `name`.
+    fn size_of(&self, name: &str) -> Result<u64> {
+        let id = self.struct_named(name).ok_or_else(|| anyhow!("BTF has no struct {name}"))?;
+        Ok(u64::from(u32_at(self.types[id as usize], 8).unwrap_or(0)))
     }
 
     fn name(&self, offset: u32) -> &[u8] {

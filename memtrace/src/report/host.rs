@@ -2,7 +2,8 @@
 //! several pids): at every interval, the processes watched ranked by how
 //! their private memory grows, each with its verdict, growth rate and since
 //! when, its memory now and since it was first seen, and its fastest
-//! growing object types; then the processes that cannot be watched, each
+//! growing object types and the lines where its resident pages were first
+//! touched; then the processes that cannot be watched, each
 //! with its reason. A plain value, like [`super::Report`], that writers
 //! turn into their formats.
 
@@ -12,7 +13,10 @@ use super::{
     ProcessInfo,
     trend::{SeriesHistory, Trend, TypeHistory, Verdict},
 };
-use crate::census::{memory::Memory, pymalloc};
+use crate::{
+    census::{memory::Memory, pymalloc},
+    snapshot::{GroupBy, Snapshot, Stat, Traceback},
+};
 
 #[derive(Clone, Debug)]
 pub struct HostReport {
@@ -65,6 +69,9 @@ pub struct Standing {
     /// growing first, then those that grew most since its first census.
     pub census_at: Option<SystemTime>,
     pub types: Vec<TypeStanding>,
+    /// Where its resident pages were first touched (bytes and pages), by
+    /// line, the most first; empty without first-touch accounting.
+    pub first_touched: Vec<(Traceback, Stat)>,
 }
 
 /// One object type of a process.
@@ -109,6 +116,7 @@ impl Standing {
         exited: bool,
         watch: &Watch,
         types: &TypeHistory,
+        first_touch: Option<&Snapshot>,
         top: usize,
     ) -> Self {
         let trends = types.trends();
@@ -151,6 +159,12 @@ impl Standing {
             growing_since: watch.private_memory.growing_since(),
             census_at: census.map(|(time, _)| time),
             types: rows,
+            first_touched: first_touch.map_or_else(Vec::new, |touched| {
+                let mut lines: Vec<(Traceback, Stat)> = touched.group(GroupBy::Lineno).stats.into_iter().collect();
+                lines.sort_by(|a, b| b.1.size.cmp(&a.1.size).then_with(|| a.0.cmp(&b.0)));
+                lines.truncate(top);
+                lines
+            }),
         }
     }
 }
@@ -196,7 +210,7 @@ mod tests {
             watch.record(SystemTime::UNIX_EPOCH + Duration::from_secs(i as u64 * 10), Some(memory), None);
         }
         let info = ProcessInfo { pid, ns_pid: pid, comm: "python".into(), interpreter: None, cgroup: None };
-        Standing::new(info, false, false, &watch, &TypeHistory::default(), 10)
+        Standing::new(info, false, false, &watch, &TypeHistory::default(), None, 10)
     }
 
     #[test]

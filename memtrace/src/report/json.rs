@@ -62,6 +62,18 @@ pub struct JsonReport {
     pub heap: Option<HeapJson>,
     /// The object census.
     pub census: Option<CensusJson>,
+    /// Where new resident memory was first touched (the free tier).
+    #[serde(default)]
+    pub first_touch: Option<FirstTouchJson>,
+}
+
+/// Resident pages by the group that first touched them, biggest growth
+/// first; `size` is bytes, `count` pages.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FirstTouchJson {
+    pub rows: Vec<Row>,
+    /// How faults were chosen for a walk, and what was not charged.
+    pub counters: BTreeMap<String, u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,6 +202,10 @@ impl JsonReport {
             },
             memory: census.and_then(|c| c.now.memory).map(MemoryJson::of),
             heap: census.and_then(|c| c.now.heap).map(HeapJson::of),
+            first_touch: report.first_touch.as_ref().map(|touch| FirstTouchJson {
+                rows: touch.rows(view.group_by).iter().take(view.top).map(Row::of).collect(),
+                counters: named(&touch.counters),
+            }),
             census: census.and_then(|c| {
                 let objects = c.now.objects.as_ref()?;
                 let types = type_growth(objects, c.before.objects.as_ref())
@@ -265,6 +281,16 @@ pub struct JsonStanding {
     pub census_time: Option<f64>,
     /// Its top types, growing ones first; `change` is since its first census.
     pub types: Vec<JsonTypeStanding>,
+    /// Where its resident pages were first touched, by line, the most first.
+    #[serde(default)]
+    pub first_touched: Vec<JsonTouched>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JsonTouched {
+    pub location: String,
+    pub bytes: u64,
+    pub pages: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -311,6 +337,11 @@ impl JsonHostReport {
                     verdict: t.trend.map(|t| t.verdict.name().to_owned()),
                     slope_objects_per_minute: t.trend.map(|t| t.slope * 60.0),
                 })
+                .collect(),
+            first_touched: s
+                .first_touched
+                .iter()
+                .map(|(line, stat)| JsonTouched { location: line.to_string(), bytes: stat.size, pages: stat.count })
                 .collect(),
         };
         Self {

@@ -20,7 +20,7 @@ pub mod trend;
 use std::io;
 
 pub use host::HostReport;
-pub use model::{CensusChange, ProcessInfo, Report};
+pub use model::{CensusChange, FirstTouch, ProcessInfo, Report};
 
 use crate::snapshot::GroupBy;
 

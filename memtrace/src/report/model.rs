@@ -68,6 +68,29 @@ pub struct Report {
     /// The reports so far, this one included; empty for a report rebuilt
     /// from saved snapshots, which then has no verdicts or peaks.
     pub history: History,
+    /// Where its resident memory was first touched (the free tier, when
+    /// the kernel side charges its page faults).
+    pub first_touch: Option<FirstTouch>,
+}
+
+/// Resident pages by the traceback that first touched them, now and at the
+/// previous report: in each [`Stat`], `size` is bytes and `count` pages.
+/// First touch is not allocation: a fresh page is charged to whichever
+/// allocation first landed on it.
+#[derive(Clone, Debug, Default)]
+pub struct FirstTouch {
+    pub now: Snapshot,
+    pub before: Snapshot,
+    /// How faults were chosen for a walk, and what was not charged.
+    pub counters: Counters,
+}
+
+impl FirstTouch {
+    /// The groups of `group_by`, biggest growth since the previous report
+    /// first.
+    pub fn rows(&self, group_by: GroupBy) -> Vec<StatDiff> {
+        self.now.group(group_by).compare_to(&self.before.group(group_by))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -115,6 +115,7 @@ impl SavedSnapshot {
             }),
             history: Default::default(),
             type_trends: Default::default(),
+            first_touch: None,
         }
     }
 }

@@ -16,7 +16,7 @@ use super::{
     CensusChange, HostReport, Report, View, Writer,
     format::{format_size, growth_lines, stat_diff_line, type_growth},
     host::Standing,
-    model::Counters,
+    model::{Counters, FirstTouch},
     trend::{Trend, Verdict},
 };
 use crate::snapshot::GroupBy;
@@ -103,6 +103,30 @@ impl<W: Write, S: SourceLines> TextWriter<W, S> {
                 trend.grew,
                 trend.intervals,
                 format_size(report.history.peak(group_by, &diff.traceback).unwrap_or(diff.size) as f64, false),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The "first touched at" section: the top groups by growth of the
+    /// resident pages they first touched.
+    fn write_first_touch(&mut self, touch: &FirstTouch) -> std::io::Result<()> {
+        let out = &mut self.out;
+        let counters = touch.counters.iter().map(|(name, value)| format!("{name}={value}")).collect::<Vec<_>>();
+        writeln!(
+            out,
+            "first touched at (new resident pages, by the line that first touched them): {}",
+            counters.join(" ")
+        )?;
+        for diff in touch.rows(self.view.group_by).iter().take(self.view.top) {
+            writeln!(
+                out,
+                "{}: {} ({}) in {} pages ({:+})",
+                diff.traceback,
+                format_size(diff.size as f64, false),
+                format_size(diff.size_diff as f64, true),
+                diff.count,
+                diff.count_diff
             )?;
         }
         Ok(())
@@ -205,6 +229,9 @@ impl<W: Write, S: SourceLines> Writer for TextWriter<W, S> {
         if let Some(change) = &report.census {
             self.write_census(change, &report.type_trends)?;
         }
+        if let Some(touch) = &report.first_touch {
+            self.write_first_touch(touch)?;
+        }
         writeln!(self.out)?;
         self.out.flush()
     }
@@ -287,6 +314,16 @@ impl<W: Write, S: SourceLines> TextWriter<W, S> {
                     clock_time(standing.watched_since),
                     clock_time(at)
                 )?;
+            }
+            if !standing.first_touched.is_empty() {
+                let lines: Vec<String> = standing
+                    .first_touched
+                    .iter()
+                    .map(|(line, stat)| {
+                        format!("{line} {} in {} pages", format_size(stat.size as f64, false), stat.count)
+                    })
+                    .collect();
+                writeln!(out, "    first touched at: {}", lines.join(", "))?;
             }
         }
         if report.processes.len() > self.view.top {
@@ -385,6 +422,7 @@ pub(crate) mod tests {
             census: None,
             history: Default::default(),
             type_trends: Default::default(),
+            first_touch: None,
             current: Snapshot::from_entries([
                 (leak.clone(), Stat { size: 3_708_000, count: 51_734 }),
                 (new, Stat { size: 40, count: 1 }),
@@ -418,5 +456,35 @@ pub(crate) mod tests {
             .unwrap();
         let text = String::from_utf8(out).unwrap();
         assert_eq!(text.lines().filter(|l| l.contains(": size=")).count(), 1, "{text}");
+    }
+
+    /// The first-touch section: its counters, then the top groups by growth
+    /// of their pages, in the order and limit of the view.
+    #[test]
+    fn first_touch_is_a_section_of_its_own() {
+        let mut report = sample(false);
+        let line = |lineno| Traceback(vec![Frame::at("/w/app.py", lineno)]);
+        report.first_touch = Some(FirstTouch {
+            now: Snapshot::from_entries([
+                (line(16), Stat { size: 40 * 4096, count: 40 }),
+                (line(20), Stat { size: 3 * 4096, count: 3 }),
+            ]),
+            before: Snapshot::from_entries([(line(16), Stat { size: 10 * 4096, count: 10 })]),
+            counters: vec![("growth-faults-walked".into(), 43), ("faults-skipped".into(), 7)],
+        });
+        let mut out = Vec::new();
+        TextWriter::new(&mut out, OneLine, View { group_by: GroupBy::Lineno, top: 1, types: 10 })
+            .write(&report)
+            .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let section: Vec<&str> = text.lines().skip_while(|l| !l.starts_with("first touched at")).take(2).collect();
+        assert_eq!(
+            section,
+            [
+                "first touched at (new resident pages, by the line that first touched them): growth-faults-walked=43 faults-skipped=7",
+                "/w/app.py:16: 160 KiB (+120 KiB) in 40 pages (+30)",
+            ],
+            "{text}"
+        );
     }
 }
