@@ -191,6 +191,7 @@ impl Prepared {
         )?;
         if options.verbose {
             if interpreter.is_some() {
+                eprintln!("memtrace: {}", inlined.describe());
                 let found = &inlined.new_references;
                 eprintln!(
                     "memtrace: {} inlined copies of _Py_NewReference found, from {} references to tracemalloc's flag",
@@ -210,7 +211,7 @@ impl Prepared {
                 );
             }
         }
-        let includes_raw = inlined.pymalloc.is_none();
+        let includes_raw = !inlined.probes_pops();
         Ok(Self { target, interpreter, points, notes, includes_raw })
     }
 

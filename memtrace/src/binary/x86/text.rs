@@ -67,6 +67,15 @@ impl Text {
         self.functions.binary_search_by_key(&vaddr, |&(start, _)| start).is_ok()
     }
 
+    /// The instructions of the function that starts at `function`, by
+    /// index.
+    pub fn function_insns(&self, function: u64) -> Option<std::ops::Range<usize>> {
+        let k = self.functions.binary_search_by_key(&function, |&(start, _)| start).ok()?;
+        let end = self.functions[k].1;
+        let first = self.index_of(function)?;
+        Some(first..first + self.insns[first..].partition_point(|ins| ins.ip() < end))
+    }
+
     /// Whether `vaddr` lies in the function that starts at `function`.
     pub fn same_function(&self, function: u64, vaddr: u64) -> bool {
         self.functions

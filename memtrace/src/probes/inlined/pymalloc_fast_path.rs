@@ -18,7 +18,10 @@
 //! path belongs to a recognised pop and every free and realloc guard leads to
 //! a recognised site or to an out-of-line allocator function.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    ops::Range,
+};
 
 use iced_x86::{Code, ConditionCode, FlowControl, Instruction, Mnemonic, OpKind, Register};
 
@@ -251,6 +254,14 @@ fn account(text: &Text, defaults: [u64; 4], guards: &HashMap<usize, Kind>, sites
     })
 }
 
+/// The pops the pattern matches among the instructions `range` of `text`,
+/// each with the direct call its empty-pool side makes (index, target):
+/// how `pymalloc_functions` finds the pops inside pymalloc's own functions.
+pub(super) fn pops_in(text: &Text, layout: &Layout, range: Range<usize>) -> Vec<(PopSite, Option<(usize, u64)>)> {
+    let fields = Fields::of(layout);
+    range.filter_map(|i| text.pop_at(i, fields)).map(|pop| (pop.site, pop.slow_call)).collect()
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     Malloc,
@@ -426,8 +437,8 @@ impl Text {
     }
 
     /// The register that holds the requested size at the pop at `i`. The
-    /// copy computed the size class from it, `lea -1(%N),%r; shr $4,%r` or
-    /// `sub $1,%r; shr $4,%r`, on the code that falls through to `i`: the
+    /// copy computed the size class from it, `lea -1(%N),%r; ... shr $4,%r`
+    /// or `sub $1,%r; ... shr $4,%r`, on the code that falls through to `i`: the
     /// request is `N`, or a copy of it made before, whichever is unchanged
     /// at `i`.
     fn request_register(&self, i: usize) -> Option<Reg> {
@@ -437,7 +448,10 @@ impl Text {
             ins.code() == Code::Shr_rm32_imm8 && ins.op0_kind() == OpKind::Register && ins.immediate(1) == 4
         })?;
         let index = self.insns[shr].op0_register();
-        let computation = shr.checked_sub(1)?;
+        // Its computation, the last write of the index before the shift
+        // (the compiler may schedule other work between them).
+        let computation =
+            *path.iter().filter(|&&k| k < shr).find(|&&k| self.writes_register([k], index.full_register()))?;
         let ins = &self.insns[computation];
         let value = if ins.code() == Code::Lea_r32_m
             && ins.op0_register() == index
