@@ -141,7 +141,10 @@ pub fn plan(paths: &MappedPaths, libc: ProbedBinary, python: Option<PythonProbes
             }
             (None, Err(_)) => PYMALLOC_EXPORTED.to_vec(),
         };
-        resolved.extend(pymalloc.iter().chain(PYTHON_OBJECTS).filter_map(|f| by_symbol(binary, *f)));
+        // The function's entry, when calls the birth sites do not show
+        // could reach it.
+        let objects = if python.inlined.births.function_probed.is_some() { PYTHON_OBJECTS } else { &[] };
+        resolved.extend(pymalloc.iter().chain(objects).filter_map(|f| by_symbol(binary, *f)));
     }
     let mut points = sites;
     let mut seen = Vec::new();
@@ -218,7 +221,7 @@ fn inlined_sites(paths: &MappedPaths, binary: &ProbedBinary, inlined: &InlinedCo
     let pushes = pushes
         .iter()
         .map(|push| (Program::Free, push.vaddr, cookie(op::FREE, push.block.number(), NO_ARG), "pymalloc push"));
-    let births = inlined.new_references.sites.iter().map(|site| {
+    let births = inlined.births.probed.iter().map(|site| {
         let cookie = cookie(op::NEW_REFERENCE, site.object.number(), NO_ARG);
         (Program::NewReference, site.vaddr, cookie, "_Py_NewReference")
     });

@@ -7,6 +7,7 @@
 //! (`binary::x86::Text`) and answer only what they can prove, so that
 //! memtrace never probes a guess.
 
+pub mod births;
 pub mod new_reference;
 pub mod pymalloc_fast_path;
 pub mod pymalloc_functions;
@@ -28,6 +29,8 @@ pub struct InlinedCode {
     /// their entries and returns are probed instead.
     pub function_pops: Result<pymalloc_functions::FunctionPops, String>,
     pub new_references: new_reference::InlinedNewReferences,
+    /// The births to probe, from those copies and the function's calls.
+    pub births: births::Births,
 }
 
 impl Default for InlinedCode {
@@ -36,6 +39,7 @@ impl Default for InlinedCode {
             pymalloc: None,
             function_pops: Err("no interpreter code decoded".into()),
             new_references: Default::default(),
+            births: Default::default(),
         }
     }
 }
@@ -47,8 +51,22 @@ impl InlinedCode {
         self.pymalloc.is_some() || self.function_pops.is_ok()
     }
 
-    /// What `--verbose` says of how pymalloc is probed.
+    /// What `--verbose` says of how pymalloc and births are probed.
     pub fn describe(&self) -> String {
+        let births = &self.births;
+        let function = match &births.function_probed {
+            Some(why) => format!("_Py_NewReference's entry too ({why})"),
+            None => "not _Py_NewReference's entry: calls from other binaries (extension modules) are not seen".into(),
+        };
+        format!(
+            "{}; births probed at {} sites that may revive a free-list object ({} proven to follow an allocation are not), and {function}",
+            self.describe_pymalloc(),
+            births.probed.len(),
+            births.fresh
+        )
+    }
+
+    fn describe_pymalloc(&self) -> String {
         match (&self.pymalloc, &self.function_pops) {
             (Some(_), _) => "pymalloc is probed at its copies inlined into callers".into(),
             (None, Ok(_)) => format!(
@@ -68,7 +86,9 @@ pub fn find(elf: &ElfFile, layout: &Layout) -> InlinedCode {
         Some(_) => Err("its copies in callers are probed".into()),
         None => pymalloc_functions::find(elf, &text, layout),
     };
-    InlinedCode { pymalloc, function_pops, new_references: new_reference::find(elf, &text) }
+    let new_references = new_reference::find(elf, &text);
+    let births = births::find(elf, &text, &new_references, pymalloc.as_ref());
+    InlinedCode { pymalloc, function_pops, new_references, births }
 }
 
 /// The register a pattern's pointer (a pool, a block, an object) is in, as

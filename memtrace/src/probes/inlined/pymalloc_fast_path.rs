@@ -82,6 +82,9 @@ pub struct PopSite {
     pub vaddr: u64,
     pub pool: Reg,
     pub request: Option<Reg>,
+    /// The `mov 0x8(%pool),%block` that loads the block: what it loads is
+    /// the block this pop hands out (an object born from it is fresh).
+    pub block_load: u64,
 }
 
 /// An inlined `pymalloc_free`, probed at its `pool->freeblock = p` (`mov
@@ -431,6 +434,7 @@ impl Text {
                 vaddr: self.insns[i].ip(),
                 pool: pointer_register(pool)?,
                 request: self.request_register(i),
+                block_load: self.insns[load_block].ip(),
             },
             slow_call: self.call_reached(empty),
         })

@@ -1,0 +1,222 @@
+//! Where memtrace must see an object born. tracemalloc moves a block's
+//! traceback to the line that revives it from a free list, which only
+//! `_Py_NewReference` sees; but most births follow an allocation on the
+//! same line, where moving changes nothing, and a probe on the function
+//! would trap on every object. This module takes every birth site of the
+//! binary, the calls of `_Py_NewReference` (directly or through the PLT)
+//! and its inlined copies (`new_reference`), and follows the object's
+//! register back through the code: a site where, on every path, the object
+//! is what an allocator function just returned needs no probe. The others
+//! are probed at the site itself, and the function's entry is probed only
+//! when a call could escape this count (its address is taken): memtrace proves a site fresh or
+//! probes it.
+//!
+//! Calls from other binaries (extension modules, such as `_asyncio` and
+//! `_datetime`, which call `_Py_NewReference` through their own PLT) are
+//! not seen once the function's entry is not probed: their revived
+//! objects keep the line of their first allocation.
+
+use std::collections::HashSet;
+
+use iced_x86::{Code, FlowControl, OpKind, Register};
+
+use super::{
+    new_reference::{InlinedNewReferences, NewReferenceSite},
+    pymalloc_fast_path::InlinedPymalloc,
+};
+use crate::binary::{
+    elf::ElfFile,
+    x86::{Reg, Text, decode, gpr, register, writes_register, written},
+};
+
+const FUNCTION: &str = "_Py_NewReference";
+
+/// Functions whose return value is a block just allocated at the caller's
+/// line (or moved there, by realloc), across the versions: an object born
+/// in it is fresh.
+const ALLOCATORS: &[&str] = &[
+    "PyObject_Malloc",
+    "PyObject_Calloc",
+    "PyObject_Realloc",
+    "_PyObject_GC_Malloc",
+    "_PyObject_GC_Calloc",
+    "_PyObject_GC_Resize",
+    "gc_alloc",
+    "PyMem_RawMalloc",
+    "PyMem_RawCalloc",
+];
+
+/// How many (instruction, register) states a site's backward walk may
+/// visit before it gives up and the site is probed.
+const BUDGET: usize = 400;
+
+/// The birth sites to probe, and whether `_Py_NewReference`'s entry must
+/// be probed too.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Births {
+    /// In address order.
+    pub probed: Vec<NewReferenceSite>,
+    /// How many sites were proven to follow an allocation.
+    pub fresh: usize,
+    /// Why the function's entry is probed, when it is.
+    pub function_probed: Option<String>,
+}
+
+/// The birth sites of `elf` that need a probe, from its inlined copies
+/// `inlined` and the calls of `_Py_NewReference`.
+pub fn find(elf: &ElfFile, text: &Text, inlined: &InlinedNewReferences, pymalloc: Option<&InlinedPymalloc>) -> Births {
+    let function = elf.symbol(FUNCTION).map(|s| s.vaddr);
+    let plt_slot = elf.plt_slot(FUNCTION);
+    let mut allocators: HashSet<u64> = ALLOCATORS
+        .iter()
+        .flat_map(|&name| elf.symbol(name).map(|s| s.vaddr).into_iter().chain(plt_stub(elf, text, name)))
+        .collect();
+    let mut block_loads = HashSet::new();
+    if let Some(pymalloc) = pymalloc {
+        allocators.insert(pymalloc.new_pool);
+        block_loads.extend(pymalloc.pops.iter().map(|pop| pop.block_load));
+    }
+    let allocators = Allocations { functions: allocators, block_loads };
+    let mut sites: Vec<(usize, Reg)> =
+        inlined.sites.iter().filter_map(|site| Some((text.index_of(site.vaddr)?, site.object))).collect();
+    let stub = plt_slot.and_then(|_| plt_stub(elf, text, FUNCTION));
+    for target in function.into_iter().chain(stub) {
+        sites.extend(text.transfers_to(target).iter().map(|&k| (k, Reg::Rdi)));
+    }
+    let mut births = Births { function_probed: why_function_probed(elf, text, function), ..Births::default() };
+    for (k, object) in sites {
+        if follows_allocation(text, k, object, &allocators) {
+            births.fresh += 1;
+        } else {
+            births.probed.push(NewReferenceSite { vaddr: text.insns[k].ip(), object });
+        }
+    }
+    births.probed.sort_by_key(|s| s.vaddr);
+    births.probed.dedup();
+    births
+}
+
+/// Why `_Py_NewReference`'s entry must still be probed, if it must: calls
+/// the sites do not show could reach it.
+fn why_function_probed(elf: &ElfFile, text: &Text, function: Option<u64>) -> Option<String> {
+    let function = function?;
+    if elf.got_slot(FUNCTION).is_some() {
+        return Some(format!("the GOT holds the address of {FUNCTION}"));
+    }
+    if let Some(ins) = text.insns.iter().find(|ins| {
+        ins.flow_control() == FlowControl::Next
+            && ((ins.is_ip_rel_memory_operand() && ins.ip_rel_memory_address() == function)
+                || (0..ins.op_count())
+                    .any(|n| ins.op_kind(n) == OpKind::Immediate32to64 && ins.immediate(n) == function))
+    }) {
+        return Some(format!("the code takes the address of {FUNCTION} at {:#x}", ins.ip()));
+    }
+    None
+}
+
+/// The PLT stub through which the binary calls its own exported function
+/// `name`: a `jmp *slot(%rip)` (after an `endbr64` with IBT) through the
+/// slot of `name`'s JUMP_SLOT relocation, found among the targets of the
+/// calls that lead out of `.text`'s functions.
+fn plt_stub(elf: &ElfFile, text: &Text, name: &str) -> Option<u64> {
+    let slot = elf.plt_slot(name)?;
+    let mut targets: Vec<u64> = text
+        .insns
+        .iter()
+        .filter(|ins| ins.flow_control() == FlowControl::Call && ins.op0_kind() == OpKind::NearBranch64)
+        .map(|ins| ins.near_branch_target())
+        .filter(|&t| !text.starts_function(t))
+        .collect();
+    targets.sort_unstable();
+    targets.dedup();
+    targets.into_iter().find(|&target| {
+        let Some(code) = elf.bytes_at(target, 16) else { return false };
+        decode(code, target).take(2).find(|ins| ins.code() != Code::Endbr64).is_some_and(|ins| {
+            ins.code() == Code::Jmp_rm64 && ins.is_ip_rel_memory_operand() && ins.ip_rel_memory_address() == slot
+        })
+    })
+}
+
+/// What hands out a block just allocated: the allocator functions (and
+/// PLT stubs) whose return value it is, and the loads of the block of
+/// pymalloc's pops inlined into callers.
+struct Allocations {
+    functions: HashSet<u64>,
+    block_loads: HashSet<u64>,
+}
+
+/// Whether, on every path to instruction `site`, the object in `object`
+/// there is a block `allocators` just handed out.
+fn follows_allocation(text: &Text, site: usize, object: Reg, allocators: &Allocations) -> bool {
+    let mut stack = vec![(site, object)];
+    let mut seen = HashSet::new();
+    while let Some((k, reg)) = stack.pop() {
+        if !seen.insert((k, reg)) {
+            continue;
+        }
+        // The object came in as an argument, or the walk is too long.
+        if seen.len() > BUDGET || text.starts_function(text.insns[k].ip()) {
+            return false;
+        }
+        let Some(from) = text.predecessors(k) else { return false };
+        // Unreachable (padding after a return): no path comes this way.
+        if from.is_empty() {
+            continue;
+        }
+        for p in from {
+            match before(text, p, reg, allocators) {
+                Before::Same(reg) => stack.push((p, reg)),
+                Before::Allocated => {}
+                Before::Unknown => return false,
+            }
+        }
+    }
+    true
+}
+
+/// Where the value `reg` holds after instruction `p` was before it.
+enum Before {
+    /// In this register.
+    Same(Reg),
+    /// Nowhere: `p` called an allocator, which returned it.
+    Allocated,
+    /// Somewhere this walk does not follow (a load: a free list, perhaps).
+    Unknown,
+}
+
+fn before(text: &Text, p: usize, reg: Reg, allocators: &Allocations) -> Before {
+    let ins = &text.insns[p];
+    if allocators.block_loads.contains(&ins.ip()) && written(ins).contains(&reg) {
+        return Before::Allocated;
+    }
+    let register = register(reg);
+    match ins.flow_control() {
+        FlowControl::Call | FlowControl::IndirectCall => {
+            return match reg {
+                Reg::Rax if text.direct_target(p).is_some_and(|t| allocators.functions.contains(&t)) => {
+                    Before::Allocated
+                }
+                // Kept across calls by the ABI.
+                Reg::Rbx | Reg::Rbp | Reg::R12 | Reg::R13 | Reg::R14 | Reg::R15 => Before::Same(reg),
+                _ => Before::Unknown,
+            };
+        }
+        _ if !writes_register(ins, register) => return Before::Same(reg),
+        _ => {}
+    }
+    let source = match ins.code() {
+        // A copy, or the object's address from its block's (past a GC
+        // header): either way the same allocation.
+        Code::Mov_r64_rm64 | Code::Mov_rm64_r64
+            if ins.op0_kind() == OpKind::Register && ins.op1_kind() == OpKind::Register =>
+        {
+            ins.op1_register()
+        }
+        Code::Lea_r64_m if ins.memory_index() == Register::None && !ins.is_ip_rel_memory_operand() => ins.memory_base(),
+        _ => return Before::Unknown,
+    };
+    match gpr(source) {
+        Some(source) if source != Reg::Rsp => Before::Same(source),
+        _ => Before::Unknown,
+    }
+}
