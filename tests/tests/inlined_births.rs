@@ -3,7 +3,8 @@
 //! free-list paths (floats, lists) are probed and those that follow an
 //! allocation (ints, strings) are not, and nothing takes the function's
 //! address, so its entry is not probed; 3.8's inlined copies are sorted
-//! the same way. A missing binary fails the test.
+//! the same way, and so are Debian's LTO python3.11's. A missing binary
+//! fails the test.
 
 use std::path::Path;
 
@@ -51,4 +52,14 @@ fn free_list_births_are_probed_and_fresh_ones_are_not() {
             assert_eq!(probed_in(&elf, &births, allocated), 0, "{version}: {allocated}");
         }
     }
+}
+
+/// Debian's LTO build: an object born from an inlined pop's block, or from
+/// a guard's call through `_PyObject.malloc`, is fresh too; most copies
+/// stay probed (their paths pass a cold part that jumps through pointers).
+#[test]
+fn debian_python311_births_from_inlined_pops_are_fresh() {
+    let (_, births) = births("/usr/bin/python3.11", 11);
+    assert_eq!((births.probed.len(), births.fresh), (155, 66));
+    assert_eq!(births.function_probed, None);
 }

@@ -76,16 +76,22 @@ fn hits_per_allocation(python: &Path) -> f64 {
 
 /// From 3.9: one trap per block at pymalloc's pop inside its functions
 /// (see probes/inlined/pymalloc_functions), the frees (0.4 per allocation
-/// here), and births only where an object may come from a free list (0.2:
-/// see probes/inlined/births). 1.61 each.
+/// here), and births only where an object may come from a free list (0.2
+/// from 3.11, 0.4 before: see probes/inlined/births). Bounds a little over
+/// today's counts, per version.
 #[test]
-fn pyenv_builds_from_3_9_trap_at_most_1_7_times_per_allocation() {
+fn pyenv_builds_from_3_9_trap_less_than_twice_per_allocation() {
     require_root();
-    for version in ["3.9.18", "3.10.13", "3.11.7", "3.12.1", "3.13.0"] {
-        let ratio = hits_per_allocation(&pyenv(version));
-        assert!(ratio <= 1.7, "CPython {version}: {ratio:.2} probe hits per allocation");
+    let measured: Vec<(&str, f64)> =
+        PYENV_BOUNDS.iter().map(|&(version, _)| (version, hits_per_allocation(&pyenv(version)))).collect();
+    for (&(version, bound), (_, ratio)) in PYENV_BOUNDS.iter().zip(measured) {
+        assert!(ratio <= bound, "CPython {version}: {ratio:.2} probe hits per allocation, over {bound}");
     }
 }
+
+/// (version, most probe hits per allocation).
+const PYENV_BOUNDS: [(&str, f64); 5] =
+    [("3.9.18", 1.9), ("3.10.13", 1.9), ("3.11.7", 1.7), ("3.12.1", 1.7), ("3.13.0", 1.7)];
 
 /// 3.8 has no `allocate_from_new_pool` to prove its pops with: an entry and
 /// a return probe per allocation, the frees, and its births (0.4). 2.80.

@@ -22,7 +22,7 @@ use iced_x86::{Code, FlowControl, OpKind, Register};
 
 use super::{
     new_reference::{InlinedNewReferences, NewReferenceSite},
-    pymalloc_fast_path::InlinedPymalloc,
+    pymalloc_fast_path::{InlinedPymalloc, allocator_table},
 };
 use crate::binary::{
     elf::ElfFile,
@@ -32,8 +32,9 @@ use crate::binary::{
 const FUNCTION: &str = "_Py_NewReference";
 
 /// Functions whose return value is a block just allocated at the caller's
-/// line (or moved there, by realloc), across the versions: an object born
-/// in it is fresh.
+/// line (or moved there, by realloc), across the versions, and libc's,
+/// which pymalloc's copies inlined into callers fall back on for large
+/// blocks: an object born in it is fresh.
 const ALLOCATORS: &[&str] = &[
     "PyObject_Malloc",
     "PyObject_Calloc",
@@ -44,6 +45,9 @@ const ALLOCATORS: &[&str] = &[
     "gc_alloc",
     "PyMem_RawMalloc",
     "PyMem_RawCalloc",
+    "malloc",
+    "calloc",
+    "realloc",
 ];
 
 /// How many (instruction, register) states a site's backward walk may
@@ -76,7 +80,14 @@ pub fn find(elf: &ElfFile, text: &Text, inlined: &InlinedNewReferences, pymalloc
         allocators.insert(pymalloc.new_pool);
         block_loads.extend(pymalloc.pops.iter().map(|pop| pop.block_load));
     }
-    let allocators = Allocations { functions: allocators, block_loads };
+    // The malloc, calloc and realloc pointers of each domain, which the
+    // guards of an LTO build call through when they hold no default.
+    let slots = ["PyObject_Malloc", "PyMem_Malloc", "PyMem_RawMalloc"]
+        .iter()
+        .filter_map(|name| allocator_table(elf, name))
+        .flat_map(|(slot, _)| [slot, slot + 8, slot + 16])
+        .collect();
+    let allocators = Allocations { functions: allocators, block_loads, slots };
     let mut sites: Vec<(usize, Reg)> =
         inlined.sites.iter().filter_map(|site| Some((text.index_of(site.vaddr)?, site.object))).collect();
     let stub = plt_slot.and_then(|_| plt_stub(elf, text, FUNCTION));
@@ -143,11 +154,28 @@ fn plt_stub(elf: &ElfFile, text: &Text, name: &str) -> Option<u64> {
 struct Allocations {
     functions: HashSet<u64>,
     block_loads: HashSet<u64>,
+    /// The allocator domains' function pointers (`_PyObject.malloc`...).
+    slots: HashSet<u64>,
+}
+
+/// What a backward walk looks for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wanted {
+    /// A block just allocated.
+    Block,
+    /// A pointer loaded from an allocator domain's slot, called to allocate.
+    Allocator,
 }
 
 /// Whether, on every path to instruction `site`, the object in `object`
 /// there is a block `allocators` just handed out.
 fn follows_allocation(text: &Text, site: usize, object: Reg, allocators: &Allocations) -> bool {
+    traces_to(text, site, object, allocators, Wanted::Block)
+}
+
+/// Whether, on every path to instruction `site`, the value in `reg` there
+/// is what `wanted` asks for.
+fn traces_to(text: &Text, site: usize, object: Reg, allocators: &Allocations, wanted: Wanted) -> bool {
     let mut stack = vec![(site, object)];
     let mut seen = HashSet::new();
     while let Some((k, reg)) = stack.pop() {
@@ -164,7 +192,7 @@ fn follows_allocation(text: &Text, site: usize, object: Reg, allocators: &Alloca
             continue;
         }
         for p in from {
-            match before(text, p, reg, allocators) {
+            match before(text, p, reg, allocators, wanted) {
                 Before::Same(reg) => stack.push((p, reg)),
                 Before::Allocated => {}
                 Before::Unknown => return false,
@@ -184,18 +212,23 @@ enum Before {
     Unknown,
 }
 
-fn before(text: &Text, p: usize, reg: Reg, allocators: &Allocations) -> Before {
+fn before(text: &Text, p: usize, reg: Reg, allocators: &Allocations, wanted: Wanted) -> Before {
     let ins = &text.insns[p];
-    if allocators.block_loads.contains(&ins.ip()) && written(ins).contains(&reg) {
+    let loads_slot = ins.code() == Code::Mov_r64_rm64
+        && ins.is_ip_rel_memory_operand()
+        && allocators.slots.contains(&ins.ip_rel_memory_address());
+    let origin = match wanted {
+        Wanted::Block => allocators.block_loads.contains(&ins.ip()),
+        Wanted::Allocator => loads_slot,
+    };
+    if origin && written(ins).contains(&reg) {
         return Before::Allocated;
     }
     let register = register(reg);
     match ins.flow_control() {
         FlowControl::Call | FlowControl::IndirectCall => {
             return match reg {
-                Reg::Rax if text.direct_target(p).is_some_and(|t| allocators.functions.contains(&t)) => {
-                    Before::Allocated
-                }
+                Reg::Rax if wanted == Wanted::Block && calls_allocator(text, p, allocators) => Before::Allocated,
                 // Kept across calls by the ABI.
                 Reg::Rbx | Reg::Rbp | Reg::R12 | Reg::R13 | Reg::R14 | Reg::R15 => Before::Same(reg),
                 _ => Before::Unknown,
@@ -218,5 +251,21 @@ fn before(text: &Text, p: usize, reg: Reg, allocators: &Allocations) -> Before {
     match gpr(source) {
         Some(source) if source != Reg::Rsp => Before::Same(source),
         _ => Before::Unknown,
+    }
+}
+
+/// Whether call `p` calls an allocator: directly, or through a domain's
+/// pointer (`call *%reg` with the pointer loaded from its slot).
+fn calls_allocator(text: &Text, p: usize, allocators: &Allocations) -> bool {
+    let ins = &text.insns[p];
+    if let Some(target) = text.direct_target(p) {
+        return allocators.functions.contains(&target);
+    }
+    match ins.op0_kind() {
+        OpKind::Register => {
+            gpr(ins.op0_register()).is_some_and(|pointer| traces_to(text, p, pointer, allocators, Wanted::Allocator))
+        }
+        OpKind::Memory => ins.is_ip_rel_memory_operand() && allocators.slots.contains(&ins.ip_rel_memory_address()),
+        _ => false,
     }
 }

@@ -283,7 +283,16 @@ const KINDS: [Kind; 4] = [Kind::Malloc, Kind::Calloc, Kind::Realloc, Kind::Free]
 /// The siblings follow malloc in `PyMemAllocatorEx`. None when
 /// `PyObject_Malloc` calls through the pointer without comparing it.
 fn default_allocator(elf: &ElfFile) -> Option<[u64; 4]> {
-    let symbol = elf.symbol("PyObject_Malloc")?;
+    allocator_table(elf, "PyObject_Malloc").map(|(_, defaults)| defaults)
+}
+
+/// For the exported allocator function `exported` (`PyObject_Malloc`,
+/// `PyMem_Malloc`, `PyMem_RawMalloc`) that compares its domain's malloc
+/// pointer with the default before calling it: the address of that
+/// pointer's slot, and the defaults of malloc, calloc, realloc and free,
+/// which follow it in `PyMemAllocatorEx`.
+pub(super) fn allocator_table(elf: &ElfFile, exported: &str) -> Option<(u64, [u64; 4])> {
+    let symbol = elf.symbol(exported)?;
     let code = elf.symbol_bytes(symbol).ok()?;
     // Register -> the RIP-relative slot it was last loaded from.
     let mut loaded = HashMap::new();
@@ -297,7 +306,7 @@ fn default_allocator(elf: &ElfFile) -> Option<[u64; 4]> {
                 let bytes = elf.bytes_at(slot + 8 * k as u64, 8)?;
                 *value = u64::from_le_bytes(bytes.try_into().ok()?);
             }
-            return (slots[0] == default && slots.iter().all(|&f| f != 0)).then_some(slots);
+            return (slots[0] == default && slots.iter().all(|&f| f != 0)).then_some((slot, slots));
         }
         for reg in written(&ins) {
             loaded.remove(&reg);
