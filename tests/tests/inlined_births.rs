@@ -31,7 +31,7 @@ const PYENV: [(&str, usize, usize); 6] = [
     ("3.8.18", 23, 14),
     ("3.9.18", 30, 16),
     ("3.10.13", 23, 17),
-    ("3.11.7", 32, 36),
+    ("3.11.7", 30, 38),
     ("3.12.1", 33, 35),
     ("3.13.0", 33, 31),
 ];
@@ -54,12 +54,13 @@ fn free_list_births_are_probed_and_fresh_ones_are_not() {
     }
 }
 
-/// Debian's LTO build: an object born from an inlined pop's block, or from
-/// a guard's call through `_PyObject.malloc`, is fresh too; most copies
-/// stay probed (their paths pass a cold part that jumps through pointers).
+/// Debian's LTO build: an object born from an inlined pop's block, from a
+/// guard's call through `_PyObject.malloc`, or from libc's malloc is fresh
+/// too, through the cold parts GCC split off and the spills around
+/// tracemalloc's call.
 #[test]
 fn debian_python311_births_from_inlined_pops_are_fresh() {
     let (_, births) = births("/usr/bin/python3.11", 11);
-    assert_eq!((births.probed.len(), births.fresh), (155, 66));
+    assert_eq!((births.probed.len(), births.fresh), (117, 104));
     assert_eq!(births.function_probed, None);
 }

@@ -5,11 +5,12 @@
 //! would trap on every object. This module takes every birth site of the
 //! binary, the calls of `_Py_NewReference` (directly or through the PLT)
 //! and its inlined copies (`new_reference`), and follows the object's
-//! register back through the code: a site where, on every path, the object
-//! is what an allocator function just returned needs no probe. The others
-//! are probed at the site itself, and the function's entry is probed only
-//! when a call could escape this count (its address is taken): memtrace proves a site fresh or
-//! probes it.
+//! register back through the code (copies, spills to the stack, jumps
+//! into the cold parts GCC splits off): a site where, on every path, the
+//! object is what an allocator function just returned, or what an inlined
+//! pop handed out, needs no probe. The others are probed at the site
+//! itself, and the function's entry only when a call could escape this
+//! count (its address is taken): memtrace proves a site fresh or probes it.
 //!
 //! Calls from other binaries (extension modules, such as `_asyncio` and
 //! `_datetime`, which call `_Py_NewReference` through their own PLT) are
@@ -26,7 +27,7 @@ use super::{
 };
 use crate::binary::{
     elf::ElfFile,
-    x86::{Reg, Text, decode, gpr, register, writes_register, written},
+    x86::{Reg, Text, decode, gpr, memory_writes, register, writes_register, written},
 };
 
 const FUNCTION: &str = "_Py_NewReference";
@@ -176,15 +177,14 @@ fn follows_allocation(text: &Text, site: usize, object: Reg, allocators: &Alloca
 /// Whether, on every path to instruction `site`, the value in `reg` there
 /// is what `wanted` asks for.
 fn traces_to(text: &Text, site: usize, object: Reg, allocators: &Allocations, wanted: Wanted) -> bool {
-    let mut stack = vec![(site, object)];
+    let mut stack = vec![(site, Place::Register(object))];
     let mut seen = HashSet::new();
     while let Some((k, reg)) = stack.pop() {
         if !seen.insert((k, reg)) {
             continue;
         }
-        // The object came in as an argument, or the walk is too long.
-        if seen.len() > BUDGET || text.starts_function(text.insns[k].ip()) {
-            return false;
+        if seen.len() > BUDGET || (text.starts_function(text.insns[k].ip()) && !is_cold_part(text, k)) {
+            return false; // the walk is too long, or the object came in as an argument
         }
         let Some(from) = text.predecessors(k) else { return false };
         // Unreachable (padding after a return): no path comes this way.
@@ -192,8 +192,12 @@ fn traces_to(text: &Text, site: usize, object: Reg, allocators: &Allocations, wa
             continue;
         }
         for p in from {
-            match before(text, p, reg, allocators, wanted) {
-                Before::Same(reg) => stack.push((p, reg)),
+            let before = match reg {
+                Place::Register(reg) => before(text, p, reg, allocators, wanted),
+                Place::Stack(offset) => before_in_stack(&text.insns[p], offset),
+            };
+            match before {
+                Before::Same(place) => stack.push((p, place)),
                 Before::Allocated => {}
                 Before::Unknown => return false,
             }
@@ -202,10 +206,18 @@ fn traces_to(text: &Text, site: usize, object: Reg, allocators: &Allocations, wa
     true
 }
 
+/// Where a walk's value is after an instruction.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Place {
+    Register(Reg),
+    /// Spilled to `offset(%rsp)` (around a call, say).
+    Stack(u64),
+}
+
 /// Where the value `reg` holds after instruction `p` was before it.
 enum Before {
-    /// In this register.
-    Same(Reg),
+    /// There.
+    Same(Place),
     /// Nowhere: `p` called an allocator, which returned it.
     Allocated,
     /// Somewhere this walk does not follow (a load: a free list, perhaps).
@@ -230,11 +242,11 @@ fn before(text: &Text, p: usize, reg: Reg, allocators: &Allocations, wanted: Wan
             return match reg {
                 Reg::Rax if wanted == Wanted::Block && calls_allocator(text, p, allocators) => Before::Allocated,
                 // Kept across calls by the ABI.
-                Reg::Rbx | Reg::Rbp | Reg::R12 | Reg::R13 | Reg::R14 | Reg::R15 => Before::Same(reg),
+                Reg::Rbx | Reg::Rbp | Reg::R12 | Reg::R13 | Reg::R14 | Reg::R15 => Before::Same(Place::Register(reg)),
                 _ => Before::Unknown,
             };
         }
-        _ if !writes_register(ins, register) => return Before::Same(reg),
+        _ if !writes_register(ins, register) => return Before::Same(Place::Register(reg)),
         _ => {}
     }
     let source = match ins.code() {
@@ -246,12 +258,43 @@ fn before(text: &Text, p: usize, reg: Reg, allocators: &Allocations, wanted: Wan
             ins.op1_register()
         }
         Code::Lea_r64_m if ins.memory_index() == Register::None && !ins.is_ip_rel_memory_operand() => ins.memory_base(),
+        // A reload of a spill.
+        Code::Mov_r64_rm64 if stack_slot(ins).is_some() => {
+            return stack_slot(ins).map_or(Before::Unknown, |offset| Before::Same(Place::Stack(offset)));
+        }
         _ => return Before::Unknown,
     };
     match gpr(source) {
-        Some(source) if source != Reg::Rsp => Before::Same(source),
+        Some(source) if source != Reg::Rsp => Before::Same(Place::Register(source)),
         _ => Before::Unknown,
     }
+}
+
+/// For an instruction whose memory operand is `offset(%rsp)`: the offset.
+fn stack_slot(ins: &iced_x86::Instruction) -> Option<u64> {
+    (ins.op_kinds().any(|kind| kind == OpKind::Memory)
+        && ins.memory_base() == Register::RSP
+        && ins.memory_index() == Register::None
+        && ins.segment_prefix() == Register::None)
+        .then(|| ins.memory_displacement64())
+}
+
+/// Where the value spilled to `offset(%rsp)` after instruction `ins` was
+/// before it: in the register `ins` spills, or still there when `ins`
+/// leaves the slot and the stack pointer alone (a call returns with both).
+fn before_in_stack(ins: &iced_x86::Instruction, offset: u64) -> Before {
+    if ins.code() == Code::Mov_rm64_r64 && stack_slot(ins) == Some(offset) {
+        return match gpr(ins.op1_register()) {
+            Some(source) if source != Reg::Rsp => Before::Same(Place::Register(source)),
+            _ => Before::Unknown,
+        };
+    }
+    let calls = matches!(ins.flow_control(), FlowControl::Call | FlowControl::IndirectCall);
+    let moves_stack = !calls && writes_register(ins, Register::RSP);
+    let writes_slot = memory_writes(ins)
+        .iter()
+        .any(|m| m.base() == Register::RSP && m.index() == Register::None && m.displacement().abs_diff(offset) < 8);
+    if moves_stack || (!calls && writes_slot) { Before::Unknown } else { Before::Same(Place::Stack(offset)) }
 }
 
 /// Whether call `p` calls an allocator: directly, or through a domain's
@@ -268,4 +311,17 @@ fn calls_allocator(text: &Text, p: usize, allocators: &Allocations) -> bool {
         OpKind::Memory => ins.is_ip_rel_memory_operand() && allocators.slots.contains(&ins.ip_rel_memory_address()),
         _ => false,
     }
+}
+
+/// Whether the function starting at instruction `k` is a part its compiler
+/// split off (GCC's `.cold`), entered from the rest with the rest's
+/// registers: no call leads to it, and a conditional branch does (tail
+/// calls are unconditional).
+fn is_cold_part(text: &Text, k: usize) -> bool {
+    let called =
+        text.transfers_to(text.insns[k].ip()).iter().any(|&t| text.insns[t].flow_control() == FlowControl::Call);
+    !called
+        && text
+            .predecessors(k)
+            .is_some_and(|from| from.iter().any(|&p| text.insns[p].flow_control() == FlowControl::ConditionalBranch))
 }
