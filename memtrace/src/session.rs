@@ -300,7 +300,14 @@ impl Prepared {
             (Some(name), Some(i)) => {
                 progress.step(format!("pid {pid}: finding type {name}"));
                 let mut census = CensusTaker::new(pid, Some((i.layout, i.runtime)), i.pymalloc);
-                let births = TypePlan::new(&target, i, &mut census, name, &points)?;
+                // A built-in type's births are every object's: the
+                // allocation plan probes only those that may reuse one.
+                let every_birth = inlined.every_birth();
+                let python =
+                    PythonProbes { binary: ProbedBinary { path: &i.path, elf: &i.elf }, inlined: &every_birth };
+                let birth_points =
+                    plan::plan(&target.paths, ProbedBinary { path: libc_path, elf: &libc_elf }, Some(python))?;
+                let births = TypePlan::new(&target, i, &mut census, name, &birth_points)?;
                 points = births.points.clone();
                 notes = vec![births.note()];
                 Some(births)
@@ -308,6 +315,7 @@ impl Prepared {
         };
         if options.verbose {
             if interpreter.is_some() {
+                eprintln!("memtrace: {}", inlined.describe());
                 let found = &inlined.new_references;
                 eprintln!(
                     "memtrace: {} inlined copies of _Py_NewReference found, from {} references to tracemalloc's flag",
@@ -327,7 +335,7 @@ impl Prepared {
                 );
             }
         }
-        let includes_raw = inlined.pymalloc.is_none();
+        let includes_raw = !inlined.probes_pops();
         Ok(Self { target, interpreter, points, notes, includes_raw, births })
     }
 

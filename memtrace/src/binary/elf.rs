@@ -138,10 +138,25 @@ impl ElfFile {
     /// code reaches data that may be interposed.
     pub fn got_slot(&self, name: &str) -> Option<u64> {
         const R_X86_64_GLOB_DAT: u32 = 6;
+        self.dynamic_slot(name, R_X86_64_GLOB_DAT)
+    }
+
+    /// The GOT slot the PLT stub of function `name` jumps through (a
+    /// JUMP_SLOT relocation), for code that calls an exported function of
+    /// its own binary through the PLT.
+    pub fn plt_slot(&self, name: &str) -> Option<u64> {
+        const R_X86_64_JUMP_SLOT: u32 = 7;
+        self.dynamic_slot(name, R_X86_64_JUMP_SLOT)
+    }
+
+    fn dynamic_slot(&self, name: &str, r_type: u32) -> Option<u64> {
         let file = object::File::parse(&*self.data).ok()?;
         let dynamic_symbols = file.dynamic_symbol_table()?;
         file.dynamic_relocations()?.find_map(|(slot, relocation)| {
-            let object::RelocationFlags::Elf { r_type: R_X86_64_GLOB_DAT } = relocation.flags() else { return None };
+            let object::RelocationFlags::Elf { r_type: found } = relocation.flags() else { return None };
+            if found != r_type {
+                return None;
+            }
             let object::RelocationTarget::Symbol(index) = relocation.target() else { return None };
             let symbol = dynamic_symbols.symbol_by_index(index).ok()?;
             (symbol.name().ok()?.split('@').next()? == name).then_some(slot)

@@ -11,7 +11,7 @@ use memtrace_common::{NO_ARG, ProbeCookie, Reg, layer, op};
 
 use super::{
     catalog::{AllocatorFn, LIBC_FUNCTIONS, POOL_NEW_FUNCTION, PYMALLOC_EXPORTED, PYMALLOC_INTERNAL, PYTHON_OBJECTS},
-    inlined::InlinedCode,
+    inlined::{InlinedCode, pymalloc_functions::POPPING},
     placement::{self, Placement},
 };
 use crate::{
@@ -145,24 +145,36 @@ pub fn plan(paths: &MappedPaths, libc: ProbedBinary, python: Option<PythonProbes
     if let Some(python) = &python {
         let binary = &python.binary;
         sites = inlined_sites(paths, binary, python.inlined);
-        let pymalloc = match &python.inlined.pymalloc {
+        let new_pool = |vaddr: u64| Resolved {
+            binary,
+            function: POOL_NEW_FUNCTION,
+            label: format!("allocate_from_new_pool@{vaddr:#x}"),
+            vaddr,
+            code: binary.elf.bytes_at(vaddr, 16).unwrap_or_default(),
+        };
+        let pymalloc: Vec<AllocatorFn> = match (&python.inlined.pymalloc, &python.inlined.function_pops) {
             // Every small block passes an inlined pop or push, or the
             // out-of-line new-pool path; function-level probes would count
             // some twice. Large blocks go to libc, which is probed.
-            Some(inlined) => {
-                resolved.push(Resolved {
-                    binary,
-                    function: POOL_NEW_FUNCTION,
-                    label: format!("allocate_from_new_pool@{:#x}", inlined.new_pool),
-                    vaddr: inlined.new_pool,
-                    code: binary.elf.bytes_at(inlined.new_pool, 16).unwrap_or_default(),
-                });
-                &[][..]
+            (Some(inlined), _) => {
+                resolved.push(new_pool(inlined.new_pool));
+                Vec::new()
             }
-            None if PYMALLOC_INTERNAL.iter().all(|f| binary.elf.symbol(f.symbol).is_some()) => PYMALLOC_INTERNAL,
-            None => PYMALLOC_EXPORTED,
+            // The pops and the new-pool path replace the probes of the
+            // functions they are in; realloc and free keep theirs.
+            (None, Ok(pops)) => {
+                resolved.push(new_pool(pops.new_pool));
+                PYMALLOC_INTERNAL.iter().filter(|f| !POPPING.contains(&f.symbol)).copied().collect()
+            }
+            (None, Err(_)) if PYMALLOC_INTERNAL.iter().all(|f| binary.elf.symbol(f.symbol).is_some()) => {
+                PYMALLOC_INTERNAL.to_vec()
+            }
+            (None, Err(_)) => PYMALLOC_EXPORTED.to_vec(),
         };
-        resolved.extend(pymalloc.iter().chain(PYTHON_OBJECTS).filter_map(|f| by_symbol(binary, *f)));
+        // The function's entry, when calls the birth sites do not show
+        // could reach it.
+        let objects = if python.inlined.births.function_probed.is_some() { PYTHON_OBJECTS } else { &[] };
+        resolved.extend(pymalloc.iter().chain(objects).filter_map(|f| by_symbol(binary, *f)));
     }
     let mut points = sites;
     let mut seen = Vec::new();
@@ -218,7 +230,11 @@ fn by_symbol<'a>(binary: &'a ProbedBinary<'a>, function: AllocatorFn) -> Option<
 /// `_Py_NewReference`, exactly at the instruction the finder named (the
 /// registers it names hold there only).
 fn inlined_sites(paths: &MappedPaths, binary: &ProbedBinary, inlined: &InlinedCode) -> Vec<AttachPoint> {
-    let (pops, pushes) = inlined.pymalloc.as_ref().map_or((&[][..], &[][..]), |p| (&p.pops[..], &p.pushes[..]));
+    let (pops, pushes) = match (&inlined.pymalloc, &inlined.function_pops) {
+        (Some(p), _) => (&p.pops[..], &p.pushes[..]),
+        (None, Ok(p)) => (&p.pops[..], &[][..]),
+        (None, Err(_)) => (&[][..], &[][..]),
+    };
     // Every inlined site is pymalloc's layer and names its registers itself.
     let cookie = |op, ptr_reg, size_reg| ProbeCookie {
         op,
@@ -235,7 +251,7 @@ fn inlined_sites(paths: &MappedPaths, binary: &ProbedBinary, inlined: &InlinedCo
     let pushes = pushes
         .iter()
         .map(|push| (Program::Free, push.vaddr, cookie(op::FREE, push.block.number(), NO_ARG), "pymalloc push"));
-    let births = inlined.new_references.sites.iter().map(|site| {
+    let births = inlined.births.probed.iter().map(|site| {
         let cookie = cookie(op::NEW_REFERENCE, site.object.number(), NO_ARG);
         (Program::NewReference, site.vaddr, cookie, "_Py_NewReference")
     });

@@ -101,6 +101,29 @@ pub fn gpr(register: Register) -> Option<Reg> {
     })
 }
 
+/// iced's name of the 64-bit general register `reg`: `gpr`'s inverse.
+pub fn register(reg: Reg) -> Register {
+    const BY_NUMBER: [Register; 16] = [
+        Register::RAX,
+        Register::RCX,
+        Register::RDX,
+        Register::RBX,
+        Register::RSP,
+        Register::RBP,
+        Register::RSI,
+        Register::RDI,
+        Register::R8,
+        Register::R9,
+        Register::R10,
+        Register::R11,
+        Register::R12,
+        Register::R13,
+        Register::R14,
+        Register::R15,
+    ];
+    BY_NUMBER[reg.number() as usize]
+}
+
 /// Whether `access` may change the operand.
 fn writes(access: OpAccess) -> bool {
     matches!(access, OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite)

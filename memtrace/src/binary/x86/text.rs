@@ -5,7 +5,7 @@
 //! (`probes::inlined`) match their patterns on this; the unwind rules
 //! (`binary::unwind_rules`) take its return addresses.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use iced_x86::{FlowControl, Instruction, OpKind, Register};
 
@@ -24,6 +24,11 @@ pub struct Text {
     functions: Vec<(u64, u64)>,
     /// Target -> the direct calls and jumps to it, by instruction index.
     transfers: HashMap<u64, Vec<usize>>,
+    /// Target -> the conditional branches to it, by instruction index.
+    branches: HashMap<u64, Vec<usize>>,
+    /// Starts of the functions that jump through a pointer (jump tables),
+    /// to instructions no decoding names.
+    jumps_through_pointers: HashSet<u64>,
 }
 
 impl Text {
@@ -34,10 +39,23 @@ impl Text {
         let functions = Functions::of(elf)?;
         let mut insns = Vec::with_capacity(functions.code.len() / 4);
         functions.decode(|ins| insns.push(*ins));
-        let mut text = Self { insns, functions: functions.ranges, transfers: HashMap::new() };
+        let mut text = Self {
+            insns,
+            functions: functions.ranges,
+            transfers: HashMap::new(),
+            branches: HashMap::new(),
+            jumps_through_pointers: HashSet::new(),
+        };
         for k in 0..text.insns.len() {
+            let ins = &text.insns[k];
             if let Some(target) = text.direct_target(k) {
                 text.transfers.entry(target).or_default().push(k);
+            } else if ins.flow_control() == FlowControl::ConditionalBranch && ins.op0_kind() == OpKind::NearBranch64 {
+                text.branches.entry(ins.near_branch_target()).or_default().push(k);
+            } else if ins.flow_control() == FlowControl::IndirectBranch
+                && let Some(start) = text.function_of(ins.ip())
+            {
+                text.jumps_through_pointers.insert(start);
             }
         }
         (!text.insns.is_empty()).then_some(text)
@@ -65,6 +83,45 @@ impl Text {
     /// Whether an FDE describes a function starting at `vaddr`.
     pub fn starts_function(&self, vaddr: u64) -> bool {
         self.functions.binary_search_by_key(&vaddr, |&(start, _)| start).is_ok()
+    }
+
+    /// The instructions of the function that starts at `function`, by
+    /// index.
+    pub fn function_insns(&self, function: u64) -> Option<std::ops::Range<usize>> {
+        let k = self.functions.binary_search_by_key(&function, |&(start, _)| start).ok()?;
+        let end = self.functions[k].1;
+        let first = self.index_of(function)?;
+        Some(first..first + self.insns[first..].partition_point(|ins| ins.ip() < end))
+    }
+
+    /// The start of the function `vaddr` lies in.
+    pub fn function_of(&self, vaddr: u64) -> Option<u64> {
+        let k = self.functions.partition_point(|&(start, _)| start <= vaddr).checked_sub(1)?;
+        let (start, end) = self.functions[k];
+        (vaddr < end).then_some(start)
+    }
+
+    /// Where control may come to instruction `k` from: the instruction
+    /// before it when that falls or calls through, and every direct branch
+    /// or call to it in `.text`. None when its function also jumps through
+    /// pointers, which may lead anywhere in it.
+    pub fn predecessors(&self, k: usize) -> Option<Vec<usize>> {
+        let ins = &self.insns[k];
+        if self.jumps_through_pointers.contains(&self.function_of(ins.ip())?) {
+            return None;
+        }
+        let mut from: Vec<usize> = self.transfers_to(ins.ip()).to_vec();
+        from.extend(self.branches.get(&ins.ip()).into_iter().flatten());
+        if let Some(before) = k.checked_sub(1)
+            && self.insns[before].next_ip() == ins.ip()
+            && matches!(
+                self.insns[before].flow_control(),
+                FlowControl::Next | FlowControl::Call | FlowControl::IndirectCall | FlowControl::ConditionalBranch
+            )
+        {
+            from.push(before);
+        }
+        Some(from)
     }
 
     /// Whether `vaddr` lies in the function that starts at `function`.

@@ -18,7 +18,10 @@
 //! path belongs to a recognised pop and every free and realloc guard leads to
 //! a recognised site or to an out-of-line allocator function.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    ops::Range,
+};
 
 use iced_x86::{Code, ConditionCode, FlowControl, Instruction, Mnemonic, OpKind, Register};
 
@@ -79,6 +82,9 @@ pub struct PopSite {
     pub vaddr: u64,
     pub pool: Reg,
     pub request: Option<Reg>,
+    /// The `mov 0x8(%pool),%block` that loads the block: what it loads is
+    /// the block this pop hands out (an object born from it is fresh).
+    pub block_load: u64,
 }
 
 /// An inlined `pymalloc_free`, probed at its `pool->freeblock = p` (`mov
@@ -251,6 +257,14 @@ fn account(text: &Text, defaults: [u64; 4], guards: &HashMap<usize, Kind>, sites
     })
 }
 
+/// The pops the pattern matches among the instructions `range` of `text`,
+/// each with the direct call its empty-pool side makes (index, target):
+/// how `pymalloc_functions` finds the pops inside pymalloc's own functions.
+pub(super) fn pops_in(text: &Text, layout: &Layout, range: Range<usize>) -> Vec<(PopSite, Option<(usize, u64)>)> {
+    let fields = Fields::of(layout);
+    range.filter_map(|i| text.pop_at(i, fields)).map(|pop| (pop.site, pop.slow_call)).collect()
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     Malloc,
@@ -269,7 +283,16 @@ const KINDS: [Kind; 4] = [Kind::Malloc, Kind::Calloc, Kind::Realloc, Kind::Free]
 /// The siblings follow malloc in `PyMemAllocatorEx`. None when
 /// `PyObject_Malloc` calls through the pointer without comparing it.
 fn default_allocator(elf: &ElfFile) -> Option<[u64; 4]> {
-    let symbol = elf.symbol("PyObject_Malloc")?;
+    allocator_table(elf, "PyObject_Malloc").map(|(_, defaults)| defaults)
+}
+
+/// For the exported allocator function `exported` (`PyObject_Malloc`,
+/// `PyMem_Malloc`, `PyMem_RawMalloc`) that compares its domain's malloc
+/// pointer with the default before calling it: the address of that
+/// pointer's slot, and the defaults of malloc, calloc, realloc and free,
+/// which follow it in `PyMemAllocatorEx`.
+pub(super) fn allocator_table(elf: &ElfFile, exported: &str) -> Option<(u64, [u64; 4])> {
+    let symbol = elf.symbol(exported)?;
     let code = elf.symbol_bytes(symbol).ok()?;
     // Register -> the RIP-relative slot it was last loaded from.
     let mut loaded = HashMap::new();
@@ -283,7 +306,7 @@ fn default_allocator(elf: &ElfFile) -> Option<[u64; 4]> {
                 let bytes = elf.bytes_at(slot + 8 * k as u64, 8)?;
                 *value = u64::from_le_bytes(bytes.try_into().ok()?);
             }
-            return (slots[0] == default && slots.iter().all(|&f| f != 0)).then_some(slots);
+            return (slots[0] == default && slots.iter().all(|&f| f != 0)).then_some((slot, slots));
         }
         for reg in written(&ins) {
             loaded.remove(&reg);
@@ -420,14 +443,15 @@ impl Text {
                 vaddr: self.insns[i].ip(),
                 pool: pointer_register(pool)?,
                 request: self.request_register(i),
+                block_load: self.insns[load_block].ip(),
             },
             slow_call: self.call_reached(empty),
         })
     }
 
     /// The register that holds the requested size at the pop at `i`. The
-    /// copy computed the size class from it, `lea -1(%N),%r; shr $4,%r` or
-    /// `sub $1,%r; shr $4,%r`, on the code that falls through to `i`: the
+    /// copy computed the size class from it, `lea -1(%N),%r; ... shr $4,%r`
+    /// or `sub $1,%r; ... shr $4,%r`, on the code that falls through to `i`: the
     /// request is `N`, or a copy of it made before, whichever is unchanged
     /// at `i`.
     fn request_register(&self, i: usize) -> Option<Reg> {
@@ -437,7 +461,10 @@ impl Text {
             ins.code() == Code::Shr_rm32_imm8 && ins.op0_kind() == OpKind::Register && ins.immediate(1) == 4
         })?;
         let index = self.insns[shr].op0_register();
-        let computation = shr.checked_sub(1)?;
+        // Its computation, the last write of the index before the shift
+        // (the compiler may schedule other work between them).
+        let computation =
+            *path.iter().filter(|&&k| k < shr).find(|&&k| self.writes_register([k], index.full_register()))?;
         let ins = &self.insns[computation];
         let value = if ins.code() == Code::Lea_r32_m
             && ins.op0_register() == index
