@@ -42,7 +42,7 @@ pub fn examine(pid: u32, matches: Option<&Regex>) -> Examined {
     }
     let target = match Target::open(pid) {
         Ok(target) => target,
-        Err(_) if !Target::is_alive(pid) => return Examined::Gone,
+        Err(_) if !Target::is_alive(pid) || exiting(pid) => return Examined::Gone,
         Err(e) => return Examined::Unsupported(format!("{e:#}")),
     };
     match python::detect(&target) {
