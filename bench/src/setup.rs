@@ -227,11 +227,14 @@ fn parse_attach_point(line: &str, files: &mut HashMap<String, ElfFile>) -> Resul
         Entry::Occupied(known) => known.into_mut(),
         Entry::Vacant(new) => new.insert(ElfFile::open(Path::new(binary))?),
     };
-    let file_offset = elf
-        .symbol(symbol)
-        .and_then(|s| elf.file_offset(s.vaddr))
-        .with_context(|| format!("cannot find {symbol} in {binary}"))?
-        + offset;
+    // An inlined site or a function found by address is labelled
+    // `what@0xVADDR`; a function by symbol, by its name.
+    let vaddr = match symbol.rsplit_once("@0x") {
+        Some((_, hex)) => u64::from_str_radix(hex, 16).ok(),
+        None => elf.symbol(symbol).map(|s| s.vaddr),
+    };
+    let file_offset =
+        vaddr.and_then(|v| elf.file_offset(v)).with_context(|| format!("cannot find {symbol} in {binary}"))? + offset;
     Ok(AttachPoint {
         program: program.into(),
         symbol: symbol.into(),

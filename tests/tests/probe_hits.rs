@@ -53,7 +53,7 @@ fn hits_per_allocation(python: &Path) -> f64 {
 /// from 3.11, 0.4 before: see probes/inlined/births). Bounds a little over
 /// today's counts, per version.
 #[test]
-fn pyenv_builds_from_3_9_trap_less_than_twice_per_allocation() {
+fn pyenv_builds_from_3_9_trap_within_their_bounds() {
     require_root();
     let measured: Vec<(&str, f64)> =
         PYENV_BOUNDS.iter().map(|&(version, _)| (version, hits_per_allocation(&pyenv(version)))).collect();
@@ -62,9 +62,13 @@ fn pyenv_builds_from_3_9_trap_less_than_twice_per_allocation() {
     }
 }
 
-/// (version, most probe hits per allocation).
+/// (version, most probe hits per allocation): an entry and a return probe
+/// per allocation (the one-trap pop inside pymalloc's functions is an
+/// instruction the kernel single-steps, dearer than the two; see
+/// probes/inlined), the frees (0.4), and births where an object may come
+/// from a free list (0.4 to 3.10, 0.2 from 3.11). 2.80 and 2.60.
 const PYENV_BOUNDS: [(&str, f64); 5] =
-    [("3.9.18", 1.9), ("3.10.13", 1.9), ("3.11.7", 1.7), ("3.12.1", 1.7), ("3.13.0", 1.7)];
+    [("3.9.18", 2.9), ("3.10.13", 2.9), ("3.11.7", 2.7), ("3.12.1", 2.7), ("3.13.0", 2.7)];
 
 /// 3.8 has no `allocate_from_new_pool` to prove its pops with: an entry and
 /// a return probe per allocation, the frees, and its births (0.4). 2.80.
