@@ -27,7 +27,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use super::{HostReport, Report, View, Writer, trend::Verdict};
+use super::{HostReport, ProcessInfo, Report, View, Writer, trend::Verdict};
 use crate::census::memory::Memory;
 
 /// Which process a series is about; `cgroup` names its container (its
@@ -37,6 +37,12 @@ struct ProcessLabels {
     pid: u32,
     comm: String,
     cgroup: String,
+}
+
+impl ProcessLabels {
+    fn of(process: &ProcessInfo) -> Self {
+        Self { pid: process.pid, comm: process.comm.clone(), cgroup: process.cgroup.clone().unwrap_or_default() }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, Ord, PartialOrd, EncodeLabelSet)]
@@ -245,11 +251,7 @@ impl Writer for MetricsServer {
     fn write(&mut self, report: &Report) -> std::io::Result<()> {
         let m = &self.metrics;
         let pid = report.process.pid;
-        let process = ProcessLabels {
-            pid,
-            comm: report.process.comm.clone(),
-            cgroup: report.process.cgroup.clone().unwrap_or_default(),
-        };
+        let process = ProcessLabels::of(&report.process);
         let losses = report
             .losses
             .iter()
@@ -353,23 +355,12 @@ impl Writer for MetricsServer {
     }
 
     fn write_host(&mut self, report: &HostReport) -> std::io::Result<()> {
-        self.write_standings(report);
-        Ok(())
-    }
-}
-
-impl MetricsServer {
-    fn write_standings(&mut self, report: &HostReport) {
         let m = &self.metrics;
         m.watched_processes.set(report.processes.len() as i64);
         m.skipped_processes.set(report.skipped.len() as i64);
         let mut standings = BTreeSet::new();
         for standing in report.processes.iter().filter(|s| !s.exited && !report.is_final) {
-            let labels = ProcessLabels {
-                pid: standing.process.pid,
-                comm: standing.process.comm.clone(),
-                cgroup: standing.process.cgroup.clone().unwrap_or_default(),
-            };
+            let labels = ProcessLabels::of(&standing.process);
             match standing.trend {
                 Some(trend) => {
                     m.memory_slope.get_or_create(&labels).set(trend.slope);
@@ -387,6 +378,7 @@ impl MetricsServer {
             m.memory_growing.remove(gone);
         }
         self.standings = standings;
+        Ok(())
     }
 }
 
