@@ -32,6 +32,14 @@ pub mod op {
     /// pymalloc's `allocate_from_new_pool`: returns the first block of a new
     /// pool, its size the pool's size class.
     pub const POOL_NEW: u8 = 8;
+    /// A copy of pymalloc's fast path has taken the block in register `ptr`
+    /// from its pool (probed past the pop, where the kernel emulates the
+    /// instruction): its size is the pool's size class.
+    pub const POOL_TAKEN: u8 = 9;
+    /// CPython 3.8's arena allocator, `_PyObject_ArenaMmap`, which its
+    /// out-of-line `pymalloc_alloc` calls: what it maps holds pools, whose
+    /// blocks are the allocations, so nothing inside it is recorded.
+    pub const ARENA: u8 = 10;
 }
 
 /// An x86-64 general register, numbered by its hardware encoding (rax 0,

@@ -223,6 +223,9 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
     }
     pending.done = 1;
     pending.block = 0;
+    if cookie.op == op::ARENA {
+        return 0; // the arena's blocks are recorded as pymalloc hands them out
+    }
     // Fields are read in place: copies of these map values would overflow
     // the 512-byte BPF stack.
     let (size, ptr) = (pending.size, pending.ptr);
@@ -327,8 +330,9 @@ pub fn free_entry(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// An inlined copy of pymalloc's fast path is taking a block from a pool:
-/// an allocation that no function call shows.
+/// A copy of pymalloc's fast path is taking a block from a pool (at its
+/// increment, or just past its pop): an allocation that no function call
+/// shows.
 #[uprobe]
 pub fn pool_pop(ctx: ProbeContext) -> u32 {
     let Some((pid, tid, target)) = traced_thread() else { return 0 };
@@ -341,7 +345,12 @@ pub fn pool_pop(ctx: ProbeContext) -> u32 {
     }
     let (_, cookie) = cookie(&ctx);
     let regs = Regs::read(ctx.regs);
-    let Some((block, class_size)) = python::pool_pop(&target.python, regs.get(cookie.ptr_reg)) else { return 0 };
+    let pointer = regs.get(cookie.ptr_reg);
+    let taken = match cookie.op {
+        op::POOL_TAKEN => python::pool_taken(&target.python, pointer),
+        _ => python::pool_pop(&target.python, pointer),
+    };
+    let Some((block, class_size)) = taken else { return 0 };
     // The request, where the copy keeps it in a register: a value outside
     // the block's size class would be a misread register, so the class
     // stands then, as at copies whose request was a compile-time constant.

@@ -324,6 +324,14 @@ pub fn pool_pop(walk: &PythonWalk, pool: u64) -> Option<(u64, u64)> {
     Some((block, pool_block_size(walk, block)?))
 }
 
+/// The size of `block`, which a fast path has just taken from its pool.
+pub fn pool_taken(walk: &PythonWalk, block: u64) -> Option<(u64, u64)> {
+    if block == 0 {
+        return None;
+    }
+    Some((block, pool_block_size(walk, block)?))
+}
+
 /// Unchanged since CPython 2.2.
 const PY_TPFLAGS_HAVE_GC: u64 = 1 << 14;
 

@@ -1,8 +1,9 @@
 //! How many probe traps an allocation costs, counted, not timed: each of
 //! memtrace's programs' run count (`bpf_stats`), divided
 //! by the allocations memtrace reports on a fixed workload. Each
-//! interpreter's bound is what it costs today (issue 11 aims at 2), so a
-//! change that adds a trap per allocation, or a tenth of one, fails here.
+//! interpreter's bound is a little over what it costs today (at most 2, as
+//! issue 11 asks), so a change that adds a trap per allocation, or a tenth
+//! of one, fails here.
 
 use std::{path::Path, process::Command};
 
@@ -47,13 +48,13 @@ fn hits_per_allocation(python: &Path) -> f64 {
     ratio
 }
 
-/// From 3.9: one trap per block at pymalloc's pop inside its functions
-/// (see probes/inlined/pymalloc_functions), the frees (0.4 per allocation
+/// One trap per block where pymalloc's functions take it from a pool (see
+/// probes/inlined/pymalloc_functions), the frees (0.4 per allocation
 /// here), and births only where an object may come from a free list (0.2
 /// from 3.11, 0.4 before: see probes/inlined/births). Bounds a little over
 /// today's counts, per version.
 #[test]
-fn pyenv_builds_from_3_9_trap_within_their_bounds() {
+fn pyenv_builds_trap_within_their_bounds() {
     require_root();
     let measured: Vec<(&str, f64)> =
         PYENV_BOUNDS.iter().map(|&(version, _)| (version, hits_per_allocation(&pyenv(version)))).collect();
@@ -62,22 +63,10 @@ fn pyenv_builds_from_3_9_trap_within_their_bounds() {
     }
 }
 
-/// (version, most probe hits per allocation): an entry and a return probe
-/// per allocation (the one-trap pop inside pymalloc's functions is an
-/// instruction the kernel single-steps, dearer than the two; see
-/// probes/inlined), the frees (0.4), and births where an object may come
-/// from a free list (0.4 to 3.10, 0.2 from 3.11). 2.80 and 2.60.
-const PYENV_BOUNDS: [(&str, f64); 5] =
-    [("3.9.18", 2.9), ("3.10.13", 2.9), ("3.11.7", 2.7), ("3.12.1", 2.7), ("3.13.0", 2.7)];
-
-/// 3.8 has no `allocate_from_new_pool` to prove its pops with: an entry and
-/// a return probe per allocation, the frees, and its births (0.4). 2.80.
-#[test]
-fn pyenv_3_8_traps_at_most_2_9_times_per_allocation() {
-    require_root();
-    let ratio = hits_per_allocation(&pyenv("3.8.18"));
-    assert!(ratio <= 2.9, "CPython 3.8: {ratio:.2} probe hits per allocation");
-}
+/// (version, most probe hits per allocation): 1.80 to 3.10, 1.61 from
+/// 3.11.
+const PYENV_BOUNDS: [(&str, f64); 6] =
+    [("3.8.18", 1.9), ("3.9.18", 1.9), ("3.10.13", 1.9), ("3.11.7", 1.7), ("3.12.1", 1.7), ("3.13.0", 1.7)];
 
 /// Debian's LTO build is probed inside the allocator, one trap per block
 /// (see probes/inlined), the frees (0.4), and births only where an object

@@ -41,7 +41,7 @@ const fn f(symbol: &'static str, op: u8, layer: u8, size_arg: u8, count_arg: u8,
 
 const N: u8 = NO_ARG;
 use layer::{LIBC, MMAP, PYMALLOC};
-use op::{ALLOC, FREE, MMAP as MAP, MUNMAP, NEW_REFERENCE, POOL_NEW, POSIX_MEMALIGN, REALLOC};
+use op::{ALLOC, ARENA, FREE, MMAP as MAP, MUNMAP, NEW_REFERENCE, POOL_NEW, POSIX_MEMALIGN, REALLOC};
 
 /// C library allocator entry points. aligned_alloc and memalign share an
 /// address in glibc; the planner attaches each address once.
@@ -91,3 +91,7 @@ pub const PYTHON_OBJECTS: &[AllocatorFn] = &[f("_Py_NewReference", NEW_REFERENCE
 /// its return value is the first block of a new pool. Found by address (the
 /// binaries that need it are stripped); the name is only a label.
 pub const POOL_NEW_FUNCTION: AllocatorFn = f("allocate_from_new_pool", POOL_NEW, PYMALLOC, N, N, N);
+
+/// 3.8's arena allocator, where pymalloc's own function (no longer probed)
+/// maps arenas: probed so that the mappings are not taken for allocations.
+pub const ARENA_FUNCTION: AllocatorFn = f("_PyObject_ArenaMmap", ARENA, PYMALLOC, N, N, N);

@@ -10,7 +10,10 @@ use anyhow::{Result, bail};
 use memtrace_common::{NO_ARG, ProbeCookie, Reg, layer, op};
 
 use super::{
-    catalog::{AllocatorFn, LIBC_FUNCTIONS, POOL_NEW_FUNCTION, PYMALLOC_EXPORTED, PYMALLOC_INTERNAL, PYTHON_OBJECTS},
+    catalog::{
+        ARENA_FUNCTION, AllocatorFn, LIBC_FUNCTIONS, POOL_NEW_FUNCTION, PYMALLOC_EXPORTED, PYMALLOC_INTERNAL,
+        PYTHON_OBJECTS,
+    },
     inlined::{InlinedCode, pymalloc_functions::POPPING},
     placement::{self, Placement},
 };
@@ -163,7 +166,8 @@ pub fn plan(paths: &MappedPaths, libc: ProbedBinary, python: Option<PythonProbes
             // The pops and the new-pool path replace the probes of the
             // functions they are in; realloc and free keep theirs.
             (None, Ok(pops)) => {
-                resolved.push(new_pool(pops.new_pool));
+                resolved.extend(pops.new_pool.map(new_pool));
+                resolved.extend(pops.arenas.then(|| by_symbol(binary, ARENA_FUNCTION)).flatten());
                 PYMALLOC_INTERNAL.iter().filter(|f| !POPPING.contains(&f.symbol)).copied().collect()
             }
             (None, Err(_)) if PYMALLOC_INTERNAL.iter().all(|f| binary.elf.symbol(f.symbol).is_some()) => {
@@ -230,10 +234,10 @@ fn by_symbol<'a>(binary: &'a ProbedBinary<'a>, function: AllocatorFn) -> Option<
 /// `_Py_NewReference`, exactly at the instruction the finder named (the
 /// registers it names hold there only).
 fn inlined_sites(paths: &MappedPaths, binary: &ProbedBinary, inlined: &InlinedCode) -> Vec<AttachPoint> {
-    let (pops, pushes) = match (&inlined.pymalloc, &inlined.function_pops) {
-        (Some(p), _) => (&p.pops[..], &p.pushes[..]),
-        (None, Ok(p)) => (&p.pops[..], &[][..]),
-        (None, Err(_)) => (&[][..], &[][..]),
+    let (pops, taken, pushes) = match (&inlined.pymalloc, &inlined.function_pops) {
+        (Some(p), _) => (&p.pops[..], &[][..], &p.pushes[..]),
+        (None, Ok(p)) => (&[][..], &p.taken[..], &[][..]),
+        (None, Err(_)) => (&[][..], &[][..], &[][..]),
     };
     // Every inlined site is pymalloc's layer and names its registers itself.
     let cookie = |op, ptr_reg, size_reg| ProbeCookie {
@@ -244,7 +248,13 @@ fn inlined_sites(paths: &MappedPaths, binary: &ProbedBinary, inlined: &InlinedCo
         ptr_reg,
         function: 0,
     };
-    let pops = pops.iter().map(|pop| {
+    // A pop is probed past itself where the kernel emulates an instruction
+    // there, else at its increment.
+    let taken = pops.iter().filter_map(|pop| pop.taken).chain(taken.iter().copied()).map(|taken| {
+        let request = taken.request.map_or(NO_ARG, |r| r.number());
+        (Program::PoolPop, taken.vaddr, cookie(op::POOL_TAKEN, taken.block.number(), request), "pymalloc block taken")
+    });
+    let pops = pops.iter().filter(|pop| pop.taken.is_none()).map(|pop| {
         let request = pop.request.map_or(NO_ARG, |r| r.number());
         (Program::PoolPop, pop.vaddr, cookie(op::POOL_POP, pop.pool.number(), request), "pymalloc pop")
     });
@@ -255,7 +265,9 @@ fn inlined_sites(paths: &MappedPaths, binary: &ProbedBinary, inlined: &InlinedCo
         let cookie = cookie(op::NEW_REFERENCE, site.object.number(), NO_ARG);
         (Program::NewReference, site.vaddr, cookie, "_Py_NewReference")
     });
-    pops.chain(pushes)
+    taken
+        .chain(pops)
+        .chain(pushes)
         .chain(births)
         .filter_map(|(program, vaddr, cookie, kind)| {
             let code = binary.elf.bytes_at(vaddr, 16)?;
@@ -263,10 +275,10 @@ fn inlined_sites(paths: &MappedPaths, binary: &ProbedBinary, inlined: &InlinedCo
                 program,
                 binary: binary.path.to_owned(),
                 host_path: paths.host_path(binary.path),
-                symbol: format!("inlined {kind}@{vaddr:#x}"),
+                symbol: format!("{kind}@{vaddr:#x}"),
                 file_offset: binary.elf.file_offset(vaddr)?,
                 cookie: cookie.to_u64(),
-                placement: placement::exact(code, "an inlined copy: the registers it names hold there only"),
+                placement: placement::exact(code, "the registers it names hold there only"),
             })
         })
         .collect()

@@ -87,7 +87,7 @@ impl InlinedCode {
         match (&self.pymalloc, &self.function_pops) {
             (Some(_), _) => "pymalloc is probed at its copies inlined into callers".into(),
             (None, Ok(_)) => format!(
-                "pymalloc is probed at its pops inside {}, one trap per block",
+                "pymalloc is probed inside {} where each block they take from a pool passes, one trap per block",
                 pymalloc_functions::POPPING.join(" and ")
             ),
             (None, Err(why)) => format!("pymalloc's functions are probed at entry and return: {why}"),
@@ -101,28 +101,11 @@ pub fn find(elf: &ElfFile, layout: &Layout) -> InlinedCode {
     let pymalloc = pymalloc_fast_path::find(elf, &text, layout);
     let function_pops = match pymalloc {
         Some(_) => Err("its copies in callers are probed".into()),
-        None => pymalloc_functions::find(elf, &text, layout).and_then(|pops| emulated(elf, pops)),
+        None => pymalloc_functions::find(elf, &text, layout),
     };
     let new_references = new_reference::find(elf, &text);
     let births = births::find(elf, &text, &new_references, pymalloc.as_ref());
     InlinedCode { pymalloc, function_pops, new_references, births }
-}
-
-/// `pops`, when the kernel emulates each one's instruction. A pop the
-/// kernel single-steps (`addl $1,(%pool)`: a memory operand) costs more
-/// than the entry and return probes it would replace: on bench/workload.py
-/// about 6.8 us per hit, where an emulated entry probe costs about 0.9.
-fn emulated(elf: &ElfFile, pops: pymalloc_functions::FunctionPops) -> Result<pymalloc_functions::FunctionPops, String> {
-    for pop in &pops.pops {
-        let code = elf.bytes_at(pop.vaddr, 16).ok_or_else(|| format!("no code at its pop at {:#x}", pop.vaddr))?;
-        if !crate::probes::placement::exact(code, "").emulated {
-            return Err(format!(
-                "its pop at {:#x} is an instruction the kernel single-steps, which costs more than the entry and return probes it would replace",
-                pop.vaddr
-            ));
-        }
-    }
-    Ok(pops)
 }
 
 /// The register a pattern's pointer (a pool, a block, an object) is in, as

@@ -26,10 +26,11 @@ use std::{
 use iced_x86::{Code, ConditionCode, FlowControl, Instruction, Mnemonic, OpKind, Register};
 
 use super::pointer_register;
+use crate::probes::placement;
 use crate::{
     binary::{
         elf::ElfFile,
-        x86::{Reg, Text, addresses, decode, gpr, load64, memory_writes, store64, writes_register, written},
+        x86::{Reg, Text, addresses, decode, gpr, load64, memory_writes, register, store64, writes_register, written},
     },
     python::layouts::Layout,
 };
@@ -71,7 +72,7 @@ const GUARD_REACH: usize = 96;
 /// (the copies found need 11).
 const REQUEST_REACH: usize = 24;
 
-/// An inlined `pymalloc_alloc` fast path, probed at its `++pool->ref.count`
+/// An inlined `pymalloc_alloc` fast path, found at its `++pool->ref.count`
 /// (`addl $1,(%pool)`): there `*(pool + 8)` is the block being allocated and
 /// the u32 at `pool + Layout::pool_szidx` its size class. Where the size is
 /// not a compile-time constant, `request` holds the size asked for: the
@@ -79,12 +80,29 @@ const REQUEST_REACH: usize = 24;
 /// and keeps it for the fallback to malloc.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PopSite {
+    /// The increment's address.
     pub vaddr: u64,
     pub pool: Reg,
     pub request: Option<Reg>,
     /// The `mov 0x8(%pool),%block` that loads the block: what it loads is
     /// the block this pop hands out (an object born from it is fresh).
     pub block_load: u64,
+    /// Where to probe the pop instead of its increment, whose memory
+    /// operand the kernel single-steps (about 7x the cost of an emulated
+    /// trap): an instruction after it that the kernel emulates (the
+    /// `je` taken when the pool's free list ran out, in every copy found),
+    /// with the block, pool and request still in their registers.
+    pub taken: Option<TakenAt>,
+}
+
+/// An instruction the kernel emulates, past the point where pymalloc took
+/// a block from a pool: there the block is in `block` and the request, when
+/// not a compile-time constant, in `request`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TakenAt {
+    pub vaddr: u64,
+    pub block: Reg,
+    pub request: Option<Reg>,
 }
 
 /// An inlined `pymalloc_free`, probed at its `pool->freeblock = p` (`mov
@@ -148,7 +166,7 @@ impl<'a> Matched<'a> {
     /// None when `elf` calls its object allocator through the pointer.
     pub fn new(elf: &ElfFile, text: &'a Text, layout: &Layout) -> Option<Self> {
         let defaults = default_allocator(elf)?;
-        Some(Self { text, defaults, guards: text.guards(&defaults), sites: text.sites(Fields::of(layout)) })
+        Some(Self { text, defaults, guards: text.guards(&defaults), sites: text.sites(elf, Fields::of(layout)) })
     }
 
     /// The addresses of the pops matched, in address order.
@@ -260,9 +278,14 @@ fn account(text: &Text, defaults: [u64; 4], guards: &HashMap<usize, Kind>, sites
 /// The pops the pattern matches among the instructions `range` of `text`,
 /// each with the direct call its empty-pool side makes (index, target):
 /// how `pymalloc_functions` finds the pops inside pymalloc's own functions.
-pub(super) fn pops_in(text: &Text, layout: &Layout, range: Range<usize>) -> Vec<(PopSite, Option<(usize, u64)>)> {
+pub(super) fn pops_in(
+    elf: &ElfFile,
+    text: &Text,
+    layout: &Layout,
+    range: Range<usize>,
+) -> Vec<(PopSite, Option<(usize, u64)>)> {
     let fields = Fields::of(layout);
-    range.filter_map(|i| text.pop_at(i, fields)).map(|pop| (pop.site, pop.slow_call)).collect()
+    range.filter_map(|i| text.pop_at(elf, i, fields)).map(|pop| (pop.site, pop.slow_call)).collect()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -376,7 +399,7 @@ impl Text {
 
     /// The direct call the straight line from `k` makes within `NEAR`
     /// instructions, following direct jumps: (index, target).
-    fn call_reached(&self, mut k: usize) -> Option<(usize, u64)> {
+    pub(super) fn call_reached(&self, mut k: usize) -> Option<(usize, u64)> {
         for _ in 0..NEAR {
             let ins = self.insns.get(k)?;
             match ins.flow_control() {
@@ -389,10 +412,10 @@ impl Text {
         None
     }
 
-    fn sites(&self, f: Fields) -> Sites {
+    fn sites(&self, elf: &ElfFile, f: Fields) -> Sites {
         let mut sites = Sites { pops: Vec::new(), pushes: Vec::new() };
         for i in 0..self.insns.len() {
-            if let Some(pop) = self.pop_at(i, f) {
+            if let Some(pop) = self.pop_at(elf, i, f) {
                 sites.pops.push((i, pop));
             } else if let Some(push) = self.push_at(i, f) {
                 sites.pushes.push((i, push));
@@ -406,13 +429,14 @@ impl Text {
     /// ```text
     ///   mov 0x10(%P),%X ; cmp %X,%P ; je <slow>   pool != pool->nextpool
     ///   mov 0x8(%P),%B                            bp = pool->freeblock
-    ///   addl $0x1,(%P)                            ++pool->ref.count     <- probe
+    ///   addl $0x1,(%P)                            ++pool->ref.count     <- i
     ///   mov (%B),%N ; mov %N,0x8(%P)              pool->freeblock = *bp
+    ///   test %N,%N ; je <extend>                  <- taken
     /// slow: ... call allocate_from_new_pool
     /// ```
     ///
     /// in any order the data flow allows, within one straight line.
-    fn pop_at(&self, i: usize, f: Fields) -> Option<Pop> {
+    fn pop_at(&self, elf: &ElfFile, i: usize, f: Fields) -> Option<Pop> {
         let pool = count_increment(&self.insns[i], f)?;
         let (start, end) = (self.line_start(i), self.line_end(i));
         let store = (i + 1..=end).find(|&k| self.writes_field([k], pool, f.freeblock))?;
@@ -438,15 +462,47 @@ impl Text {
             return None;
         }
         let empty = self.index_of(self.insns[branch].near_branch_target())?;
+        let request = self.request_register(i);
         Some(Pop {
             site: PopSite {
                 vaddr: self.insns[i].ip(),
                 pool: pointer_register(pool)?,
-                request: self.request_register(i),
+                request,
                 block_load: self.insns[load_block].ip(),
+                taken: self.taken_at(elf, i, load_block, pool, block, request),
             },
             slow_call: self.call_reached(empty),
         })
+    }
+
+    /// The first instruction after the pop at `i`, on its straight line,
+    /// that the kernel emulates, reached only by falling through (so every
+    /// pop passes it once, and nothing else does), with the block loaded at
+    /// `load_block` still in `block` and the pool and request unchanged.
+    fn taken_at(
+        &self,
+        elf: &ElfFile,
+        i: usize,
+        load_block: usize,
+        pool: Register,
+        block: Register,
+        request: Option<Reg>,
+    ) -> Option<TakenAt> {
+        let block_reg = pointer_register(block)?;
+        for k in i.max(load_block) + 1..=self.line_end(i) {
+            if self.predecessors(k)? != [k - 1] {
+                return None;
+            }
+            let mut kept = [pool].into_iter().chain(request.map(register));
+            if self.writes_register(load_block + 1..k, block) || kept.any(|r| self.writes_register(i..k, r)) {
+                return None;
+            }
+            let ins = &self.insns[k];
+            if elf.bytes_at(ins.ip(), ins.len() as u64).is_some_and(placement::emulated) {
+                return Some(TakenAt { vaddr: ins.ip(), block: block_reg, request });
+            }
+        }
+        None
     }
 
     /// The register that holds the requested size at the pop at `i`. The

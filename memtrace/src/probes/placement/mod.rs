@@ -257,7 +257,7 @@ const REFUSED_PREFIXES: [u8; 5] = [0x26, 0x2e, 0x36, 0x3e, 0xf0];
 
 /// Whether the kernel emulates the instruction that is exactly `bytes`,
 /// read from its bytes as arch_uprobe_analyze_insn() reads them.
-fn emulated(bytes: &[u8]) -> bool {
+pub fn emulated(bytes: &[u8]) -> bool {
     let (prefixes, rest) = bytes.split_at(bytes.iter().take_while(|b| PREFIXES.contains(b)).count());
     if prefixes.iter().any(|p| REFUSED_PREFIXES.contains(p)) {
         return false;
