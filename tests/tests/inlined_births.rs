@@ -31,9 +31,9 @@ const PYENV: [(&str, usize, usize); 6] = [
     ("3.8.18", 23, 14),
     ("3.9.18", 30, 16),
     ("3.10.13", 23, 17),
-    ("3.11.7", 30, 38),
-    ("3.12.1", 33, 35),
-    ("3.13.0", 33, 31),
+    ("3.11.7", 28, 40),
+    ("3.12.1", 31, 37),
+    ("3.13.0", 31, 33),
 ];
 
 #[test]
@@ -61,6 +61,6 @@ fn free_list_births_are_probed_and_fresh_ones_are_not() {
 #[test]
 fn debian_python311_births_from_inlined_pops_are_fresh() {
     let (_, births) = births("/usr/bin/python3.11", 11);
-    assert_eq!((births.probed.len(), births.fresh), (117, 104));
+    assert_eq!((births.probed.len(), births.fresh), (115, 106));
     assert_eq!(births.function_probed, None);
 }

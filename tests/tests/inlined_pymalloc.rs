@@ -19,7 +19,7 @@ use memtrace::{
         elf::ElfFile,
         x86::{Reg, Text},
     },
-    probes::inlined::pymalloc_fast_path::{Guards, InlinedPymalloc, Matched, find},
+    probes::inlined::pymalloc_fast_path::{Guards, InlinedPymalloc, Matched, TakenAt, find},
     python::layouts,
 };
 use memtrace_tests::Target;
@@ -100,6 +100,15 @@ fn finds_every_inlined_copy_in_debian_python311() {
     // The other 59 take their pool from a constant slot of `usedpools`:
     // a size fixed at compile time, folded into its class.
     assert_eq!(found.pops.iter().filter(|p| p.request.is_some()).count(), 112);
+    // Probed past the pop, at the `je` taken when the pool's free list ran
+    // out, with the block in the register it was loaded into: all but the
+    // 22 in functions that dispatch through jump tables, whose targets
+    // could land inside the pop (those keep the single-stepped increment).
+    let taken = |vaddr: u64| found.pops.iter().find(|p| p.vaddr == vaddr).unwrap().taken;
+    assert_eq!(taken(0x4fb3a1), Some(TakenAt { vaddr: 0x4fb3ae, block: Reg::Rax, request: Some(Reg::Rbx) }));
+    assert_eq!(taken(0x4fb148).map(|t| t.request), Some(Some(Reg::R12)));
+    assert_eq!(taken(0x533515), None, "in _PyEval_EvalFrameDefault");
+    assert_eq!(found.pops.iter().filter(|p| p.taken.is_some()).count(), 149);
 }
 
 #[test]

@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use iced_x86::{FlowControl, Instruction, OpKind, Register};
+use iced_x86::{FlowControl, Instruction, Mnemonic, OpKind, Register};
 
 use super::{addresses, decode, memory_writes, writes_register};
 use crate::binary::{eh_frame::CallFrames, elf::ElfFile};
@@ -26,8 +26,8 @@ pub struct Text {
     transfers: HashMap<u64, Vec<usize>>,
     /// Target -> the conditional branches to it, by instruction index.
     branches: HashMap<u64, Vec<usize>>,
-    /// Starts of the functions that jump through a pointer (jump tables),
-    /// to instructions no decoding names.
+    /// Starts of the functions that dispatch through a jump table, to
+    /// instructions no decoding names.
     jumps_through_pointers: HashSet<u64>,
 }
 
@@ -53,6 +53,7 @@ impl Text {
             } else if ins.flow_control() == FlowControl::ConditionalBranch && ins.op0_kind() == OpKind::NearBranch64 {
                 text.branches.entry(ins.near_branch_target()).or_default().push(k);
             } else if ins.flow_control() == FlowControl::IndirectBranch
+                && !text.tail_call(k)
                 && let Some(start) = text.function_of(ins.ip())
             {
                 text.jumps_through_pointers.insert(start);
@@ -122,6 +123,36 @@ impl Text {
             from.push(before);
         }
         Some(from)
+    }
+
+    /// Whether the indirect jump at `k` leaves its function through a
+    /// function pointer (`jmp *disp(%rip)`, or `jmp *%r` with no jump
+    /// table's dispatch before it on its straight line) rather than
+    /// dispatching through a jump table, which GCC computes right before
+    /// the jump (`jmp *table(,%i,8)`; `movslq (%base,%i,4),%r; add
+    /// %base,%r; jmp *%r`) and marks `notrack` under CET, and whose targets
+    /// no decoding names. Tail calls through CPython's allocator pointers
+    /// would otherwise hide every branch target of their function.
+    fn tail_call(&self, k: usize) -> bool {
+        let ins = &self.insns[k];
+        if ins.segment_prefix() == Register::DS {
+            return false; // notrack
+        }
+        match ins.op0_kind() {
+            OpKind::Memory => ins.memory_index() == Register::None && ins.memory_base() == Register::RIP,
+            OpKind::Register => {
+                let start = self.line_start(k);
+                let target = ins.op0_register();
+                let dispatch = (start..k).rev().find(|&w| writes_register(&self.insns[w], target)).is_some_and(|w| {
+                    let writer = &self.insns[w];
+                    let indexed = (0..writer.op_count())
+                        .any(|n| writer.op_kind(n) == OpKind::Memory && writer.memory_index() != Register::None);
+                    indexed || writer.mnemonic() == Mnemonic::Add
+                });
+                !dispatch
+            }
+            _ => false,
+        }
     }
 
     /// Whether `vaddr` lies in the function that starts at `function`.

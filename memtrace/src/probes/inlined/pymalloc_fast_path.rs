@@ -26,12 +26,12 @@ use std::{
 use iced_x86::{Code, ConditionCode, FlowControl, Instruction, Mnemonic, OpKind, Register};
 
 use super::pointer_register;
-use crate::probes::placement;
 use crate::{
     binary::{
         elf::ElfFile,
         x86::{Reg, Text, addresses, decode, gpr, load64, memory_writes, register, store64, writes_register, written},
     },
+    probes::placement,
     python::layouts::Layout,
 };
 
