@@ -104,6 +104,21 @@ impl Measures<'_> {
         Some(self.hits()? / self.allocations().filter(|&a| a > 0.0)?)
     }
 
+    /// The floor's hits at births (`_Py_NewReference`'s probes) over
+    /// memtrace's allocations: the traps objects revived from CPython's free
+    /// lists cost, which no allocation counts (tracemalloc moves a revived
+    /// object's block to the code reviving it, so memtrace must see them).
+    fn births_per_allocation(&self, points: &[AttachPoint]) -> Option<f64> {
+        let floor = self.of(Config::Floor)?;
+        let births: f64 = points
+            .iter()
+            .filter(|p| p.program == "new_reference")
+            .flat_map(AttachPoint::bpftrace_probes)
+            .filter_map(|probe| median_count(floor.hits.get(&probe)?))
+            .sum();
+        Some(births / self.allocations().filter(|&a| a > 0.0)?)
+    }
+
     /// What one run counts: "N probe hits (the floor's count), M
     /// allocations (memtrace's count), H hits per allocation".
     fn counts(&self) -> String {
@@ -165,7 +180,7 @@ pub fn results(
         Part {
             name: "pyperformance_results",
             title: "The pyperformance subset",
-            text: part(Group::Pyperformance, &pyperformance),
+            text: part(Group::Pyperformance, &|runs| pyperformance(runs, points)),
         },
         Part { name: "flask_results", title: "The web service", text: part(Group::Flask, &flask) },
         Part { name: "census_results", title: "The object census's own cost", text: census_costs.map(census) },
@@ -281,7 +296,7 @@ fn configs_run(runs: &[Measures]) -> Vec<Config> {
 
 /// The pyperformance subset: the slowdown of every configuration per
 /// benchmark and its geomean, then what the probes cost per hit.
-fn pyperformance(runs: &[Measures]) -> String {
+fn pyperformance(runs: &[Measures], points: &[AttachPoint]) -> String {
     let configs: Vec<Config> = configs_run(runs).into_iter().filter(|&c| c != Config::Untraced).collect();
     let mut headers = vec!["benchmark".to_owned(), "loops".into(), "untraced s".into()];
     headers.extend(configs.iter().map(|c| c.column()));
@@ -313,6 +328,7 @@ fn pyperformance(runs: &[Measures]) -> String {
         "allocations / run".into(),
         "probe hits / run".into(),
         "hits / allocation".into(),
+        "of which births".into(),
         "floor ns / hit".into(),
     ];
     for c in &memtrace {
@@ -329,6 +345,7 @@ fn pyperformance(runs: &[Measures]) -> String {
                 cell(run.allocations(), |a| format!("{a:.0}")),
                 cell(hits, |h| format!("{h:.0}")),
                 cell(run.hits_per_allocation(), |p| format!("{p:.2}")),
+                cell(run.births_per_allocation(points), |p| format!("{p:.2}")),
                 cell(run.ns_per(Config::Floor, hits), |ns| format!("{ns:.0}")),
             ];
             for &c in &memtrace {
@@ -341,10 +358,11 @@ fn pyperformance(runs: &[Measures]) -> String {
         .collect();
     let over_runs = |f: &dyn Fn(&Measures) -> Option<f64>| runs.iter().filter_map(f).collect::<Vec<f64>>();
     let mut summary = vec![
-        "mean (hits / allocation), geomean (the rest)".to_owned(),
+        "mean (hits and births / allocation), geomean (the rest)".to_owned(),
         String::new(),
         String::new(),
         cell(mean(&over_runs(&|r| r.hits_per_allocation())), |p| format!("{p:.2}")),
+        cell(mean(&over_runs(&|r| r.births_per_allocation(points))), |p| format!("{p:.2}")),
         cell(geomean(&over_runs(&|r| r.ns_per(Config::Floor, r.hits()))), |ns| format!("{ns:.0}")),
     ];
     for &c in &memtrace {

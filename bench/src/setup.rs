@@ -143,7 +143,7 @@ fn calibrate(python: &Path, bench_dir: &Path, name: &str) -> Result<u64> {
 pub struct AttachPoint {
     /// The BPF program: alloc_return (which comes with an entry probe at
     /// the same place), free_entry or new_reference.
-    program: String,
+    pub program: String,
     symbol: String,
     offset: u64,
     binary: String,
