@@ -1,7 +1,10 @@
 //! `.text` of an ELF binary decoded into x86-64 instructions, function by
 //! function, with the few questions the inlined-code finders ask of it:
 //! where a straight line of code starts and ends, which instruction last
-//! wrote a register, where a direct call or jump goes. The finders
+//! wrote a register, where a direct call or jump goes, and where control
+//! may come to an instruction from (direct branches, and the jump tables
+//! it can read and bound; a function with another indirect jump that is not
+//! a tail call answers nothing). The finders
 //! (`probes::inlined`) match their patterns on this; the unwind rules
 //! (`binary::unwind_rules`) take its return addresses.
 
@@ -15,6 +18,11 @@ use crate::binary::{eh_frame::CallFrames, elf::ElfFile};
 /// How many instructions around a site its pattern may spread over (the
 /// copies found need three).
 const WINDOW: usize = 8;
+/// The most entries a jump table is read for (CPython's computed gotos
+/// have 256); a switch whose range check allows more is not resolved.
+const MAX_TABLE: usize = 4096;
+/// How far back a table's index is followed to its bound.
+const BOUND_REACH: usize = 16;
 
 /// `.text`, decoded function by function.
 pub struct Text {
@@ -46,19 +54,33 @@ impl Text {
             branches: HashMap::new(),
             jumps_through_pointers: HashSet::new(),
         };
+        let mut dispatches = Vec::new();
         for k in 0..text.insns.len() {
             let ins = &text.insns[k];
             if let Some(target) = text.direct_target(k) {
                 text.transfers.entry(target).or_default().push(k);
             } else if ins.flow_control() == FlowControl::ConditionalBranch && ins.op0_kind() == OpKind::NearBranch64 {
                 text.branches.entry(ins.near_branch_target()).or_default().push(k);
-            } else if ins.flow_control() == FlowControl::IndirectBranch
-                && !text.tail_call(k)
-                && let Some(start) = text.function_of(ins.ip())
-            {
-                text.jumps_through_pointers.insert(start);
+            } else if ins.flow_control() == FlowControl::IndirectBranch && !text.tail_call(k) {
+                dispatches.push(k);
             }
         }
+        // Jump tables are read once every direct branch is known, which the
+        // bound on a table's index is proven with.
+        let mut opaque = HashSet::new();
+        let mut tables = Vec::new();
+        for k in dispatches {
+            match text.table_targets(elf, k) {
+                Some(targets) => tables.push((k, targets)),
+                None => opaque.extend(text.function_of(text.insns[k].ip())),
+            }
+        }
+        for (k, targets) in tables {
+            for target in targets {
+                text.branches.entry(target).or_default().push(k);
+            }
+        }
+        text.jumps_through_pointers = opaque;
         (!text.insns.is_empty()).then_some(text)
     }
 
@@ -153,6 +175,126 @@ impl Text {
             }
             _ => false,
         }
+    }
+
+    /// The targets of the jump-table dispatch at `k`, read from the table:
+    /// GCC's absolute tables (`jmp *T(,%i,8)`, or `mov T(,%i,8),%r; jmp
+    /// *%r`, as non-PIE code and computed gotos dispatch) and relative ones
+    /// (`lea T(%rip),%b; movslq (%b,%i,4),%r; add %b,%r; jmp *%r` on one
+    /// straight line, as PIC code does), as many entries as the index can
+    /// take (`index_bound`). Targets may lie in other FDEs (GCC's cold
+    /// parts) but must lie in `.text`. None for a dispatch whose table or
+    /// bound is not found this way: its function's branch targets stay
+    /// unknown.
+    fn table_targets(&self, elf: &ElfFile, k: usize) -> Option<Vec<u64>> {
+        let ins = &self.insns[k];
+        let indexed =
+            |i: &Instruction, scale: u32| i.memory_index() != Register::None && i.memory_index_scale() == scale;
+        let line = self.line_start(k);
+        let last_write =
+            |to: usize, register: Register| (line..to).rev().find(|&w| writes_register(&self.insns[w], register));
+        let (table, entry_size, load) = if ins.op0_kind() == OpKind::Memory {
+            if ins.memory_base() != Register::None || !indexed(ins, 8) {
+                return None;
+            }
+            (ins.memory_displacement64(), 8, k)
+        } else {
+            let target = ins.op0_register();
+            let writer = last_write(k, target)?;
+            let load = &self.insns[writer];
+            if load.mnemonic() == Mnemonic::Mov && load.op1_kind() == OpKind::Memory {
+                if load.memory_base() != Register::None || !indexed(load, 8) {
+                    return None;
+                }
+                (load.memory_displacement64(), 8, writer)
+            } else {
+                // add %b,%r after movslq (%b,%i,4),%r, with %b = lea T(%rip).
+                if load.mnemonic() != Mnemonic::Add || load.op1_kind() != OpKind::Register {
+                    return None;
+                }
+                let base = load.op1_register();
+                let entry = last_write(writer, target)?;
+                let movslq = &self.insns[entry];
+                if movslq.mnemonic() != Mnemonic::Movsxd || movslq.memory_base() != base || !indexed(movslq, 4) {
+                    return None;
+                }
+                let lea = &self.insns[last_write(writer, base)?];
+                if lea.mnemonic() != Mnemonic::Lea || !lea.is_ip_rel_memory_operand() {
+                    return None;
+                }
+                (lea.ip_rel_memory_address(), 4, entry)
+            }
+        };
+        let entries = self.index_bound(load)?;
+        (0..entries)
+            .map(|n| {
+                let bytes = elf.bytes_at(table + entry_size * n, entry_size)?;
+                let target = match entry_size {
+                    8 => u64::from_le_bytes(bytes.try_into().ok()?),
+                    _ => table.wrapping_add(i32::from_le_bytes(bytes.try_into().ok()?) as i64 as u64),
+                };
+                self.function_of(target).map(|_| target)
+            })
+            .collect()
+    }
+
+    /// How many values the index of the table read at `load` can take,
+    /// following its value back along the only path to the load (through
+    /// 32-bit copies, sign extensions and zero extensions): N + 1 after
+    /// `cmp $N,%i; ja` (a switch's range check, on as many of the index's
+    /// low bytes as the extensions kept), else 256 when it was zero-extended
+    /// from a byte (computed gotos on an opcode); None otherwise, or over
+    /// `MAX_TABLE`.
+    fn index_bound(&self, load: usize) -> Option<u64> {
+        let mut index = self.insns[load].memory_index().full_register();
+        // The narrowest compare that bounds the index: a 32-bit write
+        // zero-extends, a zero extension from a byte keeps one byte.
+        let mut least = 4;
+        let mut extended: Option<u64> = None;
+        let within = |bound: u64| (bound <= MAX_TABLE as u64).then_some(bound);
+        let mut k = load;
+        for _ in 0..BOUND_REACH {
+            let w = match self.predecessors(k).as_deref() {
+                Some(&[w]) => w,
+                _ => break,
+            };
+            let ins = &self.insns[w];
+            if ins.mnemonic() == Mnemonic::Ja && ins.next_ip() == self.insns[k].ip() {
+                let cmp = w.checked_sub(1).map(|c| &self.insns[c]);
+                let checked = self.predecessors(w).is_some_and(|p| p == [w - 1])
+                    && cmp.is_some_and(|cmp| {
+                        cmp.mnemonic() == Mnemonic::Cmp
+                            && cmp.op0_kind() == OpKind::Register
+                            && cmp.op0_register().size() >= least
+                            && cmp.op0_register().full_register() == index
+                            && !matches!(cmp.op1_kind(), OpKind::Register | OpKind::Memory)
+                    });
+                if !checked {
+                    break;
+                }
+                let bound = cmp?.immediate(1).checked_add(1)?;
+                return within(extended.map_or(bound, |e| e.min(bound)));
+            }
+            if writes_register(ins, index) {
+                let source = (ins.op1_kind() == OpKind::Register).then(|| ins.op1_register());
+                match (ins.mnemonic(), source) {
+                    (Mnemonic::Movzx, Some(source)) if ins.op0_register().size() >= 4 => {
+                        extended = Some(1 << (8 * source.size()));
+                        least = source.size();
+                        index = source.full_register();
+                    }
+                    (Mnemonic::Movzx, None) if ins.op0_register().size() >= 4 && ins.memory_size().size() == 1 => {
+                        return within(256);
+                    }
+                    (Mnemonic::Movsxd | Mnemonic::Mov, Some(source)) if source.size() == 4 && least == 4 => {
+                        index = source.full_register();
+                    }
+                    _ => break,
+                }
+            }
+            k = w;
+        }
+        within(extended?)
     }
 
     /// Whether `vaddr` lies in the function that starts at `function`.
