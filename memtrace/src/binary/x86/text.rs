@@ -259,6 +259,11 @@ impl Text {
                 _ => break,
             };
             let ins = &self.insns[w];
+            // A call may change any caller-saved register, which iced does
+            // not list as written.
+            if matches!(ins.flow_control(), FlowControl::Call | FlowControl::IndirectCall) {
+                break;
+            }
             if ins.mnemonic() == Mnemonic::Ja && ins.next_ip() == self.insns[k].ip() {
                 let cmp = w.checked_sub(1).map(|c| &self.insns[c]);
                 let checked = self.predecessors(w).is_some_and(|p| p == [w - 1])
