@@ -230,6 +230,10 @@ fn by_symbol<'a>(binary: &'a ProbedBinary<'a>, function: AllocatorFn) -> Option<
     Some(Resolved { binary, function, label: function.symbol.to_owned(), vaddr: symbol.vaddr, code })
 }
 
+/// Why an inlined pop is probed at its increment, which the kernel
+/// single-steps, rather than just past it.
+const UNMOVED_POP: &str = "at the pop's increment, the registers it names hold there only: no instruction past it that the kernel emulates is provably reached from the pop alone (its function has a jump table memtrace cannot bound, or a branch into the pop's line)";
+
 /// Probes on inlined copies of pymalloc's fast path and of
 /// `_Py_NewReference`, exactly at the instruction the finder named (the
 /// registers it names hold there only).
@@ -271,6 +275,10 @@ fn inlined_sites(paths: &MappedPaths, binary: &ProbedBinary, inlined: &InlinedCo
         .chain(births)
         .filter_map(|(program, vaddr, cookie, kind)| {
             let code = binary.elf.bytes_at(vaddr, 16)?;
+            let reason = match kind {
+                "pymalloc pop" => UNMOVED_POP,
+                _ => "the registers it names hold there only",
+            };
             Some(AttachPoint {
                 program,
                 binary: binary.path.to_owned(),
@@ -278,7 +286,7 @@ fn inlined_sites(paths: &MappedPaths, binary: &ProbedBinary, inlined: &InlinedCo
                 symbol: format!("{kind}@{vaddr:#x}"),
                 file_offset: binary.elf.file_offset(vaddr)?,
                 cookie: cookie.to_u64(),
-                placement: placement::exact(code, "the registers it names hold there only"),
+                placement: placement::exact(code, reason),
             })
         })
         .collect()
