@@ -8,6 +8,7 @@ python first_touch.py MODE, MODE one of:
              size class, whole pools emptied and handed back)
   same       the churn builds and drops lists of 400 bytes(300) (the leak's
              own size class)
+Further arguments are ignored: tests tag the command line with them.
 """
 import sys
 import time

@@ -7,52 +7,38 @@
 
 use std::{process::Command, time::Duration};
 
-use memtrace_tests::{JsonReport, Memtrace, Target, TempDir, compile_c, json_reports, line_of, pyenv, require_root};
-
-/// Leaks 300-byte bytes objects (pymalloc's 336-byte class, which nothing
-/// else here uses) at a steady rate, and churns short strings (another
-/// class) twenty times as often, one at a time. A churn that emptied whole
-/// pools would hand them to the leak and take the fresh pages itself: the
-/// bias the bench measures.
-const LEAK_AND_CHURN: &str = "import sys, time
-keep = []
-SIZE = 300
-def leak():
-    keep.append(bytes(SIZE))  # the leak
-def churn():
-    for i in range(400):
-        junk = str(i) * 3
-print('ready', flush=True)
-while True:
-    for _ in range(20):
-        leak()
-    for _ in range(5):
-        churn()
-    time.sleep(0.005)
-";
+use memtrace_tests::{
+    JsonReport, Memtrace, Target, TempDir, compile_c, json_reports, line_of, pyenv, require_root, workspace_root,
+};
 
 fn first_touch_rows(report: &JsonReport) -> Vec<(String, u64)> {
     report.first_touch.as_ref().map_or(Vec::new(), |t| t.rows.iter().map(|r| (r.location.clone(), r.count)).collect())
 }
 
+/// bench/first_touch.py's `transient` workload: 300-byte bytes objects
+/// (pymalloc's 336-byte class, which nothing else there uses) leaked at a
+/// steady rate, and short strings (another class) churned twenty times as
+/// often, one at a time. A churn that emptied whole pools would hand them
+/// to the leak and take the fresh pages itself: the bias the bench
+/// measures with its other modes.
 #[test]
 fn a_leak_in_its_own_size_class_is_first_touched_at_its_line() {
     require_root();
-    let dir = TempDir::new("first-touch-leak");
-    let script = dir.0.join("leak_and_churn.py");
-    std::fs::write(&script, LEAK_AND_CHURN).unwrap();
+    let script = workspace_root().join("bench/first_touch.py");
+    let source = std::fs::read_to_string(&script).unwrap();
     let marker = format!("memtrace-first-touch-{}", std::process::id());
     let pattern = format!("{marker}$");
     let mut memtrace = Memtrace::start(&["--all-python", "--match", &pattern, "--interval", "0.5", "--format", "json"]);
     memtrace.wait_stderr("memtrace: no Python process matching").unwrap();
-    let mut target = Target::spawn(Command::new(pyenv("3.12.1")).args([script.to_str().unwrap(), &marker]));
+    let mut target =
+        Target::spawn(Command::new(pyenv("3.12.1")).args([script.to_str().unwrap(), "transient", &marker]));
     target.expect_line("ready");
     memtrace.wait_stderr(&format!("{}{} ", Memtrace::TRACING, target.pid())).unwrap();
     std::thread::sleep(Duration::from_secs(4));
     memtrace.signal(libc::SIGINT);
     let (status, stdout, stderr) = memtrace.finish();
     assert_eq!(status.code(), Some(0), "{stderr:?}");
-    let leak = format!("{}:{}", script.display(), line_of(LEAK_AND_CHURN, "# the leak"));
+    let leak = format!("{}:{}", script.display(), line_of(&source, "# the leak"));
     let reports: Vec<JsonReport> = json_reports(&stdout).into_iter().filter(|r| r.pid == target.pid()).collect();
     assert!(reports.len() >= 5, "{} reports", reports.len());
     // Once it has grown for a while, every report names the leak first.

@@ -166,8 +166,11 @@ pub fn plan(paths: &MappedPaths, libc: ProbedBinary, python: Option<PythonProbes
             // The pops and the new-pool path replace the probes of the
             // functions they are in; realloc and free keep theirs.
             (None, Ok(pops)) => {
-                resolved.extend(pops.new_pool.map(new_pool));
-                resolved.extend(pops.arenas.then(|| by_symbol(binary, ARENA_FUNCTION)).flatten());
+                match pops.new_pool {
+                    Some(vaddr) => resolved.push(new_pool(vaddr)),
+                    // 3.8: pymalloc_alloc maps its arenas through it.
+                    None => resolved.extend(by_symbol(binary, ARENA_FUNCTION)),
+                }
                 PYMALLOC_INTERNAL.iter().filter(|f| !POPPING.contains(&f.symbol)).copied().collect()
             }
             (None, Err(_)) if PYMALLOC_INTERNAL.iter().all(|f| binary.elf.symbol(f.symbol).is_some()) => {
@@ -230,6 +233,8 @@ fn by_symbol<'a>(binary: &'a ProbedBinary<'a>, function: AllocatorFn) -> Option<
     Some(Resolved { binary, function, label: function.symbol.to_owned(), vaddr: symbol.vaddr, code })
 }
 
+/// Why an inlined site is probed exactly where the finder named it.
+const NAMED_REGISTERS: &str = "the registers it names hold there only";
 /// Why an inlined pop is probed at its increment, which the kernel
 /// single-steps, rather than just past it.
 const UNMOVED_POP: &str = "at the pop's increment, the registers it names hold there only: no instruction past it that the kernel emulates is provably reached from the pop alone (its function has a jump table memtrace cannot bound, or a branch into the pop's line)";
@@ -256,29 +261,31 @@ fn inlined_sites(paths: &MappedPaths, binary: &ProbedBinary, inlined: &InlinedCo
     // there, else at its increment.
     let taken = pops.iter().filter_map(|pop| pop.taken).chain(taken.iter().copied()).map(|taken| {
         let request = taken.request.map_or(NO_ARG, |r| r.number());
-        (Program::PoolPop, taken.vaddr, cookie(op::POOL_TAKEN, taken.block.number(), request), "pymalloc block taken")
+        (
+            Program::PoolPop,
+            taken.vaddr,
+            cookie(op::POOL_TAKEN, taken.block.number(), request),
+            "pymalloc block taken",
+            NAMED_REGISTERS,
+        )
     });
     let pops = pops.iter().filter(|pop| pop.taken.is_none()).map(|pop| {
         let request = pop.request.map_or(NO_ARG, |r| r.number());
-        (Program::PoolPop, pop.vaddr, cookie(op::POOL_POP, pop.pool.number(), request), "pymalloc pop")
+        (Program::PoolPop, pop.vaddr, cookie(op::POOL_POP, pop.pool.number(), request), "pymalloc pop", UNMOVED_POP)
     });
-    let pushes = pushes
-        .iter()
-        .map(|push| (Program::Free, push.vaddr, cookie(op::FREE, push.block.number(), NO_ARG), "pymalloc push"));
+    let pushes = pushes.iter().map(|push| {
+        (Program::Free, push.vaddr, cookie(op::FREE, push.block.number(), NO_ARG), "pymalloc push", NAMED_REGISTERS)
+    });
     let births = inlined.births.probed.iter().map(|site| {
         let cookie = cookie(op::NEW_REFERENCE, site.object.number(), NO_ARG);
-        (Program::NewReference, site.vaddr, cookie, "_Py_NewReference")
+        (Program::NewReference, site.vaddr, cookie, "_Py_NewReference", NAMED_REGISTERS)
     });
     taken
         .chain(pops)
         .chain(pushes)
         .chain(births)
-        .filter_map(|(program, vaddr, cookie, kind)| {
+        .filter_map(|(program, vaddr, cookie, kind, reason)| {
             let code = binary.elf.bytes_at(vaddr, 16)?;
-            let reason = match kind {
-                "pymalloc pop" => UNMOVED_POP,
-                _ => "the registers it names hold there only",
-            };
             Some(AttachPoint {
                 program,
                 binary: binary.path.to_owned(),

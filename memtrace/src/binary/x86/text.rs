@@ -265,19 +265,20 @@ impl Text {
                 break;
             }
             if ins.mnemonic() == Mnemonic::Ja && ins.next_ip() == self.insns[k].ip() {
-                let cmp = w.checked_sub(1).map(|c| &self.insns[c]);
-                let checked = self.predecessors(w).is_some_and(|p| p == [w - 1])
-                    && cmp.is_some_and(|cmp| {
-                        cmp.mnemonic() == Mnemonic::Cmp
-                            && cmp.op0_kind() == OpKind::Register
-                            && cmp.op0_register().size() >= least
-                            && cmp.op0_register().full_register() == index
-                            && !matches!(cmp.op1_kind(), OpKind::Register | OpKind::Memory)
-                    });
-                if !checked {
+                // Only the compare right before may have set its flags.
+                let Some(c) = w.checked_sub(1).filter(|&c| self.predecessors(w).is_some_and(|p| p == [c])) else {
+                    break;
+                };
+                let cmp = &self.insns[c];
+                let bounds_index = cmp.mnemonic() == Mnemonic::Cmp
+                    && cmp.op0_kind() == OpKind::Register
+                    && cmp.op0_register().size() >= least
+                    && cmp.op0_register().full_register() == index
+                    && !matches!(cmp.op1_kind(), OpKind::Register | OpKind::Memory);
+                if !bounds_index {
                     break;
                 }
-                let bound = cmp?.immediate(1).checked_add(1)?;
+                let bound = cmp.immediate(1).checked_add(1)?;
                 return within(extended.map_or(bound, |e| e.min(bound)));
             }
             if writes_register(ins, index) {

@@ -53,15 +53,13 @@ const ALLOC_FUNCTION: [&str; 2] = ["pymalloc_alloc", "pymalloc_alloc.constprop.0
 const CALLEE_SAVED: [Reg; 6] = [Reg::Rbx, Reg::Rbp, Reg::R12, Reg::R13, Reg::R14, Reg::R15];
 
 /// Where `POPPING`'s blocks are seen, in that order, and
-/// `allocate_from_new_pool` where pymalloc has it (3.9+).
+/// `allocate_from_new_pool` where pymalloc has it (3.9+). Without it (3.8)
+/// `ARENA_FUNCTION` must be probed instead: `pymalloc_alloc`, not probed,
+/// maps arenas through it (3.9+ does inside `allocate_from_new_pool`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FunctionPops {
     pub taken: Vec<TakenAt>,
     pub new_pool: Option<u64>,
-    /// 3.8: `ARENA_FUNCTION` must be probed, since `pymalloc_alloc`, not
-    /// probed, maps arenas through it (3.9+ does inside
-    /// `allocate_from_new_pool`).
-    pub arenas: bool,
 }
 
 /// The probe points of `elf`'s allocator functions, or why memtrace cannot
@@ -75,8 +73,8 @@ pub fn find(elf: &ElfFile, text: &Text, layout: &Layout) -> Result<FunctionPops,
             Ok((name, range))
         })
         .collect::<Result<_, String>>()?;
-    let (hands_out, taken, called) = match elf.symbol(NEW_POOL) {
-        Some(new_pool) => (new_pool.vaddr, pops(elf, text, layout, &functions, new_pool.vaddr)?, None),
+    let (hands_out, taken, new_pool) = match elf.symbol(NEW_POOL) {
+        Some(new_pool) => (new_pool.vaddr, pops(elf, text, layout, &functions, new_pool.vaddr)?, Some(new_pool.vaddr)),
         None => {
             let alloc = ALLOC_FUNCTION
                 .iter()
@@ -87,7 +85,7 @@ pub fn find(elf: &ElfFile, text: &Text, layout: &Layout) -> Result<FunctionPops,
                 .iter()
                 .map(|(name, range)| returned_block(elf, text, name, range.clone(), alloc.vaddr))
                 .collect::<Result<_, String>>()?;
-            (alloc.vaddr, taken, Some(alloc.vaddr))
+            (alloc.vaddr, taken, None)
         }
     };
     // Calls to functions of this binary could hand out blocks; the PLT
@@ -108,18 +106,14 @@ pub fn find(elf: &ElfFile, text: &Text, layout: &Layout) -> Result<FunctionPops,
         }
     }
     let probed: Vec<u64> = STILL_PROBED.iter().map(|name| address(name)).collect::<Result<_, _>>()?;
-    let callers: Vec<u64> = POPPING.iter().map(|name| address(name)).collect::<Result<_, _>>()?;
     for &k in text.transfers_to(hands_out) {
         let vaddr = text.insns[k].ip();
-        if !callers.iter().chain(&probed).any(|&f| text.same_function(f, vaddr)) {
+        let popping = functions.iter().any(|(_, range)| range.contains(&k));
+        if !popping && !probed.iter().any(|&f| text.same_function(f, vaddr)) {
             return Err(format!("{hands_out:#x} is called at {vaddr:#x}, outside the allocator's functions"));
         }
     }
-    let new_pool = match called {
-        Some(_) => None,
-        None => Some(hands_out),
-    };
-    Ok(FunctionPops { taken, new_pool, arenas: called.is_some() })
+    Ok(FunctionPops { taken, new_pool })
 }
 
 /// 3.9+: the probe past each function's one pop, whose empty-pool side
